@@ -1,0 +1,321 @@
+"""``explain``: probe → method → post-processing, one jitted, vmapped, sharded step per batch shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxcam import ops
+from flaxcam.methods import Method, get_method
+from flaxcam.probe import (
+    LayerError,
+    LayerInfo,
+    OutputFn,
+    default_output_fn,
+    forward_at_layer,
+    list_layers,
+    probe,
+    resolve_layer,
+)
+from flaxcam.targets import TargetSpec, class_scores, resolve_targets, select_classes
+
+Array = jax.Array
+
+#: Number of times the explain step has been traced (compiled); tests use it to prove that ragged
+#: batch sizes reuse one program.
+TRACE_COUNT = 0
+
+
+@struct.dataclass
+class Explanation:
+    """The result of :func:`explain` for a batch of ``B`` images with ``T`` targets each.
+
+    Attributes:
+      maps: ``(B, T, H, W)`` maps at the input resolution in [0, 1]: ``low_res`` resized bilinearly
+        (half-pixel centres, as ``cv2.resize``) and min-max normalized again, as pytorch-grad-cam does.
+      low_res: ``(B, T, h, w)`` maps at the layer's resolution: ReLU, then per-map min-max normalization
+        ``(m - min) / (1e-7 + max(m - min))`` (a constant map gives zeros, never NaN).
+      raw: ``(B, T, h, w)`` the method's output before ReLU and normalization.
+      logits: ``(B, K)`` model outputs; ``probabilities``: their softmax.
+      targets: ``(B, T)`` int32 class index explained by each map; ``scores``: ``(B, T)`` their logits.
+      method, layer: what produced the maps.
+    """
+
+    maps: Array
+    low_res: Array
+    raw: Array
+    logits: Array
+    probabilities: Array
+    targets: Array
+    scores: Array
+    method: str = struct.field(pytree_node=False)
+    layer: str = struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepConfig:
+    model: nn.Module
+    method: Method
+    layer: str
+    head: str | None
+    head_features: str  # "identity" or "relu": what the head's global pooling reads of the layer output
+    target_spec: TargetSpec
+    apply_kwargs: tuple
+    output_fn: OutputFn
+
+
+def _explain_step(config: _StepConfig, variables: Any, images: Array, classes: Array | None) -> dict[str, Array]:
+    global TRACE_COUNT
+    TRACE_COUNT += 1
+    method = config.method
+
+    def score_fn(logits):
+        chosen = select_classes(config.target_spec, logits, classes)
+        return class_scores(logits, chosen), chosen
+
+    logits, activations, gradients, scores, chosen = probe(
+        config.model,
+        variables,
+        images,
+        config.layer,
+        score_fn,
+        apply_kwargs=config.apply_kwargs,
+        output_fn=config.output_fn,
+        with_gradients=method.needs_gradients,
+    )
+    num_targets = chosen.shape[1]
+    inputs: dict[str, Array] = {}
+    axes: dict[str, int | None] = {}
+    if "activations" in method.inputs:
+        inputs["activations"], axes["activations"] = activations, None  # shared by the T targets
+    if "gradients" in method.inputs:
+        inputs["gradients"], axes["gradients"] = gradients, 0  # (B, T, h, w, C)
+    if "class_weights" in method.inputs:
+        kernel = _head_kernel(variables, config.head)  # (C, K)
+        if config.head_features == "relu":  # conv → ReLU (as a function) → pooling → Dense
+            inputs["activations"] = jax.nn.relu(activations)
+        inputs["class_weights"], axes["class_weights"] = kernel.T[chosen], 0  # (B, T, C)
+
+    def per_image(image_inputs: dict[str, Array]) -> Array:
+        over_targets = jax.vmap(lambda kw: method.fn(**kw), in_axes=(axes,), axis_size=num_targets)
+        return over_targets(image_inputs)
+
+    raw = jax.vmap(per_image)(inputs)  # (B, T, h, w)
+    low_res = ops.minmax_normalize(jax.nn.relu(raw))
+    maps = ops.minmax_normalize(ops.resize_maps(low_res, images.shape[1:3]))
+    return {
+        "maps": maps,
+        "low_res": low_res,
+        "raw": raw,
+        "logits": logits,
+        "probabilities": jax.nn.softmax(logits, axis=-1),
+        "targets": chosen,
+        "scores": scores,
+    }
+
+
+_jitted_step = jax.jit(_explain_step, static_argnums=0)
+
+
+def _head_kernel(variables: Mapping[str, Any], head: str | None) -> Array:
+    node: Any = variables["params"]
+    for part in (head or "").split("."):
+        node = node[part]
+    return node["kernel"]
+
+
+def bucket_size(batch: int, multiple_of: int = 1) -> int:
+    """Padded batch size: the next power of two up to 256, then the next multiple of 256; always a
+    multiple of ``multiple_of`` (the number of devices the batch is sharded over)."""
+    size = 1 << max(0, (batch - 1).bit_length()) if batch <= 256 else -(-batch // 256) * 256
+    return -(-size // multiple_of) * multiple_of
+
+
+def _find_head(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    layers: list[LayerInfo],
+    layer: LayerInfo,
+    head: str | None,
+    images: Array,
+    apply_kwargs: tuple,
+) -> tuple[str, str]:
+    """The Dense layer after global pooling that CAM takes its weights from, and whether the pooling
+    reads the layer's output as is (``"identity"``) or after a ReLU (``"relu"``); checked numerically."""
+    dense = [info for info in layers if info.module_type == "Dense"]
+    if head is None:
+        if not dense:
+            raise LayerError(
+                "CAM needs a global pooling → Dense head, but the model calls no nn.Dense; use a gradient "
+                "method such as 'gradcam' instead"
+            )
+        head = dense[-1].name
+    elif head not in {info.name for info in layers}:
+        raise LayerError(f"unknown head {head!r}; Dense layers of this model: {[i.name for i in dense]}")
+    try:
+        kernel = _head_kernel(variables, head)
+    except (KeyError, TypeError):
+        raise LayerError(f"head {head!r} has no params/kernel; Dense layers: {[i.name for i in dense]}") from None
+    channels = layer.shape[-1]
+    if kernel.ndim != 2 or kernel.shape[0] != channels:
+        raise LayerError(
+            f"CAM needs the layer that feeds global pooling → Dense: layer {layer.name!r} has {channels} "
+            f"channels but head {head!r} has a kernel of shape {tuple(kernel.shape)}; "
+            f"{_which_layer_feeds(layers, kernel.shape[0])}use a gradient method such as 'gradcam' for other layers"
+        )
+    features = _head_features(model, variables, layer.name, head, images.shape[1:], images.dtype, apply_kwargs)
+    if features is None:
+        raise LayerError(
+            f"CAM needs the layer that feeds global pooling → Dense: the input of head {head!r} is neither "
+            f"the global average or max of layer {layer.name!r}'s output (or of its ReLU); "
+            f"{_which_layer_feeds(layers, kernel.shape[0])}use a gradient method such as 'gradcam' instead"
+        )
+    return head, features
+
+
+def _which_layer_feeds(layers: list[LayerInfo], channels: int) -> str:
+    candidates = [info.name for info in layers if info.is_spatial and info.shape[-1] == channels]
+    return f"layers with {channels} channels: {candidates[-3:]}; " if candidates else ""
+
+
+@functools.lru_cache(maxsize=16)
+def _head_features_cached(model, layer, head, image_shape, dtype, apply_kwargs, variables_ref) -> str | None:
+    variables = variables_ref.value
+    images = jax.random.normal(jax.random.key(0), (2, *image_shape), dtype)
+
+    @jax.jit
+    def features(variables, images):
+        _, activations, head_input = forward_at_layer(model, variables, images, layer, None, apply_kwargs, head)
+        return activations, head_input
+
+    activations, head_input = features(variables, images)
+    head_input = np.asarray(head_input, np.float64).reshape(head_input.shape[0], -1)
+    scale = np.abs(head_input).max() + 1e-12
+    activations = np.asarray(activations, np.float64)
+    for features, transformed in (("identity", activations), ("relu", np.maximum(activations, 0.0))):
+        for pool in (np.mean, np.max):
+            pooled = pool(transformed, axis=(1, 2))
+            if pooled.shape == head_input.shape and np.abs(pooled - head_input).max() <= 1e-4 * scale:
+                return features
+    return None
+
+
+class _IdentityRef:
+    """Hash a variables tree by identity (cache key for the one-off head check)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _IdentityRef) and other.value is self.value
+
+
+def _head_features(model, variables, layer, head, image_shape, dtype, apply_kwargs) -> str | None:
+    """``"identity"`` / ``"relu"`` if the head's input is the global average or max pooling of the layer's
+    output (or of its ReLU), else None. Runs once per model, layer, head and image shape."""
+    return _head_features_cached(model, layer, head, tuple(image_shape), jnp.dtype(dtype), apply_kwargs, _IdentityRef(variables))
+
+
+def _as_images(images: Any) -> Array | np.ndarray:
+    if not hasattr(images, "ndim"):
+        images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(
+            f"images must be a (batch, height, width, channels) array, got shape {tuple(images.shape)}; "
+            "add a batch axis for a single image"
+        )
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(
+            f"images must be floating point (preprocessed as the model expects), got dtype {images.dtype}"
+        )
+    return images
+
+
+def _pad_batch(array: Any, size: int) -> Any:
+    if array.shape[0] == size:
+        return array
+    pad = [(0, size - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+    return np.pad(array, pad) if isinstance(array, np.ndarray) else jnp.pad(array, pad)
+
+
+def explain(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Any,
+    *,
+    method: str = "gradcam",
+    layer: str | None = None,
+    targets: int | Sequence[int] | np.ndarray | None = None,
+    top_k: int | None = None,
+    head: str | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    output_fn: OutputFn | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Explanation:
+    """Explain a batch of images with one jitted call.
+
+    Args:
+      model: any Flax linen module; ``model.apply(variables, images, **apply_kwargs)`` must return
+        logits ``(B, K)`` (or pass ``output_fn`` to pick them from a richer output).
+      variables: the model's variables (``params``, ``batch_stats``, ...).
+      images: ``(B, H, W, C)`` float array, preprocessed as the model expects. Any ``H, W``.
+      method: ``"gradcam"`` (default) or ``"cam"``; see :data:`flaxcam.METHODS`.
+      layer: dotted name of the target layer (``"layer4"``, ``"layer3.1"``); default: the last
+        submodule with a ``(B, h, w, C)`` output. An unknown name raises an error listing the valid ones.
+      targets: ``None`` (each image's top class), one class for all, one class per image, or a
+        ``(B, T)`` array of classes.
+      top_k: explain each image's ``k`` highest-scoring classes (``T = k``), from one forward pass.
+      head: for CAM, the Dense layer after global pooling (default: the last ``nn.Dense`` called).
+      apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``{"train": False}``).
+      devices: devices to shard the batch over (default: all local devices).
+
+    Returns:
+      An :class:`Explanation` with ``maps`` of shape ``(B, T, H, W)``.
+
+    The batch is padded to :func:`bucket_size` so ragged batch sizes reuse one compiled program, and
+    sharded over ``devices`` along the batch axis.
+    """
+    images = _as_images(images)
+    kwargs = tuple(sorted((apply_kwargs or {}).items()))
+    output_fn = output_fn or default_output_fn
+    chosen_method = get_method(method)
+    layers = list_layers(model, variables, images, kwargs)
+    layer_info = resolve_layer(layers, layer)
+
+    output_shape = jax.eval_shape(
+        lambda v, x: output_fn(model.apply(v, x, **dict(kwargs))),
+        variables,
+        jax.ShapeDtypeStruct(images.shape, images.dtype),
+    )
+    batch = images.shape[0]
+    spec, classes = resolve_targets(targets, top_k, batch, output_shape.shape[-1])
+    head_name, head_features = None, "identity"
+    if chosen_method.needs_head:
+        head_name, head_features = _find_head(model, variables, layers, layer_info, head, images, kwargs)
+
+    devices = list(devices) if devices is not None else jax.local_devices()
+    padded = bucket_size(batch, len(devices))
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    images_on_device = jax.device_put(_pad_batch(images, padded), batch_sharding)
+    classes_on_device = None if classes is None else jax.device_put(_pad_batch(classes, padded), batch_sharding)
+    variables_on_device = jax.device_put(variables, replicated)
+
+    config = _StepConfig(model, chosen_method, layer_info.name, head_name, head_features, spec, kwargs, output_fn)
+    out = _jitted_step(config, variables_on_device, images_on_device, classes_on_device)
+    if padded != batch:
+        out = {key: value[:batch] for key, value in out.items()}
+    return Explanation(**out, method=chosen_method.name, layer=layer_info.name)

@@ -1,0 +1,240 @@
+"""Activations and gradients at a named layer of any Flax linen model, with no edits to the model.
+
+A *layer* is any submodule whose ``__call__`` returns an array; its name is the module path joined with
+dots, e.g. ``"layer4"``, ``"layer3.1"`` or ``"layer3.1.conv2"`` for flaxcam's ResNets, ``"Conv_0"`` for an
+auto-named submodule of a user's ``nn.compact`` module.
+
+How it works: :func:`flax.linen.intercept_methods` wraps every submodule call during ``model.apply``.
+At the target layer the interceptor records the output ``A`` and returns ``A + delta`` where ``delta`` is
+a zero array that we differentiate with respect to. ``d score / d delta`` at ``delta = 0`` is exactly
+``d score / d A``, and because parameters and inputs are closed over (never differentiated), JAX's
+autodiff only transposes the operations *after* the layer: the backward pass costs the part of the
+network between the layer and the output, nothing before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+OutputFn = Callable[[Any], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One callable submodule of a model: dotted name, module class name and output shape."""
+
+    name: str
+    module_type: str
+    shape: tuple[int, ...]
+
+    @property
+    def is_spatial(self) -> bool:
+        """True for ``(batch, height, width, channels)`` outputs, the ones a CAM can be computed on."""
+        return len(self.shape) == 4
+
+
+class LayerError(ValueError):
+    """A layer name that the model does not have, or a layer that cannot be used for the request."""
+
+
+def layer_name(path: tuple[str, ...]) -> str:
+    """The dotted name of a module path: ``("layer3", "1") -> "layer3.1"``."""
+    return ".".join(path)
+
+
+def _apply(model: nn.Module, variables: Mapping[str, Any], images: Array, apply_kwargs: tuple) -> Any:
+    return model.apply(variables, images, **dict(apply_kwargs))
+
+
+def list_layers(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array | jax.ShapeDtypeStruct,
+    apply_kwargs: tuple = (),
+) -> list[LayerInfo]:
+    """Every submodule called during ``model.apply``, in the order the calls *return*.
+
+    Runs on shapes only (``jax.eval_shape``): no computation. Modules whose output is not a single array
+    are listed with shape ``()``. A module called several times is listed once per call.
+    """
+    spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+    return list(_list_layers_impl(model, _ShapeKey(_shape_tree(variables)), spec, apply_kwargs))
+
+
+def _shape_tree(variables: Mapping[str, Any]) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), variables)
+
+
+def _hashable_shapes(tree: Any) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+
+
+class _ShapeKey:
+    """Hash a tree of ShapeDtypeStructs by structure so list_layers can be cached."""
+
+    def __init__(self, tree: Any):
+        self.tree = tree
+        self.key = _hashable_shapes(tree)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ShapeKey) and self.key == other.key
+
+
+@functools.lru_cache(maxsize=64)
+def _list_layers_impl(model, variables_key: _ShapeKey, spec, apply_kwargs) -> tuple[LayerInfo, ...]:
+    records: list[LayerInfo] = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        path = tuple(context.module.path)
+        if context.method_name == "__call__" and path:
+            shape = tuple(out.shape) if hasattr(out, "shape") else ()
+            records.append(LayerInfo(layer_name(path), type(context.module).__name__, shape))
+        return out
+
+    def run(variables, images):
+        with nn.intercept_methods(record):
+            return _apply(model, variables, images, apply_kwargs)
+
+    jax.eval_shape(run, variables_key.tree, spec)
+    return tuple(records)
+
+
+def _format_names(layers: list[LayerInfo], spatial_only: bool) -> str:
+    names = [f"{info.name} {info.shape}" for info in layers if info.is_spatial or not spatial_only]
+    return ", ".join(dict.fromkeys(names))
+
+
+def resolve_layer(layers: list[LayerInfo], name: str | None) -> LayerInfo:
+    """Find ``name`` among ``layers`` (default: the last spatial layer to return); clear errors otherwise."""
+    spatial = [info for info in layers if info.is_spatial]
+    if name is None:
+        if not spatial:
+            raise LayerError(
+                "the model has no submodule with a (batch, height, width, channels) output to explain; "
+                f"its layers are: {_format_names(layers, spatial_only=False)}"
+            )
+        return spatial[-1]
+    matches = [info for info in layers if info.name == name]
+    if not matches:
+        raise LayerError(
+            f"unknown layer {name!r}. Layers with spatial outputs (usable targets): "
+            f"{_format_names(layers, spatial_only=True)}"
+        )
+    if len(matches) > 1:
+        raise LayerError(f"layer {name!r} is called {len(matches)} times in one forward pass; pick a module called once")
+    info = matches[0]
+    if not info.is_spatial:
+        raise LayerError(
+            f"layer {name!r} outputs shape {info.shape}, not (batch, height, width, channels). Layers with "
+            f"spatial outputs: {_format_names(layers, spatial_only=True)}"
+        )
+    return info
+
+
+def forward_at_layer(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array,
+    layer: str,
+    delta: Array | None = None,
+    apply_kwargs: tuple = (),
+    record_inputs_of: str | None = None,
+) -> tuple[Any, Array, Array | None]:
+    """Run the model, returning ``(output, activations_at_layer, input_of_record_module)``.
+
+    When ``delta`` is given it is added to the layer's output before the rest of the network runs (the
+    hook the gradient is taken through). ``record_inputs_of`` names a module whose first positional
+    input is returned as the third element (used to check CAM's pooling → Dense head); else ``None``.
+    """
+    target_path = tuple(layer.split(".")) if layer else ()
+    head_path = tuple(record_inputs_of.split(".")) if record_inputs_of else None
+    captured: dict[str, Array] = {}
+
+    def intercept(next_fun, args, kwargs, context):
+        path = tuple(context.module.path)
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if head_path is not None and path == head_path:
+            captured["head_input"] = args[0]
+        out = next_fun(*args, **kwargs)
+        if path == target_path:
+            captured["activations"] = out
+            if delta is not None:
+                out = out + delta
+        return out
+
+    with nn.intercept_methods(intercept):
+        output = _apply(model, variables, images, apply_kwargs)
+    if "activations" not in captured:
+        raise LayerError(f"layer {layer!r} was not called during the forward pass")
+    return output, captured["activations"], captured.get("head_input")
+
+
+def default_output_fn(output: Any) -> Array:
+    """The model's logits: its output when it is a ``(batch, classes)`` array."""
+    if not hasattr(output, "ndim") or output.ndim != 2:
+        shape = getattr(output, "shape", type(output).__name__)
+        raise ValueError(
+            f"the model output is {shape}, not (batch, classes) logits; pass output_fn= to select the logits"
+        )
+    return output
+
+
+def probe(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array,
+    layer: str,
+    score_fn: Callable[[Array], tuple[Array, Any]],
+    *,
+    apply_kwargs: tuple = (),
+    output_fn: OutputFn = default_output_fn,
+    with_gradients: bool = True,
+) -> tuple[Array, Array, Array | None, Array, Any]:
+    """Logits, activations at ``layer`` and d(target scores)/d(activations), for a batch.
+
+    ``score_fn(logits) -> (scores, aux)`` returns the ``(batch, T)`` target scores (T targets per image)
+    and anything else to return (e.g. the chosen class indices). Images are independent (inference
+    mode), so the gradient of ``scores[:, t].sum()`` holds every image's own gradient; the T targets are
+    handled by ``vmap`` over T cotangents of one linearization (one forward pass for all of them).
+
+    Returns ``(logits, activations, gradients, scores, aux)``; activations ``(B, h, w, C)``, gradients
+    ``(B, T, h, w, C)`` or ``None`` when ``with_gradients`` is False.
+    """
+
+    def scores_of(delta):
+        output, activations, _ = forward_at_layer(model, variables, images, layer, delta, apply_kwargs)
+        logits = output_fn(output)
+        scores, aux = score_fn(logits)
+        return scores, (logits, activations, aux)
+
+    if not with_gradients:
+        output, activations, _ = forward_at_layer(model, variables, images, layer, None, apply_kwargs)
+        logits = output_fn(output)
+        scores, aux = score_fn(logits)
+        return logits, activations, None, scores, aux
+
+    activation_shape = jax.eval_shape(
+        lambda: forward_at_layer(model, variables, images, layer, None, apply_kwargs)[1]
+    )
+    delta = jnp.zeros(activation_shape.shape, activation_shape.dtype)
+    scores, vjp_fn, (logits, activations, aux) = jax.vjp(scores_of, delta, has_aux=True)
+    num_targets = scores.shape[1]
+    cotangents = jnp.broadcast_to(
+        jnp.eye(num_targets, dtype=scores.dtype)[:, None, :], (num_targets, *scores.shape)
+    )
+    (gradients,) = jax.vmap(vjp_fn)(cotangents)  # (T, B, h, w, C)
+    return logits, activations, jnp.moveaxis(gradients, 0, 1), scores, aux
