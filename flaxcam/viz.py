@@ -1,0 +1,236 @@
+"""The seed figure: input with top-3 predictions, preprocessed input, CAM overlay with its box.
+
+The layout follows the skin-lesion CAM material the project reproduces:
+
+* (a) left column — the input image, captioned ``"true: <name> (p=0.93)"`` (``"predicted: ..."`` without a
+  true label), and below it a horizontal bar plot of the three most probable classes, the true class's
+  bar green and the others red (without a true label the top-1 bar is green);
+* (b) middle — the preprocessed image (min-max rescaled for display when it leaves [0, 1]);
+* (c) right — the CAM overlay, optionally with the localization box of :func:`flaxcam.localize.boxes`.
+
+Matplotlib is used through :class:`matplotlib.figure.Figure` and the Agg canvas directly: no pyplot, no
+global backend switch, so it is safe in servers, notebooks and threads.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+__all__ = ["BOX_COLOR", "OTHER_COLOR", "TRUE_COLOR", "save_figure", "seed_figure"]
+
+#: Bar colour of the true class (or of the top-1 class when no true label is given).
+TRUE_COLOR = "#2ca02c"
+#: Bar colour of the other classes.
+OTHER_COLOR = "#d62728"
+#: Outline colour of the localization box.
+BOX_COLOR = "white"
+
+_TOP_K = 3
+
+
+def _as_display_image(array, name: str) -> np.ndarray:
+    """numpy/jax image → (H, W) or (H, W, 3|4) numpy array that imshow shows as intended."""
+    img = np.asarray(array)
+    while img.ndim > 3 and img.shape[0] == 1:  # a batch of one
+        img = img[0]
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (3, 4)):
+        raise ValueError(f"{name} must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {img.shape}")
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == bool or np.issubdtype(img.dtype, np.integer):
+        img = img.astype(np.float32) / (1.0 if img.dtype == bool else 255.0)
+    img = np.asarray(img, np.float32)
+    finite = np.isfinite(img)
+    if not finite.all():
+        img = np.where(finite, img, 0.0)
+    lo, hi = float(img.min()), float(img.max())
+    if lo < 0.0 or hi > 1.0:  # e.g. ImageNet-normalized input: min-max rescale for display
+        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    return img
+
+
+def _class_index(true_label, class_names: Sequence[str]) -> int:
+    if isinstance(true_label, str):
+        try:
+            return list(class_names).index(true_label)
+        except ValueError:
+            raise ValueError(f"true_label {true_label!r} is not one of the class names {list(class_names)}") from None
+    index = int(np.asarray(true_label))
+    if not 0 <= index < len(class_names):
+        raise ValueError(f"true_label index {index} out of range for {len(class_names)} classes")
+    return index
+
+
+def _show(ax, img: np.ndarray) -> None:
+    if img.ndim == 2:
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255 if img.dtype == np.uint8 else 1, aspect="equal")
+    else:
+        ax.imshow(img, aspect="equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _draw_box(ax, box) -> Rectangle | None:
+    box = np.asarray(box).reshape(-1)
+    if box.shape != (4,):
+        raise ValueError(f"box must be [x0, y0, x1, y1], got shape {box.shape}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 <= x0 or y1 <= y0:  # empty box (nothing salient): nothing to draw
+        return None
+    # Pixel (x, y) covers [x - 0.5, x + 0.5] in imshow's data coordinates; the end is exclusive.
+    rect = Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOR, linewidth=2.0,
+                     label="box")
+    from matplotlib import patheffects
+
+    rect.set_path_effects([patheffects.withStroke(linewidth=3.5, foreground="black", alpha=0.6)])
+    ax.add_patch(rect)
+    return rect
+
+
+def _overlay_from_map(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """(H, W) map → jet overlay on ``image`` (resized to the image and min-max normalized as needed)."""
+    import jax.numpy as jnp
+
+    from flaxcam import colormap, ops
+
+    base = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image
+    if base.ndim == 2:
+        base = np.repeat(base[..., None], 3, axis=-1)
+    base = base[..., :3]
+    cam = jnp.asarray(np.nan_to_num(np.asarray(cam, np.float32)))
+    if cam.shape != base.shape[:2]:
+        cam = ops.resize_maps(cam, base.shape[:2])
+    if float(cam.min()) < 0.0 or float(cam.max()) > 1.0:
+        cam = ops.minmax_normalize(cam)
+    return np.asarray(colormap.overlay(jnp.asarray(base), cam))
+
+
+def seed_figure(
+    image,
+    probabilities,
+    class_names: Sequence[str],
+    *,
+    true_label: int | str | None = None,
+    preprocessed=None,
+    overlay=None,
+    box=None,
+    title: str | None = None,
+) -> Figure:
+    """Build the seed figure in one call and return it (an Agg-backed :class:`~matplotlib.figure.Figure`).
+
+    Args:
+        image: the input image, ``(H, W, 3)`` (or ``(H, W)``), numpy or jax; float in [0, 1] or uint8.
+        probabilities: ``(K,)`` class probabilities (numpy or jax).
+        class_names: ``K`` class names.
+        true_label: the true class, as an index or a name. The caption then reads
+            ``"true: <name> (p=<probability of the true class>)"`` and the true class's bar is green (if the
+            true class is not among the top 3, all three bars are red). Without it the caption reads
+            ``"predicted: <top-1 name> (p=<top-1 probability>)"`` and the top-1 bar is green.
+        preprocessed: the model's input, ``(H', W', 3)``; shown min-max rescaled when outside [0, 1].
+            Omitted → no panel (b).
+        overlay: the CAM overlay, an RGB ``(H, W, 3)`` image (e.g. :func:`flaxcam.colormap.overlay`), or a
+            raw ``(h, w)`` map that is then resized to the image, min-max normalized if outside [0, 1] and
+            overlaid with the jet colormap. Omitted → no panel (c).
+        box: ``[x0, y0, x1, y1]`` in the overlay's pixel coordinates with an exclusive end (the convention of
+            :func:`flaxcam.localize.boxes`), drawn as a rectangle outline on the overlay (on the input image
+            when there is no overlay). An empty box (``x1 <= x0`` or ``y1 <= y0``) is not drawn.
+        title: the method's name for panel (c), e.g. ``"Grad-CAM"`` → ``"(c) Grad-CAM overlay"``
+            (default ``"(c) CAM overlay"``).
+
+    Images keep their aspect ratio (``imshow(aspect="equal")``), so non-square inputs such as 450x600 show
+    undistorted.
+    """
+    img = _as_display_image(image, "image")
+    probs = np.asarray(probabilities, np.float64).reshape(-1)
+    names = [str(n) for n in class_names]
+    if probs.shape[0] != len(names):
+        raise ValueError(f"{probs.shape[0]} probabilities but {len(names)} class names")
+    if probs.shape[0] == 0:
+        raise ValueError("probabilities must not be empty")
+
+    order = np.argsort(-probs, kind="stable")
+    top = order[: min(_TOP_K, len(names))]
+    if true_label is not None:
+        highlight = _class_index(true_label, names)
+        caption = f"true: {names[highlight]} (p={probs[highlight]:.2f})"
+    else:
+        highlight = int(order[0])
+        caption = f"predicted: {names[highlight]} (p={probs[highlight]:.2f})"
+
+    panels = []
+    if preprocessed is not None:
+        panels.append(("(b) preprocessed", _as_display_image(preprocessed, "preprocessed"), None))
+    over = None
+    if overlay is not None:
+        over = np.asarray(overlay)
+        over = _overlay_from_map(img, over) if over.ndim == 2 else _as_display_image(over, "overlay")
+        panels.append((f"(c) {title or 'CAM'} overlay", over, box))
+
+    # Size the figure after the image aspect so non-square images fill their panels.
+    height, width = img.shape[:2]
+    aspect = height / width
+    panel_w = 4.0
+    image_h = panel_w * aspect
+    bar_h = 0.3 * len(top) + 0.5
+    ncols = 1 + len(panels)
+    fig = Figure(figsize=(panel_w * ncols + 1.2, image_h + bar_h + 1.5), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.06, wspace=0.03)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, ncols, height_ratios=[image_h, bar_h])
+
+    ax_img = fig.add_subplot(grid[0, 0])
+    _show(ax_img, img)
+    ax_img.set_title("(a) input")
+    ax_img.set_xlabel(caption, fontsize=11)
+    if over is None and box is not None:
+        _draw_box(ax_img, box)
+
+    ax_bar = fig.add_subplot(grid[1, 0])
+    ypos = np.arange(len(top))[::-1]
+    colours = [TRUE_COLOR if int(k) == highlight else OTHER_COLOR for k in top]
+    bars = ax_bar.barh(ypos, probs[top], color=colours, height=0.6)
+    for bar, k in zip(bars, top):
+        bar.set_label(names[k])
+    ax_bar.set_yticks(ypos, [names[k] for k in top])
+    ax_bar.set_xlim(0, 1.18)
+    ax_bar.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax_bar.tick_params(axis="x", labelsize=8)
+    ax_bar.set_xlabel(f"top-{len(top)} probabilities", fontsize=9)
+    for spine in ("top", "right"):
+        ax_bar.spines[spine].set_visible(False)
+    for bar, p in zip(bars, probs[top]):
+        ax_bar.text(bar.get_width() + 0.02, bar.get_y() + bar.get_height() / 2, f"{p:.2f}", va="center",
+                    fontsize=9)
+
+    for col, (panel_title, panel_img, panel_box) in enumerate(panels, start=1):
+        ax = fig.add_subplot(grid[0, col])  # in line with (a); the bar plot row stays under (a) only
+        _show(ax, panel_img)
+        ax.set_title(panel_title)
+        if panel_box is not None:
+            _draw_box(ax, panel_box)
+    return fig
+
+
+def save_figure(fig: Figure, path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` (parent directories created), close it and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fig.canvas is None or not hasattr(fig.canvas, "print_figure"):
+        FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=fig.dpi if fig.dpi >= 100 else 100)
+    # A figure built here has no pyplot manager; one made with pyplot is released from pyplot's registry.
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)
+    return path
