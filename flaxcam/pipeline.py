@@ -25,6 +25,7 @@ from flaxcam.probe import (
     list_layers,
     probe,
     resolve_layer,
+    shape_key,
 )
 from flaxcam.targets import TargetSpec, class_scores, resolve_targets, select_classes
 
@@ -228,6 +229,13 @@ def _head_features(model, variables, layer, head, image_shape, dtype, apply_kwar
     return _head_features_cached(model, layer, head, tuple(image_shape), jnp.dtype(dtype), apply_kwargs, _IdentityRef(variables))
 
 
+@functools.lru_cache(maxsize=64)
+def _num_classes(model, variables_key, spec, apply_kwargs, output_fn) -> int:
+    """Size of the logits' last axis (shape-only trace, cached per model and input shape)."""
+    output = jax.eval_shape(lambda v, x: output_fn(model.apply(v, x, **dict(apply_kwargs))), variables_key.tree, spec)
+    return int(output.shape[-1])
+
+
 def _as_images(images: Any) -> Array | np.ndarray:
     if not hasattr(images, "ndim"):
         images = np.asarray(images)
@@ -294,13 +302,9 @@ def explain(
     layers = list_layers(model, variables, images, kwargs)
     layer_info = resolve_layer(layers, layer)
 
-    output_shape = jax.eval_shape(
-        lambda v, x: output_fn(model.apply(v, x, **dict(kwargs))),
-        variables,
-        jax.ShapeDtypeStruct(images.shape, images.dtype),
-    )
     batch = images.shape[0]
-    spec, classes = resolve_targets(targets, top_k, batch, output_shape.shape[-1])
+    num_classes = _num_classes(model, shape_key(variables), jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
+    spec, classes = resolve_targets(targets, top_k, batch, num_classes)
     head_name, head_features = None, "identity"
     if chosen_method.needs_head:
         head_name, head_features = _find_head(model, variables, layers, layer_info, head, images, kwargs)

@@ -66,7 +66,12 @@ def list_layers(
     are listed with shape ``()``. A module called several times is listed once per call.
     """
     spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
-    return list(_list_layers_impl(model, _ShapeKey(_shape_tree(variables)), spec, apply_kwargs))
+    return list(_list_layers_impl(model, shape_key(variables), spec, apply_kwargs))
+
+
+def shape_key(variables: Mapping[str, Any]) -> "_ShapeKey":
+    """A hashable key for the structure and shapes of a variables tree (for caching traces)."""
+    return _ShapeKey(_shape_tree(variables))
 
 
 def _shape_tree(variables: Mapping[str, Any]) -> Any:
