@@ -1,0 +1,130 @@
+"""Throughput of flaxcam's methods relative to the model's own forward pass, measured in one run.
+
+    python -m benchmarks.throughput [--models resnet18 resnet50] [--batch 16] [--size 224 224]
+                                    [--methods cam gradcam] [--rounds 10] [--out FILE.jsonl]
+
+For each model: a jitted forward pass (logits only) and ``flaxcam.explain`` for each method (maps at
+the input resolution, targets = argmax), timed interleaved round by round so that machine noise hits
+all of them alike; each timing ends with ``block_until_ready``. Prints one JSON line per measurement
+(images/s from the median round, ratio to the forward pass of the same run) and a Markdown table.
+Random weights: speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import flaxcam
+from flaxcam import models
+
+
+def _time_once(fn: Callable[[], jax.Array]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def machine_info() -> dict:
+    """Where the numbers come from."""
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device": device.device_kind,
+        "devices": len(jax.devices()),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "flaxcam": flaxcam.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def benchmark_model(
+    name: str, methods: list[str], batch: int, size: tuple[int, int], rounds: int, warmup: int = 2
+) -> list[dict]:
+    """Time forward-only and each method on one model; returns one record per measurement."""
+    model = models.create_model(name)
+    variables = models.init_variables(model, (1, *size, 3))
+    images = jax.device_put(np.random.default_rng(0).standard_normal((batch, *size, 3)).astype(np.float32))
+
+    forward = jax.jit(lambda v, x: model.apply(v, x))
+    candidates: dict[str, Callable[[], jax.Array]] = {"forward": lambda: forward(variables, images)}
+    for method in methods:
+        candidates[method] = lambda method=method: flaxcam.explain(model, variables, images, method=method).maps
+
+    for fn in candidates.values():
+        for _ in range(warmup):
+            _time_once(fn)
+    timings: dict[str, list[float]] = {key: [] for key in candidates}
+    for _ in range(rounds):
+        for key, fn in candidates.items():
+            timings[key].append(_time_once(fn))
+
+    forward_rate = batch / statistics.median(timings["forward"])
+    records = []
+    for key, values in timings.items():
+        rate = batch / statistics.median(values)
+        records.append(
+            {
+                "model": name,
+                "method": key,
+                "batch": batch,
+                "size": list(size),
+                "images_per_s": round(rate, 2),
+                "ratio_to_forward": round(rate / forward_rate, 3),
+                "median_s": round(statistics.median(values), 5),
+                "min_s": round(min(values), 5),
+                "rounds": rounds,
+            }
+        )
+    return records
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The records as a Markdown table."""
+    lines = ["| model | method | batch | size | images/s | ratio to forward |", "|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['batch']} | {r['size'][0]}x{r['size'][1]} | "
+            f"{r['images_per_s']:.1f} | {r['ratio_to_forward']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    info = machine_info()
+    records = []
+    for name in args.models:
+        for record in benchmark_model(name, args.methods, args.batch, tuple(args.size), args.rounds):
+            record.update(info)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    print()
+    print(markdown_table(records))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

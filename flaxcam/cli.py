@@ -1,0 +1,209 @@
+"""The ``flaxcam`` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(
+    help="flaxcam: class activation maps for JAX/Flax models.", no_args_is_help=True, add_completion=False
+)
+
+
+@app.callback()
+def _main() -> None:
+    """flaxcam: class activation maps (CAM, Grad-CAM, ...) for JAX/Flax models."""
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _load_model(model_name: str | None, weights: Path | None, image_size: int | None):
+    """(model, variables, meta) from a flaxcam bundle, or a registry model with random weights."""
+    from flaxcam import models
+
+    if weights is not None:
+        model, variables, meta = models.load_bundle(weights)
+        return model, variables, dict(meta or {})
+    if model_name is None:
+        raise typer.BadParameter(
+            "pass --weights BUNDLE (a model saved with flaxcam.models.save_bundle, e.g. by `make demo`) "
+            f"or --model NAME for random weights; models: {', '.join(sorted(models.MODELS))}"
+        )
+    size = image_size or 224
+    model = models.create_model(model_name)
+    _say(f"warning: {model_name} with RANDOM weights (no --weights given): the maps are not meaningful")
+    variables = models.init_variables(model, (1, size, size, 3))
+    return model, variables, {"input_size": [size, size]}
+
+
+def _unique_figure_path(out: Path, stem: str, method: str, taken: set[Path]) -> Path:
+    path = out / f"{stem}_{method}.png"
+    index = 1
+    while path in taken:
+        path = out / f"{stem}-{index}_{method}.png"
+        index += 1
+    taken.add(path)
+    return path
+
+
+def run_explain(
+    images: Sequence[Path],
+    *,
+    model_name: str | None = None,
+    weights: Path | None = None,
+    method: str = "gradcam",
+    layer: str | None = None,
+    top_k: int = 3,
+    out: Path = Path("flaxcam_out"),
+    json_path: Path | None = None,
+    batch_size: int = 16,
+    alpha: float = 0.5,
+    threshold: float = 0.2,
+    labels: Sequence[int | None] | None = None,
+    progress: bool | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Explain image files and write one seed-style figure per image (and a JSON summary).
+
+    Returns ``(records, errors)``; unreadable files are reported in ``errors`` and skipped, the others
+    are still processed. ``labels`` optionally gives each image's true class for the figure.
+    """
+    import jax
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    import flaxcam
+    from flaxcam import colormap, localize, viz
+    from flaxcam.imageio import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessing, read_image
+
+    model, variables, meta = _load_model(model_name, weights, None)
+    size = tuple(meta.get("input_size", (224, 224)))
+    preprocessing = Preprocessing(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(meta.get("mean", IMAGENET_MEAN)),
+        std=tuple(meta.get("std", IMAGENET_STD)),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    taken: set[Path] = set()
+    show_progress = len(images) > batch_size if progress is None else progress
+    labels = list(labels) if labels is not None else [None] * len(images)
+    num_classes = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, *size, 3), np.float32)).shape[-1]
+    k = max(1, min(top_k, num_classes))
+
+    with tqdm(total=len(images), desc=f"explain ({method})", unit="img", disable=not show_progress) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk_paths, chunk_images, chunk_labels = [], [], []
+            for path, label in zip(images[start : start + batch_size], labels[start : start + batch_size]):
+                try:
+                    chunk_images.append(read_image(path))
+                    chunk_paths.append(Path(path))
+                    chunk_labels.append(label)
+                except ImageReadError as error:
+                    _say(f"error: {error}")
+                    errors.append({"file": str(path), "error": str(error)})
+            if not chunk_images:
+                bar.update(len(images[start : start + batch_size]))
+                continue
+            resized, inputs = preprocessing(chunk_images)
+            explanation = flaxcam.explain(model, variables, inputs, method=method, layer=layer, top_k=k)
+            first = explanation.maps[:, 0]
+            boxes = localize.boxes(first, threshold=threshold)
+            overlays = colormap.overlay(jax.numpy.asarray(resized), first, alpha=alpha)
+            host = jax.device_get(
+                {"probabilities": explanation.probabilities, "targets": explanation.targets, "boxes": boxes, "overlays": overlays}
+            )
+            class_names = meta.get("class_names") or [str(i) for i in range(host["probabilities"].shape[1])]
+            for i, path in enumerate(chunk_paths):
+                original = chunk_images[i]
+                scale = np.array([original.shape[1] / size[1], original.shape[0] / size[0]] * 2)
+                box_input = host["boxes"][i]
+                box = [int(round(v)) for v in (box_input * scale)]
+                probabilities = host["probabilities"][i]
+                top = [
+                    {"class": int(c), "name": class_names[int(c)], "probability": float(probabilities[int(c)])}
+                    for c in host["targets"][i]
+                ]
+                figure = viz.seed_figure(
+                    original,
+                    probabilities,
+                    class_names,
+                    true_label=chunk_labels[i],
+                    preprocessed=inputs[i],
+                    overlay=host["overlays"][i],
+                    box=box_input,
+                    title=f"(c) {method} · {explanation.layer}",
+                )
+                figure_path = _unique_figure_path(out, path.stem, method, taken)
+                viz.save_figure(figure, figure_path)
+                records.append(
+                    {
+                        "file": str(path),
+                        "figure": str(figure_path),
+                        "top_k": top,
+                        "target": top[0],
+                        "box": box,
+                        "method": method,
+                        "layer": explanation.layer,
+                    }
+                )
+            bar.update(len(images[start : start + batch_size]))
+
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"images": records, "errors": errors}, indent=2))
+    return records, errors
+
+
+@app.command("explain")
+def explain_command(
+    images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
+    model: Annotated[Optional[str], typer.Option(help="Architecture for random weights when no --weights is given.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) with the model and its weights.")] = None,
+    method: Annotated[str, typer.Option(help="cam | gradcam")] = "gradcam",
+    layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image; maps for each.")] = 3,
+    out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("flaxcam_out"),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write a JSON summary here.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 16,
+    threshold: Annotated[float, typer.Option(help="Box threshold, a fraction of each map's maximum.")] = 0.2,
+) -> None:
+    """Explain IMAGES: one figure per image (input + top-3, preprocessed, overlay with box)."""
+    records, errors = run_explain(
+        images,
+        model_name=model,
+        weights=weights,
+        method=method,
+        layer=layer,
+        top_k=top_k,
+        out=out,
+        json_path=json_path,
+        batch_size=batch_size,
+        threshold=threshold,
+    )
+    for record in records:
+        target = record["target"]
+        typer.echo(f"{record['file']}: {target['name']} (p={target['probability']:.3f}) box={record['box']} -> {record['figure']}")
+    if errors:
+        _say(f"{len(errors)} of {len(images)} file(s) could not be read")
+        raise typer.Exit(code=1)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except ValueError as error:  # clear message for user errors (bad layer, method, targets ...)
+        _say(f"error: {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
