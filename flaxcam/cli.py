@@ -139,7 +139,7 @@ def run_explain(
                     preprocessed=inputs[i],
                     overlay=host["overlays"][i],
                     box=box_input,
-                    title=f"(c) {method} · {explanation.layer}",
+                    title=f"{method} · {explanation.layer}",
                 )
                 figure_path = _unique_figure_path(out, path.stem, method, taken)
                 viz.save_figure(figure, figure_path)
@@ -200,7 +200,7 @@ def main() -> None:
     """Console entry point."""
     try:
         app()
-    except ValueError as error:  # clear message for user errors (bad layer, method, targets ...)
+    except (ValueError, FileNotFoundError) as error:  # user errors: bad layer, method, targets, paths
         _say(f"error: {error}")
         sys.exit(2)
 

@@ -1,7 +1,7 @@
 """``make demo``: train a small GAP-head CNN on digits-on-a-canvas, then explain it with CAM and Grad-CAM.
 
-Everything is offline: the data is scikit-learn's bundled 8x8 digits pasted on a 96x96 cluttered
-canvas (ground-truth boxes known). The model is trained at demo time (about a minute on 2 CPU cores)
+Everything is offline: the data is scikit-learn's bundled 8x8 digits pasted on a 64x64 cluttered
+canvas (ground-truth boxes known). The model is trained at demo time (about two minutes on 2 CPU cores)
 and cached in ``OUT/digits_small_cnn.msgpack``; a later run reuses it (``--retrain`` to train anew).
 
 Outputs in ``OUT``: ``images/`` (test canvases as PNG), ``figures/`` (one seed-style figure per image
@@ -29,7 +29,14 @@ from flaxcam.train import accuracy, fit
 
 MEAN = (0.5, 0.5, 0.5)  # inputs in [-1, 1], as in the skin-lesion material
 STD = (0.5, 0.5, 0.5)
-MODEL_KWARGS = {"num_classes": 10, "features": [32, 64, 128], "pooling": "avg"}
+MODEL_KWARGS = {"num_classes": 10, "features": [16, 32, 64, 128], "pooling": "avg"}
+CANVAS = (64, 64)
+DIGIT_SIZE = (16, 32)
+
+
+def demo_canvases(count: int, seed: int):
+    """The demo's data: 64x64 canvases with one 16-32 px digit each."""
+    return make_digit_canvases(count, size=CANVAS, digit_size=DIGIT_SIZE, seed=seed)
 
 
 def _preprocess(images: jax.Array) -> jax.Array:
@@ -42,12 +49,12 @@ def train_demo_model(out: Path, *, train_size: int, epochs: int, retrain: bool) 
     if bundle.exists() and not retrain:
         print(f"reusing {bundle} (pass --retrain to train again)")
         return bundle
-    data = make_digit_canvases(train_size, seed=0)
+    data = demo_canvases(train_size, seed=0)
     model = models.create_model("small_cnn", **MODEL_KWARGS)
     start = time.perf_counter()
-    variables, losses = fit(model, data.images, data.labels, epochs=epochs, preprocess=_preprocess)
+    variables, losses = fit(model, data.images, data.labels, epochs=epochs, learning_rate=3e-3, preprocess=_preprocess)
     print(f"trained small_cnn on {train_size} canvases in {time.perf_counter() - start:.0f}s; loss per epoch {np.round(losses, 3).tolist()}")
-    meta = {"input_size": [96, 96], "mean": list(MEAN), "std": list(STD), "class_names": list(CLASS_NAMES)}
+    meta = {"input_size": list(CANVAS), "mean": list(MEAN), "std": list(STD), "class_names": list(CLASS_NAMES)}
     models.save_bundle(bundle, model_name="small_cnn", model_kwargs=MODEL_KWARGS, variables=variables, meta=meta)
     return bundle
 
@@ -55,7 +62,7 @@ def train_demo_model(out: Path, *, train_size: int, epochs: int, retrain: bool) 
 def localization_summary(bundle: Path, test_size: int) -> dict:
     """Accuracy and 20%-rule box accuracy (IoU >= 0.5) of CAM and Grad-CAM over a test set."""
     model, variables, _ = models.load_bundle(bundle)
-    data = make_digit_canvases(test_size, seed=1)
+    data = demo_canvases(test_size, seed=1)
     summary = {"test_images": test_size, "accuracy": accuracy(model, variables, data.images, data.labels, preprocess=_preprocess)}
     inputs = np.asarray(_preprocess(jnp.asarray(data.images)))
     for method in ("cam", "gradcam"):
@@ -66,7 +73,7 @@ def localization_summary(bundle: Path, test_size: int) -> dict:
             boxes = localize.boxes(explanation.maps[:, 0])
             iou = localize.box_iou(boxes, jnp.asarray(data.boxes[chunk]))
             peak = jnp.argmax(explanation.maps[:, 0].reshape(len(data.boxes[chunk]), -1), axis=1)
-            py, px = peak // 96, peak % 96
+            py, px = peak // CANVAS[1], peak % CANVAS[1]
             gt = jnp.asarray(data.boxes[chunk])
             inside = (px >= gt[:, 0]) & (px < gt[:, 2]) & (py >= gt[:, 1]) & (py < gt[:, 3])
             hits.append(np.asarray(iou >= 0.5))
@@ -81,8 +88,8 @@ def localization_summary(bundle: Path, test_size: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    parser.add_argument("--train-size", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--test-size", type=int, default=512)
     parser.add_argument("--figures", type=int, default=8, help="test images to draw figures for")
     parser.add_argument("--retrain", action="store_true")
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bundle = train_demo_model(args.out, train_size=args.train_size, epochs=args.epochs, retrain=args.retrain)
 
-    samples = make_digit_canvases(args.figures, seed=2)
+    samples = demo_canvases(args.figures, seed=2)
     image_dir = args.out / "images"
     image_dir.mkdir(exist_ok=True)
     paths = []

@@ -111,6 +111,8 @@ def fit(
             for index in _batches(len(images), batch_size, rng):
                 state, loss = step(state, images[index], labels[index])
                 epoch_losses.append(loss)
+                if progress:  # keep the bar honest: without this, async dispatch makes it run ahead
+                    loss.block_until_ready()
                 bar.update(1)
             losses.append(float(np.mean(jax.device_get(epoch_losses))))
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
