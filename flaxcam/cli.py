@@ -167,7 +167,7 @@ def explain_command(
     images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
     model: Annotated[Optional[str], typer.Option(help="Architecture for random weights when no --weights is given.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) with the model and its weights.")] = None,
-    method: Annotated[str, typer.Option(help="cam | gradcam")] = "gradcam",
+    method: Annotated[str, typer.Option(help="cam | gradcam | gradcam++ | hirescam | gradcam_elementwise | xgradcam | layercam")] = "gradcam",
     layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image; maps for each.")] = 3,
     out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("flaxcam_out"),

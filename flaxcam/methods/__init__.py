@@ -10,7 +10,14 @@ import dataclasses
 from collections.abc import Callable
 
 from flaxcam.methods.cam import cam
-from flaxcam.methods.gradient import gradcam
+from flaxcam.methods.gradient import (
+    gradcam,
+    gradcam_elementwise,
+    gradcam_plusplus,
+    hirescam,
+    layercam,
+    xgradcam,
+)
 
 #: Inputs a method may ask for: ``activations`` (h, w, C), ``gradients`` (h, w, C) of the target score,
 #: ``class_weights`` (C,) of the target class in a pooling → Dense head.
@@ -37,6 +44,11 @@ class Method:
 METHODS: dict[str, Method] = {
     "cam": Method("cam", cam, ("activations", "class_weights")),
     "gradcam": Method("gradcam", gradcam, ("activations", "gradients")),
+    "hirescam": Method("hirescam", hirescam, ("activations", "gradients")),
+    "gradcam_elementwise": Method("gradcam_elementwise", gradcam_elementwise, ("activations", "gradients")),
+    "xgradcam": Method("xgradcam", xgradcam, ("activations", "gradients")),
+    "layercam": Method("layercam", layercam, ("activations", "gradients")),
+    "gradcam++": Method("gradcam++", gradcam_plusplus, ("activations", "gradients")),
 }
 
 
@@ -48,4 +60,16 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["INPUTS", "METHODS", "Method", "cam", "get_method", "gradcam"]
+__all__ = [
+    "INPUTS",
+    "METHODS",
+    "Method",
+    "cam",
+    "get_method",
+    "gradcam",
+    "gradcam_elementwise",
+    "gradcam_plusplus",
+    "hirescam",
+    "layercam",
+    "xgradcam",
+]

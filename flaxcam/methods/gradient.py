@@ -23,3 +23,79 @@ def gradcam(activations: Array, gradients: Array) -> Array:
     """
     weights = jnp.mean(gradients, axis=(0, 1))
     return jnp.einsum("hwc,c->hw", activations, weights)
+
+
+def hirescam(activations: Array, gradients: Array) -> Array:
+    r"""HiResCAM: element-wise gradient × activation, summed over channels (no spatial averaging).
+
+    .. math:: M(x, y) = \sum_k \frac{\partial y^c}{\partial A_k(x,y)} A_k(x, y)
+
+    Faithful to the model's computation for architectures ending in global average pooling + Dense.
+
+    Reference: Draelos, Carin. "Use HiResCAM instead of Grad-CAM for faithful explanations of
+    convolutional neural networks", 2020 (arXiv:2011.08891).
+    """
+    return jnp.sum(gradients * activations, axis=-1)
+
+
+def gradcam_elementwise(activations: Array, gradients: Array) -> Array:
+    r"""Grad-CAM element-wise: the ReLU of each gradient × activation term before the channel sum.
+
+    .. math:: M(x, y) = \sum_k \max\left(0, \frac{\partial y^c}{\partial A_k(x,y)} A_k(x, y)\right)
+
+    Reference: pytorch-grad-cam's ``GradCAMElementWise`` (Gildenblat et al., github.com/jacobgil/
+    pytorch-grad-cam), a HiResCAM variant.
+    """
+    return jnp.sum(jax.nn.relu(gradients * activations), axis=-1)
+
+
+def xgradcam(activations: Array, gradients: Array) -> Array:
+    r"""XGrad-CAM: channel weights are activation-weighted gradients.
+
+    .. math:: \alpha_k = \sum_{x,y} \frac{A_k(x,y)}{\sum_{x',y'} A_k(x',y') + \epsilon}
+              \frac{\partial y^c}{\partial A_k(x,y)}, \qquad M = \sum_k \alpha_k A_k
+
+    with :math:`\epsilon = 10^{-7}` (pytorch-grad-cam's value).
+
+    Reference: Fu et al. "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs",
+    BMVC 2020 (arXiv:2008.02312).
+    """
+    sum_activations = jnp.sum(activations, axis=(0, 1), keepdims=True)
+    weights = jnp.sum(gradients * activations / (sum_activations + 1e-7), axis=(0, 1))
+    return jnp.einsum("hwc,c->hw", activations, weights)
+
+
+def layercam(activations: Array, gradients: Array) -> Array:
+    r"""LayerCAM: each activation weighted by its own positive gradient.
+
+    .. math:: M(x, y) = \sum_k \max\left(0, \frac{\partial y^c}{\partial A_k(x,y)}\right) A_k(x, y)
+
+    Reference: Jiang et al. "LayerCAM: Exploring Hierarchical Class Activation Maps for Localization",
+    IEEE TIP 2021.
+    """
+    return jnp.sum(jax.nn.relu(gradients) * activations, axis=-1)
+
+
+def gradcam_plusplus(activations: Array, gradients: Array) -> Array:
+    r"""Grad-CAM++ with the closed form for an exponential score (pytorch-grad-cam's formula).
+
+    With :math:`g = \partial y^c / \partial A` and the higher derivatives of :math:`\exp(y^c)`
+    replaced by powers of :math:`g`:
+
+    .. math:: a_k(x,y) = \frac{g_k^2}{2 g_k^2 + \sum_{x',y'} A_k(x',y')\, g_k^3 + \epsilon}
+              \;(0 \text{ where } g_k = 0), \qquad
+              \alpha_k = \sum_{x,y} a_k(x,y) \max(0, g_k(x,y)), \qquad M = \sum_k \alpha_k A_k
+
+    with :math:`\epsilon = 10^{-6}`. The powers of the gradient equal the true second and third
+    derivatives only when the score is the exponential of a function that is linear in ``A``.
+
+    Reference: Chattopadhay et al. "Grad-CAM++: Improved Visual Explanations for Deep Convolutional
+    Networks", WACV 2018 (arXiv:1710.11063).
+    """
+    grads_2 = gradients**2
+    grads_3 = grads_2 * gradients
+    sum_activations = jnp.sum(activations, axis=(0, 1), keepdims=True)
+    alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + 1e-6)
+    alpha = jnp.where(gradients != 0, alpha, 0.0)
+    weights = jnp.sum(jax.nn.relu(gradients) * alpha, axis=(0, 1))
+    return jnp.einsum("hwc,c->hw", activations, weights)

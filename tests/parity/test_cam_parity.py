@@ -1,4 +1,5 @@
-"""Parity with the PyTorch libraries on the same weights: pytorch-grad-cam 1.5.7 GradCAM, torchcam CAM.
+"""Parity with the PyTorch libraries on the same weights: pytorch-grad-cam 1.5.7 (GradCAM, HiResCAM,
+GradCAMElementWise, XGradCAM, LayerCAM, GradCAMPlusPlus) and torchcam's CAM.
 
 torchvision ResNet-18 with random weights (two seeds) and randomized BatchNorm statistics, converted
 with ``flaxcam.models.load_torchvision_resnet``; 4 random images at a non-square size with a different
@@ -60,13 +61,12 @@ def resnet18_pair(request):
     return torch, reference, model, variables, images
 
 
-def _reference_gradcam(torch, reference, layer_module, images):
-    from pytorch_grad_cam import GradCAM
+def _reference_cam(reference, layer_module, images, cam_class):
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     targets = [ClassifierOutputTarget(c) for c in TARGETS]
-    with GradCAM(model=reference, target_layers=[layer_module]) as cam:
+    with cam_class(model=reference, target_layers=[layer_module]) as cam:
         upsampled = cam(input_tensor=images, targets=targets)
         activations = cam.activations_and_grads.activations[0].cpu().numpy()
         gradients = cam.activations_and_grads.gradients[0].cpu().numpy()
@@ -75,11 +75,25 @@ def _reference_gradcam(torch, reference, layer_module, images):
     return low_res, upsampled
 
 
+GRADIENT_METHODS = {  # flaxcam name -> pytorch-grad-cam class name
+    "gradcam": "GradCAM",
+    "hirescam": "HiResCAM",
+    "gradcam_elementwise": "GradCAMElementWise",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "gradcam++": "GradCAMPlusPlus",
+}
+
+
+@pytest.mark.parametrize("method", list(GRADIENT_METHODS))
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
-def test_gradcam_equals_pytorch_grad_cam(resnet18_pair, layer):
+def test_gradient_methods_equal_pytorch_grad_cam(resnet18_pair, layer, method):
+    import pytorch_grad_cam
+
     torch, reference, model, variables, images = resnet18_pair
-    ref_low, ref_up = _reference_gradcam(torch, reference, getattr(reference, layer), images)
-    ours = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS)
+    cam_class = getattr(pytorch_grad_cam, GRADIENT_METHODS[method])
+    ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, cam_class)
+    ours = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS)
     low = np.asarray(ours.low_res)[:, 0]
     up = np.asarray(ours.maps)[:, 0]
     assert low.shape == ref_low.shape and up.shape == ref_up.shape == (4, *IMAGE_SIZE)
@@ -88,6 +102,16 @@ def test_gradcam_equals_pytorch_grad_cam(resnet18_pair, layer):
     # the comparison is not vacuous: most maps have structure (a map whose Grad-CAM is negative
     # everywhere is legitimately all zeros after the ReLU, and both libraries must agree on that too)
     assert (ref_low.reshape(4, -1).std(axis=1) > 0.05).sum() >= 3
+    # and the methods differ from each other where they should, so a swapped formula would be caught.
+    # At layer4 (feeding GAP + Dense) the gradient is constant over space, which makes HiResCAM and
+    # XGradCAM identical to Grad-CAM after normalization: an identity checked here as well.
+    if method != "gradcam":
+        plain = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS)
+        difference = np.abs(np.asarray(plain.low_res) - np.asarray(ours.low_res)).max()
+        if layer == "layer4" and method in ("hirescam", "xgradcam"):
+            assert difference <= 1e-4
+        else:
+            assert difference > 0.05
 
 
 def test_cam_equals_torchcam(resnet18_pair):
