@@ -15,7 +15,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam import ops
-from flaxcam.methods import Method, get_method
+from flaxcam.methods import Method, first_component_projection, get_method
 from flaxcam.probe import (
     LayerError,
     LayerInfo,
@@ -72,9 +72,58 @@ class _StepConfig:
     target_spec: TargetSpec
     apply_kwargs: tuple
     output_fn: OutputFn
+    eigen_smooth: bool = False
+    chunk_size: int = 32
 
 
-def _explain_step(config: _StepConfig, variables: Any, images: Array, classes: Array | None) -> dict[str, Array]:
+def _contributions(
+    config: _StepConfig,
+    variables: Any,
+    images: Array,
+    activations: Array,
+    gradients: Array | None,
+    chosen: Array,
+    key: Array | None,
+) -> Array:
+    """The method's per-channel contributions ``(B, T, h, w, C)``."""
+    method = config.method
+    if method.batched:
+        forward = lambda x: config.output_fn(config.model.apply(variables, x, **dict(config.apply_kwargs)))  # noqa: E731
+        available = {"activations": activations, "images": images, "classes": chosen, "forward": forward}
+        return method.fn(**{name: available[name] for name in method.inputs}, chunk_size=config.chunk_size)
+
+    batch, num_targets = chosen.shape
+    inputs: dict[str, Array] = {}
+    axes: dict[str, int | None] = {}
+    if "activations" in method.inputs:
+        inputs["activations"], axes["activations"] = activations, None  # shared by the T targets
+    if "gradients" in method.inputs:
+        inputs["gradients"], axes["gradients"] = gradients, 0  # (B, T, h, w, C)
+    if "class_weights" in method.inputs:
+        kernel = _head_kernel(variables, config.head)  # (C, K)
+        if config.head_features == "relu":  # conv → ReLU (as a function) → pooling → Dense
+            inputs["activations"] = jax.nn.relu(activations)
+        inputs["class_weights"], axes["class_weights"] = kernel.T[chosen], 0  # (B, T, C)
+    if "key" in method.inputs:
+        inputs["key"], axes["key"] = jax.random.split(key, batch * num_targets).reshape(batch, num_targets), 0
+
+    def per_image(image_inputs: dict[str, Array]) -> Array:
+        over_targets = jax.vmap(lambda kw: method.fn(**kw), in_axes=(axes,), axis_size=num_targets)
+        return over_targets(image_inputs)
+
+    return jax.vmap(per_image)(inputs)
+
+
+def _reduce(contributions: Array, projection: bool) -> Array:
+    """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum or first component."""
+    if not projection:
+        return jnp.sum(contributions, axis=-1)
+    return jax.vmap(jax.vmap(first_component_projection))(contributions)
+
+
+def _explain_step(
+    config: _StepConfig, variables: Any, images: Array, classes: Array | None, key: Array | None
+) -> dict[str, Array]:
     global TRACE_COUNT
     TRACE_COUNT += 1
     method = config.method
@@ -93,24 +142,8 @@ def _explain_step(config: _StepConfig, variables: Any, images: Array, classes: A
         output_fn=config.output_fn,
         with_gradients=method.needs_gradients,
     )
-    num_targets = chosen.shape[1]
-    inputs: dict[str, Array] = {}
-    axes: dict[str, int | None] = {}
-    if "activations" in method.inputs:
-        inputs["activations"], axes["activations"] = activations, None  # shared by the T targets
-    if "gradients" in method.inputs:
-        inputs["gradients"], axes["gradients"] = gradients, 0  # (B, T, h, w, C)
-    if "class_weights" in method.inputs:
-        kernel = _head_kernel(variables, config.head)  # (C, K)
-        if config.head_features == "relu":  # conv → ReLU (as a function) → pooling → Dense
-            inputs["activations"] = jax.nn.relu(activations)
-        inputs["class_weights"], axes["class_weights"] = kernel.T[chosen], 0  # (B, T, C)
-
-    def per_image(image_inputs: dict[str, Array]) -> Array:
-        over_targets = jax.vmap(lambda kw: method.fn(**kw), in_axes=(axes,), axis_size=num_targets)
-        return over_targets(image_inputs)
-
-    raw = jax.vmap(per_image)(inputs)  # (B, T, h, w)
+    contributions = _contributions(config, variables, images, activations, gradients, chosen, key)
+    raw = _reduce(contributions, config.eigen_smooth or method.reduction == "projection")  # (B, T, h, w)
     low_res = ops.minmax_normalize(jax.nn.relu(raw))
     maps = ops.minmax_normalize(ops.resize_maps(low_res, images.shape[1:3]))
     return {
@@ -271,6 +304,9 @@ def explain(
     apply_kwargs: Mapping[str, Any] | None = None,
     output_fn: OutputFn | None = None,
     devices: Sequence[jax.Device] | None = None,
+    eigen_smooth: bool = False,
+    key: Array | None = None,
+    chunk_size: int = 32,
 ) -> Explanation:
     """Explain a batch of images with one jitted call.
 
@@ -288,6 +324,10 @@ def explain(
       head: for CAM, the Dense layer after global pooling (default: the last ``nn.Dense`` called).
       apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``{"train": False}``).
       devices: devices to shard the batch over (default: all local devices).
+      eigen_smooth: reduce each method's per-channel contributions by their first principal
+        component instead of their sum (pytorch-grad-cam's ``eigen_smooth``; deterministic sign).
+      key: PRNG key of the stochastic methods (default ``jax.random.key(0)``): same key, same maps.
+      chunk_size: masked images per forward pass of the score-based methods (bounds their memory).
 
     Returns:
       An :class:`Explanation` with ``maps`` of shape ``(B, T, H, W)``.
@@ -318,8 +358,18 @@ def explain(
     classes_on_device = None if classes is None else jax.device_put(_pad_batch(classes, padded), batch_sharding)
     variables_on_device = jax.device_put(variables, replicated)
 
-    config = _StepConfig(model, chosen_method, layer_info.name, head_name, head_features, spec, kwargs, output_fn)
-    out = _jitted_step(config, variables_on_device, images_on_device, classes_on_device)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    config = _StepConfig(
+        model, chosen_method, layer_info.name, head_name, head_features, spec, kwargs, output_fn, eigen_smooth, chunk_size
+    )
+    if "key" in chosen_method.inputs:
+        key = jax.random.key(0) if key is None else key
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (jax.random.PRNGKey)
+            key = jax.random.wrap_key_data(key)
+    else:
+        key = None
+    out = _jitted_step(config, variables_on_device, images_on_device, classes_on_device, key)
     if padded != batch:
         out = {key: value[:batch] for key, value in out.items()}
     return Explanation(**out, method=chosen_method.name, layer=layer_info.name)

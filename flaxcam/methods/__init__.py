@@ -1,7 +1,10 @@
-"""The method registry: one small pure function per method, written for a single image.
+"""The method registry: one small pure function per method.
 
-Each method maps per-image inputs to a raw ``(h, w)`` map; :func:`flaxcam.explain` vmaps it over the
-batch and the targets, then applies ReLU, min-max normalization and resizing.
+A method returns per-channel *contributions* ``(h, w, C)`` for one image and one target (or
+``(B, T, h, w, C)`` for a batch, for the score-based methods that run forward passes); the raw map is
+their sum over channels, or their first principal component for the Eigen methods and with
+``eigen_smooth=True``. :func:`flaxcam.explain` vmaps per-image methods over the batch and the targets,
+then applies ReLU, min-max normalization and resizing.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from flaxcam.methods.baseline import randomcam
 from flaxcam.methods.cam import cam
+from flaxcam.methods.eigen import eigencam, eigengradcam, first_component_projection
 from flaxcam.methods.gradient import (
     gradcam,
     gradcam_elementwise,
@@ -18,19 +23,25 @@ from flaxcam.methods.gradient import (
     layercam,
     xgradcam,
 )
+from flaxcam.methods.score import scorecam
 
-#: Inputs a method may ask for: ``activations`` (h, w, C), ``gradients`` (h, w, C) of the target score,
-#: ``class_weights`` (C,) of the target class in a pooling → Dense head.
-INPUTS = ("activations", "gradients", "class_weights")
+#: Inputs a method may ask for. Per image: ``activations`` (h, w, C), ``gradients`` (h, w, C) of the
+#: target score, ``class_weights`` (C,) of the target class in a pooling → Dense head, ``key`` (a PRNG
+#: key). Batched methods: ``activations`` (B, h, w, C), ``images``, ``classes`` (B, T), ``forward``.
+INPUTS = ("activations", "gradients", "class_weights", "key", "images", "classes", "forward")
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A registered method: its per-image function and the inputs it takes (by keyword)."""
+    """A registered method: its function, the inputs it takes (by keyword) and how its per-channel
+    contributions become a map (``"sum"`` or ``"projection"``). ``batched`` methods take the whole
+    batch (they run forward passes); the others one image and one target."""
 
     name: str
     fn: Callable
     inputs: tuple[str, ...]
+    reduction: str = "sum"
+    batched: bool = False
 
     @property
     def needs_gradients(self) -> bool:
@@ -41,14 +52,20 @@ class Method:
         return "class_weights" in self.inputs
 
 
+_GRADIENT = ("activations", "gradients")
+
 METHODS: dict[str, Method] = {
     "cam": Method("cam", cam, ("activations", "class_weights")),
-    "gradcam": Method("gradcam", gradcam, ("activations", "gradients")),
-    "hirescam": Method("hirescam", hirescam, ("activations", "gradients")),
-    "gradcam_elementwise": Method("gradcam_elementwise", gradcam_elementwise, ("activations", "gradients")),
-    "xgradcam": Method("xgradcam", xgradcam, ("activations", "gradients")),
-    "layercam": Method("layercam", layercam, ("activations", "gradients")),
-    "gradcam++": Method("gradcam++", gradcam_plusplus, ("activations", "gradients")),
+    "gradcam": Method("gradcam", gradcam, _GRADIENT),
+    "hirescam": Method("hirescam", hirescam, _GRADIENT),
+    "gradcam_elementwise": Method("gradcam_elementwise", gradcam_elementwise, _GRADIENT),
+    "xgradcam": Method("xgradcam", xgradcam, _GRADIENT),
+    "layercam": Method("layercam", layercam, _GRADIENT),
+    "gradcam++": Method("gradcam++", gradcam_plusplus, _GRADIENT),
+    "eigencam": Method("eigencam", eigencam, ("activations",), reduction="projection"),
+    "eigengradcam": Method("eigengradcam", eigengradcam, _GRADIENT, reduction="projection"),
+    "scorecam": Method("scorecam", scorecam, ("activations", "images", "classes", "forward"), batched=True),
+    "randomcam": Method("randomcam", randomcam, ("activations", "key")),
 }
 
 
@@ -57,7 +74,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
 
 
 __all__ = [
@@ -65,11 +82,16 @@ __all__ = [
     "METHODS",
     "Method",
     "cam",
+    "eigencam",
+    "eigengradcam",
+    "first_component_projection",
     "get_method",
     "gradcam",
     "gradcam_elementwise",
     "gradcam_plusplus",
     "hirescam",
     "layercam",
+    "randomcam",
+    "scorecam",
     "xgradcam",
 ]

@@ -1,4 +1,11 @@
-"""Gradient-weighted methods: the channel weights come from d(score)/d(activations)."""
+"""Gradient-weighted methods: the channel weights come from d(score)/d(activations).
+
+Every method returns the per-channel *contributions* ``C_k(x, y)`` ``(h, w, C)`` of one image and one
+target; the map is their sum over channels, :math:`M(x, y) = \\sum_k C_k(x, y)` (or, with
+``eigen_smooth``, their first principal component; see :mod:`flaxcam.methods.eigen`). ``activations``
+``A`` and ``gradients`` :math:`g = \\partial y^c / \\partial A` are ``(h, w, C)``. The ReLU applied to
+the map by the papers is done by flaxcam's post-processing, as in pytorch-grad-cam.
+"""
 
 from __future__ import annotations
 
@@ -9,51 +16,48 @@ Array = jax.Array
 
 
 def gradcam(activations: Array, gradients: Array) -> Array:
-    r"""Grad-CAM of one image and one target.
+    r"""Grad-CAM: channels weighted by their spatially averaged gradient.
 
-    .. math:: \alpha_k = \frac{1}{hw} \sum_{x,y} \frac{\partial y^c}{\partial A_k(x,y)}, \qquad
-              M(x, y) = \sum_k \alpha_k A_k(x, y)
+    .. math:: \alpha_k = \frac{1}{hw} \sum_{x,y} g_k(x,y), \qquad M(x, y) = \sum_k \alpha_k A_k(x, y)
 
-    ``activations`` and ``gradients`` are ``(h, w, C)``. The ReLU of the paper is applied by the caller
-    (flaxcam's post-processing), as in pytorch-grad-cam. At the last layer of a GAP + Dense model
-    :math:`\alpha_k = w^c_k / (hw)`, so Grad-CAM is CAM divided by ``hw``.
+    At the last layer of a GAP + Dense model :math:`\alpha_k = w^c_k / (hw)`, so Grad-CAM is CAM / hw.
 
     Reference: Selvaraju et al. "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
     Localization", ICCV 2017 (arXiv:1610.02391).
     """
-    weights = jnp.mean(gradients, axis=(0, 1))
-    return jnp.einsum("hwc,c->hw", activations, weights)
+    return activations * jnp.mean(gradients, axis=(0, 1))
 
 
 def hirescam(activations: Array, gradients: Array) -> Array:
-    r"""HiResCAM: element-wise gradient × activation, summed over channels (no spatial averaging).
+    r"""HiResCAM: element-wise gradient × activation (no spatial averaging).
 
-    .. math:: M(x, y) = \sum_k \frac{\partial y^c}{\partial A_k(x,y)} A_k(x, y)
+    .. math:: M(x, y) = \sum_k g_k(x,y) A_k(x, y)
 
-    Faithful to the model's computation for architectures ending in global average pooling + Dense.
+    Faithful to the model's computation for architectures ending in global average pooling + Dense,
+    where it equals Grad-CAM up to a constant factor.
 
     Reference: Draelos, Carin. "Use HiResCAM instead of Grad-CAM for faithful explanations of
     convolutional neural networks", 2020 (arXiv:2011.08891).
     """
-    return jnp.sum(gradients * activations, axis=-1)
+    return gradients * activations
 
 
 def gradcam_elementwise(activations: Array, gradients: Array) -> Array:
     r"""Grad-CAM element-wise: the ReLU of each gradient × activation term before the channel sum.
 
-    .. math:: M(x, y) = \sum_k \max\left(0, \frac{\partial y^c}{\partial A_k(x,y)} A_k(x, y)\right)
+    .. math:: M(x, y) = \sum_k \max\left(0, g_k(x,y) A_k(x, y)\right)
 
-    Reference: pytorch-grad-cam's ``GradCAMElementWise`` (Gildenblat et al., github.com/jacobgil/
-    pytorch-grad-cam), a HiResCAM variant.
+    Reference: pytorch-grad-cam's ``GradCAMElementWise`` (Gildenblat et al.,
+    github.com/jacobgil/pytorch-grad-cam), a HiResCAM variant.
     """
-    return jnp.sum(jax.nn.relu(gradients * activations), axis=-1)
+    return jax.nn.relu(gradients * activations)
 
 
 def xgradcam(activations: Array, gradients: Array) -> Array:
     r"""XGrad-CAM: channel weights are activation-weighted gradients.
 
-    .. math:: \alpha_k = \sum_{x,y} \frac{A_k(x,y)}{\sum_{x',y'} A_k(x',y') + \epsilon}
-              \frac{\partial y^c}{\partial A_k(x,y)}, \qquad M = \sum_k \alpha_k A_k
+    .. math:: \alpha_k = \sum_{x,y} \frac{A_k(x,y)}{\sum_{x',y'} A_k(x',y') + \epsilon} g_k(x,y),
+              \qquad M = \sum_k \alpha_k A_k
 
     with :math:`\epsilon = 10^{-7}` (pytorch-grad-cam's value).
 
@@ -62,25 +66,24 @@ def xgradcam(activations: Array, gradients: Array) -> Array:
     """
     sum_activations = jnp.sum(activations, axis=(0, 1), keepdims=True)
     weights = jnp.sum(gradients * activations / (sum_activations + 1e-7), axis=(0, 1))
-    return jnp.einsum("hwc,c->hw", activations, weights)
+    return activations * weights
 
 
 def layercam(activations: Array, gradients: Array) -> Array:
     r"""LayerCAM: each activation weighted by its own positive gradient.
 
-    .. math:: M(x, y) = \sum_k \max\left(0, \frac{\partial y^c}{\partial A_k(x,y)}\right) A_k(x, y)
+    .. math:: M(x, y) = \sum_k \max\left(0, g_k(x,y)\right) A_k(x, y)
 
     Reference: Jiang et al. "LayerCAM: Exploring Hierarchical Class Activation Maps for Localization",
     IEEE TIP 2021.
     """
-    return jnp.sum(jax.nn.relu(gradients) * activations, axis=-1)
+    return jax.nn.relu(gradients) * activations
 
 
 def gradcam_plusplus(activations: Array, gradients: Array) -> Array:
     r"""Grad-CAM++ with the closed form for an exponential score (pytorch-grad-cam's formula).
 
-    With :math:`g = \partial y^c / \partial A` and the higher derivatives of :math:`\exp(y^c)`
-    replaced by powers of :math:`g`:
+    The higher derivatives of :math:`\exp(y^c)` are replaced by powers of :math:`g`:
 
     .. math:: a_k(x,y) = \frac{g_k^2}{2 g_k^2 + \sum_{x',y'} A_k(x',y')\, g_k^3 + \epsilon}
               \;(0 \text{ where } g_k = 0), \qquad
@@ -98,4 +101,4 @@ def gradcam_plusplus(activations: Array, gradients: Array) -> Array:
     alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + 1e-6)
     alpha = jnp.where(gradients != 0, alpha, 0.0)
     weights = jnp.sum(jax.nn.relu(gradients) * alpha, axis=(0, 1))
-    return jnp.einsum("hwc,c->hw", activations, weights)
+    return activations * weights

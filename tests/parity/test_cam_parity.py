@@ -46,10 +46,8 @@ def _randomize_batchnorm(torch, model, generator) -> None:
             module.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
-def resnet18_pair(request):
+def _make_pair(seed: int):
     torch, torchvision = require_torch()
-    seed = request.param
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 100)
     reference = torchvision.models.resnet18()
@@ -61,18 +59,35 @@ def resnet18_pair(request):
     return torch, reference, model, variables, images
 
 
+@pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
+def resnet18_pair(request):
+    return _make_pair(request.param)
+
+
 def _reference_cam(reference, layer_module, images, cam_class):
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     targets = [ClassifierOutputTarget(c) for c in TARGETS]
     with cam_class(model=reference, target_layers=[layer_module]) as cam:
+        cam.batch_size = 64  # ScoreCAM's forward-pass batch (speed only)
+        raw_maps = _record_raw_maps(cam)
         upsampled = cam(input_tensor=images, targets=targets)
-        activations = cam.activations_and_grads.activations[0].cpu().numpy()
-        gradients = cam.activations_and_grads.gradients[0].cpu().numpy()
-        raw = cam.get_cam_image(images, layer_module, targets, activations, gradients, eigen_smooth=False)
-        low_res = scale_cam_image(np.maximum(raw, 0))
+        low_res = scale_cam_image(np.maximum(raw_maps[0], 0))
     return low_res, upsampled
+
+
+def _record_raw_maps(cam) -> list:
+    """Record what the library's ``get_cam_image`` returns (the raw map before ReLU/normalization)."""
+    recorded = []
+    original = cam.get_cam_image
+
+    def recording(*args, **kwargs):
+        recorded.append(original(*args, **kwargs))
+        return recorded[-1]
+
+    cam.get_cam_image = recording
+    return recorded
 
 
 GRADIENT_METHODS = {  # flaxcam name -> pytorch-grad-cam class name
@@ -129,3 +144,72 @@ def test_cam_equals_torchcam(resnet18_pair):
     normalized = shifted / (shifted.max(axis=(1, 2), keepdims=True) + 1e-8)
     assert np.abs(normalized - ref).max() <= 1e-4
     np.testing.assert_allclose(np.asarray(ours.logits), scores.numpy(), rtol=1e-4, atol=1e-4 * np.abs(scores.numpy()).max())
+
+
+def _oriented(projection: np.ndarray, channel_sum: np.ndarray) -> np.ndarray:
+    """flaxcam's sign rule, applied to pytorch-grad-cam's projection: correlate positively with the sum."""
+    signs = np.sign((projection * channel_sum).sum(axis=(1, 2)))
+    signs[signs == 0] = 1
+    return projection * signs[:, None, None]
+
+
+def _reference_eigen(reference, layer_module, images, cam_class, eigen_smooth, channel_sum_of):
+    """pytorch-grad-cam's projection maps, with flaxcam's deterministic sign, through pytorch-grad-cam's
+    own post-processing (scale_cam_image at low resolution, then resize + aggregate)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = [ClassifierOutputTarget(c) for c in TARGETS]
+    with cam_class(model=reference, target_layers=[layer_module]) as cam:
+        raw_maps = _record_raw_maps(cam)
+        cam(input_tensor=images, targets=targets, eigen_smooth=eigen_smooth)
+        activations = cam.activations_and_grads.activations[0].cpu().numpy()
+        gradients = cam.activations_and_grads.gradients[0].cpu().numpy() if cam.activations_and_grads.gradients else None
+        projection = raw_maps[0]
+        channel_sum = channel_sum_of(cam, targets, activations, gradients)
+        raw = np.maximum(_oriented(projection, channel_sum), 0)
+        low_res = scale_cam_image(raw)
+        upsampled = scale_cam_image(scale_cam_image(raw, (images.shape[-1], images.shape[-2])))
+    return low_res, upsampled
+
+
+EIGEN_CASES = {  # flaxcam (method, eigen_smooth) -> (pytorch-grad-cam class, its eigen_smooth, channel sum)
+    "eigencam": ("EigenCAM", False, lambda cam, t, a, g: a.sum(axis=1)),
+    "eigengradcam": ("EigenGradCAM", False, lambda cam, t, a, g: (a * g).sum(axis=1)),
+    "gradcam+eigen_smooth": ("GradCAM", True, lambda cam, t, a, g: cam.get_cam_image(None, None, t, a, g, False)),
+    "layercam+eigen_smooth": ("LayerCAM", True, lambda cam, t, a, g: cam.get_cam_image(None, None, t, a, g, False)),
+}
+
+
+@pytest.mark.parametrize("case", list(EIGEN_CASES))
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_eigen_methods_equal_pytorch_grad_cam_up_to_sign(resnet18_pair, layer, case):
+    import pytorch_grad_cam
+
+    torch, reference, model, variables, images = resnet18_pair
+    class_name, eigen_smooth, channel_sum_of = EIGEN_CASES[case]
+    ref_low, ref_up = _reference_eigen(
+        reference, getattr(reference, layer), images, getattr(pytorch_grad_cam, class_name), eigen_smooth, channel_sum_of
+    )
+    method = case.split("+")[0]
+    ours = flaxcam.explain(
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS, eigen_smooth=eigen_smooth
+    )
+    assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
+    assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
+    assert (ref_low.reshape(4, -1).std(axis=1) > 0.05).sum() >= 3
+
+
+@pytest.mark.slow
+def test_scorecam_equals_pytorch_grad_cam():
+    """C = 512 masked forward passes per image at layer4 (one seed: that is 2048 forward passes per
+    library), chunked on device (chunk 64)."""
+    import pytorch_grad_cam
+
+    torch, reference, model, variables, images = _make_pair(0)
+    ref_low, ref_up = _reference_cam(reference, reference.layer4, images, pytorch_grad_cam.ScoreCAM)
+    ours = flaxcam.explain(
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method="scorecam", layer="layer4", targets=TARGETS, chunk_size=64
+    )
+    assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
+    assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3

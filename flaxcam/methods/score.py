@@ -1,0 +1,83 @@
+"""Score-based methods: channel weights from forward passes of masked inputs (no gradients).
+
+They receive the whole batch and a batched ``forward(images) -> logits`` function; the masked forward
+passes run on device in chunks of ``chunk_size`` images, so peak memory is bounded by the chunk, not by
+``B x C`` masked copies of the input (pytorch-grad-cam materializes a ``B x C x 3 x H x W`` tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """``(out_size, in_size)`` bilinear interpolation matrix with ``align_corners=True``.
+
+    Output pixel ``i`` samples input position ``i * (in - 1) / (out - 1)``: the convention of PyTorch's
+    ``UpsamplingBilinear2d``, which pytorch-grad-cam's ScoreCAM uses to upsample the activations.
+    """
+    if out_size == 1 or in_size == 1:
+        matrix = np.zeros((out_size, in_size), np.float32)
+        matrix[:, 0] = 1.0
+        return matrix
+    position = np.arange(out_size) * (in_size - 1) / (out_size - 1)
+    low = np.clip(np.floor(position).astype(int), 0, in_size - 2)
+    frac = position - low
+    matrix = np.zeros((out_size, in_size), np.float64)
+    matrix[np.arange(out_size), low] = 1 - frac
+    matrix[np.arange(out_size), low + 1] += frac
+    return matrix.astype(np.float32)
+
+
+def scorecam(
+    activations: Array,
+    images: Array,
+    classes: Array,
+    forward: Callable[[Array], Array],
+    chunk_size: int = 32,
+) -> Array:
+    r"""Score-CAM for a batch: each channel, upsampled and min-max normalized, masks the input; the
+    channel's weight is the softmax over channels of the target's logit on that masked input.
+
+    .. math:: H_k = \frac{U(A_k) - \min U(A_k)}{\max U(A_k) - \min U(A_k) + 10^{-8}}, \quad
+              \alpha^c = \operatorname{softmax}_k\big(y^c(X \odot H_k)\big), \quad M = \sum_k \alpha^c_k A_k
+
+    ``U`` is bilinear upsampling to the input size with ``align_corners=True`` (pytorch-grad-cam's
+    convention). Cost: ``C`` forward passes per image (all targets of an image share them), run in
+    chunks of ``chunk_size`` masked images.
+
+    Args: activations ``(B, h, w, C)``, images ``(B, H, W, 3)``, classes ``(B, T)``.
+    Returns: contributions ``(B, T, h, w, C)``.
+
+    Reference: Wang et al. "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
+    Networks", CVPR Workshops 2020 (arXiv:1910.01279).
+    """
+    batch, _, _, channels = activations.shape
+    height, width = images.shape[1:3]
+    rows = jnp.asarray(align_corners_matrix(height, activations.shape[1]))
+    cols = jnp.asarray(align_corners_matrix(width, activations.shape[2]))
+    total = batch * channels
+    chunks = -(-total // chunk_size)
+    indices = jnp.arange(chunks * chunk_size).reshape(chunks, chunk_size)
+
+    def chunk_scores(index: Array) -> Array:
+        image_index = jnp.minimum(index // channels, batch - 1)  # padding repeats the last image
+        channel = index % channels
+        maps = activations[image_index, :, :, channel]  # (n, h, w)
+        upsampled = jnp.einsum("Hh,nhw,Ww->nHW", rows, maps, cols)
+        low = jnp.min(upsampled, axis=(1, 2), keepdims=True)
+        high = jnp.max(upsampled, axis=(1, 2), keepdims=True)
+        masks = (upsampled - low) / (high - low + 1e-8)
+        logits = forward(images[image_index] * masks[..., None])
+        return jnp.take_along_axis(logits, classes[image_index], axis=1)  # (n, T)
+
+    scores = jax.lax.map(chunk_scores, indices).reshape(chunks * chunk_size, -1)[:total]
+    scores = scores.reshape(batch, channels, -1)  # (B, C, T)
+    weights = jax.nn.softmax(scores, axis=1).transpose(0, 2, 1)  # (B, T, C)
+    return activations[:, None] * weights[:, :, None, None, :]

@@ -1,0 +1,396 @@
+"""EfficientNet-Lite0 (Flax linen, NHWC) with the structure of ``efficientnet-lite-pytorch`` 0.1.0.
+
+EfficientNet-Lite is EfficientNet without squeeze-and-excitation, with ReLU6 instead of swish and an
+unscaled stem and head (Google's ``efficientnet/lite/efficientnet_lite_builder.py``). Lite0 has width and
+depth coefficients 1.0 and 224x224 inputs; 4,652,008 parameters with 1000 classes.
+
+Module tree (names mirror the PyTorch ``state_dict`` keys, with the stem and the head wrapped in a
+module so that their activated outputs are layers)::
+
+    stem                 _conv_stem (3x3/2, 32) + _bn0 + ReLU6          torch: _conv_stem, _bn0
+    _blocks              the 16 MBConv blocks, children "0" .. "15"     torch: _blocks.<i>
+    _blocks.<i>          [_expand_conv 1x1 + _bn0 + ReLU6] (absent when expand ratio is 1),
+                         _depthwise_conv kxk/s + _bn1 + ReLU6, _project_conv 1x1 + _bn2,
+                         identity shortcut when stride 1 and in == out channels
+    head                 _conv_head (1x1, 1280) + _bn1 + ReLU6          torch: _conv_head, _bn1
+    (global pooling)     a plain function: ``flaxcam.models.resnet.global_pool``
+    _fc                  Dense 1280 -> num_classes                      torch: _fc
+
+``head`` (7x7x1280 at 224x224) feeds global pooling and ``_fc`` directly: the CAM target layer, and
+the default layer of :func:`flaxcam.explain`.
+
+Stages (expand ratio, kernel, stride of the first block, output channels, blocks), from the block
+strings ``r1_k3_s11_e1_i32_o16`` .. ``r1_k3_s11_e6_i192_o320``::
+
+    e1 k3 s1  16 x1 | e6 k3 s2  24 x2 | e6 k5 s2  40 x2 | e6 k3 s2  80 x3
+    e6 k5 s1 112 x3 | e6 k5 s2 192 x4 | e6 k3 s1 320 x1
+
+Padding: the PyTorch model pads like TensorFlow's ``"SAME"`` (total ``max((ceil(i/s)-1)*s + k - i, 0)``,
+``total // 2`` before and the rest after: asymmetric for stride 2, e.g. (0, 1) for the 3x3/2 stem at
+224). It computes that padding once for a 224x224 input (``Conv2dStaticSamePadding``) or per call for
+any size (``Conv2dDynamicSamePadding``, ``image_size=None``). Flax's ``padding="SAME"`` is the dynamic
+rule, so this model equals the static reference at 224x224 and the dynamic one at every size.
+
+BatchNorm: epsilon 1e-3, TensorFlow momentum 0.99 (torch ``momentum=0.01``, flax ``momentum=0.99``).
+Training mode (``train=True``): batch statistics, plus dropout 0.2 before ``_fc`` and drop-connect
+(stochastic depth, rate ``0.2 * i / 16`` for block ``i``) when a ``"dropout"`` PRNG stream is given
+(``rngs={"dropout": key}``); without one they are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from flaxcam.models.convert import _to_numpy
+from flaxcam.models.resnet import check_pooling, global_pool
+
+__all__ = [
+    "LITE0_BLOCKS",
+    "BlockArgs",
+    "EfficientNetLite",
+    "EfficientNetLite0",
+    "MBConvBlock",
+    "efficientnet_lite0",
+    "load_efficientnet_lite0",
+]
+
+Dtype = Any
+
+_BN_EPSILON = 1e-3
+_BN_MOMENTUM = 0.99  # TensorFlow's; torch momentum 1 - 0.99 = 0.01
+#: Google's EfficientNet initializers: conv ``variance_scaling(2, fan_out, normal)``, dense uniform.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_DENSE_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArgs:
+    """One stage of MBConv blocks: ``num_repeat`` blocks, the first with ``stride`` and channel change."""
+
+    num_repeat: int
+    kernel_size: int
+    stride: int
+    expand_ratio: int
+    input_filters: int
+    output_filters: int
+
+
+#: EfficientNet-Lite0's stages (``efficientnet_lite`` block strings of ``efficientnet-lite-pytorch``).
+LITE0_BLOCKS: tuple[BlockArgs, ...] = (
+    BlockArgs(1, 3, 1, 1, 32, 16),
+    BlockArgs(2, 3, 2, 6, 16, 24),
+    BlockArgs(2, 5, 2, 6, 24, 40),
+    BlockArgs(3, 3, 2, 6, 40, 80),
+    BlockArgs(3, 5, 1, 6, 80, 112),
+    BlockArgs(4, 5, 2, 6, 112, 192),
+    BlockArgs(1, 3, 1, 6, 192, 320),
+)
+
+
+def _batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype, name=name
+    )
+
+
+def _conv(features: int, kernel: int, strides: int, dtype: Dtype, name: str, groups: int = 1) -> nn.Conv:
+    # "SAME": TensorFlow's rule (asymmetric for stride 2), the padding the weights were trained with.
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding="SAME",
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=_CONV_INIT,
+        name=name,
+    )
+
+
+class Stem(nn.Module):
+    """``_conv_stem`` (3x3, stride 2) + ``_bn0`` + ReLU6."""
+
+    features: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Apply the stem to NHWC ``x``."""
+        x = _conv(self.features, 3, 2, self.dtype, "_conv_stem")(x)
+        return nn.relu6(_batch_norm(train, self.dtype, "_bn0")(x))
+
+
+class Head(nn.Module):
+    """``_conv_head`` (1x1) + ``_bn1`` + ReLU6: the last feature map, fed to global pooling."""
+
+    features: int = 1280
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Apply the head convolution to NHWC ``x``."""
+        x = _conv(self.features, 1, 1, self.dtype, "_conv_head")(x)
+        return nn.relu6(_batch_norm(train, self.dtype, "_bn1")(x))
+
+
+class MBConvBlock(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excitation (EfficientNet-Lite's block).
+
+    ``_expand_conv``/``_bn0`` (1x1 to ``input_filters * expand_ratio``, only when ``expand_ratio != 1``),
+    ``_depthwise_conv``/``_bn1`` (``kernel_size``, ``stride``), ``_project_conv``/``_bn2`` (1x1, linear);
+    ReLU6 after the first two; identity shortcut when ``stride == 1`` and input and output channels match.
+    """
+
+    input_filters: int
+    output_filters: int
+    kernel_size: int
+    stride: int
+    expand_ratio: int
+    drop_connect_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, train: bool = False) -> jax.Array:
+        """Apply the block to NHWC ``inputs``."""
+        hidden = self.input_filters * self.expand_ratio
+        x = inputs
+        if self.expand_ratio != 1:
+            x = _conv(hidden, 1, 1, self.dtype, "_expand_conv")(x)
+            x = nn.relu6(_batch_norm(train, self.dtype, "_bn0")(x))
+        x = _conv(hidden, self.kernel_size, self.stride, self.dtype, "_depthwise_conv", groups=hidden)(x)
+        x = nn.relu6(_batch_norm(train, self.dtype, "_bn1")(x))
+        x = _conv(self.output_filters, 1, 1, self.dtype, "_project_conv")(x)
+        x = _batch_norm(train, self.dtype, "_bn2")(x)
+        if self.stride == 1 and self.input_filters == self.output_filters:
+            if train and self.drop_connect_rate > 0 and self.has_rng("dropout"):
+                keep = 1.0 - self.drop_connect_rate
+                mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1))
+                x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+            x = x + inputs
+        return x
+
+
+class Blocks(nn.Module):
+    """The MBConv blocks of every stage in order, as children ``"0"``, ``"1"``, ... (torch's ``_blocks``)."""
+
+    blocks_args: tuple[BlockArgs, ...] = LITE0_BLOCKS
+    drop_connect_rate: float = 0.2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Apply every block to NHWC ``x``."""
+        total = sum(args.num_repeat for args in self.blocks_args)
+        index = 0
+        for args in self.blocks_args:
+            for repeat in range(args.num_repeat):
+                x = MBConvBlock(
+                    input_filters=args.input_filters if repeat == 0 else args.output_filters,
+                    output_filters=args.output_filters,
+                    kernel_size=args.kernel_size,
+                    stride=args.stride if repeat == 0 else 1,
+                    expand_ratio=args.expand_ratio,
+                    drop_connect_rate=self.drop_connect_rate * index / total,
+                    dtype=self.dtype,
+                    name=str(index),
+                )(x, train)
+                index += 1
+        return x
+
+
+class EfficientNetLite(nn.Module):
+    """An EfficientNet-Lite; ``__call__(x, train=False)`` maps NHWC images to logits.
+
+    Attributes:
+        num_classes: width of the ``_fc`` classifier.
+        pooling: global pooling before ``_fc``, ``"avg"`` (GAP, the pretrained model's) or ``"max"``.
+        blocks_args: the stages (default: Lite0's).
+        stem_features, head_features: stem and head widths (32 and 1280 in every Lite model).
+        dropout_rate: dropout before ``_fc`` in training mode with a ``"dropout"`` PRNG stream.
+        drop_connect_rate: stochastic depth rate of the last block (block ``i``: ``rate * i / count``).
+        dtype: computation dtype (parameters stay float32).
+    """
+
+    num_classes: int = 1000
+    pooling: str = "avg"
+    blocks_args: tuple[BlockArgs, ...] = LITE0_BLOCKS
+    stem_features: int = 32
+    head_features: int = 1280
+    dropout_rate: float = 0.2
+    drop_connect_rate: float = 0.2
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        """Validate ``pooling`` as soon as the model is constructed."""
+        check_pooling(self.pooling)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Return the logits ``(N, num_classes)`` of NHWC images ``x`` (ImageNet-normalized RGB).
+
+        ``train=True`` normalizes with batch statistics and updates ``batch_stats`` (pass
+        ``mutable=["batch_stats"]``); ``train=False`` uses the running averages (eval mode).
+        """
+        x = jnp.asarray(x, self.dtype)
+        x = Stem(self.stem_features, self.dtype, name="stem")(x, train)
+        x = Blocks(self.blocks_args, self.drop_connect_rate, self.dtype, name="_blocks")(x, train)
+        x = Head(self.head_features, self.dtype, name="head")(x, train)
+        x = global_pool(x, self.pooling)
+        if train and self.dropout_rate > 0 and self.has_rng("dropout"):
+            x = nn.Dropout(self.dropout_rate, deterministic=False)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_DENSE_INIT, name="_fc")(x)
+
+
+EfficientNetLite0 = EfficientNetLite
+
+
+def efficientnet_lite0(num_classes: int = 1000, pooling: str = "avg", dtype: Dtype = jnp.float32) -> EfficientNetLite:
+    """EfficientNet-Lite0 (``efficientnet-lite-pytorch`` structure); 224x224 ImageNet-normalized inputs."""
+    return EfficientNetLite(num_classes=num_classes, pooling=pooling, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion of the PyTorch state_dict
+# ---------------------------------------------------------------------------------------------------
+
+#: Top-level torch modules that live inside a wrapper module here.
+_TORCH_PREFIX_TO_FLAX = {"_conv_stem": ("stem", "_conv_stem"), "_bn0": ("stem", "_bn0"),
+                         "_conv_head": ("head", "_conv_head"), "_bn1": ("head", "_bn1")}
+_LEAVES: dict[str, tuple[str, str | None]] = {
+    "weight": ("params", None),  # kernel (conv, dense) or scale (BatchNorm)
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
+_IGNORED_LEAVES = frozenset({"num_batches_tracked"})
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def _flax_module_path(torch_path: list[str]) -> tuple[str, ...]:
+    if torch_path and torch_path[0] in _TORCH_PREFIX_TO_FLAX and len(torch_path) == 1:
+        return _TORCH_PREFIX_TO_FLAX[torch_path[0]]
+    return tuple(torch_path)
+
+
+def _torch_module_path(flax_path: tuple[str, ...]) -> tuple[str, ...]:
+    if len(flax_path) == 2 and flax_path[0] in ("stem", "head"):
+        return flax_path[1:]
+    return flax_path
+
+
+def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+    if leaf == "kernel" and len(flax_shape) == 4:  # HWIO (I = 1 for depthwise) -> OIHW
+        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+    if leaf == "kernel" and len(flax_shape) == 2:
+        return (flax_shape[1], flax_shape[0])
+    return tuple(flax_shape)
+
+
+def _from_torch(array: np.ndarray, leaf: str) -> np.ndarray:
+    # A depthwise conv's torch weight (C, 1, k, k) becomes (k, k, 1, C): the HWIO kernel of flax's
+    # feature_group_count=C convolution, so the one transpose serves both kinds.
+    if leaf == "kernel" and array.ndim == 4:
+        array = array.transpose(2, 3, 1, 0)
+    elif leaf == "kernel" and array.ndim == 2:
+        array = array.T
+    return np.ascontiguousarray(array, np.float32)
+
+
+def load_efficientnet_lite0(
+    state_dict: Mapping[str, Any], *, pooling: str = "avg", dtype: Any = jnp.float32
+) -> tuple[EfficientNetLite, dict[str, Any]]:
+    """Build :func:`efficientnet_lite0` and convert a PyTorch EfficientNet-Lite0 ``state_dict`` to it.
+
+    Conv weights OIHW -> HWIO (depthwise ``(C, 1, k, k)`` -> ``(k, k, 1, C)``, flax's
+    ``feature_group_count`` layout), BatchNorm ``weight/bias/running_mean/running_var`` ->
+    ``scale/bias`` (params) and ``mean/var`` (batch_stats), ``_fc.weight`` transposed;
+    ``num_batches_tracked`` is ignored and a ``"module."`` prefix on every key is stripped.
+    ``num_classes`` is read from ``_fc.weight``.
+
+    Args:
+        state_dict: values are numpy arrays (e.g. from :func:`flaxcam.models.torch_checkpoint.
+            load_torch_state_dict`) or torch tensors; torch is never imported here.
+        pooling: the flax model's global pooling, ``"avg"`` (the reference's) or ``"max"``.
+        dtype: the flax model's computation dtype (the parameters are float32).
+
+    Returns:
+        ``(model, variables)`` with ``variables = {"params": ..., "batch_stats": ...}``.
+
+    Raises:
+        ValueError: naming every missing key, unexpected key and key whose shape does not match.
+    """
+    check_pooling(pooling)
+    if keys := list(state_dict):
+        if all(key.startswith("module.") for key in keys):
+            state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    if "_fc.weight" not in state_dict:
+        raise ValueError(
+            "missing key '_fc.weight' in the EfficientNet-Lite0 state_dict (needed to infer num_classes); "
+            f"found {len(state_dict)} keys, e.g. {', '.join(list(state_dict)[:5]) or 'none'}"
+        )
+    fc_weight = _to_numpy(state_dict["_fc.weight"])
+    if fc_weight.ndim != 2:
+        raise ValueError(f"shape mismatch for '_fc.weight': expected (num_classes, 1280), got {fc_weight.shape}")
+    model = efficientnet_lite0(num_classes=int(fc_weight.shape[0]), pooling=pooling, dtype=dtype)
+
+    target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    target_flat = {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(dict(target)).items()}
+    module_leaves: dict[tuple[str, ...], set[str]] = {}
+    for collection, *module_path, leaf in target_flat:
+        module_leaves.setdefault((collection, *module_path), set()).add(leaf)
+
+    converted: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    mismatched_paths: set[tuple[str, ...]] = set()
+    for key, value in state_dict.items():
+        *torch_path, last = key.split(".")
+        if last in _IGNORED_LEAVES:
+            continue
+        if last not in _LEAVES:
+            unexpected.append(key)
+            continue
+        collection, leaf = _LEAVES[last]
+        module_path = _flax_module_path(torch_path)
+        if leaf is None:
+            present = module_leaves.get((collection, *module_path), set())
+            leaf = "kernel" if "kernel" in present else "scale"
+        path = (collection, *module_path, leaf)
+        if path not in target_flat:
+            unexpected.append(key)
+            continue
+        array = _to_numpy(value)
+        expected = _torch_shape(target_flat[path], leaf)
+        if tuple(array.shape) != expected:
+            mismatched.append(f"{key} (expected {expected}, got {tuple(array.shape)})")
+            mismatched_paths.add(path)
+            continue
+        converted[path] = _from_torch(array, leaf)
+
+    missing = [
+        ".".join((*_torch_module_path(path[1:-1]), _TORCH_LEAF[path[-1]]))
+        for path in target_flat
+        if path not in converted and path not in mismatched_paths
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {', '.join(sorted(missing))}")
+        if unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {', '.join(mismatched)}")
+        raise ValueError("state_dict does not match EfficientNet-Lite0: " + "; ".join(problems))
+
+    variables = traverse_util.unflatten_dict({path: jnp.asarray(a) for path, a in converted.items()})
+    return model, dict(variables)

@@ -1,0 +1,113 @@
+"""Method-level checks that need no PyTorch: float64 NumPy derivations and invariances.
+
+(Every method is also compared with pytorch-grad-cam on a ResNet-18 in tests/parity/.)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import flaxcam
+from flaxcam.methods import first_component_projection
+from flaxcam.methods.score import align_corners_matrix
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_explain import UserNet, _setup  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = UserNet()
+    variables, images = _setup(model, (3, 16, 20, 3), seed=4)
+    return model, variables, images
+
+
+def test_projection_equals_float64_svd_with_positive_orientation():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.standard_normal((6, 7, 9)).astype(np.float32)
+        ours = np.asarray(first_component_projection(x))
+        matrix = x.reshape(42, 9).astype(np.float64)
+        centred = matrix - matrix.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred)
+        expected = (centred @ vt[0]).reshape(6, 7)
+        if (expected * matrix.sum(axis=1).reshape(6, 7)).sum() < 0:
+            expected = -expected
+        np.testing.assert_allclose(ours, expected, atol=1e-4)
+        # the orientation rule: positive correlation with the channel sum, whatever the SVD's sign
+        assert (ours * x.sum(axis=-1)).sum() >= 0
+        np.testing.assert_allclose(np.asarray(first_component_projection(-x)), -ours, atol=1e-4)
+
+
+def test_align_corners_matrix_matches_definition():
+    matrix = align_corners_matrix(5, 3)  # samples at 0, 0.5, 1, 1.5, 2
+    expected = np.array([[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]], np.float32)
+    np.testing.assert_allclose(matrix, expected, atol=1e-7)
+    assert np.allclose(align_corners_matrix(7, 4).sum(axis=1), 1)
+
+
+def test_scorecam_equals_numpy_derivation_and_is_chunk_invariant(net):
+    model, variables, images = net
+    small = flaxcam.explain(model, variables, images, method="scorecam", layer="mid", top_k=2, chunk_size=5)
+    large = flaxcam.explain(model, variables, images, method="scorecam", layer="mid", top_k=2, chunk_size=1000)
+    np.testing.assert_allclose(np.asarray(small.raw), np.asarray(large.raw), rtol=1e-5, atol=1e-6)
+
+    # float64 re-derivation with the model run on every masked image
+    acts = np.asarray(model.apply(variables, images, method=lambda m, x: m.mid(m.stem(x))), np.float64)
+    _, h, w, channels = acts.shape
+    height, width = images.shape[1:3]
+    rows, cols = align_corners_matrix(height, h).astype(np.float64), align_corners_matrix(width, w).astype(np.float64)
+    targets = np.asarray(small.targets)
+    for b in range(images.shape[0]):
+        up = np.einsum("Hh,hwc,Ww->cHW", rows, acts[b], cols)
+        low, high = up.min(axis=(1, 2), keepdims=True), up.max(axis=(1, 2), keepdims=True)
+        masks = (up - low) / (high - low + 1e-8)
+        masked = np.asarray(images[b])[None] * masks[..., None]
+        logits = np.asarray(model.apply(variables, masked.astype(np.float32)), np.float64)
+        for t, c in enumerate(targets[b]):
+            weights = np.exp(logits[:, c] - logits[:, c].max())
+            weights /= weights.sum()
+            np.testing.assert_allclose(np.asarray(small.raw)[b, t], acts[b] @ weights, rtol=1e-3, atol=1e-5)
+    assert channels == 12
+
+
+def test_randomcam_is_reproducible_from_the_key(net):
+    model, variables, images = net
+    first = flaxcam.explain(model, variables, images, method="randomcam", layer="mid", key=jax.random.key(1))
+    again = flaxcam.explain(model, variables, images, method="randomcam", layer="mid", key=jax.random.key(1))
+    other = flaxcam.explain(model, variables, images, method="randomcam", layer="mid", key=jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(first.raw), np.asarray(again.raw))
+    assert np.abs(np.asarray(first.raw) - np.asarray(other.raw)).max() > 1e-3
+    legacy = flaxcam.explain(model, variables, images, method="randomcam", layer="mid", key=jax.random.PRNGKey(1))
+    assert legacy.raw.shape == first.raw.shape
+
+
+def test_randomcam_weights_are_uniform_on_minus_one_one():
+    from flaxcam.methods import randomcam
+
+    activations = np.ones((1, 1, 4000), np.float32)  # contributions are then the weights themselves
+    weights = np.asarray(randomcam(activations, jax.random.key(0))).ravel()
+    assert weights.min() >= -1 and weights.max() <= 1
+    # uniform(-1, 1): mean 0, variance 1/3; 4000 draws → standard errors 0.009 and 0.004
+    assert abs(weights.mean()) < 0.05 and abs(weights.var() - 1 / 3) < 0.03
+
+
+@pytest.mark.parametrize("method", ["eigencam", "eigengradcam"])
+def test_eigen_methods_are_finite_on_constant_images(net, method):
+    model, variables, _ = net
+    images = np.zeros((2, 16, 20, 3), np.float32)
+    out = flaxcam.explain(model, variables, images, method=method, layer="mid")
+    assert np.isfinite(np.asarray(out.maps)).all()
+
+
+def test_eigen_smooth_changes_the_reduction_only(net):
+    model, variables, images = net
+    plain = flaxcam.explain(model, variables, images, method="gradcam", layer="mid")
+    smooth = flaxcam.explain(model, variables, images, method="gradcam", layer="mid", eigen_smooth=True)
+    assert np.abs(np.asarray(plain.low_res) - np.asarray(smooth.low_res)).max() > 0.01
+    np.testing.assert_array_equal(np.asarray(plain.targets), np.asarray(smooth.targets))
