@@ -46,6 +46,8 @@ class Explanation:
       low_res: ``(B, T, h, w)`` maps at the layer's resolution: ReLU, then per-map min-max normalization
         ``(m - min) / (1e-7 + max(m - min))`` (a constant map gives zeros, never NaN).
       raw: ``(B, T, h, w)`` the method's output before ReLU and normalization.
+        With several layers, ``low_res`` and ``raw`` are tuples (one array per layer, in order) and
+        ``maps`` fuses them: the mean of the per-layer upsampled maps, normalized again.
       logits: ``(B, K)`` model outputs; ``probabilities``: their softmax.
       targets: ``(B, T)`` int32 class index explained by each map; ``scores``: ``(B, T)`` their logits.
       method, layer: what produced the maps.
@@ -59,14 +61,14 @@ class Explanation:
     targets: Array
     scores: Array
     method: str = struct.field(pytree_node=False)
-    layer: str = struct.field(pytree_node=False)
+    layer: str | tuple[str, ...] = struct.field(pytree_node=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class _StepConfig:
     model: nn.Module
     method: Method
-    layer: str
+    layers: tuple[str, ...]
     head: str | None
     head_features: str  # "identity" or "relu": what the head's global pooling reads of the layer output
     target_spec: TargetSpec
@@ -74,6 +76,7 @@ class _StepConfig:
     output_fn: OutputFn
     eigen_smooth: bool = False
     chunk_size: int = 32
+    aug_smooth: bool = False
 
 
 def _contributions(
@@ -121,39 +124,106 @@ def _reduce(contributions: Array, projection: bool) -> Array:
     return jax.vmap(jax.vmap(first_component_projection))(contributions)
 
 
-def _explain_step(
-    config: _StepConfig, variables: Any, images: Array, classes: Array | None, key: Array | None
-) -> dict[str, Array]:
-    global TRACE_COUNT
-    TRACE_COUNT += 1
+#: pytorch-grad-cam's default test-time augmentation for ``aug_smooth``: horizontal flip × input
+#: multiplied by 0.9, 1, 1.1 (ttach's ``HorizontalFlip`` and ``Multiply``). Index 1 is the identity.
+AUG_SMOOTH_TRANSFORMS: tuple[tuple[bool, float], ...] = tuple(
+    (flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1)
+)
+
+
+def _run(
+    config: _StepConfig,
+    variables: Any,
+    images: Array,
+    choose: Callable[[Array], Array],
+    key: Array | None,
+) -> dict[str, Any]:
+    """Forward (+ backward) once, then the method at every layer; maps fused over layers as
+    pytorch-grad-cam aggregates them: mean of the per-layer upsampled maps, normalized again."""
     method = config.method
 
     def score_fn(logits):
-        chosen = select_classes(config.target_spec, logits, classes)
+        chosen = choose(logits)
         return class_scores(logits, chosen), chosen
 
     logits, activations, gradients, scores, chosen = probe(
         config.model,
         variables,
         images,
-        config.layer,
+        config.layers,
         score_fn,
         apply_kwargs=config.apply_kwargs,
         output_fn=config.output_fn,
         with_gradients=method.needs_gradients,
     )
-    contributions = _contributions(config, variables, images, activations, gradients, chosen, key)
-    raw = _reduce(contributions, config.eigen_smooth or method.reduction == "projection")  # (B, T, h, w)
-    low_res = ops.minmax_normalize(jax.nn.relu(raw))
-    maps = ops.minmax_normalize(ops.resize_maps(low_res, images.shape[1:3]))
+    raws, lows, upsampled = [], [], []
+    for index in range(len(config.layers)):
+        layer_key = None if key is None else jax.random.fold_in(key, index)
+        layer_gradients = None if gradients is None else gradients[index]
+        contributions = _contributions(config, variables, images, activations[index], layer_gradients, chosen, layer_key)
+        raw = _reduce(contributions, config.eigen_smooth or method.reduction == "projection")  # (B, T, h, w)
+        low_res = ops.minmax_normalize(jax.nn.relu(raw))
+        raws.append(raw)
+        lows.append(low_res)
+        upsampled.append(ops.resize_maps(low_res, images.shape[1:3]))
+    single = len(config.layers) == 1
     return {
-        "maps": maps,
-        "low_res": low_res,
-        "raw": raw,
+        "maps": ops.minmax_normalize(sum(upsampled) / len(upsampled)),
+        "low_res": lows[0] if single else tuple(lows),
+        "raw": raws[0] if single else tuple(raws),
         "logits": logits,
-        "probabilities": jax.nn.softmax(logits, axis=-1),
         "targets": chosen,
         "scores": scores,
+    }
+
+
+def _explain_step(
+    config: _StepConfig, variables: Any, images: Array, classes: Array | None, key: Array | None
+) -> dict[str, Any]:
+    global TRACE_COUNT
+    TRACE_COUNT += 1
+    if not config.aug_smooth:
+        out = _run(config, variables, images, lambda logits: select_classes(config.target_spec, logits, classes), key)
+    else:
+        out = _aug_smooth(config, variables, images, classes, key)
+    out["probabilities"] = jax.nn.softmax(out["logits"], axis=-1)
+    return out
+
+
+def _aug_smooth(config: _StepConfig, variables: Any, images: Array, classes: Array | None, key: Array | None) -> dict:
+    """Mean of the maps of the flipped / scaled copies of each image, mapped back (flips undone).
+
+    Unlike pytorch-grad-cam, whose default targets are re-chosen per augmented copy, the targets are
+    chosen once on the unaugmented image and explained in every copy.
+    """
+    copies = len(AUG_SMOOTH_TRANSFORMS)
+    identity = AUG_SMOOTH_TRANSFORMS.index((False, 1.0))
+    batch = images.shape[0]
+    augmented = jnp.concatenate(
+        [(images[:, :, ::-1] if flip else images) * factor for flip, factor in AUG_SMOOTH_TRANSFORMS]
+    )
+
+    def choose(logits):
+        own = select_classes(config.target_spec, logits.reshape(copies, batch, -1)[identity], classes)
+        return jnp.tile(own, (copies, 1))
+
+    out = _run(config, variables, augmented, choose, key)
+
+    def mean_over_copies(maps: Array) -> Array:
+        per_copy = maps.reshape(copies, batch, *maps.shape[1:])
+        restored = [per_copy[i][..., ::-1] if flip else per_copy[i] for i, (flip, _) in enumerate(AUG_SMOOTH_TRANSFORMS)]
+        return sum(restored) / copies
+
+    def identity_copy(values: Array) -> Array:
+        return values.reshape(copies, batch, *values.shape[1:])[identity]
+
+    return {
+        "maps": mean_over_copies(out["maps"]),
+        "low_res": jax.tree_util.tree_map(mean_over_copies, out["low_res"]),
+        "raw": jax.tree_util.tree_map(mean_over_copies, out["raw"]),
+        "logits": identity_copy(out["logits"]),
+        "targets": identity_copy(out["targets"]),
+        "scores": identity_copy(out["scores"]),
     }
 
 
@@ -297,7 +367,7 @@ def explain(
     images: Any,
     *,
     method: str = "gradcam",
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     targets: int | Sequence[int] | np.ndarray | None = None,
     top_k: int | None = None,
     head: str | None = None,
@@ -307,6 +377,7 @@ def explain(
     eigen_smooth: bool = False,
     key: Array | None = None,
     chunk_size: int = 32,
+    aug_smooth: bool = False,
 ) -> Explanation:
     """Explain a batch of images with one jitted call.
 
@@ -316,8 +387,9 @@ def explain(
       variables: the model's variables (``params``, ``batch_stats``, ...).
       images: ``(B, H, W, C)`` float array, preprocessed as the model expects. Any ``H, W``.
       method: ``"gradcam"`` (default) or ``"cam"``; see :data:`flaxcam.METHODS`.
-      layer: dotted name of the target layer (``"layer4"``, ``"layer3.1"``); default: the last
-        submodule with a ``(B, h, w, C)`` output. An unknown name raises an error listing the valid ones.
+      layer: dotted name of the target layer (``"layer4"``, ``"layer3.1"``), or several names to fuse
+        (one forward/backward pass for all); default: the last submodule with a ``(B, h, w, C)``
+        output. An unknown name raises an error listing the valid ones.
       targets: ``None`` (each image's top class), one class for all, one class per image, or a
         ``(B, T)`` array of classes.
       top_k: explain each image's ``k`` highest-scoring classes (``T = k``), from one forward pass.
@@ -328,6 +400,8 @@ def explain(
         component instead of their sum (pytorch-grad-cam's ``eigen_smooth``; deterministic sign).
       key: PRNG key of the stochastic methods (default ``jax.random.key(0)``): same key, same maps.
       chunk_size: masked images per forward pass of the score-based methods (bounds their memory).
+      aug_smooth: average the maps over horizontal flips × input scaled by 0.9 / 1 / 1.1 (6 copies,
+        batched in the same call; pytorch-grad-cam's ``aug_smooth``).
 
     Returns:
       An :class:`Explanation` with ``maps`` of shape ``(B, T, H, W)``.
@@ -340,14 +414,18 @@ def explain(
     output_fn = output_fn or default_output_fn
     chosen_method = get_method(method)
     layers = list_layers(model, variables, images, kwargs)
-    layer_info = resolve_layer(layers, layer)
+    requested = [layer] if layer is None or isinstance(layer, str) else list(layer)
+    if not requested:
+        raise ValueError("layer= must name at least one layer")
+    layer_infos = [resolve_layer(layers, name) for name in requested]
 
     batch = images.shape[0]
     num_classes = _num_classes(model, shape_key(variables), jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
     spec, classes = resolve_targets(targets, top_k, batch, num_classes)
     head_name, head_features = None, "identity"
     if chosen_method.needs_head:
-        head_name, head_features = _find_head(model, variables, layers, layer_info, head, images, kwargs)
+        for layer_info in layer_infos:
+            head_name, head_features = _find_head(model, variables, layers, layer_info, head, images, kwargs)
 
     devices = list(devices) if devices is not None else jax.local_devices()
     padded = bucket_size(batch, len(devices))
@@ -361,7 +439,17 @@ def explain(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     config = _StepConfig(
-        model, chosen_method, layer_info.name, head_name, head_features, spec, kwargs, output_fn, eigen_smooth, chunk_size
+        model,
+        chosen_method,
+        tuple(info.name for info in layer_infos),
+        head_name,
+        head_features,
+        spec,
+        kwargs,
+        output_fn,
+        eigen_smooth,
+        chunk_size,
+        aug_smooth,
     )
     if "key" in chosen_method.inputs:
         key = jax.random.key(0) if key is None else key
@@ -371,5 +459,6 @@ def explain(
         key = None
     out = _jitted_step(config, variables_on_device, images_on_device, classes_on_device, key)
     if padded != batch:
-        out = {key: value[:batch] for key, value in out.items()}
-    return Explanation(**out, method=chosen_method.name, layer=layer_info.name)
+        out = jax.tree_util.tree_map(lambda value: value[:batch], out)
+    names = config.layers[0] if len(config.layers) == 1 else config.layers
+    return Explanation(**out, method=chosen_method.name, layer=names)

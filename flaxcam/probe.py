@@ -149,6 +149,48 @@ def resolve_layer(layers: list[LayerInfo], name: str | None) -> LayerInfo:
     return info
 
 
+def forward_at_layers(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array,
+    layers: tuple[str, ...],
+    deltas: tuple[Array, ...] | None = None,
+    apply_kwargs: tuple = (),
+    record_inputs_of: str | None = None,
+) -> tuple[Any, tuple[Array, ...], Array | None]:
+    """Run the model once, returning ``(output, activations at each layer, input of record module)``.
+
+    When ``deltas`` are given, ``deltas[i]`` is added to the output of ``layers[i]`` before the rest of
+    the network runs (the hook the gradient is taken through). ``record_inputs_of`` names a module whose
+    first positional input is returned as the third element (used to check CAM's pooling → Dense head).
+    """
+    paths = {tuple(layer.split(".")) if layer else (): i for i, layer in enumerate(layers)}
+    head_path = tuple(record_inputs_of.split(".")) if record_inputs_of else None
+    captured: dict[int, Array] = {}
+    head_input: list[Array] = []
+
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = tuple(context.module.path)
+        if head_path is not None and path == head_path:
+            head_input.append(args[0])
+        out = next_fun(*args, **kwargs)
+        index = paths.get(path)
+        if index is not None:
+            captured[index] = out
+            if deltas is not None:
+                out = out + deltas[index]
+        return out
+
+    with nn.intercept_methods(intercept):
+        output = _apply(model, variables, images, apply_kwargs)
+    missing = [layers[i] for i in range(len(layers)) if i not in captured]
+    if missing:
+        raise LayerError(f"layer(s) {missing} were not called during the forward pass")
+    return output, tuple(captured[i] for i in range(len(layers))), head_input[0] if head_input else None
+
+
 def forward_at_layer(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -158,34 +200,12 @@ def forward_at_layer(
     apply_kwargs: tuple = (),
     record_inputs_of: str | None = None,
 ) -> tuple[Any, Array, Array | None]:
-    """Run the model, returning ``(output, activations_at_layer, input_of_record_module)``.
-
-    When ``delta`` is given it is added to the layer's output before the rest of the network runs (the
-    hook the gradient is taken through). ``record_inputs_of`` names a module whose first positional
-    input is returned as the third element (used to check CAM's pooling → Dense head); else ``None``.
-    """
-    target_path = tuple(layer.split(".")) if layer else ()
-    head_path = tuple(record_inputs_of.split(".")) if record_inputs_of else None
-    captured: dict[str, Array] = {}
-
-    def intercept(next_fun, args, kwargs, context):
-        path = tuple(context.module.path)
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if head_path is not None and path == head_path:
-            captured["head_input"] = args[0]
-        out = next_fun(*args, **kwargs)
-        if path == target_path:
-            captured["activations"] = out
-            if delta is not None:
-                out = out + delta
-        return out
-
-    with nn.intercept_methods(intercept):
-        output = _apply(model, variables, images, apply_kwargs)
-    if "activations" not in captured:
-        raise LayerError(f"layer {layer!r} was not called during the forward pass")
-    return output, captured["activations"], captured.get("head_input")
+    """:func:`forward_at_layers` for one layer: ``(output, activations, input of record module)``."""
+    deltas = None if delta is None else (delta,)
+    output, (activations,), head_input = forward_at_layers(
+        model, variables, images, (layer,), deltas, apply_kwargs, record_inputs_of
+    )
+    return output, activations, head_input
 
 
 def default_output_fn(output: Any) -> Array:
@@ -202,44 +222,50 @@ def probe(
     model: nn.Module,
     variables: Mapping[str, Any],
     images: Array,
-    layer: str,
+    layers: str | tuple[str, ...],
     score_fn: Callable[[Array], tuple[Array, Any]],
     *,
     apply_kwargs: tuple = (),
     output_fn: OutputFn = default_output_fn,
     with_gradients: bool = True,
-) -> tuple[Array, Array, Array | None, Array, Any]:
-    """Logits, activations at ``layer`` and d(target scores)/d(activations), for a batch.
+) -> tuple[Array, Any, Any, Array, Any]:
+    """Logits, activations at ``layers`` and d(target scores)/d(activations), for a batch, from one
+    forward pass.
 
     ``score_fn(logits) -> (scores, aux)`` returns the ``(batch, T)`` target scores (T targets per image)
     and anything else to return (e.g. the chosen class indices). Images are independent (inference
     mode), so the gradient of ``scores[:, t].sum()`` holds every image's own gradient; the T targets are
-    handled by ``vmap`` over T cotangents of one linearization (one forward pass for all of them).
+    handled by ``vmap`` over T cotangents of one linearization.
 
-    Returns ``(logits, activations, gradients, scores, aux)``; activations ``(B, h, w, C)``, gradients
-    ``(B, T, h, w, C)`` or ``None`` when ``with_gradients`` is False.
+    Returns ``(logits, activations, gradients, scores, aux)``: activations ``(B, h, w, C)`` and
+    gradients ``(B, T, h, w, C)`` (``None`` when ``with_gradients`` is False) — or tuples of them, one
+    per layer, when ``layers`` is a tuple.
     """
+    single = isinstance(layers, str)
+    names = (layers,) if single else tuple(layers)
 
-    def scores_of(delta):
-        output, activations, _ = forward_at_layer(model, variables, images, layer, delta, apply_kwargs)
+    def unwrap(values):
+        return values[0] if single and values is not None else values
+
+    if not with_gradients:
+        output, activations, _ = forward_at_layers(model, variables, images, names, None, apply_kwargs)
+        logits = output_fn(output)
+        scores, aux = score_fn(logits)
+        return logits, unwrap(activations), None, scores, aux
+
+    def scores_of(deltas):
+        output, activations, _ = forward_at_layers(model, variables, images, names, deltas, apply_kwargs)
         logits = output_fn(output)
         scores, aux = score_fn(logits)
         return scores, (logits, activations, aux)
 
-    if not with_gradients:
-        output, activations, _ = forward_at_layer(model, variables, images, layer, None, apply_kwargs)
-        logits = output_fn(output)
-        scores, aux = score_fn(logits)
-        return logits, activations, None, scores, aux
-
-    activation_shape = jax.eval_shape(
-        lambda: forward_at_layer(model, variables, images, layer, None, apply_kwargs)[1]
-    )
-    delta = jnp.zeros(activation_shape.shape, activation_shape.dtype)
-    scores, vjp_fn, (logits, activations, aux) = jax.vjp(scores_of, delta, has_aux=True)
+    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, names, None, apply_kwargs)[1])
+    deltas = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
+    scores, vjp_fn, (logits, activations, aux) = jax.vjp(scores_of, deltas, has_aux=True)
     num_targets = scores.shape[1]
     cotangents = jnp.broadcast_to(
         jnp.eye(num_targets, dtype=scores.dtype)[:, None, :], (num_targets, *scores.shape)
     )
-    (gradients,) = jax.vmap(vjp_fn)(cotangents)  # (T, B, h, w, C)
-    return logits, activations, jnp.moveaxis(gradients, 0, 1), scores, aux
+    (gradients,) = jax.vmap(vjp_fn)(cotangents)  # per layer (T, B, h, w, C)
+    gradients = tuple(jnp.moveaxis(g, 0, 1) for g in gradients)
+    return logits, unwrap(activations), unwrap(gradients), scores, aux
