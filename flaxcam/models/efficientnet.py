@@ -55,9 +55,12 @@ from flaxcam.models.resnet import check_pooling, global_pool
 __all__ = [
     "LITE0_BLOCKS",
     "BlockArgs",
+    "Blocks",
     "EfficientNetLite",
     "EfficientNetLite0",
+    "Head",
     "MBConvBlock",
+    "Stem",
     "efficientnet_lite0",
     "load_efficientnet_lite0",
 ]
@@ -366,7 +369,7 @@ def load_efficientnet_lite0(
             present = module_leaves.get((collection, *module_path), set())
             leaf = "kernel" if "kernel" in present else "scale"
         path = (collection, *module_path, leaf)
-        if path not in target_flat:
+        if path not in target_flat or path in converted:  # unknown, or a second key for one variable
             unexpected.append(key)
             continue
         array = _to_numpy(value)

