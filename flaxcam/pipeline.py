@@ -27,7 +27,7 @@ from flaxcam.probe import (
     resolve_layer,
     shape_key,
 )
-from flaxcam.targets import TargetSpec, class_scores, resolve_targets, select_classes
+from flaxcam.targets import Segmentation, TargetSpec, resolve_targets, select_classes, target_scores
 
 Array = jax.Array
 
@@ -87,12 +87,16 @@ def _contributions(
     gradients: Array | None,
     chosen: Array,
     key: Array | None,
+    target_data: dict[str, Array] | None = None,
 ) -> Array:
     """The method's per-channel contributions ``(B, T, h, w, C)``."""
     method = config.method
     if method.batched:
-        forward = lambda x: config.output_fn(config.model.apply(variables, x, **dict(config.apply_kwargs)))  # noqa: E731
-        available = {"activations": activations, "images": images, "classes": chosen, "forward": forward}
+        available = {
+            "activations": activations,
+            "images": images,
+            "score": _input_scorer(config, variables, chosen, target_data),
+        }
         return method.fn(**{name: available[name] for name in method.inputs}, chunk_size=config.chunk_size)
 
     batch, num_targets = chosen.shape
@@ -117,6 +121,21 @@ def _contributions(
     return jax.vmap(per_image)(inputs)
 
 
+def _input_scorer(config: _StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
+    """``score(new_images, image_index) -> (n, T)``: the targets of images ``image_index`` (the labels
+    already chosen on the originals) evaluated on new inputs, e.g. masked copies."""
+    spec = config.target_spec
+    if spec.kind in ("argmax", "top_k", "classes"):
+        spec = TargetSpec("classes", spec.count, spec.score)
+    data = {**(target_data or {}), "classes": chosen}
+
+    def score(new_images: Array, image_index: Array) -> Array:
+        output = config.output_fn(config.model.apply(variables, new_images, **dict(config.apply_kwargs)))
+        return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
+
+    return score
+
+
 def _reduce(contributions: Array, projection: bool) -> Array:
     """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum or first component."""
     if not projection:
@@ -135,17 +154,13 @@ def _run(
     config: _StepConfig,
     variables: Any,
     images: Array,
-    choose: Callable[[Array], Array],
+    score_fn: Callable[[Array], tuple[Array, Array]],
     key: Array | None,
+    target_data: dict[str, Array] | None,
 ) -> dict[str, Any]:
     """Forward (+ backward) once, then the method at every layer; maps fused over layers as
     pytorch-grad-cam aggregates them: mean of the per-layer upsampled maps, normalized again."""
     method = config.method
-
-    def score_fn(logits):
-        chosen = choose(logits)
-        return class_scores(logits, chosen), chosen
-
     logits, activations, gradients, scores, chosen = probe(
         config.model,
         variables,
@@ -160,7 +175,9 @@ def _run(
     for index in range(len(config.layers)):
         layer_key = None if key is None else jax.random.fold_in(key, index)
         layer_gradients = None if gradients is None else gradients[index]
-        contributions = _contributions(config, variables, images, activations[index], layer_gradients, chosen, layer_key)
+        contributions = _contributions(
+            config, variables, images, activations[index], layer_gradients, chosen, layer_key, target_data
+        )
         raw = _reduce(contributions, config.eigen_smooth or method.reduction == "projection")  # (B, T, h, w)
         low_res = ops.minmax_normalize(jax.nn.relu(raw))
         raws.append(raw)
@@ -178,19 +195,19 @@ def _run(
 
 
 def _explain_step(
-    config: _StepConfig, variables: Any, images: Array, classes: Array | None, key: Array | None
+    config: _StepConfig, variables: Any, images: Array, target_data: dict[str, Array] | None, key: Array | None
 ) -> dict[str, Any]:
     global TRACE_COUNT
     TRACE_COUNT += 1
     if not config.aug_smooth:
-        out = _run(config, variables, images, lambda logits: select_classes(config.target_spec, logits, classes), key)
+        out = _run(config, variables, images, lambda out: target_scores(config.target_spec, out, target_data), key, target_data)
     else:
-        out = _aug_smooth(config, variables, images, classes, key)
+        out = _aug_smooth(config, variables, images, target_data, key)
     out["probabilities"] = jax.nn.softmax(out["logits"], axis=-1)
     return out
 
 
-def _aug_smooth(config: _StepConfig, variables: Any, images: Array, classes: Array | None, key: Array | None) -> dict:
+def _aug_smooth(config: _StepConfig, variables: Any, images: Array, target_data: dict | None, key: Array | None) -> dict:
     """Mean of the maps of the flipped / scaled copies of each image, mapped back (flips undone).
 
     Unlike pytorch-grad-cam, whose default targets are re-chosen per augmented copy, the targets are
@@ -203,11 +220,16 @@ def _aug_smooth(config: _StepConfig, variables: Any, images: Array, classes: Arr
         [(images[:, :, ::-1] if flip else images) * factor for flip, factor in AUG_SMOOTH_TRANSFORMS]
     )
 
-    def choose(logits):
-        own = select_classes(config.target_spec, logits.reshape(copies, batch, -1)[identity], classes)
-        return jnp.tile(own, (copies, 1))
+    spec = config.target_spec
+    tiled = None if target_data is None else jax.tree_util.tree_map(lambda v: jnp.concatenate([v] * copies), target_data)
 
-    out = _run(config, variables, augmented, choose, key)
+    def score_fn(output):
+        if not spec.chosen_from_output:
+            return target_scores(spec, output, tiled)
+        own = select_classes(spec, output.reshape(copies, batch, -1)[identity], None)
+        return target_scores(TargetSpec("classes", spec.count, spec.score), output, {"classes": jnp.tile(own, (copies, 1))})
+
+    out = _run(config, variables, augmented, score_fn, key, tiled)
 
     def mean_over_copies(maps: Array) -> Array:
         per_copy = maps.reshape(copies, batch, *maps.shape[1:])
@@ -333,10 +355,10 @@ def _head_features(model, variables, layer, head, image_shape, dtype, apply_kwar
 
 
 @functools.lru_cache(maxsize=64)
-def _num_classes(model, variables_key, spec, apply_kwargs, output_fn) -> int:
-    """Size of the logits' last axis (shape-only trace, cached per model and input shape)."""
+def _output_shape(model, variables_key, spec, apply_kwargs, output_fn) -> tuple[int, ...]:
+    """Shape of the (selected) model output (shape-only trace, cached per model and input shape)."""
     output = jax.eval_shape(lambda v, x: output_fn(model.apply(v, x, **dict(apply_kwargs))), variables_key.tree, spec)
-    return int(output.shape[-1])
+    return tuple(output.shape)
 
 
 def _as_images(images: Any) -> Array | np.ndarray:
@@ -378,6 +400,7 @@ def explain(
     key: Array | None = None,
     chunk_size: int = 32,
     aug_smooth: bool = False,
+    score: str = "logit",
 ) -> Explanation:
     """Explain a batch of images with one jitted call.
 
@@ -390,8 +413,10 @@ def explain(
       layer: dotted name of the target layer (``"layer4"``, ``"layer3.1"``), or several names to fuse
         (one forward/backward pass for all); default: the last submodule with a ``(B, h, w, C)``
         output. An unknown name raises an error listing the valid ones.
-      targets: ``None`` (each image's top class), one class for all, one class per image, or a
-        ``(B, T)`` array of classes.
+      targets: ``None`` (each image's top class), one class for all, one class per image, a
+        ``(B, T)`` array of classes, or a :class:`flaxcam.targets.Binary`, ``Segmentation`` or
+        ``Embedding`` target for other kinds of output.
+      score: for class targets, explain the ``"logit"`` (default) or the ``"softmax"`` probability.
       top_k: explain each image's ``k`` highest-scoring classes (``T = k``), from one forward pass.
       head: for CAM, the Dense layer after global pooling (default: the last ``nn.Dense`` called).
       apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``{"train": False}``).
@@ -420,8 +445,10 @@ def explain(
     layer_infos = [resolve_layer(layers, name) for name in requested]
 
     batch = images.shape[0]
-    num_classes = _num_classes(model, shape_key(variables), jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
-    spec, classes = resolve_targets(targets, top_k, batch, num_classes)
+    output_shape = _output_shape(model, shape_key(variables), jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
+    spec, target_data = resolve_targets(targets, top_k, batch, output_shape, score)
+    if aug_smooth and isinstance(targets, Segmentation):
+        raise ValueError("aug_smooth does not support Segmentation targets yet (the masks would need flipping)")
     head_name, head_features = None, "identity"
     if chosen_method.needs_head:
         for layer_info in layer_infos:
@@ -433,7 +460,11 @@ def explain(
     batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
     replicated = NamedSharding(mesh, PartitionSpec())
     images_on_device = jax.device_put(_pad_batch(images, padded), batch_sharding)
-    classes_on_device = None if classes is None else jax.device_put(_pad_batch(classes, padded), batch_sharding)
+    data_on_device = (
+        None
+        if target_data is None
+        else {name: jax.device_put(_pad_batch(value, padded), batch_sharding) for name, value in target_data.items()}
+    )
     variables_on_device = jax.device_put(variables, replicated)
 
     if chunk_size < 1:
@@ -457,7 +488,7 @@ def explain(
             key = jax.random.wrap_key_data(key)
     else:
         key = None
-    out = _jitted_step(config, variables_on_device, images_on_device, classes_on_device, key)
+    out = _jitted_step(config, variables_on_device, images_on_device, data_on_device, key)
     if padded != batch:
         out = jax.tree_util.tree_map(lambda value: value[:batch], out)
     names = config.layers[0] if len(config.layers) == 1 else config.layers

@@ -209,11 +209,11 @@ def forward_at_layer(
 
 
 def default_output_fn(output: Any) -> Array:
-    """The model's logits: its output when it is a ``(batch, classes)`` array."""
-    if not hasattr(output, "ndim") or output.ndim != 2:
-        shape = getattr(output, "shape", type(output).__name__)
+    """The model's output when it is a single array (logits, segmentation logits, an embedding)."""
+    if not hasattr(output, "ndim"):
         raise ValueError(
-            f"the model output is {shape}, not (batch, classes) logits; pass output_fn= to select the logits"
+            f"the model output is a {type(output).__name__}, not an array; pass output_fn= to select the "
+            "scores to explain (e.g. output_fn=lambda out: out['logits'])"
         )
     return output
 

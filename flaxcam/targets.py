@@ -1,15 +1,25 @@
-"""What to explain: which class score(s) of each image the maps are computed for.
+"""What to explain: the score(s) of the model output that each map is computed for.
 
-A target selection turns the model's logits ``(B, K)`` into target scores ``(B, T)`` (T maps per image)
-and the class index of each: the top-scoring class (default), explicit classes per image, or the top-k
-classes of each image (k maps from one forward pass). The score of a class is its logit, as in
-pytorch-grad-cam's ``ClassifierOutputTarget`` and torchcam.
+A target turns the model output into target scores ``(B, T)`` (T maps per image) and an int label per
+score. Classifier targets (the default) take ``(B, K)`` logits: the top-scoring class, explicit classes
+per image or the top-k classes, scored by their logit (pytorch-grad-cam's ``ClassifierOutputTarget``)
+or their softmax probability (``score="softmax"``, its ``ClassifierOutputSoftmaxTarget``). The other
+targets are objects passed as ``targets=``:
+
+* :class:`Binary` — a single-logit binary classifier (``BinaryClassifierOutputTarget``);
+* :class:`Segmentation` — the sum of a class's logits over a mask of a ``(B, H, W, K)`` segmentation
+  output (``SemanticSegmentationTarget``);
+* :class:`Embedding` — the cosine similarity of a ``(B, D)`` embedding with concept vectors
+  (``SimilarityToConceptTarget``).
+
+Target data (classes, masks, concepts) travels into the jitted step as arrays with a leading batch
+axis; the kind of target is static.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,32 +30,93 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
-    """How targets are chosen. ``kind``: ``"argmax"``, ``"classes"`` (given per image) or ``"top_k"``."""
+    """How targets are chosen (static). ``kind``: ``"argmax"``, ``"classes"``, ``"top_k"``,
+    ``"binary"``, ``"segmentation"`` or ``"embedding"``; ``count``: targets per image (T)."""
 
-    kind: Literal["argmax", "classes", "top_k"]
-    count: int = 1  # targets per image (T)
+    kind: Literal["argmax", "classes", "top_k", "binary", "segmentation", "embedding"]
+    count: int = 1
+    score: Literal["logit", "softmax"] = "logit"
+
+    @property
+    def chosen_from_output(self) -> bool:
+        """True when the labels depend on the model output (argmax, top-k)."""
+        return self.kind in ("argmax", "top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class Binary:
+    """A binary classifier with one output logit per image: the score is the logit for
+    ``category=1`` and minus the logit for ``category=0`` (one int for all images, or one per image)."""
+
+    category: Any = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+    """Sum of class ``classes`` logits over ``masks`` of a ``(B, H, W, K)`` segmentation output.
+
+    ``classes``: an int, ``B`` ints or a ``(B, T)`` array; ``masks``: ``(H, W)`` (shared), ``(B, H, W)``
+    or ``(B, T, H, W)``, at the output's resolution (e.g. the predicted region of that class).
+    """
+
+    classes: Any
+    masks: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """Cosine similarity of a ``(B, D)`` embedding with concept vectors ``(D,)``, ``(T, D)`` (shared)
+    or ``(B, T, D)`` (per image)."""
+
+    concepts: Any
+
+
+def _per_image(values: Any, batch: int, trailing: int, name: str) -> np.ndarray:
+    """Broadcast ``values`` to ``(B, T, *trailing_dims)`` where ``trailing`` counts the data dims."""
+    array = np.asarray(values)
+    if array.ndim == trailing:  # one value for every image, one target
+        array = np.broadcast_to(array, (batch, 1, *array.shape))
+    elif array.ndim == trailing + 1:
+        if trailing and array.shape[0] != batch:  # (T, ...) shared by all images
+            array = np.broadcast_to(array, (batch, *array.shape))
+        else:  # (B, ...)
+            array = array[:, None]
+    if array.ndim != trailing + 2 or array.shape[0] != batch:
+        raise ValueError(f"{name} has shape {np.asarray(values).shape}; expected one per image for {batch} images")
+    return np.ascontiguousarray(array)
 
 
 def resolve_targets(
-    targets: int | np.ndarray | list | None,
+    targets: Any,
     top_k: int | None,
     batch_size: int,
-    num_classes: int,
-) -> tuple[TargetSpec, np.ndarray | None]:
-    """Validate the user's ``targets`` / ``top_k`` and return the spec and the explicit class array.
+    output_shape: tuple[int, ...],
+    score: str = "logit",
+) -> tuple[TargetSpec, dict[str, np.ndarray] | None]:
+    """Validate the user's ``targets`` / ``top_k`` and return the static spec and the target data.
 
-    ``targets`` may be ``None`` (argmax), one int (that class for every image), a sequence of ``B``
-    ints (one class per image) or a ``(B, T)`` array (T classes per image). Returns ``(spec, classes)``
-    where ``classes`` is an int32 ``(B, T)`` array for explicit targets, else ``None``.
+    For classifiers ``targets`` may be ``None`` (argmax), one int (that class for every image), ``B``
+    ints (one class per image) or a ``(B, T)`` array. Returns ``(spec, data)``; ``data`` maps names to
+    arrays with a leading batch axis (``None`` when the targets come from the output alone).
     """
+    if score not in ("logit", "softmax"):
+        raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
     if targets is not None and top_k is not None:
         raise ValueError("pass either targets= or top_k=, not both")
+    if isinstance(targets, (Binary, Segmentation, Embedding)):
+        return _resolve_object(targets, batch_size, output_shape)
+    if len(output_shape) != 2:
+        raise ValueError(
+            f"class targets need (batch, classes) logits but the model output has shape {output_shape}; "
+            "use targets=flaxcam.targets.Segmentation(...), Binary(...) or Embedding(...), or output_fn="
+        )
+    num_classes = output_shape[-1]
     if top_k is not None:
         if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= num_classes:
             raise ValueError(f"top_k must be an int between 1 and the number of classes ({num_classes}), got {top_k!r}")
-        return TargetSpec("top_k", int(top_k)), None
+        return TargetSpec("top_k", int(top_k), score), None
     if targets is None:
-        return TargetSpec("argmax", 1), None
+        return TargetSpec("argmax", 1, score), None
     classes = np.asarray(targets)
     if not np.issubdtype(classes.dtype, np.integer):
         raise ValueError(f"targets must be integer class indices, got dtype {classes.dtype}")
@@ -58,12 +129,51 @@ def resolve_targets(
             f"targets must be an int, {batch_size} ints (one per image) or a ({batch_size}, T) array; "
             f"got shape {np.asarray(targets).shape}"
         )
+    _check_classes(classes, num_classes)
+    return TargetSpec("classes", classes.shape[1], score), {"classes": classes.astype(np.int32)}
+
+
+def _check_classes(classes: np.ndarray, num_classes: int) -> None:
     bad = (classes < 0) | (classes >= num_classes)
     if bad.any():
-        raise ValueError(
-            f"target classes must be in [0, {num_classes}); got {sorted(set(classes[bad].tolist()))[:10]}"
-        )
-    return TargetSpec("classes", classes.shape[1]), classes.astype(np.int32)
+        raise ValueError(f"target classes must be in [0, {num_classes}); got {sorted(set(classes[bad].tolist()))[:10]}")
+
+
+def _resolve_object(target: Any, batch: int, output_shape: tuple[int, ...]) -> tuple[TargetSpec, dict[str, np.ndarray]]:
+    if isinstance(target, Binary):
+        if len(output_shape) not in (1, 2) or (len(output_shape) == 2 and output_shape[1] != 1):
+            raise ValueError(f"Binary targets need one logit per image, (B,) or (B, 1); the output has shape {output_shape}")
+        category = _per_image(target.category, batch, 0, "Binary.category").astype(np.int32)
+        if not np.isin(category, (0, 1)).all():
+            raise ValueError("Binary.category must be 0 or 1")
+        return TargetSpec("binary", 1), {"classes": category}
+    if isinstance(target, Segmentation):
+        if len(output_shape) != 4:
+            raise ValueError(f"Segmentation targets need a (B, H, W, K) output; the model output has shape {output_shape}")
+        classes = _per_image(target.classes, batch, 0, "Segmentation.classes").astype(np.int32)
+        masks = np.asarray(target.masks, np.float32)
+        if masks.ndim == 2:
+            masks = np.broadcast_to(masks, (batch, *masks.shape))
+        masks = _per_image(masks, batch, 2, "Segmentation.masks") if masks.ndim == 3 else masks
+        if masks.ndim != 4 or masks.shape[0] != batch or masks.shape[2:] != tuple(output_shape[1:3]):
+            raise ValueError(
+                f"Segmentation.masks must be (H, W), (B, H, W) or (B, T, H, W) at the output's resolution "
+                f"{tuple(output_shape[1:3])}; got {np.asarray(target.masks).shape}"
+            )
+        masks = np.broadcast_to(masks, (batch, classes.shape[1], *masks.shape[2:])) if masks.shape[1] == 1 else masks
+        if masks.shape[1] != classes.shape[1]:
+            raise ValueError(f"{classes.shape[1]} classes per image but {masks.shape[1]} masks per image")
+        _check_classes(classes, output_shape[-1])
+        return TargetSpec("segmentation", classes.shape[1]), {"classes": classes, "masks": np.ascontiguousarray(masks)}
+    concepts = np.asarray(target.concepts, np.float32)
+    if len(output_shape) != 2:
+        raise ValueError(f"Embedding targets need a (B, D) output; the model output has shape {output_shape}")
+    concepts = _per_image(concepts, batch, 1, "Embedding.concepts")
+    if concepts.shape[-1] != output_shape[-1]:
+        raise ValueError(f"concept vectors have {concepts.shape[-1]} dims but the embedding has {output_shape[-1]}")
+    count = concepts.shape[1]
+    labels = np.broadcast_to(np.arange(count, dtype=np.int32), (batch, count))
+    return TargetSpec("embedding", count), {"classes": np.ascontiguousarray(labels), "concepts": concepts}
 
 
 def select_classes(spec: TargetSpec, logits: Array, classes: Array | None) -> Array:
@@ -81,3 +191,22 @@ def select_classes(spec: TargetSpec, logits: Array, classes: Array | None) -> Ar
 def class_scores(logits: Array, classes: Array) -> Array:
     """``scores[b, t] = logits[b, classes[b, t]]``: the logit of each target class."""
     return jnp.take_along_axis(logits, classes, axis=1)
+
+
+def target_scores(spec: TargetSpec, output: Array, data: dict[str, Array] | None) -> tuple[Array, Array]:
+    """``(scores (B, T), labels (B, T))`` of the model ``output`` for the target ``spec``."""
+    classes = None if data is None else data.get("classes")
+    if spec.kind in ("argmax", "classes", "top_k"):
+        chosen = select_classes(spec, output, classes)
+        scored = jax.nn.softmax(output, axis=-1) if spec.score == "softmax" else output
+        return class_scores(scored, chosen), chosen
+    if spec.kind == "binary":
+        logit = output.reshape(output.shape[0], 1)
+        return jnp.where(classes == 1, logit, -logit), classes
+    if spec.kind == "segmentation":
+        per_class = jnp.take_along_axis(output, classes[:, None, None, :], axis=-1)  # (B, H, W, T)
+        return jnp.einsum("bhwt,bthw->bt", per_class, data["masks"]), classes
+    concepts = data["concepts"]  # (B, T, D)
+    dot = jnp.einsum("bd,btd->bt", output, concepts)
+    norms = jnp.maximum(jnp.linalg.norm(output, axis=-1)[:, None] * jnp.linalg.norm(concepts, axis=-1), 1e-8)
+    return dot / norms, classes

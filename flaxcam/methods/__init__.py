@@ -27,8 +27,9 @@ from flaxcam.methods.score import scorecam
 
 #: Inputs a method may ask for. Per image: ``activations`` (h, w, C), ``gradients`` (h, w, C) of the
 #: target score, ``class_weights`` (C,) of the target class in a pooling → Dense head, ``key`` (a PRNG
-#: key). Batched methods: ``activations`` (B, h, w, C), ``images``, ``classes`` (B, T), ``forward``.
-INPUTS = ("activations", "gradients", "class_weights", "key", "images", "classes", "forward")
+#: key). Batched methods: ``activations`` (B, h, w, C), ``images`` and ``score(images, image_index)``
+#: (the target scores of new inputs standing for the images ``image_index``).
+INPUTS = ("activations", "gradients", "class_weights", "key", "images", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ METHODS: dict[str, Method] = {
     "gradcam++": Method("gradcam++", gradcam_plusplus, _GRADIENT),
     "eigencam": Method("eigencam", eigencam, ("activations",), reduction="projection"),
     "eigengradcam": Method("eigengradcam", eigengradcam, _GRADIENT, reduction="projection"),
-    "scorecam": Method("scorecam", scorecam, ("activations", "images", "classes", "forward"), batched=True),
+    "scorecam": Method("scorecam", scorecam, ("activations", "images", "score"), batched=True),
     "randomcam": Method("randomcam", randomcam, ("activations", "key")),
 }
 

@@ -38,8 +38,7 @@ def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
 def scorecam(
     activations: Array,
     images: Array,
-    classes: Array,
-    forward: Callable[[Array], Array],
+    score: Callable[[Array, Array], Array],
     chunk_size: int = 32,
 ) -> Array:
     r"""Score-CAM for a batch: each channel, upsampled and min-max normalized, masks the input; the
@@ -52,7 +51,8 @@ def scorecam(
     convention). Cost: ``C`` forward passes per image (all targets of an image share them), run in
     chunks of ``chunk_size`` masked images.
 
-    Args: activations ``(B, h, w, C)``, images ``(B, H, W, 3)``, classes ``(B, T)``.
+    Args: activations ``(B, h, w, C)``, images ``(B, H, W, 3)``, ``score(masked_images, image_index)``
+    giving the ``(n, T)`` target scores of ``n`` masked copies of the images ``image_index``.
     Returns: contributions ``(B, T, h, w, C)``.
 
     Reference: Wang et al. "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
@@ -74,8 +74,7 @@ def scorecam(
         low = jnp.min(upsampled, axis=(1, 2), keepdims=True)
         high = jnp.max(upsampled, axis=(1, 2), keepdims=True)
         masks = (upsampled - low) / (high - low + 1e-8)
-        logits = forward(images[image_index] * masks[..., None])
-        return jnp.take_along_axis(logits, classes[image_index], axis=1)  # (n, T)
+        return score(images[image_index] * masks[..., None], image_index)  # (n, T)
 
     scores = jax.lax.map(chunk_scores, indices).reshape(chunks * chunk_size, -1)[:total]
     scores = scores.reshape(batch, channels, -1)  # (B, C, T)
