@@ -1,4 +1,4 @@
-# Quick start:  make demo   (explain a model on bundled data)   |   make test   (the test suite)
+# Quick start:  make demo   (explain photos with the pretrained default model)   |   make test   (the test suite)
 # Both create or reuse .venv and install what they need.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flaxcam-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo demo-digits test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m flaxcam.demo --out demo_out
+
+demo-digits: $(STAMP)
+	$(PY) -m flaxcam.demo --digits --out demo_out/digits
 
 # FLAXCAM_REQUIRE_PARITY=1 turns a missing parity extra into a test error instead of a skip.
 test: $(STAMP)

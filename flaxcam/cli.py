@@ -25,17 +25,22 @@ def _say(message: str) -> None:
 
 
 def _load_model(model_name: str | None, weights: Path | None, image_size: int | None):
-    """(model, variables, meta) from a flaxcam bundle, or a registry model with random weights."""
+    """(model, variables, meta): a flaxcam bundle, a torchvision ResNet checkpoint, the pretrained
+    default (EfficientNet-Lite0, ImageNet) or a registry model with random weights."""
     from flaxcam import models
 
     if weights is not None:
+        if Path(weights).suffix in (".pth", ".pt"):  # a torchvision ResNet checkpoint, read without torch
+            model, variables = models.load_torchvision_resnet(weights)
+            meta = {"input_size": [224, 224], "class_names": list(models.imagenet_class_names())}
+            return model, variables, meta
         model, variables, meta = models.load_bundle(weights)
         return model, variables, dict(meta or {})
-    if model_name is None:
-        raise typer.BadParameter(
-            "pass --weights BUNDLE (a model saved with flaxcam.models.save_bundle, e.g. by `make demo`) "
-            f"or --model NAME for random weights; models: {', '.join(sorted(models.MODELS))}"
-        )
+    if model_name is None or model_name == "efficientnet_lite0":
+        model, variables, meta = models.pretrained_efficientnet_lite0()
+        return model, variables, dict(meta)
+    if model_name not in models.MODELS:
+        raise typer.BadParameter(f"unknown model {model_name!r}; models: {', '.join(sorted(models.MODELS))}")
     size = image_size or 224
     model = models.create_model(model_name)
     _say(f"warning: {model_name} with RANDOM weights (no --weights given): the maps are not meaningful")
@@ -165,8 +170,14 @@ def run_explain(
 @app.command("explain")
 def explain_command(
     images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
-    model: Annotated[Optional[str], typer.Option(help="Architecture for random weights when no --weights is given.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) with the model and its weights.")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Default: efficientnet_lite0 with ImageNet weights. Another registry name runs random weights."),
+    ] = None,
+    weights: Annotated[
+        Optional[Path],
+        typer.Option(help="A flaxcam bundle (.msgpack, e.g. from `make demo`) or a torchvision ResNet checkpoint (.pth)."),
+    ] = None,
     method: Annotated[str, typer.Option(help="cam | gradcam | gradcam++ | hirescam | gradcam_elementwise | xgradcam | layercam")] = "gradcam",
     layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image; maps for each.")] = 3,

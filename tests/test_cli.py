@@ -84,8 +84,8 @@ def test_explain_command_errors_are_clear(tmp_path, bundle):
     result = runner.invoke(app, ["explain", str(good[0]), "--weights", str(path), "--layer", "nope", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "unknown layer 'nope'" in str(result.exception) and "conv2" in str(result.exception)
-    result = runner.invoke(app, ["explain", str(good[0]), "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "--weights" in result.output
+    result = runner.invoke(app, ["explain", str(good[0]), "--model", "resnet99", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown model 'resnet99'" in result.output and "resnet50" in result.output
     result = runner.invoke(app, ["explain", str(good[0]), "--weights", str(tmp_path / "missing.msgpack")])
     assert result.exit_code != 0 and "missing.msgpack" in str(result.exception)
 
@@ -105,11 +105,36 @@ def test_read_image_converts_modes(tmp_path):
         read_image(tmp_path / "absent.png")
 
 
+def test_explain_command_defaults_to_pretrained_efficientnet(tmp_path):
+    from skimage import data
+
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(photo)
+    summary = tmp_path / "out.json"
+    result = CliRunner().invoke(app, ["explain", str(photo), "--method", "cam", "--out", str(tmp_path), "--json", str(summary)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(summary.read_text())["images"][0]
+    assert 281 <= record["target"]["class"] <= 285, record["target"]  # a cat
+    assert record["layer"] == "head"
+    x0, y0, x1, y1 = record["box"]
+    assert 0 <= x0 < x1 <= 451 and 0 <= y0 < y1 <= 300
+
+
 @pytest.mark.slow
-def test_demo_runs_end_to_end_at_smoke_size(tmp_path):
+def test_photo_demo_runs(tmp_path):
     from flaxcam import demo
 
-    demo.main(["--out", str(tmp_path), "--train-size", "128", "--epochs", "1", "--test-size", "32", "--figures", "2"])
+    demo.main(["--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {row["image"] for row in summary["photos"]} >= {"chelsea", "coffee"}
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 2 * len(summary["photos"])
+
+
+@pytest.mark.slow
+def test_digits_demo_runs_end_to_end_at_smoke_size(tmp_path):
+    from flaxcam import demo
+
+    demo.main(["--digits", "--out", str(tmp_path), "--train-size", "128", "--epochs", "1", "--test-size", "32", "--figures", "2"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"accuracy", "cam", "gradcam"}
     assert len(list((tmp_path / "figures").glob("*.png"))) == 4

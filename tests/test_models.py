@@ -42,7 +42,7 @@ def small_vars():
 
 
 def test_registry_keys():
-    assert set(MODELS) == {"resnet18", "resnet34", "resnet50", "vgg16", "small_cnn"}
+    assert set(MODELS) == {"resnet18", "resnet34", "resnet50", "vgg16", "small_cnn", "efficientnet_lite0"}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -53,7 +53,7 @@ def test_output_shapes(name, pooling):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
     assert out.shape == (2, 7)
-    assert ("batch_stats" in variables) == name.startswith("resnet")
+    assert ("batch_stats" in variables) == (name.startswith("resnet") or name.startswith("efficientnet"))
 
 
 def test_small_cnn_runs(small_vars):

