@@ -1,12 +1,14 @@
 """Throughput of flaxcam's methods relative to the model's own forward pass, measured in one run.
 
     python -m benchmarks.throughput [--models resnet18 resnet50] [--batch 16] [--size 224 224]
-                                    [--methods cam gradcam] [--rounds 10] [--out FILE.jsonl]
+                                    [--methods cam gradcam | all] [--rounds 10] [--out FILE.jsonl]
 
 For each model: a jitted forward pass (logits only) and ``flaxcam.explain`` for each method (maps at
 the input resolution, targets = argmax), timed interleaved round by round so that machine noise hits
 all of them alike; each timing ends with ``block_until_ready``. Prints one JSON line per measurement
 (images/s from the median round, ratio to the forward pass of the same run) and a Markdown table.
+Score-based methods (ScoreCAM, AblationCAM) need C forward passes per image (C channels at the layer):
+their *floor* is the forward rate divided by C, and ``ratio_to_floor`` says how close they come to it.
 Random weights: speed does not depend on the values.
 """
 
@@ -70,9 +72,14 @@ def benchmark_model(
             timings[key].append(_time_once(fn))
 
     forward_rate = batch / statistics.median(timings["forward"])
+    channels = flaxcam.list_layers(model, variables, images)
+    channels = [info for info in channels if info.is_spatial][-1].shape[-1]
     records = []
     for key, values in timings.items():
         rate = batch / statistics.median(values)
+        extra = {}
+        if key in flaxcam.METHODS and flaxcam.METHODS[key].batched:
+            extra = {"floor_images_per_s": round(forward_rate / channels, 4), "ratio_to_floor": round(rate * channels / forward_rate, 3)}
         records.append(
             {
                 "model": name,
@@ -84,6 +91,7 @@ def benchmark_model(
                 "median_s": round(statistics.median(values), 5),
                 "min_s": round(min(values), 5),
                 "rounds": rounds,
+                **extra,
             }
         )
     return records
@@ -91,11 +99,15 @@ def benchmark_model(
 
 def markdown_table(records: list[dict]) -> str:
     """The records as a Markdown table."""
-    lines = ["| model | method | batch | size | images/s | ratio to forward |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | batch | size | images/s | ratio to forward | ratio to floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
+        floor = f"{r['ratio_to_floor']:.3f}" if "ratio_to_floor" in r else ""
         lines.append(
             f"| {r['model']} | {r['method']} | {r['batch']} | {r['size'][0]}x{r['size'][1]} | "
-            f"{r['images_per_s']:.1f} | {r['ratio_to_forward']:.3f} |"
+            f"{r['images_per_s']:.2f} | {r['ratio_to_forward']:.3f} | {floor} |"
         )
     return "\n".join(lines)
 
@@ -103,13 +115,15 @@ def markdown_table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
+    parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"], help="method names, or 'all'")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
     args = parser.parse_args(argv)
 
+    if args.methods == ["all"]:
+        args.methods = list(flaxcam.METHODS)
     info = machine_info()
     records = []
     for name in args.models:

@@ -22,6 +22,7 @@ from flaxcam.probe import (
     OutputFn,
     default_output_fn,
     forward_at_layer,
+    forward_at_layers,
     list_layers,
     probe,
     resolve_layer,
@@ -88,6 +89,8 @@ def _contributions(
     chosen: Array,
     key: Array | None,
     target_data: dict[str, Array] | None = None,
+    layer: str = "",
+    scores: Array | None = None,
 ) -> Array:
     """The method's per-channel contributions ``(B, T, h, w, C)``."""
     method = config.method
@@ -95,7 +98,9 @@ def _contributions(
         available = {
             "activations": activations,
             "images": images,
+            "scores": scores,
             "score": _input_scorer(config, variables, chosen, target_data),
+            "ablate": _ablation_scorer(config, variables, images, layer, chosen, target_data),
         }
         return method.fn(**{name: available[name] for name in method.inputs}, chunk_size=config.chunk_size)
 
@@ -121,19 +126,41 @@ def _contributions(
     return jax.vmap(per_image)(inputs)
 
 
-def _input_scorer(config: _StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
-    """``score(new_images, image_index) -> (n, T)``: the targets of images ``image_index`` (the labels
-    already chosen on the originals) evaluated on new inputs, e.g. masked copies."""
+def _fixed_targets(config: _StepConfig, chosen: Array, target_data: dict | None) -> tuple[TargetSpec, dict]:
+    """The targets with the labels already chosen on the original images, to score new inputs with."""
     spec = config.target_spec
     if spec.kind in ("argmax", "top_k", "classes"):
         spec = TargetSpec("classes", spec.count, spec.score)
-    data = {**(target_data or {}), "classes": chosen}
+    return spec, {**(target_data or {}), "classes": chosen}
+
+
+def _input_scorer(config: _StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
+    """``score(new_images, image_index) -> (n, T)``: the targets of images ``image_index`` evaluated on
+    new inputs (e.g. masked copies)."""
+    spec, data = _fixed_targets(config, chosen, target_data)
 
     def score(new_images: Array, image_index: Array) -> Array:
         output = config.output_fn(config.model.apply(variables, new_images, **dict(config.apply_kwargs)))
         return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
 
     return score
+
+
+def _ablation_scorer(
+    config: _StepConfig, variables: Any, images: Array, layer: str, chosen: Array, target_data: dict | None
+) -> Callable:
+    """``ablate(delta, image_index) -> (n, T)``: the targets of images ``image_index`` with ``delta``
+    added to ``layer``'s output (a forward pass of the whole network per row)."""
+    spec, data = _fixed_targets(config, chosen, target_data)
+
+    def ablate(delta: Array, image_index: Array) -> Array:
+        output, _, _ = forward_at_layers(
+            config.model, variables, images[image_index], (layer,), (delta,), config.apply_kwargs
+        )
+        output = config.output_fn(output)
+        return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
+
+    return ablate
 
 
 def _reduce(contributions: Array, projection: bool) -> Array:
@@ -176,7 +203,8 @@ def _run(
         layer_key = None if key is None else jax.random.fold_in(key, index)
         layer_gradients = None if gradients is None else gradients[index]
         contributions = _contributions(
-            config, variables, images, activations[index], layer_gradients, chosen, layer_key, target_data
+            config, variables, images, activations[index], layer_gradients, chosen, layer_key, target_data,
+            config.layers[index], scores,
         )
         raw = _reduce(contributions, config.eigen_smooth or method.reduction == "projection")  # (B, T, h, w)
         low_res = ops.minmax_normalize(jax.nn.relu(raw))

@@ -111,3 +111,21 @@ def test_eigen_smooth_changes_the_reduction_only(net):
     smooth = flaxcam.explain(model, variables, images, method="gradcam", layer="mid", eigen_smooth=True)
     assert np.abs(np.asarray(plain.low_res) - np.asarray(smooth.low_res)).max() > 0.01
     np.testing.assert_array_equal(np.asarray(plain.targets), np.asarray(smooth.targets))
+
+
+def test_ablationcam_equals_numpy_derivation(net):
+    """Zero each channel of "mid" (post-ReLU, minimum 0) and rerun the rest of the network directly."""
+    model, variables, images = net
+    out = flaxcam.explain(model, variables, images, method="ablationcam", layer="mid", top_k=2, chunk_size=7)
+    acts = np.asarray(model.apply(variables, images, method=lambda m, x: m.mid(m.stem(x))))
+    assert (acts.reshape(len(acts), -1).min(axis=1) == 0).all()
+    rest = jax.jit(lambda a: model.apply(variables, a, method=lambda m, f: m.classify(m.top(f))))
+    original = np.asarray(rest(acts), np.float64)
+    targets = np.asarray(out.targets)
+    for b in range(len(acts)):
+        ablated = np.repeat(acts[b : b + 1], acts.shape[-1], axis=0)
+        ablated[np.arange(acts.shape[-1]), :, :, np.arange(acts.shape[-1])] = 0
+        scores = np.asarray(rest(ablated), np.float64)
+        for t, c in enumerate(targets[b]):
+            weights = (original[b, c] - scores[:, c]) / original[b, c]
+            np.testing.assert_allclose(np.asarray(out.raw)[b, t], acts[b].astype(np.float64) @ weights, rtol=1e-3, atol=1e-5)

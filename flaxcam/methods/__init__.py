@@ -23,13 +23,14 @@ from flaxcam.methods.gradient import (
     layercam,
     xgradcam,
 )
-from flaxcam.methods.score import scorecam
+from flaxcam.methods.score import ablationcam, scorecam
 
 #: Inputs a method may ask for. Per image: ``activations`` (h, w, C), ``gradients`` (h, w, C) of the
 #: target score, ``class_weights`` (C,) of the target class in a pooling → Dense head, ``key`` (a PRNG
-#: key). Batched methods: ``activations`` (B, h, w, C), ``images`` and ``score(images, image_index)``
-#: (the target scores of new inputs standing for the images ``image_index``).
-INPUTS = ("activations", "gradients", "class_weights", "key", "images", "score")
+#: key). Batched methods: ``activations`` (B, h, w, C), ``images``, ``scores`` (B, T) and
+#: ``score(images, image_index)`` / ``ablate(delta, image_index)`` (the target scores of new inputs, or
+#: of the images with ``delta`` added at the layer, standing for the images ``image_index``).
+INPUTS = ("activations", "gradients", "class_weights", "key", "images", "scores", "score", "ablate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ METHODS: dict[str, Method] = {
     "eigencam": Method("eigencam", eigencam, ("activations",), reduction="projection"),
     "eigengradcam": Method("eigengradcam", eigengradcam, _GRADIENT, reduction="projection"),
     "scorecam": Method("scorecam", scorecam, ("activations", "images", "score"), batched=True),
+    "ablationcam": Method("ablationcam", ablationcam, ("activations", "scores", "ablate"), batched=True),
     "randomcam": Method("randomcam", randomcam, ("activations", "key")),
 }
 
@@ -80,6 +82,7 @@ def get_method(name: str) -> Method:
 
 __all__ = [
     "INPUTS",
+    "ablationcam",
     "METHODS",
     "Method",
     "cam",

@@ -80,3 +80,48 @@ def scorecam(
     scores = scores.reshape(batch, channels, -1)  # (B, C, T)
     weights = jax.nn.softmax(scores, axis=1).transpose(0, 2, 1)  # (B, T, C)
     return activations[:, None] * weights[:, :, None, None, :]
+
+
+def ablationcam(
+    activations: Array,
+    scores: Array,
+    ablate: Callable[[Array, Array], Array],
+    chunk_size: int = 32,
+) -> Array:
+    r"""Ablation-CAM for a batch: a channel's weight is the relative drop of the target score when the
+    channel is ablated at the layer.
+
+    .. math:: \alpha^c_k = \frac{y^c - y^c_{A_k \to v}}{y^c}, \qquad M = \sum_k \alpha^c_k A_k
+
+    The ablation value ``v`` is 0 when the image's activations have minimum 0 (post-ReLU layers, the
+    paper's setting), else ``min(A) - 1e7`` as in pytorch-grad-cam (which, for that case, lowers the
+    value again for every channel of a batch; flaxcam uses one value). Cost: ``C`` forward passes per
+    image (all targets share them), in chunks of ``chunk_size``.
+
+    Args: activations ``(B, h, w, C)``, scores ``(B, T)`` of the unablated images,
+    ``ablate(delta, image_index)`` giving the ``(n, T)`` target scores of the images ``image_index``
+    with ``delta`` ``(n, h, w, C)`` added to the layer's output.
+    Returns: contributions ``(B, T, h, w, C)``.
+
+    Reference: Desai, Ramaswamy. "Ablation-CAM: Visual Explanations for Deep Convolutional Network via
+    Gradient-free Localization", WACV 2020.
+    """
+    batch, _, _, channels = activations.shape
+    minimum = jnp.min(activations, axis=(1, 2, 3))
+    value = jnp.where(minimum == 0, 0.0, minimum - 1e7)  # (B,)
+    total = batch * channels
+    chunks = -(-total // chunk_size)
+    indices = jnp.arange(chunks * chunk_size).reshape(chunks, chunk_size)
+
+    def chunk_scores(index: Array) -> Array:
+        image_index = jnp.minimum(index // channels, batch - 1)
+        channel = index % channels
+        selected = activations[image_index]  # (n, h, w, C)
+        hit = (jnp.arange(channels)[None, :] == channel[:, None])[:, None, None, :]
+        delta = jnp.where(hit, value[image_index][:, None, None, None] - selected, 0.0)
+        return ablate(delta, image_index)  # (n, T)
+
+    ablated = jax.lax.map(chunk_scores, indices).reshape(chunks * chunk_size, -1)[:total]
+    ablated = ablated.reshape(batch, channels, -1).transpose(0, 2, 1)  # (B, T, C)
+    weights = (scores[:, :, None] - ablated) / scores[:, :, None]
+    return activations[:, None] * weights[:, :, None, None, :]

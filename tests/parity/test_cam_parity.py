@@ -204,9 +204,8 @@ def test_eigen_methods_equal_pytorch_grad_cam_up_to_sign(resnet18_pair, layer, c
 def test_scorecam_equals_pytorch_grad_cam():
     """C = 512 masked forward passes per image at layer4 (one seed: that is 2048 forward passes per
     library), chunked on device (chunk 64)."""
+    torch, reference, model, variables, images = _make_pair(0)  # before importing the reference library
     import pytorch_grad_cam
-
-    torch, reference, model, variables, images = _make_pair(0)
     ref_low, ref_up = _reference_cam(reference, reference.layer4, images, pytorch_grad_cam.ScoreCAM)
     ours = flaxcam.explain(
         model, variables, images.numpy().transpose(0, 2, 3, 1), method="scorecam", layer="layer4", targets=TARGETS, chunk_size=64
@@ -255,3 +254,16 @@ def test_aug_smooth_equals_pytorch_grad_cam(resnet18_pair, layer):
     plain = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS)
     assert np.abs(np.asarray(plain.maps) - np.asarray(ours.maps)).max() > 0.05
     np.testing.assert_allclose(np.asarray(ours.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ablationcam_equals_pytorch_grad_cam():
+    """C = 512 ablated forward passes per image at layer4 (one seed), chunked on device (chunk 64)."""
+    torch, reference, model, variables, images = _make_pair(0)  # before importing the reference library
+    import pytorch_grad_cam
+    ref_low, ref_up = _reference_cam(reference, reference.layer4, images, pytorch_grad_cam.AblationCAM)
+    ours = flaxcam.explain(
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method="ablationcam", layer="layer4", targets=TARGETS, chunk_size=64
+    )
+    assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
+    assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
