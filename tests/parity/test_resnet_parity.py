@@ -86,3 +86,18 @@ def test_torch_tensor_values_and_max_pooling():
     assert gmp.shape == avg.shape == (2, 1000)
     assert np.isfinite(np.asarray(gmp)).all()
     assert not np.allclose(avg, gmp)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_checkpoint_file_path_is_read_without_torch(tmp_path, legacy):
+    """A .pth written by torch.save (zip or legacy format) loads from its path, equal to the state_dict."""
+    torch, reference = _torchvision_resnet("resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    from_path = load_torchvision_resnet(path)
+    from_dict = load_torchvision_resnet(reference.state_dict())
+    assert from_path[0] == from_dict[0]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_path[1], from_dict[1])
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="resnet18.pth"):
+        load_torchvision_resnet(path)
