@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -85,7 +85,7 @@ def _from_torch(array: np.ndarray, leaf: str) -> np.ndarray:
             array = array.transpose(2, 3, 1, 0)
         elif array.ndim == 2:
             array = array.T
-    return np.asarray(array, np.float32)
+    return np.ascontiguousarray(array, np.float32)
 
 
 def infer_resnet_config(keys: Any) -> tuple[tuple[int, ...], type[nn.Module]]:
@@ -107,6 +107,84 @@ def infer_resnet_config(keys: Any) -> tuple[tuple[int, ...], type[nn.Module]]:
     stage_sizes = tuple(max(blocks[n]) + 1 for n in (1, 2, 3, 4))
     bottleneck = any(key.startswith("layer1.0.conv3.") for key in keys)
     return stage_sizes, Bottleneck if bottleneck else BasicBlock
+
+
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drop a ``"module."`` prefix present on every key (``nn.DataParallel`` checkpoints)."""
+    keys = list(state_dict)
+    if keys and all(key.startswith("module.") for key in keys):
+        return {key[len("module."):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, Any],
+    model: nn.Module,
+    model_label: str,
+    *,
+    to_flax: Callable[[tuple[str, ...]], tuple[str, ...]] = tuple,
+    to_torch: Callable[[tuple[str, ...]], tuple[str, ...]] = tuple,
+    input_shape: tuple[int, ...] = (1, 64, 64, 3),
+) -> dict[str, Any]:
+    """Convert a PyTorch ``state_dict`` to the variables of ``model`` (conv OIHW -> HWIO, depthwise
+    ``(C, 1, k, k)`` -> ``(k, k, 1, C)``, linear transposed, BatchNorm -> scale/bias + mean/var).
+
+    ``to_flax`` / ``to_torch`` map module paths between the two namings (identity by default). Every
+    missing key, unexpected (or duplicate) key and shape mismatch is collected and raised in one
+    ValueError naming ``model_label``. Shapes come from ``jax.eval_shape``: nothing is initialized.
+    """
+    target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape), train=False))
+    target_flat = {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(dict(target)).items()}
+    module_leaves: dict[tuple[str, ...], set[str]] = {}
+    for collection, *module_path, leaf in target_flat:
+        module_leaves.setdefault((collection, *module_path), set()).add(leaf)
+
+    converted: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    mismatched_paths: set[tuple[str, ...]] = set()
+    for key, value in state_dict.items():
+        *torch_path, last = key.split(".")
+        if last in _IGNORED_LEAVES:
+            continue
+        if last not in _LEAVES:
+            unexpected.append(key)
+            continue
+        collection, leaf = _LEAVES[last]
+        module_path = to_flax(tuple(torch_path))
+        if leaf is None:
+            present = module_leaves.get((collection, *module_path), set())
+            leaf = "kernel" if "kernel" in present else "scale"
+        path = (collection, *module_path, leaf)
+        if path not in target_flat or path in converted:  # unknown, or a second key for one variable
+            unexpected.append(key)
+            continue
+        array = _to_numpy(value)
+        expected = _torch_layout(target_flat[path]) if leaf == "kernel" else target_flat[path]
+        if tuple(array.shape) != expected:
+            mismatched.append(f"{key} (expected {expected}, got {tuple(array.shape)})")
+            mismatched_paths.add(path)
+            continue
+        converted[path] = _from_torch(array, leaf)
+
+    missing = [
+        ".".join((*to_torch(path[1:-1]), _TORCH_LEAF[path[-1]]))
+        for path in target_flat
+        if path not in converted and path not in mismatched_paths
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {', '.join(sorted(missing))}")
+        if unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {', '.join(mismatched)}")
+        raise ValueError(f"state_dict does not match {model_label}: " + "; ".join(problems))
+    return dict(traverse_util.unflatten_dict({path: jnp.asarray(a) for path, a in converted.items()}))
 
 
 def load_torchvision_resnet(
@@ -137,10 +215,8 @@ def load_torchvision_resnet(
         from flaxcam.models.torch_checkpoint import load_torch_state_dict
 
         state_dict = load_torch_state_dict(state_dict)
+    state_dict = strip_module_prefix(state_dict)
     keys = list(state_dict)
-    if keys and all(key.startswith("module.") for key in keys):
-        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
-        keys = list(state_dict)
     if "fc.weight" not in state_dict:
         raise ValueError("missing key 'fc.weight' in the ResNet state_dict (needed to infer num_classes)")
     fc_weight = _to_numpy(state_dict["fc.weight"])
@@ -155,52 +231,5 @@ def load_torchvision_resnet(
     else:
         model = ResNet(stage_sizes, block_cls, num_classes=num_classes, pooling=pooling, dtype=dtype)
 
-    # Shapes only: no parameter is materialized and nothing is computed.
-    target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-    target_flat = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(dict(target)).items()}
-    module_leaves: dict[tuple[str, ...], set[str]] = {}
-    for collection, *module_path, leaf in target_flat:
-        module_leaves.setdefault((collection, *module_path), set()).add(leaf)
-
-    converted: dict[tuple[str, ...], np.ndarray] = {}
-    seen: set[tuple[str, ...]] = set()
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    for key, value in state_dict.items():
-        *module_path, last = key.split(".")
-        if last in _IGNORED_LEAVES:
-            continue
-        if last not in _LEAVES:
-            unexpected.append(key)
-            continue
-        collection, leaf = _LEAVES[last]
-        if leaf is None:
-            present = module_leaves.get((collection, *module_path), set())
-            leaf = "kernel" if "kernel" in present else "scale"
-        path = (collection, *module_path, leaf)
-        if path not in target_flat:
-            unexpected.append(key)
-            continue
-        seen.add(path)
-        array = _to_numpy(value)
-        expected = _torch_layout(target_flat[path]) if leaf == "kernel" else tuple(target_flat[path])
-        if tuple(array.shape) != expected:
-            mismatched.append(f"{key} (expected {expected}, got {tuple(array.shape)})")
-            continue
-        converted[path] = _from_torch(array, leaf)
-
-    torch_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-    missing = [".".join((*path[1:-1], torch_leaf[path[-1]])) for path in target_flat if path not in seen]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {', '.join(sorted(missing))}")
-        if unexpected:
-            problems.append(f"unexpected keys: {', '.join(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {', '.join(mismatched)}")
-        name = getattr(constructor, "__name__", f"ResNet{stage_sizes}")
-        raise ValueError(f"state_dict does not match a torchvision {name}: " + "; ".join(problems))
-
-    variables = traverse_util.unflatten_dict({path: jnp.asarray(a) for path, a in converted.items()})
-    return model, dict(variables)
+    name = getattr(constructor, "__name__", f"ResNet{stage_sizes}")
+    return model, convert_state_dict(state_dict, model, f"a torchvision {name}")

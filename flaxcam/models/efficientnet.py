@@ -46,10 +46,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
-from flaxcam.models.convert import _to_numpy
+from flaxcam.models.convert import _to_numpy, convert_state_dict, strip_module_prefix
 from flaxcam.models.resnet import check_pooling, global_pool
 
 __all__ = [
@@ -269,17 +267,7 @@ def efficientnet_lite0(num_classes: int = 1000, pooling: str = "avg", dtype: Dty
 #: Top-level torch modules that live inside a wrapper module here.
 _TORCH_PREFIX_TO_FLAX = {"_conv_stem": ("stem", "_conv_stem"), "_bn0": ("stem", "_bn0"),
                          "_conv_head": ("head", "_conv_head"), "_bn1": ("head", "_bn1")}
-_LEAVES: dict[str, tuple[str, str | None]] = {
-    "weight": ("params", None),  # kernel (conv, dense) or scale (BatchNorm)
-    "bias": ("params", "bias"),
-    "running_mean": ("batch_stats", "mean"),
-    "running_var": ("batch_stats", "var"),
-}
-_IGNORED_LEAVES = frozenset({"num_batches_tracked"})
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-
-def _flax_module_path(torch_path: list[str]) -> tuple[str, ...]:
+def _flax_module_path(torch_path: tuple[str, ...]) -> tuple[str, ...]:
     if torch_path and torch_path[0] in _TORCH_PREFIX_TO_FLAX and len(torch_path) == 1:
         return _TORCH_PREFIX_TO_FLAX[torch_path[0]]
     return tuple(torch_path)
@@ -289,24 +277,6 @@ def _torch_module_path(flax_path: tuple[str, ...]) -> tuple[str, ...]:
     if len(flax_path) == 2 and flax_path[0] in ("stem", "head"):
         return flax_path[1:]
     return flax_path
-
-
-def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
-    if leaf == "kernel" and len(flax_shape) == 4:  # HWIO (I = 1 for depthwise) -> OIHW
-        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
-    if leaf == "kernel" and len(flax_shape) == 2:
-        return (flax_shape[1], flax_shape[0])
-    return tuple(flax_shape)
-
-
-def _from_torch(array: np.ndarray, leaf: str) -> np.ndarray:
-    # A depthwise conv's torch weight (C, 1, k, k) becomes (k, k, 1, C): the HWIO kernel of flax's
-    # feature_group_count=C convolution, so the one transpose serves both kinds.
-    if leaf == "kernel" and array.ndim == 4:
-        array = array.transpose(2, 3, 1, 0)
-    elif leaf == "kernel" and array.ndim == 2:
-        array = array.T
-    return np.ascontiguousarray(array, np.float32)
 
 
 def load_efficientnet_lite0(
@@ -333,9 +303,7 @@ def load_efficientnet_lite0(
         ValueError: naming every missing key, unexpected key and key whose shape does not match.
     """
     check_pooling(pooling)
-    if keys := list(state_dict):
-        if all(key.startswith("module.") for key in keys):
-            state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    state_dict = strip_module_prefix(state_dict)
     if "_fc.weight" not in state_dict:
         raise ValueError(
             "missing key '_fc.weight' in the EfficientNet-Lite0 state_dict (needed to infer num_classes); "
@@ -346,54 +314,12 @@ def load_efficientnet_lite0(
         raise ValueError(f"shape mismatch for '_fc.weight': expected (num_classes, 1280), got {fc_weight.shape}")
     model = efficientnet_lite0(num_classes=int(fc_weight.shape[0]), pooling=pooling, dtype=dtype)
 
-    target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-    target_flat = {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(dict(target)).items()}
-    module_leaves: dict[tuple[str, ...], set[str]] = {}
-    for collection, *module_path, leaf in target_flat:
-        module_leaves.setdefault((collection, *module_path), set()).add(leaf)
-
-    converted: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    mismatched_paths: set[tuple[str, ...]] = set()
-    for key, value in state_dict.items():
-        *torch_path, last = key.split(".")
-        if last in _IGNORED_LEAVES:
-            continue
-        if last not in _LEAVES:
-            unexpected.append(key)
-            continue
-        collection, leaf = _LEAVES[last]
-        module_path = _flax_module_path(torch_path)
-        if leaf is None:
-            present = module_leaves.get((collection, *module_path), set())
-            leaf = "kernel" if "kernel" in present else "scale"
-        path = (collection, *module_path, leaf)
-        if path not in target_flat or path in converted:  # unknown, or a second key for one variable
-            unexpected.append(key)
-            continue
-        array = _to_numpy(value)
-        expected = _torch_shape(target_flat[path], leaf)
-        if tuple(array.shape) != expected:
-            mismatched.append(f"{key} (expected {expected}, got {tuple(array.shape)})")
-            mismatched_paths.add(path)
-            continue
-        converted[path] = _from_torch(array, leaf)
-
-    missing = [
-        ".".join((*_torch_module_path(path[1:-1]), _TORCH_LEAF[path[-1]]))
-        for path in target_flat
-        if path not in converted and path not in mismatched_paths
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {', '.join(sorted(missing))}")
-        if unexpected:
-            problems.append(f"unexpected keys: {', '.join(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {', '.join(mismatched)}")
-        raise ValueError("state_dict does not match EfficientNet-Lite0: " + "; ".join(problems))
-
-    variables = traverse_util.unflatten_dict({path: jnp.asarray(a) for path, a in converted.items()})
-    return model, dict(variables)
+    variables = convert_state_dict(
+        state_dict,
+        model,
+        "EfficientNet-Lite0",
+        to_flax=_flax_module_path,
+        to_torch=_torch_module_path,
+        input_shape=(1, 32, 32, 3),
+    )
+    return model, variables
