@@ -15,7 +15,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam import ops
-from flaxcam.methods import Method, first_component_projection, get_method
+from flaxcam.methods import Method, first_component_projection, get_method, kernel_pca_projection
 from flaxcam.probe import (
     LayerError,
     LayerInfo,
@@ -163,11 +163,13 @@ def _ablation_scorer(
     return ablate
 
 
-def _reduce(contributions: Array, projection: bool) -> Array:
-    """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum or first component."""
-    if not projection:
+def _reduce(contributions: Array, reduction: str) -> Array:
+    """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum, first principal
+    component or first kernel principal component."""
+    if reduction == "sum":
         return jnp.sum(contributions, axis=-1)
-    return jax.vmap(jax.vmap(first_component_projection))(contributions)
+    project = kernel_pca_projection if reduction == "kernel_projection" else first_component_projection
+    return jax.vmap(jax.vmap(project))(contributions)
 
 
 #: pytorch-grad-cam's default test-time augmentation for ``aug_smooth``: horizontal flip × input
@@ -206,7 +208,8 @@ def _run(
             config, variables, images, activations[index], layer_gradients, chosen, layer_key, target_data,
             config.layers[index], scores,
         )
-        raw = _reduce(contributions, config.eigen_smooth or method.reduction == "projection")  # (B, T, h, w)
+        reduction = "projection" if config.eigen_smooth and method.reduction == "sum" else method.reduction
+        raw = _reduce(contributions, reduction)  # (B, T, h, w)
         low_res = ops.minmax_normalize(jax.nn.relu(raw))
         raws.append(raw)
         lows.append(low_res)

@@ -129,3 +129,21 @@ def test_ablationcam_equals_numpy_derivation(net):
         for t, c in enumerate(targets[b]):
             weights = (original[b, c] - scores[:, c]) / original[b, c]
             np.testing.assert_allclose(np.asarray(out.raw)[b, t], acts[b].astype(np.float64) @ weights, rtol=1e-3, atol=1e-5)
+
+
+def test_kernel_pca_projection_equals_scikit_learn():
+    from sklearn.decomposition import KernelPCA
+
+    from flaxcam.methods import kernel_pca_projection
+
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        x = rng.standard_normal((5, 6, 8)).astype(np.float32)
+        ours = np.asarray(kernel_pca_projection(x))
+        matrix = x.reshape(30, 8).astype(np.float64)
+        centred = matrix - matrix.mean(axis=0)
+        expected = KernelPCA(n_components=1, kernel="sigmoid", eigen_solver="dense").fit_transform(centred)[:, 0]
+        if (expected * matrix.sum(axis=1)).sum() < 0:
+            expected = -expected
+        np.testing.assert_allclose(ours.ravel(), expected, atol=1e-4)
+        assert (ours.ravel() * matrix.sum(axis=1)).sum() >= 0

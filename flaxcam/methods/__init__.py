@@ -14,7 +14,13 @@ from collections.abc import Callable
 
 from flaxcam.methods.baseline import randomcam
 from flaxcam.methods.cam import cam
-from flaxcam.methods.eigen import eigencam, eigengradcam, first_component_projection
+from flaxcam.methods.eigen import (
+    eigencam,
+    eigengradcam,
+    first_component_projection,
+    kernel_pca_projection,
+    kpcacam,
+)
 from flaxcam.methods.gradient import (
     gradcam,
     gradcam_elementwise,
@@ -36,7 +42,7 @@ INPUTS = ("activations", "gradients", "class_weights", "key", "images", "scores"
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered method: its function, the inputs it takes (by keyword) and how its per-channel
-    contributions become a map (``"sum"`` or ``"projection"``). ``batched`` methods take the whole
+    contributions become a map (``"sum"``, ``"projection"`` or ``"kernel_projection"``). ``batched`` methods take the whole
     batch (they run forward passes); the others one image and one target."""
 
     name: str
@@ -66,6 +72,7 @@ METHODS: dict[str, Method] = {
     "gradcam++": Method("gradcam++", gradcam_plusplus, _GRADIENT),
     "eigencam": Method("eigencam", eigencam, ("activations",), reduction="projection"),
     "eigengradcam": Method("eigengradcam", eigengradcam, _GRADIENT, reduction="projection"),
+    "kpcacam": Method("kpcacam", kpcacam, ("activations",), reduction="kernel_projection"),
     "scorecam": Method("scorecam", scorecam, ("activations", "images", "score"), batched=True),
     "ablationcam": Method("ablationcam", ablationcam, ("activations", "scores", "ablate"), batched=True),
     "randomcam": Method("randomcam", randomcam, ("activations", "key")),
@@ -94,6 +101,8 @@ __all__ = [
     "gradcam_elementwise",
     "gradcam_plusplus",
     "hirescam",
+    "kernel_pca_projection",
+    "kpcacam",
     "layercam",
     "randomcam",
     "scorecam",

@@ -52,3 +52,36 @@ def eigengradcam(activations: Array, gradients: Array) -> Array:
     (arXiv:2008.00299).
     """
     return gradients * activations
+
+
+def kernel_pca_projection(contributions: Array, gamma: float | None = None, coef0: float = 1.0) -> Array:
+    r"""Project ``(h, w, C)`` onto its first kernel principal component (sigmoid kernel).
+
+    With :math:`X` the ``(hw, C)`` matrix centred per channel,
+    :math:`K = \tanh(\gamma X X^\top + c_0)` (``gamma`` defaults to ``1 / C``, ``coef0`` to 1, as in
+    scikit-learn's ``KernelPCA``), :math:`\tilde K` the doubly centred kernel and :math:`(\lambda_1, v_1)`
+    its top eigenpair, the map is :math:`v_1 \sqrt{\lambda_1}` reshaped to ``(h, w)`` — scikit-learn's
+    ``KernelPCA(n_components=1, kernel="sigmoid").fit_transform``, which pytorch-grad-cam's ``KPCA_CAM``
+    calls. Oriented like :func:`first_component_projection` (positive correlation with the channel sum).
+    """
+    height, width, channels = contributions.shape
+    matrix = jnp.nan_to_num(contributions).reshape(height * width, channels)
+    centred = matrix - jnp.mean(matrix, axis=0)
+    scale = 1.0 / channels if gamma is None else gamma
+    kernel = jnp.tanh(scale * centred @ centred.T + coef0)
+    kernel = kernel - jnp.mean(kernel, axis=0, keepdims=True) - jnp.mean(kernel, axis=1, keepdims=True) + jnp.mean(kernel)
+    values, vectors = jnp.linalg.eigh(kernel)
+    projection = vectors[:, -1] * jnp.sqrt(jnp.maximum(values[-1], 0.0))
+    agreement = jnp.sum(projection * jnp.sum(matrix, axis=1))
+    return jnp.where(agreement < 0, -projection, projection).reshape(height, width)
+
+
+def kpcacam(activations: Array) -> Array:
+    r"""KPCA-CAM: the first *kernel* principal component of the activations (no gradients).
+
+    The contributions are the activations; :func:`kernel_pca_projection` (sigmoid kernel) reduces them.
+
+    Reference: Karmani et al. "KPCA-CAM: Visual Explainability of Deep Computer Vision Models using
+    Kernel PCA", 2024 (arXiv:2410.00267); pytorch-grad-cam's ``KPCA_CAM``.
+    """
+    return activations

@@ -176,6 +176,7 @@ def _reference_eigen(reference, layer_module, images, cam_class, eigen_smooth, c
 EIGEN_CASES = {  # flaxcam (method, eigen_smooth) -> (pytorch-grad-cam class, its eigen_smooth, channel sum)
     "eigencam": ("EigenCAM", False, lambda cam, t, a, g: a.sum(axis=1)),
     "eigengradcam": ("EigenGradCAM", False, lambda cam, t, a, g: (a * g).sum(axis=1)),
+    "kpcacam": ("KPCA_CAM", False, lambda cam, t, a, g: a.sum(axis=1)),
     "gradcam+eigen_smooth": ("GradCAM", True, lambda cam, t, a, g: cam.get_cam_image(None, None, t, a, g, False)),
     "layercam+eigen_smooth": ("LayerCAM", True, lambda cam, t, a, g: cam.get_cam_image(None, None, t, a, g, False)),
 }
