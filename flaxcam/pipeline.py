@@ -78,6 +78,7 @@ class _StepConfig:
     eigen_smooth: bool = False
     chunk_size: int = 32
     aug_smooth: bool = False
+    reshape: Callable[[Array], Array] | None = None
 
 
 def _contributions(
@@ -203,9 +204,14 @@ def _run(
     raws, lows, upsampled = [], [], []
     for index in range(len(config.layers)):
         layer_key = None if key is None else jax.random.fold_in(key, index)
+        layer_activations = activations[index]
         layer_gradients = None if gradients is None else gradients[index]
+        if config.reshape is not None:  # e.g. ViT tokens (B, N, D) -> grid (B, h, w, D)
+            layer_activations = config.reshape(layer_activations)
+            if layer_gradients is not None:  # (B, T, N, D) -> (B, T, h, w, D)
+                layer_gradients = jax.vmap(config.reshape, in_axes=1, out_axes=1)(layer_gradients)
         contributions = _contributions(
-            config, variables, images, activations[index], layer_gradients, chosen, layer_key, target_data,
+            config, variables, images, layer_activations, layer_gradients, chosen, layer_key, target_data,
             config.layers[index], scores,
         )
         reduction = "projection" if config.eigen_smooth and method.reduction == "sum" else method.reduction
@@ -432,6 +438,7 @@ def explain(
     chunk_size: int = 32,
     aug_smooth: bool = False,
     score: str = "logit",
+    reshape: Callable[[Array], Array] | None = None,
 ) -> Explanation:
     """Explain a batch of images with one jitted call.
 
@@ -448,6 +455,9 @@ def explain(
         ``(B, T)`` array of classes, or a :class:`flaxcam.targets.Binary`, ``Segmentation`` or
         ``Embedding`` target for other kinds of output.
       score: for class targets, explain the ``"logit"`` (default) or the ``"softmax"`` probability.
+      reshape: turns a non-spatial layer output into ``(B, h, w, C)`` — e.g. a ViT's ``(B, 1 + hw, D)``
+        tokens without the class token — applied to activations and gradients alike (pytorch-grad-cam's
+        ``reshape_transform``); pass a module-level function so it is hashed once.
       top_k: explain each image's ``k`` highest-scoring classes (``T = k``), from one forward pass.
       head: for CAM, the Dense layer after global pooling (default: the last ``nn.Dense`` called).
       apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``{"train": False}``).
@@ -473,7 +483,19 @@ def explain(
     requested = [layer] if layer is None or isinstance(layer, str) else list(layer)
     if not requested:
         raise ValueError("layer= must name at least one layer")
-    layer_infos = [resolve_layer(layers, name) for name in requested]
+    if reshape is not None and None in requested:
+        raise ValueError("with reshape=, name the layer(s) whose output it turns into a grid (layer=...)")
+    layer_infos = [resolve_layer(layers, name, spatial_only=reshape is None) for name in requested]
+    if reshape is not None:
+        if chosen_method.name == "ablationcam":
+            raise ValueError("ablationcam does not support reshape= yet (it ablates channels of the layer output)")
+        for info in layer_infos:
+            grid = jax.eval_shape(reshape, jax.ShapeDtypeStruct(info.shape, images.dtype))
+            if len(grid.shape) != 4 or grid.shape[0] != info.shape[0]:
+                raise ValueError(
+                    f"reshape must turn layer {info.name!r}'s output {info.shape} into (batch, height, width, "
+                    f"channels); it gave {grid.shape}"
+                )
 
     batch = images.shape[0]
     output_shape = _output_shape(model, shape_key(variables), jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
@@ -512,6 +534,7 @@ def explain(
         eigen_smooth,
         chunk_size,
         aug_smooth,
+        reshape,
     )
     if "key" in chosen_method.inputs:
         key = jax.random.key(0) if key is None else key

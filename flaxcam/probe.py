@@ -122,8 +122,9 @@ def _format_names(layers: list[LayerInfo], spatial_only: bool) -> str:
     return ", ".join(dict.fromkeys(names))
 
 
-def resolve_layer(layers: list[LayerInfo], name: str | None) -> LayerInfo:
-    """Find ``name`` among ``layers`` (default: the last spatial layer to return); clear errors otherwise."""
+def resolve_layer(layers: list[LayerInfo], name: str | None, spatial_only: bool = True) -> LayerInfo:
+    """Find ``name`` among ``layers`` (default: the last spatial layer to return); clear errors otherwise.
+    ``spatial_only=False`` accepts any array output (e.g. ViT tokens, turned into a grid by a reshape)."""
     spatial = [info for info in layers if info.is_spatial]
     if name is None:
         if not spatial:
@@ -141,7 +142,7 @@ def resolve_layer(layers: list[LayerInfo], name: str | None) -> LayerInfo:
     if len(matches) > 1:
         raise LayerError(f"layer {name!r} is called {len(matches)} times in one forward pass; pick a module called once")
     info = matches[0]
-    if not info.is_spatial:
+    if spatial_only and not info.is_spatial:
         raise LayerError(
             f"layer {name!r} outputs shape {info.shape}, not (batch, height, width, channels). Layers with "
             f"spatial outputs: {_format_names(layers, spatial_only=True)}"
