@@ -24,7 +24,7 @@ def _say(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _load_model(model_name: str | None, weights: Path | None, image_size: int | None):
+def _load_model(model_name: str | None, weights: Path | None):
     """(model, variables, meta): a flaxcam bundle, a torchvision ResNet checkpoint, the pretrained
     default (EfficientNet-Lite0, ImageNet) or a registry model with random weights."""
     from flaxcam import models
@@ -41,11 +41,10 @@ def _load_model(model_name: str | None, weights: Path | None, image_size: int | 
         return model, variables, dict(meta)
     if model_name not in models.MODELS:
         raise typer.BadParameter(f"unknown model {model_name!r}; models: {', '.join(sorted(models.MODELS))}")
-    size = image_size or 224
     model = models.create_model(model_name)
     _say(f"warning: {model_name} with RANDOM weights (no --weights given): the maps are not meaningful")
-    variables = models.init_variables(model, (1, size, size, 3))
-    return model, variables, {"input_size": [size, size]}
+    variables = models.init_variables(model, (1, 224, 224, 3))
+    return model, variables, {"input_size": [224, 224]}
 
 
 def _unique_figure_path(out: Path, stem: str, method: str, taken: set[Path]) -> Path:
@@ -87,7 +86,7 @@ def run_explain(
     from flaxcam import colormap, localize, viz
     from flaxcam.imageio import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessing, read_image
 
-    model, variables, meta = _load_model(model_name, weights, None)
+    model, variables, meta = _load_model(model_name, weights)
     size = tuple(meta.get("input_size", (224, 224)))
     preprocessing = Preprocessing(
         size=(int(size[0]), int(size[1])),

@@ -350,45 +350,35 @@ def _which_layer_feeds(layers: list[LayerInfo], channels: int) -> str:
     return f"layers with {channels} channels: {candidates[-3:]}; " if candidates else ""
 
 
-@functools.lru_cache(maxsize=16)
-def _head_features_cached(model, layer, head, image_shape, dtype, apply_kwargs, variables_ref) -> str | None:
-    variables = variables_ref.value
-    images = jax.random.normal(jax.random.key(0), (2, *image_shape), dtype)
+#: Result of the one-off CAM head check, keyed by model, layer, head, input shape and the *structure*
+#: of the variables (not their identity): whether a head reads the pooled layer output is a property of
+#: the architecture, so new weights or a rebuilt variables dict of the same model reuse the result.
+_HEAD_FEATURES: dict[tuple, str | None] = {}
 
-    @jax.jit
-    def features(variables, images):
-        _, activations, head_input = forward_at_layer(model, variables, images, layer, None, apply_kwargs, head)
-        return activations, head_input
 
-    activations, head_input = features(variables, images)
-    head_input = np.asarray(head_input, np.float64).reshape(head_input.shape[0], -1)
+def _head_features(model, variables, layer, head, image_shape, dtype, apply_kwargs) -> str | None:
+    """``"identity"`` / ``"relu"`` if the head's input is the global average or max pooling of the layer's
+    output (or of its ReLU), else None. Evaluated once per model, layer, head and input shape, on two
+    random images with the given weights."""
+    key = (model, layer, head, tuple(image_shape), jnp.dtype(dtype), apply_kwargs, shape_key(variables))
+    if key not in _HEAD_FEATURES:
+        images = jax.random.normal(jax.random.key(0), (2, *image_shape), dtype)
+        _, activations, head_input = jax.jit(
+            lambda v, x: forward_at_layer(model, v, x, layer, None, apply_kwargs, head)
+        )(variables, images)
+        _HEAD_FEATURES[key] = _pooling_relation(np.asarray(activations, np.float64), np.asarray(head_input, np.float64))
+    return _HEAD_FEATURES[key]
+
+
+def _pooling_relation(activations: np.ndarray, head_input: np.ndarray) -> str | None:
+    head_input = head_input.reshape(head_input.shape[0], -1)
     scale = np.abs(head_input).max() + 1e-12
-    activations = np.asarray(activations, np.float64)
     for features, transformed in (("identity", activations), ("relu", np.maximum(activations, 0.0))):
         for pool in (np.mean, np.max):
             pooled = pool(transformed, axis=(1, 2))
             if pooled.shape == head_input.shape and np.abs(pooled - head_input).max() <= 1e-4 * scale:
                 return features
     return None
-
-
-class _IdentityRef:
-    """Hash a variables tree by identity (cache key for the one-off head check)."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __hash__(self) -> int:
-        return id(self.value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _IdentityRef) and other.value is self.value
-
-
-def _head_features(model, variables, layer, head, image_shape, dtype, apply_kwargs) -> str | None:
-    """``"identity"`` / ``"relu"`` if the head's input is the global average or max pooling of the layer's
-    output (or of its ReLU), else None. Runs once per model, layer, head and image shape."""
-    return _head_features_cached(model, layer, head, tuple(image_shape), jnp.dtype(dtype), apply_kwargs, _IdentityRef(variables))
 
 
 @functools.lru_cache(maxsize=64)

@@ -341,3 +341,14 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded-ok" in result.stdout
+
+
+def test_cam_head_check_runs_once_per_architecture(user_net):
+    """Rebuilding the variables dict (as a training loop does) must not repeat the head check."""
+    model, variables, images = user_net
+    flaxcam.explain(model, dict(variables), images, method="cam")
+    checks = len(pipeline._HEAD_FEATURES)
+    shifted = jax.tree_util.tree_map(lambda p: p * 1.01, variables)  # new weights, same structure
+    flaxcam.explain(model, shifted, images, method="cam")
+    flaxcam.explain(model, dict(variables), images, method="cam")
+    assert len(pipeline._HEAD_FEATURES) == checks
