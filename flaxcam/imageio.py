@@ -17,27 +17,116 @@ class ImageReadError(ValueError):
     """A file that cannot be read as an image; the message names the file and the reason."""
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
     """Read ``path`` as an ``(H, W, 3)`` uint8 RGB array.
 
-    Grayscale, palette, RGBA (composited on black), CMYK and 16-bit images are converted to 8-bit RGB.
-    Raises :class:`ImageReadError` for a missing, unreadable or truncated file.
+    Conversions: grayscale, bilevel, palette, CMYK, YCbCr and LAB images become RGB; images with an
+    alpha channel (RGBA, LA, palette with transparency) are composited on black (``rgb * alpha / 255``);
+    16-bit and 32-bit integer images are scaled to 8 bits (by 65535 when any value exceeds 255, else
+    taken as 8-bit values); float images (mode F) are scaled by 255 when their maximum is at most 1,
+    else taken as 8-bit values and clipped. Multi-frame files give their
+    first frame.
+
+    Size guard: an image with more than ``max_pixels`` pixels (default: Pillow's
+    ``Image.MAX_IMAGE_PIXELS``, about 89 million) is not decoded at full size. A JPEG is decoded at a
+    reduced scale (``Image.draft``, 1/2 to 1/8) that fits the limit; any other format raises. Pillow
+    itself refuses files above twice its limit (a decompression bomb) before anything is decoded.
+
+    Raises :class:`ImageReadError` for a missing, unreadable, truncated or oversized file.
     """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(path) as image:
+            pixels = image.width * image.height
+            if limit is not None and pixels > limit:
+                if image.format != "JPEG":
+                    raise ImageReadError(
+                        f"{path}: image of {image.width}x{image.height} = {pixels} pixels exceeds the limit of "
+                        f"{limit} pixels (decompression-bomb guard; only JPEGs are decoded at reduced scale)"
+                    )
+                # JPEG decoders scale by 1/2, 1/4 or 1/8: the smallest such reduction that fits.
+                scale = next((s for s in (2, 4, 8) if -(-image.width // s) * -(-image.height // s) <= limit), 8)
+                image.draft("RGB", (-(-image.width // scale), -(-image.height // scale)))
+                if image.width * image.height > limit:
+                    raise ImageReadError(
+                        f"{path}: JPEG of {pixels} pixels cannot be reduced below the limit of {limit} pixels "
+                        "(decompression-bomb guard)"
+                    )
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if array.max() > 255 else 255.0
-                image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
-            rgb = image.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8)
+            return pil_to_rgb(image)
+    except ImageReadError:
+        raise
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{path}: is a directory, not an image file") from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not a readable image file") from None
-    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageReadError(f"{path}: not a readable image file (unknown format or empty)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"{path}: refused as a decompression bomb ({error})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
         raise ImageReadError(f"{path}: cannot decode image ({error})") from None
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A loaded Pillow image of any mode → ``(H, W, 3)`` uint8 RGB (conversions as in :func:`read_image`)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        return as_rgb_uint8(np.clip(values if values.max(initial=0.0) <= 1.0 else values / 255.0, 0.0, 1.0))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "RGBA", "LA", "L", "1"):
+        return as_rgb_uint8(np.asarray(image))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def as_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    """Any image array → ``(H, W, 3)`` uint8 RGB.
+
+    Accepts ``(H, W)``, ``(H, W, 1)`` (gray), ``(H, W, 2)`` (gray + alpha), ``(H, W, 3)`` and
+    ``(H, W, 4)`` (RGBA; alpha composited on black). dtypes: uint8; bool (True = 255); uint16 and
+    other integers (scaled by 65535 / 255 when any value exceeds 255, else taken as 8-bit values);
+    floats in [0, 1] (scaled by 255 and rounded).
+
+    Raises ``ValueError`` for another shape, negative integers, non-finite floats or floats outside
+    [0, 1].
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4) or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image array of shape {array.shape}: expected (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4)")
+    if array.dtype == np.uint8:
+        values = array.astype(np.float32)
+    elif array.dtype == np.bool_:
+        values = array.astype(np.float32) * 255.0
+    elif np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0:
+            raise ValueError(f"integer image with negative values (min {low})")
+        values = array.astype(np.float64) * (255.0 / 65535.0 if high > 255 else 1.0)
+        if high > 65535:
+            raise ValueError(f"integer image with values above 65535 (max {high})")
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise ValueError("float image with NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -1e-3 or high > 1.0 + 1e-3:
+            raise ValueError(f"float image with values outside [0, 1] (min {low:.4g}, max {high:.4g})")
+        values = np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0
+    else:
+        raise ValueError(f"image array of dtype {array.dtype}: expected an integer, bool or float dtype")
+    channels = array.shape[-1]
+    if channels in (2, 4):
+        alpha = values[..., -1:] / 255.0
+        values = values[..., :-1] * alpha
+    if values.shape[-1] == 1:
+        values = np.repeat(values, 3, axis=-1)
+    if array.dtype == np.uint8 and channels == 3:
+        return np.ascontiguousarray(array)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

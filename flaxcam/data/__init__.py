@@ -1,5 +1,49 @@
-"""Data sources. Today: the digits-on-a-canvas localization set (:func:`make_digit_canvases`)."""
+"""Data sources and batching for audit and training.
+
+* Sources (random access, :class:`Record` per index, never raising for a bad file):
+  :class:`ArraySource`, :class:`NpzSource` (:func:`save_npz`), :class:`ImageFolderSource`,
+  :class:`Ham10000Source`, :class:`TfdsSource`; :func:`open_source` builds one from a string.
+* :func:`iterate_batches`: indices → shard → padded :class:`Batch` es of model inputs through grain.
+* :func:`make_ham10000_fixture`: a generated dataset in the HAM10000 layout.
+* :func:`make_digit_canvases`: digits on a cluttered canvas with ground-truth boxes.
+"""
 
 from flaxcam.data.digits import CLASS_NAMES, DigitCanvases, make_digit_canvases
+from flaxcam.data.fixtures import make_ham10000_fixture
+from flaxcam.data.loader import Batch, batch_rows, iterate_batches, ordered_indices, shard_indices
+from flaxcam.data.sources import (
+    HAM10000_CLASSES,
+    SOURCE_KINDS,
+    ArraySource,
+    Ham10000Source,
+    ImageFolderSource,
+    ImageSource,
+    NpzSource,
+    Record,
+    TfdsSource,
+    open_source,
+    save_npz,
+)
 
-__all__ = ["CLASS_NAMES", "DigitCanvases", "make_digit_canvases"]
+__all__ = [
+    "CLASS_NAMES",
+    "DigitCanvases",
+    "make_digit_canvases",
+    "HAM10000_CLASSES",
+    "SOURCE_KINDS",
+    "ArraySource",
+    "Batch",
+    "Ham10000Source",
+    "ImageFolderSource",
+    "ImageSource",
+    "NpzSource",
+    "Record",
+    "TfdsSource",
+    "batch_rows",
+    "iterate_batches",
+    "make_ham10000_fixture",
+    "open_source",
+    "ordered_indices",
+    "save_npz",
+    "shard_indices",
+]

@@ -1,0 +1,434 @@
+"""Random-access image sources: NumPy arrays, ``.npz`` files, image folders, the HAM10000 layout, TFDS.
+
+Every source maps an index ``0..len-1`` to a :class:`Record` and never raises for a bad example: an
+image that cannot be read or converted gives ``Record(image=None, error="reason")``, so one bad file
+never stops a pass over a dataset. Sources are plain picklable objects (grain can read them from
+worker processes). Images come out as ``(H, W, 3)`` uint8 RGB whatever the file's mode (see
+:func:`flaxcam.imageio.read_image`).
+
+Boxes are ``(y0, x0, y1, x1)`` in pixels of ``Record.image`` with an exclusive end (note: the order
+differs from :func:`flaxcam.localize.boxes`, which returns ``[x0, y0, x1, y1]``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from flaxcam.imageio import ImageReadError, as_rgb_uint8, pil_to_rgb, read_image
+
+Box = tuple[float, float, float, float]
+
+HAM10000_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+"""HAM10000's seven diagnoses (``dx``), sorted; a label is the position in this tuple."""
+
+HAM10000_METADATA_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One example. ``image`` is ``(H, W, 3)`` uint8 RGB, or ``None`` with ``error`` giving the reason.
+
+    ``label`` is the class index (-1 when unknown); ``box`` is the ground truth ``(y0, x0, y1, x1)``
+    in pixels of ``image`` (exclusive end); ``mask`` an ``(H, W)`` bool ground-truth mask.
+    """
+
+    index: int
+    id: str
+    image: np.ndarray | None
+    label: int
+    error: str | None = None
+    box: Box | None = None
+    mask: np.ndarray | None = None
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """Random access to :class:`Record` s, so grain can shard and shuffle it."""
+
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Record: ...
+
+
+def _check_index(index: int, length: int) -> int:
+    index = int(index)
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a source of {length} records")
+    return index
+
+
+def _box_tuple(row: np.ndarray | Sequence[float] | None) -> Box | None:
+    if row is None:
+        return None
+    values = np.asarray(row, dtype=np.float64)
+    if values.shape != (4,):
+        raise ValueError(f"a box must have 4 values (y0, x0, y1, x1), got shape {values.shape}")
+    if np.any(np.isnan(values)):
+        return None
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+def _checked_mask(mask: np.ndarray | None, image: np.ndarray | None) -> tuple[np.ndarray | None, str | None]:
+    """The mask as ``(H, W)`` bool, or an error when its size does not match the image."""
+    if mask is None or image is None:
+        return (None if mask is None else np.asarray(mask, bool)), None
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != image.shape[:2]:
+        return None, f"mask of shape {mask.shape} does not match the image of shape {image.shape[:2]}"
+    return mask, None
+
+
+class ArraySource:
+    """In-memory images: an ``(N, H, W[, C])`` array or a sequence of ``(h, w[, C])`` arrays of any sizes.
+
+    Args:
+      images: uint8, uint16, bool or float in [0, 1]; 1 (gray), 2 (gray + alpha), 3 or 4 (RGBA)
+        channels (converted by :func:`flaxcam.imageio.as_rgb_uint8`; a bad one gives ``Record.error``).
+      labels: ``(N,)`` class indices (default: -1 for all).
+      class_names: default ``("0", ..., str(max label))``.
+      boxes: ``(N, 4)`` ground truth ``(y0, x0, y1, x1)`` in pixels, NaN rows for "no box".
+      masks: ``(N, H, W)`` bool or a sequence with ``None`` for "no mask".
+      ids: ``N`` unique strings (default ``str(index)``).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        labels: np.ndarray | Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+        boxes: np.ndarray | Sequence[Sequence[float]] | None = None,
+        masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> None:
+        count = len(images)
+        self.images = images
+        self.labels = np.full(count, -1, np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1)
+        if len(self.labels) != count:
+            raise ValueError(f"{len(self.labels)} labels for {count} images")
+        if class_names is None:
+            top = int(self.labels.max(initial=-1))
+            class_names = tuple(str(i) for i in range(top + 1))
+        self.class_names = tuple(str(name) for name in class_names)
+        if len(self.labels) and int(self.labels.max(initial=-1)) >= len(self.class_names):
+            raise ValueError(f"label {int(self.labels.max())} has no name among {len(self.class_names)} class_names")
+        self.boxes = None if boxes is None else np.asarray(boxes, np.float64).reshape(-1, 4)
+        if self.boxes is not None and len(self.boxes) != count:
+            raise ValueError(f"{len(self.boxes)} boxes for {count} images")
+        self.masks = masks
+        if masks is not None and len(masks) != count:
+            raise ValueError(f"{len(masks)} masks for {count} images")
+        self.ids = tuple(str(i) for i in range(count)) if ids is None else tuple(str(i) for i in ids)
+        if len(self.ids) != count:
+            raise ValueError(f"{len(self.ids)} ids for {count} images")
+        if len(set(self.ids)) != count:
+            raise ValueError("ids must be unique")
+
+    @classmethod
+    def from_digits(cls, canvases: Any) -> ArraySource:
+        """A source over :class:`flaxcam.data.DigitCanvases` (their ``[x0, y0, x1, y1]`` boxes are
+        reordered to ``(y0, x0, y1, x1)``)."""
+        boxes = np.asarray(canvases.boxes)[:, [1, 0, 3, 2]]
+        return cls(canvases.images, canvases.labels, canvases.class_names, boxes=boxes)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Record:
+        index = _check_index(index, len(self))
+        label = int(self.labels[index])
+        box = None if self.boxes is None else _box_tuple(self.boxes[index])
+        try:
+            image = as_rgb_uint8(np.asarray(self.images[index]))
+        except ValueError as error:
+            return Record(index, self.ids[index], None, label, f"{self.ids[index]}: {error}", box)
+        mask, mask_error = _checked_mask(None if self.masks is None else self.masks[index], image)
+        return Record(index, self.ids[index], image, label, mask_error, box, mask)
+
+
+def save_npz(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    boxes: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    ids: Sequence[str] | None = None,
+) -> Path:
+    """Write arrays that :class:`NpzSource` reads (keys ``images``, ``labels`` and the optional
+    ``class_names``, ``boxes`` ``(N, 4)`` as ``(y0, x0, y1, x1)``, ``masks``, ``ids``); returns the
+    path written (NumPy appends ``.npz`` when missing). :class:`NpzSource` loads the whole file into
+    memory."""
+    arrays: dict[str, np.ndarray] = {"images": np.asarray(images)}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, np.int64)
+    if class_names is not None:
+        arrays["class_names"] = np.asarray([str(n) for n in class_names])
+    if boxes is not None:
+        arrays["boxes"] = np.asarray(boxes, np.float32)
+    if masks is not None:
+        arrays["masks"] = np.asarray(masks, bool)
+    if ids is not None:
+        arrays["ids"] = np.asarray([str(i) for i in ids])
+    path = Path(path)
+    np.savez(path, **arrays)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+class NpzSource(ArraySource):
+    """A ``.npz`` file with ``images`` ``(N, H, W[, C])`` and optional ``labels``, ``class_names``,
+    ``boxes`` ``(N, 4)`` as ``(y0, x0, y1, x1)``, ``masks`` ``(N, H, W)`` and ``ids`` (see
+    :func:`save_npz`)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such .npz file")
+        with np.load(self.path, allow_pickle=False) as data:
+            if "images" not in data.files:
+                raise ValueError(f"{self.path}: no 'images' array (found: {', '.join(data.files)})")
+            arrays = {key: data[key] for key in data.files}
+        unknown = set(arrays) - {"images", "labels", "class_names", "boxes", "masks", "ids"}
+        if unknown:
+            raise ValueError(f"{self.path}: unknown arrays {sorted(unknown)} (valid: images, labels, class_names, boxes, masks, ids)")
+        super().__init__(
+            arrays["images"],
+            arrays.get("labels"),
+            None if "class_names" not in arrays else [str(n) for n in arrays["class_names"]],
+            boxes=arrays.get("boxes"),
+            masks=arrays.get("masks"),
+            ids=None if "ids" not in arrays else [str(i) for i in arrays["ids"]],
+        )
+
+
+def _image_extensions() -> frozenset[str]:
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+class ImageFolderSource:
+    """``root/<class>/<files>`` (files found recursively under each class folder); classes are the
+    sorted folder names, files are sorted by their path relative to ``root`` (the record id).
+
+    Files whose extension Pillow does not know (``extensions``, default: every extension Pillow
+    registers) are not records; they are listed in ``skipped``. Hidden files and folders (a name
+    starting with ".") are ignored. A file that cannot be read gives ``Record.error``.
+    ``max_pixels`` is the size guard of :func:`flaxcam.imageio.read_image`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        extensions: Sequence[str] | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such folder (expected root/<class>/<image files>)")
+        allowed = _image_extensions() if extensions is None else frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        self.max_pixels = max_pixels
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise ValueError(f"{self.root}: no class folders (expected root/<class>/<image files>)")
+        self.class_names: tuple[str, ...] = tuple(classes)
+        files: list[tuple[str, int]] = []
+        skipped: list[str] = []
+        for label, name in enumerate(classes):
+            for path in (self.root / name).rglob("*"):
+                relative = path.relative_to(self.root)
+                if any(part.startswith(".") for part in relative.parts) or path.is_dir():
+                    continue
+                if path.suffix.lower() in allowed:
+                    files.append((relative.as_posix(), label))
+                else:
+                    skipped.append(relative.as_posix())
+        files.sort()
+        self.ids: tuple[str, ...] = tuple(f for f, _ in files)
+        self.labels = np.asarray([label for _, label in files], np.int64)
+        self.skipped: tuple[str, ...] = tuple(sorted(skipped))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Record:
+        index = _check_index(index, len(self))
+        record_id, label = self.ids[index], int(self.labels[index])
+        try:
+            image = read_image(self.root / record_id, max_pixels=self.max_pixels)
+        except ImageReadError as error:
+            return Record(index, record_id, None, label, str(error))
+        return Record(index, record_id, image, label)
+
+
+class Ham10000Source:
+    """The HAM10000 layout: ``root/HAM10000_metadata.csv`` (columns ``lesion_id, image_id, dx, dx_type,
+    age, sex, localization``; ``image_id`` and ``dx`` are required) and ``root/HAM10000_images_part_1/``,
+    ``root/HAM10000_images_part_2/`` holding ``<image_id>.jpg`` (450x600 RGB JPEGs).
+
+    Labels index :data:`HAM10000_CLASSES` (``akiec, bcc, bkl, df, mel, nv, vasc``). Records follow the
+    metadata's row order; the id is the ``image_id``. A row whose image is missing or unreadable, or
+    whose ``dx`` is not one of the seven, gives ``Record.error``. ``lesion_ids`` (one per record) lets
+    a train/test split keep all images of a lesion together. Image folders are found by name, case
+    insensitively (``ham10000_images_part_*``); images directly under ``root`` are found too.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        metadata: str | os.PathLike = "HAM10000_metadata.csv",
+        *,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.metadata = self.root / metadata
+        self.max_pixels = max_pixels
+        self.class_names: tuple[str, ...] = HAM10000_CLASSES
+        if not self.metadata.is_file():
+            raise FileNotFoundError(f"{self.metadata}: no such metadata file (expected HAM10000_metadata.csv in {self.root})")
+        with open(self.metadata, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in ("image_id", "dx") if c not in columns]
+            if missing:
+                raise ValueError(f"{self.metadata}: missing column(s) {missing}; found {columns} (needed: image_id, dx)")
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        self.ids: tuple[str, ...] = tuple(row["image_id"] for row in rows)
+        duplicates = len(self.ids) - len(set(self.ids))
+        if duplicates:
+            raise ValueError(f"{self.metadata}: {duplicates} duplicate image_id value(s)")
+        self.dx: tuple[str, ...] = tuple(row["dx"] for row in rows)
+        self.lesion_ids: tuple[str, ...] = tuple(row.get("lesion_id", "") for row in rows)
+        self.rows: tuple[dict[str, str], ...] = tuple(rows)
+        lookup = {name: i for i, name in enumerate(HAM10000_CLASSES)}
+        self.labels = np.asarray([lookup.get(dx, -1) for dx in self.dx], np.int64)
+        self.paths: dict[str, Path] = {}
+        folders = [self.root] + sorted(
+            (p for p in self.root.iterdir() if p.is_dir() and p.name.lower().startswith("ham10000_images_part")),
+            key=lambda p: p.name,
+        )
+        for folder in folders:
+            for path in folder.iterdir():
+                if path.suffix.lower() in (".jpg", ".jpeg", ".png") and path.is_file():
+                    self.paths.setdefault(path.stem, path)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Record:
+        index = _check_index(index, len(self))
+        image_id, label = self.ids[index], int(self.labels[index])
+        if label < 0:
+            return Record(index, image_id, None, -1, f"{image_id}: unknown dx {self.dx[index]!r} (valid: {', '.join(HAM10000_CLASSES)})")
+        path = self.paths.get(image_id)
+        if path is None:
+            return Record(index, image_id, None, label, f"{image_id}: image file not found in {self.root} (HAM10000_images_part_1/2)")
+        try:
+            image = read_image(path, max_pixels=self.max_pixels)
+        except ImageReadError as error:
+            return Record(index, image_id, None, label, str(error))
+        return Record(index, image_id, image, label)
+
+
+def _detect_feature(features: Any, kind: str, preferred: str) -> str | None:
+    """The key of a top-level TFDS feature of type ``kind`` (``preferred`` first)."""
+    import tensorflow_datasets as tfds
+
+    types = {"image": tfds.features.Image, "label": tfds.features.ClassLabel}[kind]
+    keys = list(features.keys())
+    if preferred in keys and isinstance(features[preferred], types):
+        return preferred
+    matches = [k for k in keys if isinstance(features[k], types)]
+    return matches[0] if matches else None
+
+
+class TfdsSource:
+    """A TFDS dataset through ``tfds.data_source`` (ArrayRecord files, random access, no TensorFlow).
+
+    The dataset must be prepared under ``data_dir`` already (nothing is downloaded). The image and
+    label features are detected: the ``Image`` feature named ``image_key`` (default "image") or else
+    the first top-level ``Image`` feature; the ``ClassLabel`` named ``label_key`` (default "label") or
+    else the first one (no label feature: labels are -1). Ids are ``"tfds:NAME:SPLIT:INDEX"``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        data_dir: str | os.PathLike | None = None,
+        *,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        import tensorflow_datasets as tfds
+
+        self.name, self.split, self.data_dir = name, split, data_dir
+        try:
+            self._data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as error:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...)
+            raise ValueError(
+                f"TFDS dataset {name!r} split {split!r} is not available"
+                f"{'' if data_dir is None else f' under {data_dir}'}: {error} "
+                "(prepare it first, e.g. `tfds build NAME --file_format=array_record`; flaxcam downloads nothing)"
+            ) from error
+        features = self._data.dataset_info.features
+        self.image_key = _detect_feature(features, "image", image_key)
+        if self.image_key is None:
+            raise ValueError(f"TFDS dataset {name!r} has no top-level Image feature (features: {list(features.keys())})")
+        self.label_key = _detect_feature(features, "label", label_key)
+        self.class_names: tuple[str, ...] = (
+            tuple(features[self.label_key].names) if self.label_key is not None else ()
+        )
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: int) -> Record:
+        index = _check_index(index, len(self))
+        record_id = f"tfds:{self.name}:{self.split}:{index}"
+        try:
+            example = self._data[index]
+            label = -1 if self.label_key is None else int(example[self.label_key])
+        except Exception as error:  # a corrupt record must not stop the pass
+            return Record(index, record_id, None, -1, f"{record_id}: cannot read record ({error})")
+        try:
+            value = example[self.image_key]
+            if isinstance(value, (bytes, bytearray)):
+                import io
+
+                with Image.open(io.BytesIO(value)) as image:
+                    image.load()
+                    rgb = pil_to_rgb(image)
+            else:
+                rgb = as_rgb_uint8(np.asarray(value))
+        except Exception as error:
+            return Record(index, record_id, None, label, f"{record_id}: cannot decode image ({error})")
+        return Record(index, record_id, rgb, label)
+
+
+SOURCE_KINDS: tuple[str, ...] = ("folder", "ham10000", "tfds", "npz")
+
+
+def open_source(spec: str) -> ImageSource:
+    """A source from a string: ``folder:PATH``, ``ham10000:PATH``, ``tfds:NAME[:SPLIT]`` (split
+    default "train"; data dir from ``TFDS_DATA_DIR`` or TFDS's default) or ``npz:PATH``."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest or kind not in SOURCE_KINDS:
+        raise ValueError(f"unknown source {spec!r}: expected one of folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT], npz:PATH")
+    if kind == "folder":
+        return ImageFolderSource(rest)
+    if kind == "ham10000":
+        return Ham10000Source(rest)
+    if kind == "npz":
+        return NpzSource(rest)
+    name, _, split = rest.partition(":")
+    return TfdsSource(name, split or "train", os.environ.get("TFDS_DATA_DIR"))
