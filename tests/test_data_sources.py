@@ -84,6 +84,7 @@ def test_batches_equal_independent_preprocessing_and_pad():
     last = batches[-1]
     assert last.indices.tolist() == [4, -1] and last.ids == ["4", ""] and last.valid.tolist() == [True, False]
     assert last.labels.tolist() == [0, -1] and last.labels.dtype == np.int32 and last.indices.dtype == np.int64
+    assert last.sizes.tolist() == [[30, 40], [0, 0]]
     assert np.all(last.images[1] == 0) and last.errors == [] and np.isnan(last.boxes).all()
     dropped = list(iterate_batches(source, Preprocessing((24, 20), MEAN, STD), 2, drop_remainder=True))
     assert [b.indices.tolist() for b in dropped] == [[0, 1], [2, 3]]

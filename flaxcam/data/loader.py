@@ -37,6 +37,8 @@ class Batch:
       has_mask: ``(B,)`` bool, True where the record has a ground-truth mask.
       masks: ``(B, H, W)`` bool ground-truth masks resized to the input (nearest neighbour), all False
         where absent; ``None`` when no record of the batch has a mask.
+      sizes: ``(B, 2)`` int32 ``(h, w)`` of each record's image before resizing (0 where invalid), to
+        map input-frame coordinates back to the file's pixels (multiply y by ``h / H``, x by ``w / W``).
     """
 
     images: np.ndarray
@@ -48,6 +50,7 @@ class Batch:
     errors: list[tuple[int, str, str]]
     has_mask: np.ndarray | None = None
     masks: np.ndarray | None = None
+    sizes: np.ndarray | None = None
 
 
 def shard_indices(
@@ -113,6 +116,7 @@ class _ReadBatch:
         valid = np.zeros(count, bool)
         boxes = np.full((count, 4), np.nan, np.float32)
         has_mask = np.zeros(count, bool)
+        sizes = np.zeros((count, 2), np.int32)
         masks: np.ndarray | None = None
         ids = [""] * count
         errors: list[tuple[int, str, str]] = []
@@ -130,6 +134,7 @@ class _ReadBatch:
                 errors.append((int(index), record.id, f"{record.id}: cannot resize ({error})"))
                 continue
             valid[slot] = True
+            sizes[slot] = record.image.shape[:2]
             boxes[slot] = _scaled_box(record, size)
             if record.mask is not None:
                 if masks is None:
@@ -138,7 +143,7 @@ class _ReadBatch:
                 has_mask[slot] = True
         images = self.preprocessing.normalize(unit)
         images[~valid] = 0.0
-        return Batch(images, np.asarray(row, np.int64), ids, labels, valid, boxes, errors, has_mask, masks)
+        return Batch(images, np.asarray(row, np.int64), ids, labels, valid, boxes, errors, has_mask, masks, sizes)
 
     def _read(self, index: int) -> Record:
         try:

@@ -1,0 +1,79 @@
+"""Throughput of ``flaxcam.data.iterate_batches`` on HAM10000-sized JPEGs (450x600 → model inputs).
+
+    python -m benchmarks.data_loading [--images 512] [--batch 32] [--size 224 224]
+                                      [--workers 0 2] [--threads 2] [--rounds 3] [--dir DIR]
+
+Writes a generated HAM10000-layout fixture (``make_ham10000_fixture``, 450x600 JPEGs) once, then times
+full passes over it (read, decode, resize, normalize, batch) for each ``worker_count``, interleaved
+round by round. The first pass of each setting is a warm-up (page cache, worker start) and is not
+counted; images/s is from the median of the other rounds. Prints one JSON line per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from flaxcam.data import Ham10000Source, iterate_batches, make_ham10000_fixture
+from flaxcam.imageio import Preprocessing
+
+
+def _one_pass(source, preprocessing, batch, workers, threads) -> tuple[float, int]:
+    start = time.perf_counter()
+    count = 0
+    for b in iterate_batches(source, preprocessing, batch, worker_count=workers, read_threads=threads):
+        count += int(b.valid.sum())
+    return time.perf_counter() - start, count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, nargs=2, default=(224, 224))
+    parser.add_argument("--workers", type=int, nargs="+", default=(0, 2))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None, help="fixture folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    root = args.dir or Path(tempfile.mkdtemp(prefix="flaxcam_data_bench_"))
+    per_class = -(-args.images // 7)
+    if not (root / "HAM10000_metadata.csv").exists():
+        make_ham10000_fixture(root, per_class=per_class)
+    source = Ham10000Source(root)
+    preprocessing = Preprocessing(tuple(args.size))
+    timings: dict[int, list[float]] = {w: [] for w in args.workers}
+    for round_ in range(args.rounds + 1):
+        for workers in args.workers:
+            seconds, count = _one_pass(source, preprocessing, args.batch, workers, args.threads)
+            if round_ > 0:
+                timings[workers].append(seconds)
+    for workers, values in timings.items():
+        median = statistics.median(values)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "iterate_batches",
+                    "images": len(source),
+                    "image_size": [450, 600],
+                    "input_size": list(args.size),
+                    "batch": args.batch,
+                    "worker_count": workers,
+                    "read_threads": args.threads,
+                    "images_per_s": round(len(source) / median, 1),
+                    "seconds": [round(v, 3) for v in values],
+                    "cpus": os.cpu_count(),
+                    "machine": platform.processor() or platform.machine(),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
