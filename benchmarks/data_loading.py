@@ -5,8 +5,9 @@
 
 Writes a generated HAM10000-layout fixture (``make_ham10000_fixture``, 450x600 JPEGs) once, then times
 full passes over it (read, decode, resize, normalize, batch) for each ``worker_count``, interleaved
-round by round. The first pass of each setting is a warm-up (page cache, worker start) and is not
-counted; images/s is from the median of the other rounds. Prints one JSON line per setting.
+round by round. The first pass of each setting is a warm-up (page cache) and is not counted;
+images/s is from the median of the other rounds, with the time to the first batch (worker processes
+start anew on every pass) and the rate after it. Prints one JSON line per setting.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from flaxcam.data import Ham10000Source, iterate_batches, make_ham10000_fixture
 from flaxcam.imageio import Preprocessing
 
 
-def _one_pass(source, preprocessing, batch, workers, threads) -> tuple[float, int]:
+def _one_pass(source, preprocessing, batch, workers, threads) -> tuple[float, float, int]:
+    """(seconds for the pass, seconds to the first batch, valid images)."""
     start = time.perf_counter()
+    first = None
     count = 0
     for b in iterate_batches(source, preprocessing, batch, worker_count=workers, read_threads=threads):
+        first = time.perf_counter() - start if first is None else first
         count += int(b.valid.sum())
-    return time.perf_counter() - start, count
+    return time.perf_counter() - start, first or 0.0, count
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,14 +52,19 @@ def main(argv: list[str] | None = None) -> None:
         make_ham10000_fixture(root, per_class=per_class)
     source = Ham10000Source(root)
     preprocessing = Preprocessing(tuple(args.size))
-    timings: dict[int, list[float]] = {w: [] for w in args.workers}
+    timings: dict[int, list[tuple[float, float]]] = {w: [] for w in args.workers}
     for round_ in range(args.rounds + 1):
         for workers in args.workers:
-            seconds, count = _one_pass(source, preprocessing, args.batch, workers, args.threads)
+            seconds, first, count = _one_pass(source, preprocessing, args.batch, workers, args.threads)
+            if count != len(source):
+                raise RuntimeError(f"pass read {count} valid images of {len(source)}")
             if round_ > 0:
-                timings[workers].append(seconds)
-    for workers, values in timings.items():
+                timings[workers].append((seconds, first))
+    for workers, pairs in timings.items():
+        values = [seconds for seconds, _ in pairs]
         median = statistics.median(values)
+        first = statistics.median(f for _, f in pairs)
+        after_first = len(source) - args.batch
         print(
             json.dumps(
                 {
@@ -67,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                     "worker_count": workers,
                     "read_threads": args.threads,
                     "images_per_s": round(len(source) / median, 1),
+                    "first_batch_s": round(first, 2),
+                    "images_per_s_after_first_batch": round(after_first / max(median - first, 1e-9), 1),
                     "seconds": [round(v, 3) for v in values],
                     "cpus": os.cpu_count(),
                     "machine": platform.processor() or platform.machine(),

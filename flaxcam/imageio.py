@@ -23,7 +23,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.
     Conversions: grayscale, bilevel, palette, CMYK, YCbCr and LAB images become RGB; images with an
     alpha channel (RGBA, LA, palette with transparency) are composited on black (``rgb * alpha / 255``);
     16-bit and 32-bit integer images are scaled to 8 bits (by 65535 when any value exceeds 255, else
-    taken as 8-bit values); float images (mode F) are scaled by 255 when their maximum is at most 1,
+    taken as 8-bit values; 48-bit RGB PNGs keep their high byte, as Pillow reads them); float images (mode F) are scaled by 255 when their maximum is at most 1,
     else taken as 8-bit values and clipped. Multi-frame files give their
     first frame.
 
@@ -58,6 +58,8 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.
         raise
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageReadError(f"{path}: permission denied") from None
     except IsADirectoryError:
         raise ImageReadError(f"{path}: is a directory, not an image file") from None
     except UnidentifiedImageError:
@@ -138,12 +140,16 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        """``(h, w, 3)`` uint8 → ``(H, W, 3)`` float32 in [0, 1] (bilinear, Pillow)."""
+    def resize_uint8(self, image: np.ndarray) -> np.ndarray:
+        """``(h, w, 3)`` uint8 → ``(H, W, 3)`` uint8 (bilinear, Pillow)."""
         height, width = self.size
         if image.shape[:2] != (height, width):
             image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-        return image.astype(np.float32) / 255.0
+        return image
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """``(h, w, 3)`` uint8 → ``(H, W, 3)`` float32 in [0, 1] (bilinear, Pillow)."""
+        return self.resize_uint8(image).astype(np.float32) / 255.0
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """``[0, 1]`` images → model inputs."""

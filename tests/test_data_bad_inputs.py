@@ -35,6 +35,20 @@ def bomb_png(width: int, height: int) -> bytes:
     )
 
 
+def rgb48_png(path, array: np.ndarray):
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
+    height, width, _ = array.shape
+    rows = b"".join(b"\x00" + array[i].astype(">u2").tobytes() for i in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+    )
+    return path
+
+
+DEEP_RGB = RNG.integers(0, 65536, (10, 14, 3), dtype=np.uint16)
+
+
 def _save(image: Image.Image, path, **kwargs):
     image.save(path, **kwargs)
     return path
@@ -63,6 +77,7 @@ CONVERTED = {
         lambda p: _save(Image.fromarray(DEEP), p),
         lambda: np.repeat(np.rint(DEEP * (255.0 / 65535.0)).astype(np.uint8)[..., None], 3, -1),
     ),
+    "deep48_rgb.png": (lambda p: rgb48_png(p, DEEP_RGB), lambda: (DEEP_RGB >> 8).astype(np.uint8)),
     "palette.png": (
         lambda p: _save(Image.fromarray(RGB).quantize(16), p),
         lambda: np.asarray(Image.fromarray(RGB).quantize(16).convert("RGB")),

@@ -305,6 +305,47 @@ def test_tfds_source_with_mock_data(monkeypatch):
         )
 
 
+def test_tfds_ground_truth_boxes_and_masks():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(5)
+    examples = []
+    for k in range(3):
+        mask = np.zeros((20, 30, 1), np.uint8)
+        mask[4 : 10 + k, 6:27] = 255
+        examples.append(
+            {
+                "image": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
+                "label": k,
+                "bbox": np.array([0.1, 0.2, 0.5, 0.9], np.float32),
+                "segmentation_mask": mask,
+                "objects": {"bbox": np.array([[0.1, 0.5, 0.3, 0.6], [0.25, 0.1, 0.75, 0.4]], np.float32)},
+            }
+        )
+
+    def as_data_source(self, split, *args, **kwargs):
+        return examples
+
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source):
+        source = TfdsSource("caltech_birds2011", "train", mask_key="segmentation_mask")
+        assert source.box_key == "bbox" and len(source.class_names) == 200
+        record = source[2]
+        assert record.label == 2 and record.error is None
+        np.testing.assert_allclose(record.box, (2.0, 6.0, 10.0, 27.0), rtol=1e-6)
+        np.testing.assert_array_equal(record.mask, examples[2]["segmentation_mask"][..., 0] > 0)
+        (batch,) = iterate_batches(source, Preprocessing((40, 15)), 3)
+        np.testing.assert_allclose(batch.boxes[0], (4.0, 3.0, 20.0, 13.5), rtol=1e-6)
+        # Nearest neighbour at pixel centres: output pixel i samples input floor((i + 0.5) * h / H).
+        rows = np.floor((np.arange(40) + 0.5) * 20 / 40).astype(int)
+        cols = np.floor((np.arange(15) + 0.5) * 30 / 15).astype(int)
+        assert batch.has_mask.all()
+        for k in range(3):
+            np.testing.assert_array_equal(batch.masks[k], (examples[k]["segmentation_mask"][..., 0] > 0)[rows][:, cols])
+        union = TfdsSource("caltech_birds2011", "train", box_key="objects/bbox")
+        np.testing.assert_allclose(union[0].box, (2.0, 3.0, 15.0, 18.0), rtol=1e-6)
+        assert union[0].mask is None
+        assert TfdsSource("caltech_birds2011", "train", box_key="")[0].box is None
+
+
 def test_open_source_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown source 'csv:x'.*folder:PATH.*ham10000:PATH.*tfds:NAME"):
         open_source("csv:x")

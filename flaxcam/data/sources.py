@@ -343,7 +343,7 @@ def _detect_feature(features: Any, kind: str, preferred: str) -> str | None:
     """The key of a top-level TFDS feature of type ``kind`` (``preferred`` first)."""
     import tensorflow_datasets as tfds
 
-    types = {"image": tfds.features.Image, "label": tfds.features.ClassLabel}[kind]
+    types = {"image": tfds.features.Image, "label": tfds.features.ClassLabel, "box": tfds.features.BBoxFeature}[kind]
     keys = list(features.keys())
     if preferred in keys and isinstance(features[preferred], types):
         return preferred
@@ -358,6 +358,12 @@ class TfdsSource:
     label features are detected: the ``Image`` feature named ``image_key`` (default "image") or else
     the first top-level ``Image`` feature; the ``ClassLabel`` named ``label_key`` (default "label") or
     else the first one (no label feature: labels are -1). Ids are ``"tfds:NAME:SPLIT:INDEX"``.
+
+    Ground truth: ``box_key`` names a ``BBoxFeature`` (TFDS's normalized ``(ymin, xmin, ymax, xmax)``,
+    scaled to pixels of the image); default "bbox" or else the first top-level ``BBoxFeature``
+    (``""`` for none). A nested key such as ``"objects/bbox"`` (several boxes per image) gives the box
+    enclosing them all. ``mask_key`` names an image-like feature whose nonzero pixels form the mask
+    (none by default; it must have the image's height and width).
     """
 
     def __init__(
@@ -368,6 +374,8 @@ class TfdsSource:
         *,
         image_key: str = "image",
         label_key: str = "label",
+        box_key: str | None = "bbox",
+        mask_key: str | None = None,
     ) -> None:
         import tensorflow_datasets as tfds
 
@@ -380,7 +388,8 @@ class TfdsSource:
                 f"{'' if data_dir is None else f' under {data_dir}'}: {error} "
                 "(prepare it first, e.g. `tfds build NAME --file_format=array_record`; flaxcam downloads nothing)"
             ) from error
-        features = self._data.dataset_info.features
+        info = getattr(self._data, "dataset_info", None) or tfds.builder(name, data_dir=data_dir).info
+        features = info.features
         self.image_key = _detect_feature(features, "image", image_key)
         if self.image_key is None:
             raise ValueError(f"TFDS dataset {name!r} has no top-level Image feature (features: {list(features.keys())})")
@@ -388,6 +397,11 @@ class TfdsSource:
         self.class_names: tuple[str, ...] = (
             tuple(features[self.label_key].names) if self.label_key is not None else ()
         )
+        if box_key and "/" in box_key:
+            self.box_key: str | None = box_key
+        else:
+            self.box_key = _detect_feature(features, "box", box_key) if box_key else None
+        self.mask_key = mask_key or None
 
     def __len__(self) -> int:
         return len(self._data)
@@ -412,7 +426,35 @@ class TfdsSource:
                 rgb = as_rgb_uint8(np.asarray(value))
         except Exception as error:
             return Record(index, record_id, None, label, f"{record_id}: cannot decode image ({error})")
-        return Record(index, record_id, rgb, label)
+        try:
+            box = None if self.box_key is None else _tfds_box(_nested(example, self.box_key), rgb.shape[:2])
+            mask = None if self.mask_key is None else _tfds_mask(_nested(example, self.mask_key))
+        except Exception as error:
+            return Record(index, record_id, rgb, label, f"{record_id}: cannot read ground truth ({error})")
+        mask, mask_error = _checked_mask(mask, rgb)
+        return Record(index, record_id, rgb, label, mask_error, box, mask)
+
+
+def _nested(example: Any, key: str) -> Any:
+    for part in key.split("/"):
+        example = example[part]
+    return example
+
+
+def _tfds_mask(value: Any) -> np.ndarray:
+    mask = np.asarray(value)
+    return (mask[..., 0] if mask.ndim == 3 else mask) != 0
+
+
+def _tfds_box(value: Any, size: tuple[int, int]) -> Box | None:
+    """TFDS normalized ``(ymin, xmin, ymax, xmax)`` box(es) → one pixel box (the enclosing one)."""
+    boxes = np.asarray(value, np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return None
+    height, width = size
+    y0, x0 = boxes[:, 0].min() * height, boxes[:, 1].min() * width
+    y1, x1 = boxes[:, 2].max() * height, boxes[:, 3].max() * width
+    return (float(y0), float(x0), float(y1), float(x1))
 
 
 SOURCE_KINDS: tuple[str, ...] = ("folder", "ham10000", "tfds", "npz")
