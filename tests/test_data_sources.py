@@ -255,7 +255,7 @@ def test_ham10000_fixture_round_trip(tmp_path):
         assert HAM10000_CLASSES[record.label] == row["dx"]
     # The lesion (class colour) is darker than the skin at the centre region: the images are not blank.
     assert source[0].image.std() > 10
-    batches = list(iterate_batches(source, Preprocessing((64, 64)), 8))
+    batches = list(iterate_batches(f"ham10000:{root}", Preprocessing((64, 64)), 8))
     assert sum(int(b.valid.sum()) for b in batches) == 21
 
 

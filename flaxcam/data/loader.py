@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from flaxcam.data.sources import ImageSource, Record
+from flaxcam.data.sources import ImageSource, Record, open_source
 from flaxcam.imageio import Preprocessing
 
 
@@ -181,7 +181,7 @@ def batch_rows(order: np.ndarray, batch_size: int, drop_remainder: bool = False)
 
 
 def iterate_batches(
-    source: ImageSource,
+    source: ImageSource | str,
     preprocessing: Preprocessing,
     batch_size: int,
     *,
@@ -198,6 +198,8 @@ def iterate_batches(
     """Yield :class:`Batch` es of ``source`` preprocessed for a model.
 
     Args:
+      source: an :class:`~flaxcam.data.sources.ImageSource` or a spec for
+        :func:`~flaxcam.data.sources.open_source` (``"folder:PATH"``, ...).
       indices: an explicit subset and order of source indices (e.g. what remains after a resume);
         default all.
       shard_index, shard_count: this process's contiguous share (multi-host: each process reads its
@@ -211,11 +213,17 @@ def iterate_batches(
         thread pool.
 
     Unreadable images never raise: their rows have ``valid`` False and appear in ``Batch.errors``.
+    The indices read, in order, are ``ordered_indices(len(source), indices=..., shard_index=...,
+    shard_count=..., shuffle=..., seed=...)`` (its length is the total for a progress bar). With
+    ``worker_count > 0`` the source and preprocessing are pickled to each worker (an
+    :class:`ArraySource` is copied), and workers start anew for every call (seconds of start-up).
     """
     import grain.python as grain
 
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    if isinstance(source, str):
+        source = open_source(source)
     order = ordered_indices(
         len(source), indices=indices, shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, seed=seed
     )

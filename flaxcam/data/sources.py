@@ -143,6 +143,9 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {len(self.class_names)} classes)"
+
     def __getitem__(self, index: int) -> Record:
         index = _check_index(index, len(self))
         label = int(self.labels[index])
@@ -260,6 +263,9 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:
+        return f"ImageFolderSource({str(self.root)!r}: {len(self)} images, {len(self.class_names)} classes)"
+
     def __getitem__(self, index: int) -> Record:
         index = _check_index(index, len(self))
         record_id, label = self.ids[index], int(self.labels[index])
@@ -323,6 +329,9 @@ class Ham10000Source:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Ham10000Source({str(self.root)!r}: {len(self)} images)"
 
     def __getitem__(self, index: int) -> Record:
         index = _check_index(index, len(self))
@@ -405,6 +414,9 @@ class TfdsSource:
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, {self.split!r}: {len(self)} images, {len(self.class_names)} classes)"
 
     def __getitem__(self, index: int) -> Record:
         index = _check_index(index, len(self))
