@@ -121,9 +121,11 @@ def test_npz_source_round_trip_of_digit_canvases(tmp_path):
         canvases.labels,
         class_names=canvases.class_names,
         boxes=canvases.boxes[:, [1, 0, 3, 2]],
+        marked=np.arange(6) % 2 == 0,
     )
     source = open_source(f"npz:{path}")
     assert isinstance(source, NpzSource) and len(source) == 6 and source.class_names == canvases.class_names
+    assert list(source.extras) == ["marked"] and source.extras["marked"].tolist() == [True, False] * 3
     for i in range(6):
         record = source[i]
         assert record.label == canvases.labels[i]

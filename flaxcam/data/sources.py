@@ -167,11 +167,13 @@ def save_npz(
     boxes: np.ndarray | None = None,
     masks: np.ndarray | None = None,
     ids: Sequence[str] | None = None,
+    **extras: np.ndarray,
 ) -> Path:
     """Write arrays that :class:`NpzSource` reads (keys ``images``, ``labels`` and the optional
-    ``class_names``, ``boxes`` ``(N, 4)`` as ``(y0, x0, y1, x1)``, ``masks``, ``ids``); returns the
-    path written (NumPy appends ``.npz`` when missing). :class:`NpzSource` loads the whole file into
-    memory."""
+    ``class_names``, ``boxes`` ``(N, 4)`` as ``(y0, x0, y1, x1)``, ``masks``, ``ids``; any other
+    keyword array, e.g. ``marked=canvases.marked``, is stored as is and comes back in
+    ``NpzSource.extras``); returns the path written (NumPy appends ``.npz`` when missing).
+    :class:`NpzSource` loads the whole file into memory."""
     arrays: dict[str, np.ndarray] = {"images": np.asarray(images)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, np.int64)
@@ -183,6 +185,8 @@ def save_npz(
         arrays["masks"] = np.asarray(masks, bool)
     if ids is not None:
         arrays["ids"] = np.asarray([str(i) for i in ids])
+    for name, value in extras.items():
+        arrays[name] = np.asarray(value)
     path = Path(path)
     np.savez(path, **arrays)
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
@@ -191,7 +195,7 @@ def save_npz(
 class NpzSource(ArraySource):
     """A ``.npz`` file with ``images`` ``(N, H, W[, C])`` and optional ``labels``, ``class_names``,
     ``boxes`` ``(N, 4)`` as ``(y0, x0, y1, x1)``, ``masks`` ``(N, H, W)`` and ``ids`` (see
-    :func:`save_npz`)."""
+    :func:`save_npz`). Other arrays in the file are kept in ``extras`` (name → array)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -201,9 +205,8 @@ class NpzSource(ArraySource):
             if "images" not in data.files:
                 raise ValueError(f"{self.path}: no 'images' array (found: {', '.join(data.files)})")
             arrays = {key: data[key] for key in data.files}
-        unknown = set(arrays) - {"images", "labels", "class_names", "boxes", "masks", "ids"}
-        if unknown:
-            raise ValueError(f"{self.path}: unknown arrays {sorted(unknown)} (valid: images, labels, class_names, boxes, masks, ids)")
+        known = ("images", "labels", "class_names", "boxes", "masks", "ids")
+        self.extras: dict[str, np.ndarray] = {k: v for k, v in arrays.items() if k not in known}
         super().__init__(
             arrays["images"],
             arrays.get("labels"),
