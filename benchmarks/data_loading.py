@@ -2,6 +2,7 @@
 
     python -m benchmarks.data_loading [--images 512] [--batch 32] [--size 224 224]
                                       [--workers 0 2] [--threads 2] [--rounds 3] [--dir DIR]
+    python -m benchmarks.data_loading --memory 20000    # resident memory over a long pass
 
 Writes a generated HAM10000-layout fixture (``make_ham10000_fixture``, 450x600 JPEGs) once, then times
 full passes over it (read, decode, resize, normalize, batch) for each ``worker_count``, interleaved
@@ -21,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from flaxcam.data import Ham10000Source, iterate_batches, make_ham10000_fixture
+import numpy as np
+
+from flaxcam.data import Ham10000Source, Record, iterate_batches, make_ham10000_fixture
 from flaxcam.imageio import Preprocessing
 
 
@@ -36,6 +39,39 @@ def _one_pass(source, preprocessing, batch, workers, threads) -> tuple[float, fl
     return time.perf_counter() - start, first or 0.0, count
 
 
+def _resident_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _GeneratedSource:
+    """``count`` distinct random 120x160 images made on the fly (no large array held in memory)."""
+
+    class_names = tuple("0123456789")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Record:
+        image = np.random.default_rng(index).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+        return Record(index, str(index), image, index % 10)
+
+
+def memory_curve(count: int, batch: int = 64, every: int = 50) -> list[tuple[int, float]]:
+    """(images read, resident MB) every ``every`` batches over one pass of ``count`` images at 96x96."""
+    points = []
+    for k, _ in enumerate(iterate_batches(_GeneratedSource(count), Preprocessing((96, 96)), batch)):
+        if k % every == 0:
+            points.append((k * batch, round(_resident_mb(), 1)))
+    return points
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -45,7 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="fixture folder (default: a temporary one)")
+    parser.add_argument("--memory", type=int, default=0, help="instead: resident memory over a pass of N images")
     args = parser.parse_args(argv)
+    if args.memory:
+        print(json.dumps({"benchmark": "iterate_batches_memory", "images": args.memory, "resident_mb": memory_curve(args.memory)}))
+        return
     root = args.dir or Path(tempfile.mkdtemp(prefix="flaxcam_data_bench_"))
     per_class = -(-args.images // 7)
     if not (root / "HAM10000_metadata.csv").exists():
