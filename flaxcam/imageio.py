@@ -72,9 +72,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
     """A loaded Pillow image of any mode → ``(H, W, 3)`` uint8 RGB (conversions as in :func:`read_image`)."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    elif image.mode == "PA":
+    if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
         image = image.convert("RGBA")
     if image.mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)

@@ -90,6 +90,22 @@ def test_batches_equal_independent_preprocessing_and_pad():
     assert [b.indices.tolist() for b in dropped] == [[0, 1], [2, 3]]
 
 
+class _FailingSource(ArraySource):
+    """A source whose reader raises for index 3 (a bug or an I/O failure)."""
+
+    def __getitem__(self, index):
+        if index == 3:
+            raise OSError("disk went away")
+        return super().__getitem__(index)
+
+
+def test_a_raising_source_is_recorded_not_fatal():
+    source = _FailingSource(random_images(5, (8, 8)))
+    batches = list(iterate_batches(source, Preprocessing((8, 8)), 4))
+    assert [b.valid.tolist() for b in batches] == [[True, True, True, False], [True, False, False, False]]
+    assert batches[0].errors == [(3, "3", "3: reading failed (OSError: disk went away)")]
+
+
 def test_boxes_and_masks_map_into_the_input_frame():
     # A bright rectangle at a known box; after resizing, the bright pixels must sit in the mapped box.
     height, width, box = 60, 80, (10, 20, 30, 52)

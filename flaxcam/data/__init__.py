@@ -10,7 +10,13 @@
 
 from flaxcam.data.digits import CLASS_NAMES, DigitCanvases, make_digit_canvases
 from flaxcam.data.fixtures import make_ham10000_fixture
-from flaxcam.data.loader import Batch, batch_rows, iterate_batches, ordered_indices, shard_indices
+from flaxcam.data.loader import (
+    Batch,
+    batch_rows,
+    iterate_batches,
+    ordered_indices,
+    shard_indices,
+)
 from flaxcam.data.sources import (
     HAM10000_CLASSES,
     SOURCE_KINDS,
@@ -27,12 +33,11 @@ from flaxcam.data.sources import (
 
 __all__ = [
     "CLASS_NAMES",
-    "DigitCanvases",
-    "make_digit_canvases",
     "HAM10000_CLASSES",
     "SOURCE_KINDS",
     "ArraySource",
     "Batch",
+    "DigitCanvases",
     "Ham10000Source",
     "ImageFolderSource",
     "ImageSource",
@@ -41,6 +46,7 @@ __all__ = [
     "TfdsSource",
     "batch_rows",
     "iterate_batches",
+    "make_digit_canvases",
     "make_ham10000_fixture",
     "open_source",
     "ordered_indices",

@@ -132,7 +132,7 @@ class _ReadBatch:
                 continue
             try:
                 resized[slot] = self.preprocessing.resize_uint8(record.image)
-            except Exception as error:  # e.g. an image Pillow cannot resize
+            except Exception as error:  # noqa: BLE001 -- e.g. an image Pillow cannot resize; never stop the pass
                 errors.append((int(index), record.id, f"{record.id}: cannot resize ({error})"))
                 continue
             valid[slot] = True
@@ -148,7 +148,7 @@ class _ReadBatch:
     def _read(self, index: int) -> Record:
         try:
             return self.source[index]
-        except Exception as error:  # a source bug or I/O failure must not stop the pass
+        except Exception as error:  # noqa: BLE001 -- a source bug or I/O failure must not stop the pass
             return Record(index, str(index), None, -1, f"{index}: reading failed ({type(error).__name__}: {error})")
 
 

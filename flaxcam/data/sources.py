@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -427,24 +428,22 @@ class TfdsSource:
         try:
             example = self._data[index]
             label = -1 if self.label_key is None else int(example[self.label_key])
-        except Exception as error:  # a corrupt record must not stop the pass
+        except Exception as error:  # noqa: BLE001 -- a corrupt record must not stop the pass
             return Record(index, record_id, None, -1, f"{record_id}: cannot read record ({error})")
         try:
             value = example[self.image_key]
             if isinstance(value, (bytes, bytearray)):
-                import io
-
                 with Image.open(io.BytesIO(value)) as image:
                     image.load()
                     rgb = pil_to_rgb(image)
             else:
                 rgb = as_rgb_uint8(np.asarray(value))
-        except Exception as error:
+        except (OSError, ValueError, TypeError, SyntaxError, EOFError, MemoryError) as error:
             return Record(index, record_id, None, label, f"{record_id}: cannot decode image ({error})")
         try:
             box = None if self.box_key is None else _tfds_box(_nested(example, self.box_key), rgb.shape[:2])
             mask = None if self.mask_key is None else _tfds_mask(_nested(example, self.mask_key))
-        except Exception as error:
+        except (KeyError, IndexError, ValueError, TypeError) as error:
             return Record(index, record_id, rgb, label, f"{record_id}: cannot read ground truth ({error})")
         mask, mask_error = _checked_mask(mask, rgb)
         return Record(index, record_id, rgb, label, mask_error, box, mask)
