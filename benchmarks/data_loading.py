@@ -2,6 +2,7 @@
 
     python -m benchmarks.data_loading [--images 512] [--batch 32] [--size 224 224]
                                       [--workers 0 2] [--threads 2] [--rounds 3] [--dir DIR]
+                                      [--fast-jpeg]   # also time fast_jpeg=True for each setting
     python -m benchmarks.data_loading --memory 20000    # resident memory over a long pass
 
 Writes a generated HAM10000-layout fixture (``make_ham10000_fixture``, 450x600 JPEGs) once, then times
@@ -28,12 +29,14 @@ from flaxcam.data import Ham10000Source, Record, iterate_batches, make_ham10000_
 from flaxcam.imageio import Preprocessing
 
 
-def _one_pass(source, preprocessing, batch, workers, threads) -> tuple[float, float, int]:
+def _one_pass(source, preprocessing, batch, workers, threads, fast) -> tuple[float, float, int]:
     """(seconds for the pass, seconds to the first batch, valid images)."""
     start = time.perf_counter()
     first = None
     count = 0
-    for b in iterate_batches(source, preprocessing, batch, worker_count=workers, read_threads=threads):
+    for b in iterate_batches(
+        source, preprocessing, batch, worker_count=workers, read_threads=threads, fast_jpeg=fast
+    ):
         first = time.perf_counter() - start if first is None else first
         count += int(b.valid.sum())
     return time.perf_counter() - start, first or 0.0, count
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="fixture folder (default: a temporary one)")
+    parser.add_argument("--fast-jpeg", action="store_true", help="also time fast_jpeg=True")
     parser.add_argument("--memory", type=int, default=0, help="instead: resident memory over a pass of N images")
     args = parser.parse_args(argv)
     if args.memory:
@@ -92,15 +96,16 @@ def main(argv: list[str] | None = None) -> None:
         make_ham10000_fixture(root, per_class=per_class)
     source = Ham10000Source(root)
     preprocessing = Preprocessing(tuple(args.size))
-    timings: dict[int, list[tuple[float, float]]] = {w: [] for w in args.workers}
+    settings = [(w, fast) for w in args.workers for fast in ((False, True) if args.fast_jpeg else (False,))]
+    timings: dict[tuple[int, bool], list[tuple[float, float]]] = {s: [] for s in settings}
     for round_ in range(args.rounds + 1):
-        for workers in args.workers:
-            seconds, first, count = _one_pass(source, preprocessing, args.batch, workers, args.threads)
+        for workers, fast in settings:
+            seconds, first, count = _one_pass(source, preprocessing, args.batch, workers, args.threads, fast)
             if count != len(source):
                 raise RuntimeError(f"pass read {count} valid images of {len(source)}")
             if round_ > 0:
-                timings[workers].append((seconds, first))
-    for workers, pairs in timings.items():
+                timings[(workers, fast)].append((seconds, first))
+    for (workers, fast), pairs in timings.items():
         values = [seconds for seconds, _ in pairs]
         median = statistics.median(values)
         first = statistics.median(f for _, f in pairs)
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                     "input_size": list(args.size),
                     "batch": args.batch,
                     "worker_count": workers,
+                    "fast_jpeg": fast,
                     "read_threads": args.threads,
                     "images_per_s": round(len(source) / median, 1),
                     "first_batch_s": round(first, 2),

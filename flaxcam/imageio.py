@@ -17,8 +17,18 @@ class ImageReadError(ValueError):
     """A file that cannot be read as an image; the message names the file and the reason."""
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
-    """Read ``path`` as an ``(H, W, 3)`` uint8 RGB array.
+def read_image(
+    path: str | os.PathLike, *, max_pixels: int | None = None, draft_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Read ``path`` as an ``(H, W, 3)`` uint8 RGB array (see :func:`read_image_with_size`)."""
+    return read_image_with_size(path, max_pixels=max_pixels, draft_size=draft_size)[0]
+
+
+def read_image_with_size(
+    path: str | os.PathLike, *, max_pixels: int | None = None, draft_size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read ``path`` as an ``(H, W, 3)`` uint8 RGB array; also return the ``(height, width)`` stored in
+    the file (larger than the array's when a JPEG was decoded at reduced scale).
 
     Conversions: grayscale, bilevel, palette, CMYK, YCbCr and LAB images become RGB; images with an
     alpha channel (RGBA, LA, palette with transparency) are composited on black (``rgb * alpha / 255``);
@@ -32,11 +42,18 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.
     reduced scale (``Image.draft``, 1/2 to 1/8) that fits the limit; any other format raises. Pillow
     itself refuses files above twice its limit (a decompression bomb) before anything is decoded.
 
+    Fast path: with ``draft_size`` ``(height, width)``, a JPEG is decoded at the largest reduction
+    (1/2, 1/4, 1/8) that still covers ``draft_size`` in both dimensions (for 450x600 to 224x224: 1/2,
+    about twice as fast as a full decode). The result then differs slightly from a full decode
+    followed by resizing (measured: 0.4 gray levels on average for 450x600 → 224x224); other formats
+    are unaffected.
+
     Raises :class:`ImageReadError` for a missing, unreadable, truncated or oversized file.
     """
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(path) as image:
+            file_size = (image.height, image.width)
             pixels = image.width * image.height
             if limit is not None and pixels > limit:
                 if image.format != "JPEG":
@@ -52,8 +69,10 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.
                         f"{path}: JPEG of {pixels} pixels cannot be reduced below the limit of {limit} pixels "
                         "(decompression-bomb guard)"
                     )
+            elif draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", (int(draft_size[1]), int(draft_size[0])))
             image.load()
-            return pil_to_rgb(image)
+            return pil_to_rgb(image), file_size
     except ImageReadError:
         raise
     except FileNotFoundError:

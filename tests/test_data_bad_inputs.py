@@ -11,7 +11,12 @@ import pytest
 from PIL import Image
 
 from flaxcam.data import ImageFolderSource, iterate_batches
-from flaxcam.imageio import ImageReadError, Preprocessing, read_image
+from flaxcam.imageio import (
+    ImageReadError,
+    Preprocessing,
+    read_image,
+    read_image_with_size,
+)
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, (10, 14, 3), dtype=np.uint8)
@@ -155,6 +160,8 @@ def test_size_guard_reduces_jpegs_and_refuses_other_formats(tmp_path):
     blocks = big.reshape(150, 4, 210, 4, 3).mean(axis=(1, 3))
     assert np.abs(reduced - blocks).mean() < 10
     assert read_image(tmp_path / "big.jpg").shape == big.shape  # default limit: full size
+    image, size = read_image_with_size(tmp_path / "big.jpg", max_pixels=100_000)
+    assert image.shape == (150, 210, 3) and size == (600, 840)
     with pytest.raises(ImageReadError, match="exceeds the limit of 100000 pixels"):
         read_image(tmp_path / "big.png", max_pixels=100_000)
 

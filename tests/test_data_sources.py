@@ -277,6 +277,19 @@ def test_ham10000_fixture_round_trip(tmp_path):
     assert sum(int(b.valid.sum()) for b in batches) == 21
 
 
+def test_fast_jpeg_decoding_is_close_and_keeps_file_sizes(tmp_path):
+    root = make_ham10000_fixture(tmp_path, per_class=1)
+    preprocessing = Preprocessing((224, 224), MEAN, STD)
+    (exact,) = iterate_batches(f"ham10000:{root}", preprocessing, 8)
+    (fast,) = iterate_batches(f"ham10000:{root}", preprocessing, 8, fast_jpeg=True)
+    assert exact.valid.sum() == fast.valid.sum() == 7
+    assert fast.sizes[:7].tolist() == exact.sizes[:7].tolist() == [[450, 600]] * 7
+    record = Ham10000Source(root, draft_size=(224, 224))[0]
+    assert record.image.shape == (225, 300, 3) and record.size == (450, 600)  # decoded at 1/2 scale
+    levels = np.abs((fast.images - exact.images) * np.asarray(STD)).mean() * 255  # in 8-bit gray levels
+    assert 0 < levels < 1.5
+
+
 def test_ham10000_bad_rows_are_recorded(tmp_path):
     root = make_ham10000_fixture(tmp_path, per_class=1, size=(45, 60))
     metadata = root / "HAM10000_metadata.csv"

@@ -37,8 +37,9 @@ class Batch:
       has_mask: ``(B,)`` bool, True where the record has a ground-truth mask.
       masks: ``(B, H, W)`` bool ground-truth masks resized to the input (nearest neighbour), all False
         where absent; ``None`` when no record of the batch has a mask.
-      sizes: ``(B, 2)`` int32 ``(h, w)`` of each record's image before resizing (0 where invalid), to
-        map input-frame coordinates back to the file's pixels (multiply y by ``h / H``, x by ``w / W``).
+      sizes: ``(B, 2)`` int32 ``(h, w)`` of each image in its file (``Record.size``, else the record
+        image's shape; 0 where invalid), to map input-frame coordinates back to the file's pixels
+        (multiply y by ``h / H``, x by ``w / W``).
     """
 
     images: np.ndarray
@@ -136,7 +137,7 @@ class _ReadBatch:
                 errors.append((int(index), record.id, f"{record.id}: cannot resize ({error})"))
                 continue
             valid[slot] = True
-            sizes[slot] = record.image.shape[:2]
+            sizes[slot] = record.size or record.image.shape[:2]
             boxes[slot] = _scaled_box(record, size)
             if record.mask is not None:
                 if masks is None:
@@ -194,6 +195,7 @@ def iterate_batches(
     drop_remainder: bool = False,
     read_threads: int = 2,
     prefetch: int = 2,
+    fast_jpeg: bool = False,
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` es of ``source`` preprocessed for a model.
 
@@ -211,6 +213,9 @@ def iterate_batches(
       drop_remainder: drop the last partial batch instead of padding it.
       read_threads: threads reading batches ahead (per process); prefetch: batches buffered per
         thread pool.
+      fast_jpeg: decode JPEGs at the largest 1/2, 1/4 or 1/8 reduction that still covers the input
+        size (sources with ``with_draft_size``: image folders, HAM10000); about 2x faster for
+        450x600 → 224x224, inputs within about 0.4 gray levels on average of the exact path.
 
     Unreadable images never raise: their rows have ``valid`` False and appear in ``Batch.errors``.
     The indices read, in order, are ``ordered_indices(len(source), indices=..., shard_index=...,
@@ -224,6 +229,8 @@ def iterate_batches(
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     if isinstance(source, str):
         source = open_source(source)
+    if fast_jpeg and hasattr(source, "with_draft_size"):
+        source = source.with_draft_size(tuple(preprocessing.size))
     order = ordered_indices(
         len(source), indices=indices, shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, seed=seed
     )

@@ -12,6 +12,7 @@ differs from :func:`flaxcam.localize.boxes`, which returns ``[x0, y0, x1, y1]``)
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -23,7 +24,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from flaxcam.imageio import ImageReadError, as_rgb_uint8, pil_to_rgb, read_image
+from flaxcam.imageio import (
+    ImageReadError,
+    as_rgb_uint8,
+    pil_to_rgb,
+    read_image_with_size,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -38,7 +44,9 @@ class Record:
     """One example. ``image`` is ``(H, W, 3)`` uint8 RGB, or ``None`` with ``error`` giving the reason.
 
     ``label`` is the class index (-1 when unknown); ``box`` is the ground truth ``(y0, x0, y1, x1)``
-    in pixels of ``image`` (exclusive end); ``mask`` an ``(H, W)`` bool ground-truth mask.
+    in pixels of ``image`` (exclusive end); ``mask`` an ``(H, W)`` bool ground-truth mask; ``size``
+    the ``(height, width)`` of the image in its file when ``image`` was decoded at reduced scale
+    (``None``: ``image.shape[:2]``).
     """
 
     index: int
@@ -48,6 +56,7 @@ class Record:
     error: str | None = None
     box: Box | None = None
     mask: np.ndarray | None = None
+    size: tuple[int, int] | None = None
 
 
 @runtime_checkable
@@ -229,7 +238,8 @@ class ImageFolderSource:
     Files whose extension Pillow does not know (``extensions``, default: every extension Pillow
     registers) are not records; they are listed in ``skipped``. Hidden files and folders (a name
     starting with ".") are ignored. A file that cannot be read gives ``Record.error``.
-    ``max_pixels`` is the size guard of :func:`flaxcam.imageio.read_image`.
+    ``max_pixels`` is the size guard and ``draft_size`` the JPEG fast path of
+    :func:`flaxcam.imageio.read_image_with_size`.
     """
 
     def __init__(
@@ -238,8 +248,10 @@ class ImageFolderSource:
         *,
         extensions: Sequence[str] | None = None,
         max_pixels: int | None = None,
+        draft_size: tuple[int, int] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.draft_size = draft_size
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such folder (expected root/<class>/<image files>)")
         allowed = _image_extensions() if extensions is None else frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
@@ -274,10 +286,16 @@ class ImageFolderSource:
         index = _check_index(index, len(self))
         record_id, label = self.ids[index], int(self.labels[index])
         try:
-            image = read_image(self.root / record_id, max_pixels=self.max_pixels)
+            image, size = read_image_with_size(self.root / record_id, max_pixels=self.max_pixels, draft_size=self.draft_size)
         except ImageReadError as error:
             return Record(index, record_id, None, label, str(error))
-        return Record(index, record_id, image, label)
+        return Record(index, record_id, image, label, size=None if size == image.shape[:2] else size)
+
+    def with_draft_size(self, size: tuple[int, int] | None) -> ImageFolderSource:
+        """A copy that decodes JPEGs at reduced scale covering ``size`` (see ``draft_size``)."""
+        clone = copy.copy(self)
+        clone.draft_size = size
+        return clone
 
 
 class Ham10000Source:
@@ -287,7 +305,8 @@ class Ham10000Source:
 
     Labels index :data:`HAM10000_CLASSES` (``akiec, bcc, bkl, df, mel, nv, vasc``). Records follow the
     metadata's row order; the id is the ``image_id``. A row whose image is missing or unreadable, or
-    whose ``dx`` is not one of the seven, gives ``Record.error``. ``lesion_ids`` (one per record) lets
+    whose ``dx`` is not one of the seven, gives ``Record.error``. ``max_pixels`` and ``draft_size`` as
+    for :class:`ImageFolderSource`. ``lesion_ids`` (one per record) lets
     a train/test split keep all images of a lesion together. Image folders are found by name, case
     insensitively (``ham10000_images_part_*``); images directly under ``root`` are found too.
     """
@@ -298,10 +317,12 @@ class Ham10000Source:
         metadata: str | os.PathLike = "HAM10000_metadata.csv",
         *,
         max_pixels: int | None = None,
+        draft_size: tuple[int, int] | None = None,
     ) -> None:
         self.root = Path(root)
         self.metadata = self.root / metadata
         self.max_pixels = max_pixels
+        self.draft_size = draft_size
         self.class_names: tuple[str, ...] = HAM10000_CLASSES
         if not self.metadata.is_file():
             raise FileNotFoundError(f"{self.metadata}: no such metadata file (expected HAM10000_metadata.csv in {self.root})")
@@ -346,10 +367,16 @@ class Ham10000Source:
         if path is None:
             return Record(index, image_id, None, label, f"{image_id}: image file not found in {self.root} (HAM10000_images_part_1/2)")
         try:
-            image = read_image(path, max_pixels=self.max_pixels)
+            image, size = read_image_with_size(path, max_pixels=self.max_pixels, draft_size=self.draft_size)
         except ImageReadError as error:
             return Record(index, image_id, None, label, str(error))
-        return Record(index, image_id, image, label)
+        return Record(index, image_id, image, label, size=None if size == image.shape[:2] else size)
+
+    def with_draft_size(self, size: tuple[int, int] | None) -> Ham10000Source:
+        """A copy that decodes JPEGs at reduced scale covering ``size`` (see ``draft_size``)."""
+        clone = copy.copy(self)
+        clone.draft_size = size
+        return clone
 
 
 def _detect_feature(features: Any, kind: str, preferred: str) -> str | None:
