@@ -206,6 +206,78 @@ def explain_command(
         raise typer.Exit(code=1)
 
 
+def _preprocessing_of(meta: dict[str, Any]):
+    from flaxcam.imageio import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+    size = tuple(meta.get("input_size", (224, 224)))
+    return Preprocessing(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(meta.get("mean", IMAGENET_MEAN)),
+        std=tuple(meta.get("std", IMAGENET_STD)),
+    )
+
+
+@app.command("audit")
+def audit_command(
+    source: Annotated[str, typer.Argument(help="folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH")],
+    out: Annotated[Path, typer.Option(help="Audit directory (Parquet parts + manifest); rerun to resume.")],
+    model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) or a torchvision ResNet checkpoint (.pth).")] = None,
+    method: Annotated[str, typer.Option(help="A method of flaxcam.METHODS.")] = "cam",
+    layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 64,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes recorded per image.")] = 3,
+    target: Annotated[str, typer.Option(help="Class explained: predicted | label.")] = "predicted",
+    resume: Annotated[bool, typer.Option(help="Resume an existing audit in --out (--no-resume starts over).")] = True,
+    limit: Annotated[Optional[int], typer.Option(help="Audit at most this many remaining images now.")] = None,
+    workers: Annotated[int, typer.Option(help="grain reader processes (0: a thread).")] = 0,
+) -> None:
+    """Audit every image of SOURCE: predictions, boxes, attention statistics and maps, in Parquet."""
+    from flaxcam import audit
+
+    loaded_model, variables, meta = _load_model(model, weights)
+    result = audit.run(
+        source, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
+        batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
+        class_names=meta.get("class_names"),
+        model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
+    )
+    state = "complete" if result.complete else "incomplete"
+    typer.echo(
+        f"{out}: {result.rows} images, {result.errors} unreadable, of {result.total} ({state}); this run: "
+        f"{result.processed} images in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s)"
+    )
+
+
+@app.command("report")
+def report_command(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit directory written by `flaxcam audit`.")],
+    out: Annotated[Optional[Path], typer.Option(help="HTML file (default AUDIT_DIR/report.html).")] = None,
+    gallery_size: Annotated[int, typer.Option(help="Images per gallery.")] = 12,
+) -> None:
+    """Write one self-contained HTML report of an audit (classes ranked by unusual attention)."""
+    from flaxcam.audit.report import write_report
+
+    typer.echo(str(write_report(audit_dir, out, gallery_size=gallery_size)))
+
+
+@app.command("query")
+def query_command(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit directory written by `flaxcam audit`.")],
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views `audit`, `errors` and the table `classes`.")],
+) -> None:
+    """Run SQL over an audit, e.g. "SELECT label, avg(corner_max_share) FROM audit GROUP BY 1"."""
+    import duckdb
+
+    from flaxcam.audit.query import format_table, query
+
+    try:
+        columns, rows = query(audit_dir, sql)
+    except duckdb.Error as error:
+        raise ValueError(f"query failed: {error}") from None
+    typer.echo(format_table(columns, rows))
+
+
 def main() -> None:
     """Console entry point."""
     try:

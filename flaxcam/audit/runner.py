@@ -1,0 +1,551 @@
+"""The streaming audit runner: explain every image of a source, record predictions, boxes, attention
+statistics and low-resolution maps in Parquet parts; resumable at any point.
+
+Pipeline (all stages overlap): a background thread reads and batches the source (``flaxcam.data``,
+grain) into a small queue → the main thread dispatches the jitted explain step and the jitted
+:func:`flaxcam.audit.stats.summarize` for batch ``i`` (asynchronously, sharded over the local devices),
+then fetches batch ``i - 1``'s results → a writer thread turns them into rows and writes a part file
+every ``rows_per_part`` rows. Host memory is bounded by the queue depths and one part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pyarrow as pa
+
+import flaxcam
+from flaxcam.audit import stats as stats_lib
+from flaxcam.audit import store
+from flaxcam.imageio import Preprocessing
+from flaxcam.localize import DEFAULT_THRESHOLD
+
+TARGET_MODES = ("predicted", "label")
+
+#: Fields of the manifest that must match for a rerun to resume an existing audit.
+_RESUME_FIELDS = (
+    "schema_version",
+    "model_fingerprint",
+    "method",
+    "layer",
+    "source_spec",
+    "source_length",
+    "preprocessing",
+    "top_k",
+    "target",
+    "border",
+    "corner",
+    "threshold",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """What :func:`run` did: the directory, the totals recorded so far and this call's throughput."""
+
+    out_dir: Path
+    total: int  # images in the source
+    rows: int  # images recorded (all processes' parts)
+    errors: int  # unreadable inputs recorded
+    processed: int  # images handled by this call (0 when the audit was already complete)
+    seconds: float
+    complete: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def shard_indices(total: int, shard_index: int, shard_count: int) -> np.ndarray:
+    """The source indices process ``shard_index`` of ``shard_count`` audits: ``shard_index, shard_index +
+    shard_count, ...`` (strided, so classes stored in order are spread evenly). The shards partition
+    ``range(total)``."""
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}")
+    return np.arange(shard_index, total, shard_count, dtype=np.int64)
+
+
+def model_fingerprint(variables: Any) -> str:
+    """SHA-256 over the variables' paths, shapes, dtypes and values (identifies the weights audited)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.shape}|{array.dtype}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+class _Prefetcher:
+    """Runs an iterator in a daemon thread, ``depth`` items ahead; re-raises its errors in the consumer."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator[Any], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True, name="flaxcam-audit-read")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, iterator: Iterator[Any]) -> None:
+        try:
+            for item in iterator:
+                if not self._put(item):
+                    return
+        except BaseException as error:  # handed to the consumer
+            self._put(("__error__", error))
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
+                raise item[1]
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _PartWriter:
+    """Background thread that turns fetched batch results into rows and writes part files atomically."""
+
+    def __init__(self, out_dir: Path, process: int, rows_per_part: int, depth: int = 4):
+        self.out_dir = out_dir
+        self.process = process
+        self.rows_per_part = rows_per_part
+        self.sequence = store.next_sequence(out_dir, process)
+        self.parts_written: list[str] = []
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._columns: list[dict[str, Any]] = []
+        self._errors: list[tuple[int, str, str]] = []
+        self._pending_rows = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="flaxcam-audit-write")
+        self._thread.start()
+
+    def put(self, columns: dict[str, Any] | None, errors: list[tuple[int, str, str]]) -> None:
+        self._raise_if_failed()
+        self._queue.put((columns, errors))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing audit parts to {self.out_dir} failed: {self._error}") from self._error
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    self._flush()
+                    return
+                columns, errors = item
+                if columns is not None and len(columns["index"]):
+                    self._columns.append(columns)
+                    self._pending_rows += len(columns["index"])
+                self._errors.extend(errors)
+                if self._pending_rows >= self.rows_per_part or len(self._errors) >= self.rows_per_part:
+                    self._flush()
+        except BaseException as error:
+            self._error = error
+            while True:  # keep draining so the producer never blocks on a dead writer
+                if self._queue.get() is None:
+                    return
+
+    def _next_path(self, kind: str) -> Path:
+        path = self.out_dir / store.part_name(kind, self.process, self.sequence)
+        self.sequence += 1
+        return path
+
+    def _flush(self) -> None:
+        # Errors first: an index is in exactly one file, so either order keeps "exactly once"; a kill
+        # between the two writes only re-does the rows.
+        if self._errors:
+            path = self._next_path("errors")
+            store.write_part(path, store.errors_table(self._errors, self.process))
+            self.parts_written.append(path.name)
+            self._errors = []
+        if self._columns:
+            path = self._next_path("part")
+            store.write_part(path, _rows_to_table(self._columns))
+            self.parts_written.append(path.name)
+            self._columns = []
+            self._pending_rows = 0
+
+
+def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    count, width = values.shape
+    offsets = pa.array(np.arange(0, (count + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), value_type))
+
+
+def _rows_to_table(chunks: list[dict[str, Any]]) -> pa.Table:
+    columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0] if name not in ("id", "low_res")}
+    ids = [value for chunk in chunks for value in chunk["id"]]
+    low_res = np.concatenate([chunk["low_res"] for chunk in chunks])
+    arrays: dict[str, pa.Array] = {}
+    for field in store.SCHEMA:
+        name = field.name
+        if name == "id":
+            arrays[name] = pa.array(ids, pa.string())
+        elif name == "low_res":
+            flat = low_res.reshape(len(low_res), -1)
+            arrays[name] = pa.array([row.tobytes() for row in flat], pa.binary())
+        elif name in ("topk_classes", "topk_probs"):
+            arrays[name] = _list_array(columns[name], field.type.value_type)
+        elif name == "correct":
+            labels = columns["label"]
+            arrays[name] = pa.array(columns["pred"] == labels, pa.bool_(), mask=labels < 0)
+        else:
+            arrays[name] = pa.array(columns[name], field.type)
+    return pa.table(arrays, schema=store.SCHEMA)
+
+
+def _host_columns(batch: Any, summary: Mapping[str, np.ndarray], process: int) -> dict[str, Any] | None:
+    """The rows of one batch (valid images only) as NumPy columns."""
+    valid = np.asarray(batch.valid, bool) & (np.asarray(batch.indices) >= 0)
+    if not valid.any():
+        return None
+    keep = np.flatnonzero(valid)
+    gt = np.asarray(batch.boxes, np.float32)[keep]
+    corners = np.stack([summary[f"corner_{c}_share"][keep] for c in stats_lib.CORNERS])
+    columns: dict[str, Any] = {
+        "index": np.asarray(batch.indices, np.int64)[keep],
+        "id": [batch.ids[i] for i in keep],
+        "label": np.asarray(batch.labels, np.int32)[keep],
+        "box_x0": summary["box"][keep, 0],
+        "box_y0": summary["box"][keep, 1],
+        "box_x1": summary["box"][keep, 2],
+        "box_y1": summary["box"][keep, 3],
+        "gt_y0": gt[:, 0],
+        "gt_x0": gt[:, 1],
+        "gt_y1": gt[:, 2],
+        "gt_x1": gt[:, 3],
+        "corner_max_share": np.max(corners, axis=0),
+        "process": np.full(len(keep), process, np.int32),
+    }
+    for name in ("pred", "prob", "target", "target_prob", "topk_classes", "topk_probs", "box_iou", "low_res",
+                 "border_share", "gt_share", "entropy", "peak_y", "peak_x", "com_y", "com_x"):
+        columns[name] = summary[name][keep]
+    for corner in stats_lib.CORNERS:
+        columns[f"corner_{corner}_share"] = summary[f"corner_{corner}_share"][keep]
+    return columns
+
+
+def _open(source: Any) -> tuple[Any, str | None]:
+    if isinstance(source, (str, os.PathLike)):
+        from flaxcam.data import open_source
+
+        return open_source(str(source)), str(source)
+    return source, getattr(source, "spec", None)
+
+
+def _check_resumable(existing: Mapping[str, Any], manifest: Mapping[str, Any], out_dir: Path) -> None:
+    differing = [name for name in _RESUME_FIELDS if existing.get(name) != manifest.get(name)]
+    if differing:
+        details = "; ".join(f"{name}: {existing.get(name)!r} -> {manifest.get(name)!r}" for name in differing)
+        raise ValueError(
+            f"{out_dir} holds an audit with different settings ({details}); use another --out directory, "
+            "or resume=False (--no-resume) to discard it and start over"
+        )
+
+
+def _clear(out_dir: Path) -> None:
+    for path in [*store.part_files(out_dir, "part"), *store.part_files(out_dir, "errors"), out_dir / store.MANIFEST]:
+        path.unlink(missing_ok=True)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def run(
+    source: Any,
+    model: Any,
+    variables: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    preprocessing: Preprocessing,
+    method: str = "cam",
+    layer: str | None = None,
+    batch_size: int = 64,
+    top_k: int = 3,
+    target: str = "predicted",
+    devices: Sequence[jax.Device] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    border: float = stats_lib.DEFAULT_BORDER,
+    corner: float = stats_lib.DEFAULT_CORNER,
+    rows_per_part: int = 4096,
+    worker_count: int = 0,
+    prefetch: int = 2,
+    limit: int | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    explain_kwargs: Mapping[str, Any] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> AuditResult:
+    """Audit every image of ``source`` with ``model``: explain it, and record per image the prediction,
+    its probability, the top-k classes, the explained target, the 20%-rule box, attention statistics
+    (:mod:`flaxcam.audit.stats`) and the low-resolution map, in Parquet parts under ``out_dir``.
+
+    Args:
+      source: an ``ImageSource`` (``flaxcam.data``) or a spec string for ``flaxcam.data.open_source``
+        (``"folder:PATH"``, ``"ham10000:PATH"``, ``"tfds:NAME[:SPLIT]"``, ``"npz:PATH"``); the spec is
+        recorded in the manifest so the report can re-read the images.
+      model, variables: a Flax linen classifier and its variables (as for :func:`flaxcam.explain`).
+      preprocessing: how images become model inputs (size, mean, std).
+      method, layer: the CAM method and its (single) target layer; default layer: the last spatial one.
+      batch_size: images per jitted call (padded to a bucket and sharded over ``devices``).
+      top_k: classes recorded per image (the map explains one class: see ``target``).
+      target: ``"predicted"`` (each image's top class) or ``"label"`` (its true class).
+      devices: local devices to shard each batch over (default: all).
+      resume: continue an existing audit in ``out_dir`` (same settings), skipping every image already
+        recorded; ``False`` discards it and starts over.
+      progress: show a progress bar with images/s.
+      class_names: names of the model's classes (default: the source's).
+      threshold: the box rule's fraction of the map maximum (0.2, the CAM paper's).
+      border, corner: band width and corner side (fractions of the image) of the attention statistics.
+      rows_per_part: rows per Parquet part (the most work a kill can lose).
+      worker_count: grain reader processes (0: read in a thread of this process).
+      prefetch: batches read ahead.
+      limit: audit at most this many of the remaining images in this call (the rest stays to do).
+      model_info: extra JSON-like facts about the model for the manifest (name, weights file, ...).
+      explain_kwargs: extra keyword arguments of :func:`flaxcam.explain` (``head``, ``apply_kwargs``, ...).
+      on_batch: called with the number of images done after every fetched batch (tests, monitoring).
+
+    Multi-host (``jax.distributed.initialize()`` before): each process audits its strided shard
+    (:func:`shard_indices` with ``jax.process_index()``) over its local devices and writes its own parts;
+    ``out_dir`` must be a shared filesystem. Process 0 writes the manifest.
+
+    Returns an :class:`AuditResult`.
+    """
+    if target not in TARGET_MODES:
+        raise ValueError(f"target must be one of {TARGET_MODES}, got {target!r}")
+    if layer is not None and not isinstance(layer, str):
+        raise ValueError("an audit explains one layer: pass a single layer name (layer fusion is not supported here)")
+    if batch_size < 1 or rows_per_part < 1:
+        raise ValueError(f"batch_size and rows_per_part must be >= 1, got {batch_size}, {rows_per_part}")
+    explain_kwargs = dict(explain_kwargs or {})
+    for reserved in ("method", "layer", "targets", "top_k", "devices"):
+        if reserved in explain_kwargs:
+            raise ValueError(f"pass {reserved!r} to run() itself, not in explain_kwargs")
+    source, spec = _open(source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start_time = time.perf_counter()
+    process, process_count = jax.process_index(), jax.process_count()
+    devices = list(devices) if devices is not None else jax.local_devices()
+
+    height, width = preprocessing.size
+    dummy = np.zeros((1, height, width, 3), np.float32)
+    apply_kwargs = tuple(sorted((explain_kwargs.get("apply_kwargs") or {}).items()))
+    layers = flaxcam.list_layers(model, variables, dummy, apply_kwargs)
+    from flaxcam.probe import resolve_layer
+
+    layer_info = resolve_layer(layers, layer, spatial_only=explain_kwargs.get("reshape") is None)
+    output = jax.eval_shape(lambda v, x: model.apply(v, x, **dict(apply_kwargs)), variables, dummy)
+    output_fn = explain_kwargs.get("output_fn")
+    num_classes = int((output_fn(output) if output_fn else output).shape[-1])
+    k = max(1, min(int(top_k), num_classes))
+    names = list(class_names) if class_names is not None else list(getattr(source, "class_names", ()) or ())
+    if not names:
+        names = [str(i) for i in range(num_classes)]
+    total = len(source)
+    manifest: dict[str, Any] = {
+        "schema_version": store.SCHEMA_VERSION,
+        "flaxcam_version": flaxcam.__version__,
+        "model": type(model).__name__,
+        "model_repr": repr(model)[:4000],
+        "model_info": dict(model_info or {}),
+        "model_fingerprint": model_fingerprint(variables),
+        "num_classes": num_classes,
+        "method": flaxcam.METHODS[method].name if method in flaxcam.METHODS else method,
+        "layer": layer_info.name,
+        "source_spec": spec,
+        "source_type": type(source).__name__,
+        "source_length": total,
+        "class_names": names,
+        "preprocessing": {"size": [height, width], "mean": list(preprocessing.mean), "std": list(preprocessing.std)},
+        "top_k": k,
+        "target": target,
+        "threshold": float(threshold),
+        "border": float(border),
+        "corner": float(corner),
+        "batch_size": batch_size,
+        "process_count": process_count,
+        "status": "running",
+    }
+    if method not in flaxcam.METHODS:
+        raise ValueError(f"unknown method {method!r}; methods: {', '.join(sorted(flaxcam.METHODS))}")
+
+    manifest_path = out_dir / store.MANIFEST
+    if manifest_path.exists():
+        if resume:
+            _check_resumable(store.read_manifest(out_dir), manifest, out_dir)
+        elif process == 0:
+            _clear(out_dir)
+    _barrier("flaxcam-audit-start")
+    if process == 0:
+        store.remove_stale_temporaries(out_dir)
+    done = store.done_indices(out_dir)
+    remaining = np.setdiff1d(shard_indices(total, process, process_count), done, assume_unique=True)
+    if limit is not None:
+        remaining = remaining[: max(0, int(limit))]
+
+    previous = store.read_manifest(out_dir) if manifest_path.exists() else {}
+    if process == 0 and (len(remaining) or previous.get("status") != "complete"):
+        manifest["low_res_shape"] = previous.get("low_res_shape")
+        store.write_json(manifest_path, {**manifest, **_counts(out_dir, total)})
+    if len(remaining) == 0:
+        _barrier("flaxcam-audit-end")
+        return _finish(out_dir, manifest, total, 0, start_time, process)
+
+    processed = _stream(
+        source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs,
+        batch_size=batch_size, k=k, threshold=threshold, border=border, corner=corner, process=process,
+        rows_per_part=rows_per_part, worker_count=worker_count, prefetch=prefetch, progress=progress, on_batch=on_batch,
+    )
+    _barrier("flaxcam-audit-end")
+    return _finish(out_dir, manifest, total, processed, start_time, process)
+
+
+def _counts(out_dir: Path, total: int) -> dict[str, Any]:
+    rows = sum(_row_count(p) for p in store.part_files(out_dir, "part"))
+    errors = sum(_row_count(p) for p in store.part_files(out_dir, "errors"))
+    return {
+        "counts": {"total": total, "rows": rows, "errors": errors},
+        "parts": [p.name for p in store.part_files(out_dir, "part")],
+        "error_parts": [p.name for p in store.part_files(out_dir, "errors")],
+    }
+
+
+def _row_count(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _finish(out_dir: Path, manifest: dict[str, Any], total: int, processed: int, start: float, process: int) -> AuditResult:
+    counts = _counts(out_dir, total)
+    complete = counts["counts"]["rows"] + counts["counts"]["errors"] == total
+    if process == 0:
+        previous = store.read_manifest(out_dir)
+        if processed or previous.get("status") != "complete":
+            status = "complete" if complete else "incomplete"
+            store.write_json(out_dir / store.MANIFEST, {**previous, **counts, "status": status})
+    return AuditResult(
+        out_dir=out_dir,
+        total=total,
+        rows=counts["counts"]["rows"],
+        errors=counts["counts"]["errors"],
+        processed=processed,
+        seconds=time.perf_counter() - start,
+        complete=complete,
+    )
+
+
+def _stream(
+    source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs, *,
+    batch_size, k, threshold, border, corner, process, rows_per_part, worker_count, prefetch, progress, on_batch,
+) -> int:
+    from tqdm.auto import tqdm
+
+    from flaxcam.data import iterate_batches
+
+    batches = _Prefetcher(
+        iter(iterate_batches(source, preprocessing, batch_size, indices=remaining, worker_count=worker_count)), prefetch
+    )
+    writer = _PartWriter(out_dir, process, rows_per_part)
+    threshold = float(threshold)
+    low_res_shape: list[int] | None = None
+    processed = 0
+
+    def dispatch(batch):
+        targets = np.maximum(np.asarray(batch.labels), 0) if manifest["target"] == "label" else None
+        explanation = flaxcam.explain(
+            model, variables, batch.images, method=manifest["method"], layer=manifest["layer"], targets=targets,
+            devices=devices, **explain_kwargs,
+        )
+        masks = getattr(batch, "masks", None)
+        summary = stats_lib.summarize(
+            explanation.maps[:, 0],
+            explanation.low_res[:, 0],
+            explanation.probabilities,
+            explanation.targets[:, 0],
+            np.asarray(batch.boxes, np.float32),
+            None if masks is None else np.asarray(masks, bool),
+            threshold,
+            top_k=k,
+            border=float(border),
+            corner=float(corner),
+            with_masks=masks is not None,
+        )
+        for leaf in jax.tree_util.tree_leaves(summary):
+            leaf.copy_to_host_async()
+        return summary
+
+    def collect(batch, summary) -> int:
+        nonlocal low_res_shape
+        host = jax.device_get(summary)
+        if low_res_shape is None:
+            low_res_shape = list(host["low_res"].shape[1:])
+            if process == 0 and manifest.get("low_res_shape") != low_res_shape:
+                manifest["low_res_shape"] = low_res_shape
+                store.write_json(out_dir / store.MANIFEST, {**store.read_manifest(out_dir), "low_res_shape": low_res_shape})
+        writer.put(_host_columns(batch, host, process), list(batch.errors))
+        return int(np.sum(np.asarray(batch.indices) >= 0))
+
+    pending = None
+    try:
+        with tqdm(total=len(remaining), desc=f"audit ({manifest['method']})", unit="img", disable=not progress,
+                  smoothing=0.1) as bar:
+            for batch in batches:
+                summary = dispatch(batch)
+                if pending is not None:
+                    count = collect(*pending)
+                    processed += count
+                    bar.update(count)
+                    if on_batch is not None:
+                        on_batch(processed)
+                pending = (batch, summary)
+            if pending is not None:
+                count = collect(*pending)
+                processed += count
+                bar.update(count)
+                if on_batch is not None:
+                    on_batch(processed)
+    finally:
+        batches.close()
+        writer.close()
+    return processed

@@ -1,0 +1,182 @@
+"""Per-image attention statistics of class activation maps, computed on device in one jitted call.
+
+For a map ``m`` (non-negative, e.g. a min-max normalized CAM at the input resolution, ``H × W``) the
+*energy* of a region ``R`` is its share of the map's total mass, ``share(R) = Σ_R m / Σ m`` (NaN for an
+all-zero map). The regions are fractions of the image, so the statistics do not depend on the input size:
+
+* ``border_share``: the band of width ``border · H`` (rows) and ``border · W`` (columns) along the edges;
+* ``corner_{tl,tr,bl,br}_share``: the ``corner · H × corner · W`` rectangle in each corner
+  (a uniform map gives ``corner²`` in each);
+* ``gt_share``: inside the ground-truth box (pixel centres in ``[y0, y1) × [x0, x1)``) or mask, when given;
+* ``entropy``: ``-Σ p log p / log(H W)`` with ``p = m / Σ m`` (1 for a uniform map, 0 for a single pixel);
+* ``peak_y, peak_x``: the argmax pixel's centre as a fraction of the height / width (first maximum in
+  raster order); ``com_y, com_x``: the centre of mass, same units.
+
+The box is the CAM paper's 20% rule (:func:`flaxcam.localize.boxes`): the bounding box of the largest
+connected region of pixels ``>= threshold · max(m)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flaxcam import localize
+
+Array = jax.Array
+
+#: Default width of the border band and side of the corner squares, as fractions of the image size.
+DEFAULT_BORDER = 0.1
+DEFAULT_CORNER = 0.2
+
+#: Order of the corner statistics.
+CORNERS = ("tl", "tr", "bl", "br")
+
+
+def _band_pixels(fraction: float, size: int) -> int:
+    return max(1, int(round(fraction * size)))
+
+
+def region_masks(height: int, width: int, border: float, corner: float) -> dict[str, Array]:
+    """Boolean ``(H, W)`` masks of the border band and the four corner rectangles."""
+    if not 0 < border < 0.5 or not 0 < corner <= 0.5:
+        raise ValueError(f"border must be in (0, 0.5) and corner in (0, 0.5], got border={border}, corner={corner}")
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    bh, bw = _band_pixels(border, height), _band_pixels(border, width)
+    ch, cw = _band_pixels(corner, height), _band_pixels(corner, width)
+    top, bottom = rows < ch, rows >= height - ch
+    left, right = cols < cw, cols >= width - cw
+    return {
+        "border": (rows < bh) | (rows >= height - bh) | (cols < bw) | (cols >= width - bw),
+        "tl": top & left,
+        "tr": top & right,
+        "bl": bottom & left,
+        "br": bottom & right,
+    }
+
+
+def _box_mask(box_yxyx: Array, height: int, width: int) -> Array:
+    """``(H, W)`` mask of the pixels whose centre lies in ``[y0, y1) × [x0, x1)`` (all False for NaN)."""
+    y = jnp.arange(height, dtype=jnp.float32)[:, None] + 0.5
+    x = jnp.arange(width, dtype=jnp.float32)[None, :] + 0.5
+    y0, x0, y1, x1 = box_yxyx[0], box_yxyx[1], box_yxyx[2], box_yxyx[3]
+    return (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
+
+
+def _one_map(m: Array, gt_box: Array, gt_mask: Array | None, regions: dict[str, Array]) -> dict[str, Array]:
+    height, width = m.shape
+    m = jnp.maximum(m.astype(jnp.float32), 0.0)
+    total = jnp.sum(m)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    nan = jnp.float32(jnp.nan)
+
+    def share(region: Array) -> Array:
+        return jnp.where(total > 0, jnp.sum(jnp.where(region, m, 0.0)) / safe_total, nan)
+
+    out = {"border_share": share(regions["border"])}
+    for name in CORNERS:
+        out[f"corner_{name}_share"] = share(regions[name])
+    has_box = jnp.all(jnp.isfinite(gt_box))
+    box_region = _box_mask(jnp.where(has_box, gt_box, 0.0), height, width)
+    if gt_mask is None:
+        out["gt_share"] = jnp.where(has_box, share(box_region), nan)
+    else:
+        has_mask = jnp.any(gt_mask)
+        region = jnp.where(has_mask, gt_mask, box_region)
+        out["gt_share"] = jnp.where(has_mask | has_box, share(region), nan)
+    p = m / safe_total
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)) / jnp.log(float(height * width))
+    out["entropy"] = jnp.where(total > 0, entropy, nan)
+    flat_peak = jnp.argmax(m.reshape(-1))
+    out["peak_y"] = ((flat_peak // width).astype(jnp.float32) + 0.5) / height
+    out["peak_x"] = ((flat_peak % width).astype(jnp.float32) + 0.5) / width
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+    out["com_y"] = jnp.where(total > 0, jnp.sum(p.sum(axis=1) * ys), nan)
+    out["com_x"] = jnp.where(total > 0, jnp.sum(p.sum(axis=0) * xs), nan)
+    return out
+
+
+def attention_stats(
+    maps: Array,
+    gt_boxes: Array | None = None,
+    gt_masks: Array | None = None,
+    *,
+    border: float = DEFAULT_BORDER,
+    corner: float = DEFAULT_CORNER,
+) -> dict[str, Array]:
+    """Attention statistics of ``(B, H, W)`` maps (see the module docstring); jittable and vmapped.
+
+    Args:
+      maps: ``(B, H, W)`` non-negative maps (negative values are clipped to 0).
+      gt_boxes: ``(B, 4)`` ground-truth boxes ``(y0, x0, y1, x1)`` in the maps' pixels (exclusive end),
+        rows of NaN where absent.
+      gt_masks: ``(B, H, W)`` bool ground-truth masks (an all-False mask falls back to the box).
+      border, corner: band width and corner side as fractions of the map size.
+
+    Returns:
+      A dict of ``(B,)`` float32 arrays: ``border_share``, ``corner_tl_share`` … ``corner_br_share``,
+      ``gt_share`` (NaN without ground truth), ``entropy``, ``peak_y``, ``peak_x``, ``com_y``, ``com_x``.
+    """
+    maps = jnp.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (batch, height, width), got {maps.shape}")
+    region_masks(1, 1, border, corner)  # validate the fractions eagerly, with a clear error
+    return _attention_stats(maps, gt_boxes, gt_masks, border=float(border), corner=float(corner))
+
+
+@functools.partial(jax.jit, static_argnames=("border", "corner"))
+def _attention_stats(maps: Array, gt_boxes: Array | None, gt_masks: Array | None, *, border: float, corner: float):
+    batch, height, width = maps.shape
+    regions = region_masks(height, width, border, corner)
+    if gt_boxes is None:
+        gt_boxes = jnp.full((batch, 4), jnp.nan, jnp.float32)
+    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+    if gt_masks is None:
+        return jax.vmap(lambda m, b: _one_map(m, b, None, regions))(maps, gt_boxes)
+    return jax.vmap(lambda m, b, k: _one_map(m, b, k, regions))(maps, gt_boxes, jnp.asarray(gt_masks, bool))
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "border", "corner", "with_masks"))
+def summarize(
+    maps: Array,
+    low_res: Array,
+    probabilities: Array,
+    targets: Array,
+    gt_boxes: Array,
+    gt_masks: Array | None,
+    threshold: float,
+    *,
+    top_k: int,
+    border: float,
+    corner: float,
+    with_masks: bool,
+) -> dict[str, Array]:
+    """Everything the audit records for a batch, in one device call: top-k classes and probabilities,
+    the prediction, the target's probability, the 20%-rule box ``[x0, y0, x1, y1]`` of each map, its IoU
+    with the ground-truth box, the attention statistics and the low-resolution map in float16.
+
+    ``maps`` ``(B, H, W)`` and ``low_res`` ``(B, h, w)`` are the maps of the explained target ``targets``
+    ``(B,)``; ``probabilities`` ``(B, K)``; ``gt_boxes`` ``(B, 4)`` ``(y0, x0, y1, x1)`` or NaN.
+    """
+    top_probs, top_classes = jax.lax.top_k(probabilities, top_k)
+    box = localize.boxes(maps, threshold)
+    gt_xyxy = gt_boxes[:, jnp.array([1, 0, 3, 2])]
+    has_gt = jnp.all(jnp.isfinite(gt_boxes), axis=1)
+    iou = localize.box_iou(box, jnp.where(has_gt[:, None], gt_xyxy, 0.0))
+    out = _attention_stats(maps, gt_boxes, gt_masks if with_masks else None, border=border, corner=corner)
+    out.update(
+        topk_classes=top_classes.astype(jnp.int32),
+        topk_probs=top_probs,
+        pred=top_classes[:, 0].astype(jnp.int32),
+        prob=top_probs[:, 0],
+        target=targets.astype(jnp.int32),
+        target_prob=jnp.take_along_axis(probabilities, targets[:, None].astype(jnp.int32), axis=1)[:, 0],
+        box=box,
+        box_iou=jnp.where(has_gt, iou, jnp.nan),
+        low_res=low_res.astype(jnp.float16),
+    )
+    return out
