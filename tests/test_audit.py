@@ -257,8 +257,13 @@ def test_four_emulated_devices_write_the_same_rows(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
     count = 192
-    subprocess.run([sys.executable, str(SCRIPT), "devices", str(tmp_path), str(count)], env=env, check=True,
+    subprocess.run([sys.executable, str(SCRIPT), "devices", str(tmp_path / "all"), str(count)], env=env, check=True,
                    capture_output=True, timeout=300)
+    source = audit_helpers.make_source(count)
+    model, variables = audit_helpers.make_model()
+    audit.run(source, model, variables, tmp_path / "one", preprocessing=audit_helpers.PREPROCESSING, batch_size=64,
+              progress=False, devices=jax.local_devices()[:1])
+    assert len(jax.local_devices()) == 1
     a, b = store.read_rows(tmp_path / "all").to_pydict(), store.read_rows(tmp_path / "one").to_pydict()
     assert len(a["index"]) == count - len(audit_helpers.bad_indices(count))
     for name in ("index", "id", "label", "pred", "target", "topk_classes", "box_x0", "box_y0", "box_x1", "box_y1"):
@@ -370,3 +375,25 @@ def test_report_in_headless_chromium(report_path, tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<html><body>x<script>console.error('planted'); missing();</script></body></html>")
     assert len(browser.open_page(binary, bad)["console_errors"]) == 2
+
+
+def test_box_on_a_coarser_grid_is_close_to_the_exact_box():
+    """The audit's default box (20% rule on the map upsampled to at most 64 px, scaled) against the exact
+    rule at the input resolution: equal when the input is small, IoU >= 0.8 otherwise (blob maps)."""
+    from flaxcam import ops
+
+    assert stats_lib.box_grid((32, 48), 64) == (32, 48) and stats_lib.box_grid((224, 448), 64) == (32, 64)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:7, 0:7]
+    low = np.stack([
+        np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2))
+        for cy, cx, s in zip(rng.uniform(0, 6, 16), rng.uniform(0, 6, 16), rng.uniform(0.5, 1.5, 16))
+    ]).astype(np.float32)
+    for size in ((56, 56), (224, 224)):
+        exact = localize.boxes(ops.minmax_normalize(ops.resize_maps(jnp.asarray(low), size)))
+        grid = stats_lib.box_grid(size, 64)
+        approx = stats_lib.boxes_from_low_res(jnp.asarray(low), size, grid, 0.2)
+        if grid == size:
+            np.testing.assert_array_equal(approx, exact)
+        else:
+            assert float(localize.box_iou(exact, approx).min()) >= 0.8

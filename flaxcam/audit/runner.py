@@ -46,6 +46,7 @@ _RESUME_FIELDS = (
     "border",
     "corner",
     "threshold",
+    "box_resolution",
 )
 
 
@@ -67,12 +68,14 @@ class AuditResult:
 
 
 def shard_indices(total: int, shard_index: int, shard_count: int) -> np.ndarray:
-    """The source indices process ``shard_index`` of ``shard_count`` audits: ``shard_index, shard_index +
-    shard_count, ...`` (strided, so classes stored in order are spread evenly). The shards partition
-    ``range(total)``."""
+    """The source indices process ``shard_index`` of ``shard_count`` audits: the contiguous part
+    ``shard_index`` of ``range(total)`` split into near-equal parts (:func:`flaxcam.data.shard_indices`,
+    the rule the data loader uses). The shards partition ``range(total)``."""
+    from flaxcam.data import shard_indices as split
+
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}")
-    return np.arange(shard_index, total, shard_count, dtype=np.int64)
+    return np.asarray(split(np.arange(total, dtype=np.int64), shard_index, shard_count), np.int64)
 
 
 def model_fingerprint(variables: Any) -> str:
@@ -307,8 +310,10 @@ def run(
     threshold: float = DEFAULT_THRESHOLD,
     border: float = stats_lib.DEFAULT_BORDER,
     corner: float = stats_lib.DEFAULT_CORNER,
+    box_resolution: int | None = 64,
     rows_per_part: int = 4096,
     worker_count: int = 0,
+    read_threads: int = 1,
     prefetch: int = 2,
     limit: int | None = None,
     model_info: Mapping[str, Any] | None = None,
@@ -336,15 +341,20 @@ def run(
       class_names: names of the model's classes (default: the source's).
       threshold: the box rule's fraction of the map maximum (0.2, the CAM paper's).
       border, corner: band width and corner side (fractions of the image) of the attention statistics.
+      box_resolution: the box is computed on the map upsampled to at most this many pixels on its longer
+        side, then scaled to input pixels (``None``: at the input resolution, exact but costly for large
+        inputs; inputs no larger than this are always exact).
       rows_per_part: rows per Parquet part (the most work a kill can lose).
       worker_count: grain reader processes (0: read in a thread of this process).
+      read_threads: grain reader threads per process (with ``worker_count=0`` more threads mostly
+        contend for the GIL; raise it for sources that decode large files).
       prefetch: batches read ahead.
       limit: audit at most this many of the remaining images in this call (the rest stays to do).
       model_info: extra JSON-like facts about the model for the manifest (name, weights file, ...).
       explain_kwargs: extra keyword arguments of :func:`flaxcam.explain` (``head``, ``apply_kwargs``, ...).
       on_batch: called with the number of images done after every fetched batch (tests, monitoring).
 
-    Multi-host (``jax.distributed.initialize()`` before): each process audits its strided shard
+    Multi-host (``jax.distributed.initialize()`` before): each process audits its contiguous shard
     (:func:`shard_indices` with ``jax.process_index()``) over its local devices and writes its own parts;
     ``out_dir`` must be a shared filesystem. Process 0 writes the manifest.
 
@@ -402,6 +412,8 @@ def run(
         "threshold": float(threshold),
         "border": float(border),
         "corner": float(corner),
+        "box_resolution": box_resolution,
+        "box_grid": list(stats_lib.box_grid((height, width), box_resolution)),
         "batch_size": batch_size,
         "process_count": process_count,
         "status": "running",
@@ -434,7 +446,7 @@ def run(
     processed = _stream(
         source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs,
         batch_size=batch_size, k=k, threshold=threshold, border=border, corner=corner, process=process,
-        rows_per_part=rows_per_part, worker_count=worker_count, prefetch=prefetch, progress=progress, on_batch=on_batch,
+        rows_per_part=rows_per_part, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch, progress=progress, on_batch=on_batch,
     )
     _barrier("flaxcam-audit-end")
     return _finish(out_dir, manifest, total, processed, start_time, process)
@@ -477,14 +489,18 @@ def _finish(out_dir: Path, manifest: dict[str, Any], total: int, processed: int,
 
 def _stream(
     source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs, *,
-    batch_size, k, threshold, border, corner, process, rows_per_part, worker_count, prefetch, progress, on_batch,
+    batch_size, k, threshold, border, corner, process, rows_per_part, worker_count, read_threads, prefetch, progress,
+    on_batch,
 ) -> int:
     from tqdm.auto import tqdm
 
     from flaxcam.data import iterate_batches
 
     batches = _Prefetcher(
-        iter(iterate_batches(source, preprocessing, batch_size, indices=remaining, worker_count=worker_count)), prefetch
+        iter(iterate_batches(
+            source, preprocessing, batch_size, indices=remaining, worker_count=worker_count,
+            read_threads=read_threads, prefetch=max(1, read_threads),
+        )), prefetch
     )
     writer = _PartWriter(out_dir, process, rows_per_part)
     threshold = float(threshold)
@@ -510,6 +526,7 @@ def _stream(
             border=float(border),
             corner=float(corner),
             with_masks=masks is not None,
+            box_resolution=manifest["box_resolution"],
         )
         for leaf in jax.tree_util.tree_leaves(summary):
             leaf.copy_to_host_async()
