@@ -152,7 +152,7 @@ def run_experiment(
                 "marked_class_mean_corner_br": float(stats["mean_corner_br_share"][position]),
                 "marked_class_accuracy_with_marker": with_marker,
                 "marked_class_accuracy_without_marker": without_marker,
-                "report": str(report),
+                "report": str(report.relative_to(out)),
             }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

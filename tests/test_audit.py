@@ -397,3 +397,27 @@ def test_box_on_a_coarser_grid_is_close_to_the_exact_box():
             np.testing.assert_array_equal(approx, exact)
         else:
             assert float(localize.box_iou(exact, approx).min()) >= 0.8
+
+
+def test_host_boxes_equal_localize_boxes():
+    """The audit finds the largest component on the host (scipy, whole stack at once); it must give
+    exactly flaxcam.localize's boxes: several components, ties, empty and all-zero maps."""
+    rng = np.random.default_rng(1)
+    maps = rng.random((40, 24, 31)).astype(np.float32) ** 4  # many components above 20% of the max
+    maps[3] = 0  # no energy
+    maps[4] = 0
+    maps[4, 2, 2] = maps[4, 10, 10] = 1  # a tie: two single pixels, the first in raster order wins
+    maps[5] = 0
+    maps[5, :, 5] = 1  # one vertical line
+    mask = np.asarray(stats_lib.foreground_on_grid(jnp.asarray(maps), None, maps.shape[1:], 0.2))
+    host = stats_lib.largest_component_boxes(mask)
+    np.testing.assert_array_equal(host, np.asarray(localize.boxes(jnp.asarray(maps), 0.2)))
+    assert list(host[3]) == [0, 0, 0, 0] and list(host[4]) == [2, 2, 3, 3] and list(host[5]) == [5, 0, 6, 24]
+    low = jnp.asarray(rng.random((6, 7, 7)).astype(np.float32))
+    grid = (40, 40)
+    mask = np.asarray(stats_lib.foreground_on_grid(jnp.zeros((6, 224, 224)), low, grid, 0.2))
+    scaled = stats_lib.scale_boxes(stats_lib.largest_component_boxes(mask), grid, (224, 224))
+    np.testing.assert_array_equal(scaled, np.asarray(stats_lib.boxes_from_low_res(low, (224, 224), grid, 0.2)))
+    iou = stats_lib.box_iou_xyxy(scaled, np.array([[0, 0, 224, 224]] * 5 + [[np.nan] * 4]))
+    np.testing.assert_allclose(iou[:5], np.asarray(localize.box_iou(scaled[:5], jnp.array([0, 0, 224, 224]))), rtol=1e-6)
+    assert np.isnan(iou[5])

@@ -103,11 +103,19 @@ def rank_classes(statistics: dict[str, Any]) -> list[int]:
     return [int(i) for i in np.argsort(-score, kind="stable")]
 
 
+#: Longest side of the pictures embedded in the report (larger ones are scaled down to keep it small).
+MAX_PICTURE_SIDE = 192
+
+
 def _png(array: np.ndarray) -> str:
     from PIL import Image
 
+    picture = Image.fromarray(array)
+    if max(picture.size) > MAX_PICTURE_SIDE:
+        scale = MAX_PICTURE_SIDE / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    picture.save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -320,7 +328,7 @@ def write_report(
         status = manifest.get("status", "?")
         counts = manifest.get("counts", {})
         meta_rows = [
-            ("model", f"{manifest.get('model')} {manifest.get('model_info') or ''}"),
+            ("model", " · ".join([str(manifest.get("model"))] + [f"{k}: {v}" for k, v in (manifest.get("model_info") or {}).items() if v])),
             ("method · layer", f"{manifest.get('method')} · {manifest.get('layer')} (map {tuple(shape)})"),
             ("source", f"{manifest.get('source_spec') or manifest.get('source_type')} ({manifest.get('source_length')} images)"),
             ("images audited", f"{total_rows} (+ {error_count} unreadable) of {counts.get('total', manifest.get('source_length'))} · status {status}"),

@@ -148,9 +148,10 @@ class _PartWriter:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="flaxcam-audit-write")
         self._thread.start()
 
-    def put(self, columns: dict[str, Any] | None, errors: list[tuple[int, str, str]]) -> None:
+    def put(self, batch: _BatchMeta, summary: Mapping[str, np.ndarray], errors: list[tuple[int, str, str]]) -> None:
+        """Queue a fetched batch; its rows are built (boxes included) in the writer thread."""
         self._raise_if_failed()
-        self._queue.put((columns, errors))
+        self._queue.put((batch, summary, errors))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -168,7 +169,8 @@ class _PartWriter:
                 if item is None:
                     self._flush()
                     return
-                columns, errors = item
+                batch, summary, errors = item
+                columns = _host_columns(batch, summary, self.process)
                 if columns is not None and len(columns["index"]):
                     self._columns.append(columns)
                     self._pending_rows += len(columns["index"])
@@ -230,22 +232,44 @@ def _rows_to_table(chunks: list[dict[str, Any]]) -> pa.Table:
     return pa.table(arrays, schema=store.SCHEMA)
 
 
-def _host_columns(batch: Any, summary: Mapping[str, np.ndarray], process: int) -> dict[str, Any] | None:
-    """The rows of one batch (valid images only) as NumPy columns."""
-    valid = np.asarray(batch.valid, bool) & (np.asarray(batch.indices) >= 0)
+@dataclasses.dataclass(frozen=True)
+class _BatchMeta:
+    """What the writer needs of a batch (not its images)."""
+
+    indices: np.ndarray
+    ids: list[str]
+    labels: np.ndarray
+    valid: np.ndarray
+    boxes: np.ndarray
+    input_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, batch: Any) -> "_BatchMeta":
+        return cls(
+            np.asarray(batch.indices), list(batch.ids), np.asarray(batch.labels), np.asarray(batch.valid, bool),
+            np.asarray(batch.boxes, np.float32), tuple(np.shape(batch.images)[1:3]),
+        )
+
+
+def _host_columns(batch: _BatchMeta, summary: Mapping[str, np.ndarray], process: int) -> dict[str, Any] | None:
+    """The rows of one batch (valid images only) as NumPy columns; boxes from the foreground masks."""
+    valid = batch.valid & (batch.indices >= 0)
     if not valid.any():
         return None
     keep = np.flatnonzero(valid)
-    gt = np.asarray(batch.boxes, np.float32)[keep]
+    gt = batch.boxes[keep]
+    mask = summary["box_mask"][keep]
+    box = stats_lib.scale_boxes(stats_lib.largest_component_boxes(mask), mask.shape[1:], batch.input_size)
     corners = np.stack([summary[f"corner_{c}_share"][keep] for c in stats_lib.CORNERS])
     columns: dict[str, Any] = {
         "index": np.asarray(batch.indices, np.int64)[keep],
         "id": [batch.ids[i] for i in keep],
         "label": np.asarray(batch.labels, np.int32)[keep],
-        "box_x0": summary["box"][keep, 0],
-        "box_y0": summary["box"][keep, 1],
-        "box_x1": summary["box"][keep, 2],
-        "box_y1": summary["box"][keep, 3],
+        "box_x0": box[:, 0],
+        "box_y0": box[:, 1],
+        "box_x1": box[:, 2],
+        "box_y1": box[:, 3],
+        "box_iou": stats_lib.box_iou_xyxy(box, gt[:, [1, 0, 3, 2]]),
         "gt_y0": gt[:, 0],
         "gt_x0": gt[:, 1],
         "gt_y1": gt[:, 2],
@@ -253,7 +277,7 @@ def _host_columns(batch: Any, summary: Mapping[str, np.ndarray], process: int) -
         "corner_max_share": np.max(corners, axis=0),
         "process": np.full(len(keep), process, np.int32),
     }
-    for name in ("pred", "prob", "target", "target_prob", "topk_classes", "topk_probs", "box_iou", "low_res",
+    for name in ("pred", "prob", "target", "target_prob", "topk_classes", "topk_probs", "low_res",
                  "border_share", "gt_share", "entropy", "peak_y", "peak_x", "com_y", "com_x"):
         columns[name] = summary[name][keep]
     for corner in stats_lib.CORNERS:
@@ -540,7 +564,7 @@ def _stream(
             if process == 0 and manifest.get("low_res_shape") != low_res_shape:
                 manifest["low_res_shape"] = low_res_shape
                 store.write_json(out_dir / store.MANIFEST, {**store.read_manifest(out_dir), "low_res_shape": low_res_shape})
-        writer.put(_host_columns(batch, host, process), list(batch.errors))
+        writer.put(_BatchMeta.of(batch), host, list(batch.errors))
         return int(np.sum(np.asarray(batch.indices) >= 0))
 
     pending = None

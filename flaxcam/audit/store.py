@@ -81,11 +81,22 @@ SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("reason", pa.string()), ("process", pa.int32())])
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)`` then rename it to ``path`` (same folder, so the rename is atomic)."""
+    """Call ``write(temporary_path)`` then rename it to ``path`` (same folder, so the rename is atomic).
+    The file gets the usual permissions (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, _FILE_MODE)
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
