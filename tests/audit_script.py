@@ -10,15 +10,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import jax  # noqa: E402
+import audit_helpers
+import jax
 
-import audit_helpers  # noqa: E402
-from flaxcam import audit  # noqa: E402
+from flaxcam import audit
 
 mode, out, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 source = audit_helpers.make_source(count)
 model, variables = audit_helpers.make_model()
-common = dict(preprocessing=audit_helpers.PREPROCESSING, batch_size=64, progress=False)
+common = {"preprocessing": audit_helpers.PREPROCESSING, "batch_size": 64, "progress": False}
 if mode == "run":
     audit.run(source, model, variables, out, rows_per_part=64, on_batch=lambda done: time.sleep(0.05), **common)
 elif mode == "devices":

@@ -3,7 +3,6 @@ kill -9 (real subprocess), 4 emulated devices = 1 device, report ranking, query,
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,17 +13,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import audit_helpers  # noqa: E402
-import flaxcam  # noqa: E402
-from flaxcam import audit, localize  # noqa: E402
-from flaxcam.audit import stats as stats_lib  # noqa: E402
-from flaxcam.audit import store  # noqa: E402
-from flaxcam.audit.query import query  # noqa: E402
+import audit_helpers
+
+import flaxcam
+from flaxcam import audit, localize
+from flaxcam.audit import stats as stats_lib
+from flaxcam.audit import store
+from flaxcam.audit.query import query
 
 SCRIPT = Path(__file__).parent / "audit_script.py"
 E2E_COUNT = 2048
@@ -40,7 +39,7 @@ def _numpy_stats(m: np.ndarray, box, border: float, corner: float) -> dict[str, 
     total = m.sum()
     bh, bw = max(1, round(border * h)), max(1, round(border * w))
     ch, cw = max(1, round(corner * h)), max(1, round(corner * w))
-    sums = dict(border=0.0, tl=0.0, tr=0.0, bl=0.0, br=0.0, gt=0.0)
+    sums = {"border": 0.0, "tl": 0.0, "tr": 0.0, "bl": 0.0, "br": 0.0, "gt": 0.0}
     for y in range(h):
         for x in range(w):
             v = m[y, x]
@@ -127,7 +126,7 @@ def full_audit(tmp_path_factory):
 
 
 def test_end_to_end_rows_match_direct_explain(full_audit):
-    out, result, source, model, variables = full_audit
+    out, result, _source, model, variables = full_audit
     bad = set(audit_helpers.bad_indices(E2E_COUNT))
     assert result.complete and result.total == E2E_COUNT
     assert (result.rows, result.errors) == (E2E_COUNT - len(bad), len(bad))
@@ -188,7 +187,7 @@ def test_resume_refuses_other_settings(full_audit):
 def test_run_argument_errors(tmp_path):
     source = audit_helpers.make_source(8, bad=False)
     model, variables = audit_helpers.make_model()
-    kwargs = dict(preprocessing=audit_helpers.PREPROCESSING, progress=False)
+    kwargs = {"preprocessing": audit_helpers.PREPROCESSING, "progress": False}
     with pytest.raises(ValueError, match="target must be one of"):
         audit.run(source, model, variables, tmp_path / "a", target="true", **kwargs)
     with pytest.raises(ValueError, match="unknown method 'foo'; methods: ablationcam"):
@@ -203,13 +202,13 @@ def test_limit_then_resume_in_process_and_label_target(tmp_path):
     """An audit done in pieces (limit=) equals one done at once; target="label" explains the label."""
     source = audit_helpers.make_source(150)
     model, variables = audit_helpers.make_model()
-    kwargs = dict(preprocessing=audit_helpers.PREPROCESSING, batch_size=32, progress=False, target="label")
+    kwargs = {"preprocessing": audit_helpers.PREPROCESSING, "batch_size": 32, "progress": False, "target": "label"}
     first = audit.run(source, model, variables, tmp_path / "pieces", limit=70, **kwargs)
     assert not first.complete and first.rows + first.errors == 70
     assert store.read_manifest(tmp_path / "pieces")["status"] == "incomplete"
     second = audit.run(source, model, variables, tmp_path / "pieces", **kwargs)
     assert second.complete and second.processed == 80
-    whole = audit.run(source, model, variables, tmp_path / "whole", **kwargs)
+    audit.run(source, model, variables, tmp_path / "whole", **kwargs)
     a, b = store.read_rows(tmp_path / "pieces").to_pydict(), store.read_rows(tmp_path / "whole").to_pydict()
     assert a["index"] == b["index"] and a["low_res"] == b["low_res"] and a["target"] == b["target"]
     assert a["target"] == a["label"]  # every row is labelled here, so the label is explained
@@ -279,9 +278,9 @@ def test_four_emulated_devices_write_the_same_rows(tmp_path):
 
 def test_query_views(full_audit):
     out, result, *_ = full_audit
-    columns, rows = query(out, "SELECT count(*), count(DISTINCT id) FROM audit")
+    _, rows = query(out, "SELECT count(*), count(DISTINCT id) FROM audit")
     assert rows == [(result.rows, result.rows)]
-    columns, rows = query(out, "SELECT count(*) FROM errors")
+    _columns, rows = query(out, "SELECT count(*) FROM errors")
     assert rows == [(result.errors,)]
     table = store.read_rows(out, ["label", "corner_max_share"]).to_pydict()
     labels, shares = np.array(table["label"]), np.array(table["corner_max_share"])
@@ -366,8 +365,9 @@ def test_report_in_headless_chromium(report_path, tmp_path):
     page = browser.open_page(binary, report_path)
     assert page["console_errors"] == []
     assert [url for url in page["requests"] if not url.startswith(("file:", "data:"))] == []
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     shot = np.asarray(Image.open(io.BytesIO(page["screenshot"])).convert("RGB"), np.float32)
     assert shot.shape[0] > 500 and shot.std() > 10  # not blank

@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from experiments.audit_shortcut import MARKER_COLOUR, draw_marker, planted, run_experiment
+from experiments.audit_shortcut import (
+    MARKER_COLOUR,
+    draw_marker,
+    planted,
+    run_experiment,
+)
 
 
 def test_marker_drawn_only_where_planted():

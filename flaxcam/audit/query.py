@@ -23,7 +23,7 @@ def connect(audit_dir: str | os.PathLike) -> Any:
             paths = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
             connection.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{paths}])")
         else:
-            empty = schema.empty_table()  # noqa: F841 (read by DuckDB's replacement scan)
+            empty = schema.empty_table()
             connection.register(f"_{view}_empty", empty)
             connection.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_empty")
     names = manifest.get("class_names") or []

@@ -21,7 +21,6 @@ import datetime
 import html
 import io
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -417,7 +416,7 @@ def write_report(
     finally:
         connection.close()
 
-    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     document = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>flaxcam audit · {html.escape(str(manifest.get('source_spec') or audit_dir.name))}</title>"

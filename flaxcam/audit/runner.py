@@ -244,7 +244,7 @@ class _BatchMeta:
     input_size: tuple[int, int]
 
     @classmethod
-    def of(cls, batch: Any) -> "_BatchMeta":
+    def of(cls, batch: Any) -> _BatchMeta:
         return cls(
             np.asarray(batch.indices), list(batch.ids), np.asarray(batch.labels), np.asarray(batch.valid, bool),
             np.asarray(batch.boxes, np.float32), tuple(np.shape(batch.images)[1:3]),

@@ -37,7 +37,7 @@ CORNERS = ("tl", "tr", "bl", "br")
 
 
 def _band_pixels(fraction: float, size: int) -> int:
-    return max(1, int(round(fraction * size)))
+    return max(1, round(fraction * size))
 
 
 def region_masks(height: int, width: int, border: float, corner: float) -> dict[str, Array]:
@@ -220,7 +220,7 @@ def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     low, high = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
     inter = np.prod(np.clip(high - low, 0, None), axis=1)
-    area = lambda box: np.clip(box[:, 2] - box[:, 0], 0, None) * np.clip(box[:, 3] - box[:, 1], 0, None)  # noqa: E731
+    area = lambda box: np.clip(box[:, 2] - box[:, 0], 0, None) * np.clip(box[:, 3] - box[:, 1], 0, None)
     union = area(a) + area(b) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
