@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ class _StepConfig:
     chunk_size: int = 32
     aug_smooth: bool = False
     reshape: Callable[[Array], Array] | None = None
+    method_options: tuple = ()  # sorted (name, value) pairs passed to the method function
 
 
 def _contributions(
@@ -102,8 +104,13 @@ def _contributions(
             "scores": scores,
             "score": _input_scorer(config, variables, chosen, target_data),
             "ablate": _ablation_scorer(config, variables, images, layer, chosen, target_data),
+            "key": key,
+            "probe_at": _input_prober(config, variables, layer, chosen, target_data),
         }
-        return method.fn(**{name: available[name] for name in method.inputs}, chunk_size=config.chunk_size)
+        options = dict(config.method_options)
+        if "chunk_size" in inspect.signature(method.fn).parameters:
+            options["chunk_size"] = config.chunk_size
+        return method.fn(**{name: available[name] for name in method.inputs}, **options)
 
     batch, num_targets = chosen.shape
     inputs: dict[str, Array] = {}
@@ -120,8 +127,10 @@ def _contributions(
     if "key" in method.inputs:
         inputs["key"], axes["key"] = jax.random.split(key, batch * num_targets).reshape(batch, num_targets), 0
 
+    options = dict(config.method_options)
+
     def per_image(image_inputs: dict[str, Array]) -> Array:
-        over_targets = jax.vmap(lambda kw: method.fn(**kw), in_axes=(axes,), axis_size=num_targets)
+        over_targets = jax.vmap(lambda kw: method.fn(**kw, **options), in_axes=(axes,), axis_size=num_targets)
         return over_targets(image_inputs)
 
     return jax.vmap(per_image)(inputs)
@@ -162,6 +171,27 @@ def _ablation_scorer(
         return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
 
     return ablate
+
+
+def _input_prober(
+    config: _StepConfig, variables: Any, layer: str, chosen: Array, target_data: dict | None
+) -> Callable:
+    """``probe_at(new_images) -> (activations (B, h, w, C), gradients (B, T, h, w, C))`` at ``layer``
+    for a new batch standing for the images (e.g. noisy copies), with the targets chosen on the
+    originals; ``reshape`` applied as for the images themselves."""
+    spec, data = _fixed_targets(config, chosen, target_data)
+
+    def probe_at(new_images: Array) -> tuple[Array, Array]:
+        _, activations, gradients, _, _ = probe(
+            config.model, variables, new_images, layer, lambda output: target_scores(spec, output, data),
+            apply_kwargs=config.apply_kwargs, output_fn=config.output_fn,
+        )
+        if config.reshape is not None:
+            activations = config.reshape(activations)
+            gradients = jax.vmap(config.reshape, in_axes=1, out_axes=1)(gradients)
+        return activations, gradients
+
+    return probe_at
 
 
 def _reduce(contributions: Array, reduction: str) -> Array:
@@ -388,6 +418,22 @@ def _output_shape(model, variables_key, spec, apply_kwargs, output_fn) -> tuple[
     return tuple(output.shape)
 
 
+def _check_method_options(method: Method, options: Mapping[str, Any] | None) -> tuple:
+    """The options as sorted, hashable ``(name, value)`` pairs; a ValueError names the valid ones."""
+    options = dict(options or {})
+    valid = method.options
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(f"{name}={default!r}" for name, default in valid.items()) or "none"
+        raise ValueError(f"method {method.name!r} has no option(s) {unknown}; its options (defaults): {listed}")
+    for name, value in options.items():
+        if isinstance(valid[name], int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a positive integer")
+        if isinstance(valid[name], float) and (not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a non-negative number")
+    return tuple(sorted(options.items()))
+
+
 def _as_images(images: Any) -> Array | np.ndarray:
     if not hasattr(images, "ndim"):
         images = np.asarray(images)
@@ -429,6 +475,7 @@ def explain(
     aug_smooth: bool = False,
     score: str = "logit",
     reshape: Callable[[Array], Array] | None = None,
+    method_options: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """Explain a batch of images with one jitted call.
 
@@ -455,9 +502,13 @@ def explain(
       eigen_smooth: reduce each method's per-channel contributions by their first principal
         component instead of their sum (pytorch-grad-cam's ``eigen_smooth``; deterministic sign).
       key: PRNG key of the stochastic methods (default ``jax.random.key(0)``): same key, same maps.
+        Layer ``i`` of a call draws from ``jax.random.fold_in(key, i)``.
       chunk_size: masked images per forward pass of the score-based methods (bounds their memory).
       aug_smooth: average the maps over horizontal flips × input scaled by 0.9 / 1 / 1.1 (6 copies,
         batched in the same call; pytorch-grad-cam's ``aug_smooth``).
+      method_options: keyword options of the method, e.g. ``{"num_samples": 8, "std": 0.5}`` for
+        ``"sscam"`` or ``{"top_channels": 32}`` for ``"faster_scorecam"`` (``METHODS[name].options``
+        lists them with their defaults); an unknown name raises an error listing the valid ones.
 
     Returns:
       An :class:`Explanation` with ``maps`` of shape ``(B, T, H, W)``.
@@ -469,6 +520,7 @@ def explain(
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     output_fn = output_fn or default_output_fn
     chosen_method = get_method(method)
+    options = _check_method_options(chosen_method, method_options)
     layers = list_layers(model, variables, images, kwargs)
     requested = [layer] if layer is None or isinstance(layer, str) else list(layer)
     if not requested:
@@ -525,6 +577,7 @@ def explain(
         chunk_size,
         aug_smooth,
         reshape,
+        options,
     )
     if "key" in chosen_method.inputs:
         key = jax.random.key(0) if key is None else key

@@ -10,7 +10,9 @@ then applies ReLU, min-max normalization and resizing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flaxcam.methods.baseline import randomcam
 from flaxcam.methods.cam import cam
@@ -29,14 +31,17 @@ from flaxcam.methods.gradient import (
     layercam,
     xgradcam,
 )
-from flaxcam.methods.score import ablationcam, scorecam
+from flaxcam.methods.noise import smoothgradcam_plusplus, standard_normal_at
+from flaxcam.methods.score import ablationcam, faster_scorecam, iscam, scorecam, sscam
 
 #: Inputs a method may ask for. Per image: ``activations`` (h, w, C), ``gradients`` (h, w, C) of the
 #: target score, ``class_weights`` (C,) of the target class in a pooling → Dense head, ``key`` (a PRNG
 #: key). Batched methods: ``activations`` (B, h, w, C), ``images``, ``scores`` (B, T) and
 #: ``score(images, image_index)`` / ``ablate(delta, image_index)`` (the target scores of new inputs, or
-#: of the images with ``delta`` added at the layer, standing for the images ``image_index``).
-INPUTS = ("activations", "gradients", "class_weights", "key", "images", "scores", "score", "ablate")
+#: of the images with ``delta`` added at the layer, standing for the images ``image_index``),
+#: ``probe_at(new_images)`` (activations and target gradients at the layer for a new batch, e.g. noisy
+#: copies of the images, with the targets chosen on the originals).
+INPUTS = ("activations", "gradients", "class_weights", "key", "images", "scores", "score", "ablate", "probe_at")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,20 @@ class Method:
     inputs: tuple[str, ...]
     reduction: str = "sum"
     batched: bool = False
+    #: forward passes per image for a layer of ``C`` channels, ``passes(C, options)`` with every option
+    #: given (the score-based methods' cost; None for methods that run the batch about once)
+    passes: Callable[[int, Mapping[str, Any]], int] | None = None
+
+    def forward_passes(self, channels: int, options: Mapping[str, Any] | None = None) -> int | None:
+        """Forward passes per image at a layer of ``channels`` channels with these options (defaults
+        otherwise); None when the method is not counted in forward passes."""
+        return None if self.passes is None else self.passes(channels, {**self.options, **(options or {})})
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's keyword options (``explain(method_options=...)``) and their defaults."""
+        parameters = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in parameters if p.name not in INPUTS and p.name != "chunk_size"}
 
     @property
     def needs_gradients(self) -> bool:
@@ -73,8 +92,24 @@ METHODS: dict[str, Method] = {
     "eigencam": Method("eigencam", eigencam, ("activations",), reduction="projection"),
     "eigengradcam": Method("eigengradcam", eigengradcam, _GRADIENT, reduction="projection"),
     "kpcacam": Method("kpcacam", kpcacam, ("activations",), reduction="kernel_projection"),
-    "scorecam": Method("scorecam", scorecam, ("activations", "images", "score"), batched=True),
-    "ablationcam": Method("ablationcam", ablationcam, ("activations", "scores", "ablate"), batched=True),
+    "scorecam": Method("scorecam", scorecam, ("activations", "images", "score"), batched=True, passes=lambda c, o: c),
+    "ablationcam": Method(
+        "ablationcam", ablationcam, ("activations", "scores", "ablate"), batched=True, passes=lambda c, o: c
+    ),
+    "faster_scorecam": Method(
+        "faster_scorecam", faster_scorecam, ("activations", "images", "score"), batched=True,
+        passes=lambda c, o: min(c, o["top_channels"]),
+    ),
+    "sscam": Method(
+        "sscam", sscam, ("activations", "images", "score", "key"), batched=True,
+        passes=lambda c, o: c * o["num_samples"],
+    ),
+    "iscam": Method(
+        "iscam", iscam, ("activations", "images", "score"), batched=True, passes=lambda c, o: c * o["num_samples"]
+    ),
+    "smoothgradcam++": Method(
+        "smoothgradcam++", smoothgradcam_plusplus, ("activations", "images", "probe_at", "key"), batched=True
+    ),
     "randomcam": Method("randomcam", randomcam, ("activations", "key")),
 }
 
@@ -95,16 +130,21 @@ __all__ = [
     "cam",
     "eigencam",
     "eigengradcam",
+    "faster_scorecam",
     "first_component_projection",
     "get_method",
     "gradcam",
     "gradcam_elementwise",
     "gradcam_plusplus",
     "hirescam",
+    "iscam",
     "kernel_pca_projection",
     "kpcacam",
     "layercam",
     "randomcam",
     "scorecam",
+    "smoothgradcam_plusplus",
+    "sscam",
+    "standard_normal_at",
     "xgradcam",
 ]
