@@ -2,14 +2,17 @@
 
     python -m benchmarks.throughput [--models resnet18 resnet50] [--batch 16] [--size 224 224]
                                     [--methods cam gradcam | all] [--rounds 10] [--out FILE.jsonl]
+                                    [--method-options '{"num_samples": 2}']
 
 For each model: a jitted forward pass (logits only) and ``flaxcam.explain`` for each method (maps at
 the input resolution, targets = argmax), timed interleaved round by round so that machine noise hits
 all of them alike; each timing ends with ``block_until_ready``. Prints one JSON line per measurement
 (images/s from the median round, ratio to the forward pass of the same run) and a Markdown table.
-Score-based methods (ScoreCAM, AblationCAM) need C forward passes per image (C channels at the layer),
-run in chunks of ``--chunk-size`` images: their *floor* is the forward rate at batch ``chunk_size``
-divided by C, and ``ratio_to_floor`` says how close they come to it.
+Score-based methods need P forward passes per image (``METHODS[name].forward_passes(C, options)``:
+C for ScoreCAM and AblationCAM, N·C for SS-CAM / IS-CAM with N samples, min(N, C) for Faster-ScoreCAM,
+C channels at the layer), run in chunks of ``--chunk-size`` images: their *floor* is the forward rate
+at batch ``chunk_size`` divided by P, and ``ratio_to_floor`` says how close they come to it.
+``--method-options`` (JSON) sets method options, each given only to the methods that have it.
 Random weights: speed does not depend on the values.
 """
 
@@ -51,22 +54,36 @@ def machine_info() -> dict:
     }
 
 
+def options_for(method: str, options: dict) -> dict:
+    """The subset of ``options`` that ``method`` accepts."""
+    return {key: value for key, value in options.items() if key in flaxcam.METHODS[method].options}
+
+
 def benchmark_model(
-    name: str, methods: list[str], batch: int, size: tuple[int, int], rounds: int, warmup: int = 2, chunk_size: int = 32
+    name: str,
+    methods: list[str],
+    batch: int,
+    size: tuple[int, int],
+    rounds: int,
+    warmup: int = 2,
+    chunk_size: int = 32,
+    method_options: dict | None = None,
 ) -> list[dict]:
     """Time forward-only and each method on one model; returns one record per measurement."""
+    method_options = method_options or {}
     model = models.create_model(name)
     variables = models.init_variables(model, (1, *size, 3))
     images = jax.device_put(np.random.default_rng(0).standard_normal((batch, *size, 3)).astype(np.float32))
 
     forward = jax.jit(lambda v, x: model.apply(v, x))
     candidates: dict[str, Callable[[], jax.Array]] = {"forward": lambda: forward(variables, images)}
-    if any(flaxcam.METHODS[m].batched for m in methods):  # the score methods' floor: chunk-sized batches
+    if any(flaxcam.METHODS[m].passes is not None for m in methods):  # the score methods' floor: chunk-sized batches
         chunk_images = jax.device_put(np.random.default_rng(1).standard_normal((chunk_size, *size, 3)).astype(np.float32))
         candidates["forward_chunk"] = lambda: forward(variables, chunk_images)
     for method in methods:
         candidates[method] = lambda method=method: flaxcam.explain(
-            model, variables, images, method=method, chunk_size=chunk_size
+            model, variables, images, method=method, chunk_size=chunk_size,
+            method_options=options_for(method, method_options),
         ).maps
 
     for fn in candidates.values():
@@ -84,13 +101,17 @@ def benchmark_model(
     for key, values in timings.items():
         rate = (chunk_size if key == "forward_chunk" else batch) / statistics.median(values)
         extra = {}
-        if key in flaxcam.METHODS and flaxcam.METHODS[key].batched:
+        passes = flaxcam.METHODS[key].forward_passes(channels, options_for(key, method_options)) if key in flaxcam.METHODS else None
+        if key in flaxcam.METHODS and options_for(key, method_options):
+            extra["options"] = options_for(key, method_options)
+        if passes is not None:
             chunk_rate = chunk_size / statistics.median(timings["forward_chunk"])
-            extra = {
+            extra.update({
                 "chunk_size": chunk_size,
-                "floor_images_per_s": round(chunk_rate / channels, 4),
-                "ratio_to_floor": round(rate * channels / chunk_rate, 3),
-            }
+                "forward_passes_per_image": passes,
+                "floor_images_per_s": round(chunk_rate / passes, 4),
+                "ratio_to_floor": round(rate * passes / chunk_rate, 3),
+            })
         records.append(
             {
                 "model": name,
@@ -132,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--chunk-size", type=int, default=32, help="masked/ablated images per forward pass")
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
+    parser.add_argument(
+        "--method-options", type=json.loads, default={}, help='JSON options, e.g. \'{"num_samples": 2}\' (to the methods that have them)'
+    )
     args = parser.parse_args(argv)
 
     if args.methods == ["all"]:
@@ -140,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for name in args.models:
         for record in benchmark_model(
-            name, args.methods, args.batch, tuple(args.size), args.rounds, chunk_size=args.chunk_size
+            name, args.methods, args.batch, tuple(args.size), args.rounds, chunk_size=args.chunk_size,
+            method_options=args.method_options,
         ):
             record.update(info)
             records.append(record)

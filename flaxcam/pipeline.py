@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -427,10 +428,14 @@ def _check_method_options(method: Method, options: Mapping[str, Any] | None) -> 
         listed = ", ".join(f"{name}={default!r}" for name, default in valid.items()) or "none"
         raise ValueError(f"method {method.name!r} has no option(s) {unknown}; its options (defaults): {listed}")
     for name, value in options.items():
-        if isinstance(valid[name], int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a positive integer")
-        if isinstance(valid[name], float) and (not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a non-negative number")
+        if isinstance(valid[name], int):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a positive integer")
+            options[name] = int(value)
+        elif isinstance(valid[name], float):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a non-negative number")
+            options[name] = float(value)
     return tuple(sorted(options.items()))
 
 

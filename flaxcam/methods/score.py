@@ -55,12 +55,15 @@ def half_pixel_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 
 def chunked_rows(rows: int, chunk_size: int, score_rows: Callable[[Array], Array]) -> Array:
-    """``score_rows(row_index) -> (n, T)`` evaluated for rows ``0 .. rows - 1``, ``chunk_size`` rows per
-    call (one forward pass of ``chunk_size`` images), sequentially on device with ``lax.map``: peak
-    memory is that of one chunk. The last chunk is padded by repeating the last row. Returns ``(rows, T)``."""
+    """``score_rows(row_index) -> (n, T)`` evaluated for rows ``0 .. rows - 1``, at most ``chunk_size``
+    rows per call (one forward pass of ``n <= chunk_size`` images), sequentially on device with
+    ``lax.map``: peak memory is that of one chunk. The rows are split into ``ceil(rows / chunk_size)``
+    equal chunks, the last padded by repeating the last row (so 10 rows with ``chunk_size=32`` cost 10
+    forward passes, not 32). Returns ``(rows, T)``."""
     chunks = -(-rows // chunk_size)
-    indices = jnp.minimum(jnp.arange(chunks * chunk_size), rows - 1).reshape(chunks, chunk_size)
-    return jax.lax.map(score_rows, indices).reshape(chunks * chunk_size, -1)[:rows]
+    size = -(-rows // chunks)
+    indices = jnp.minimum(jnp.arange(chunks * size), rows - 1).reshape(chunks, size)
+    return jax.lax.map(score_rows, indices).reshape(chunks * size, -1)[:rows]
 
 
 def _channel_mask_scores(
