@@ -19,7 +19,7 @@ from flaxcam.methods import standard_normal_at
 from flaxcam.methods.score import align_corners_matrix, half_pixel_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup  # noqa: E402
+from test_explain import UserNet, _setup
 
 KEY = jax.random.key(3)
 
@@ -135,8 +135,8 @@ def test_smoothgradcam_plusplus_equals_numpy_derivation(net):
         method_options={"num_samples": samples, "std": std},
     )
     layer_key = jax.random.fold_in(KEY, 0)
-    features = lambda x: model.apply(variables, x, method=lambda m, x: m.mid(m.stem(x)))  # noqa: E731
-    rest = lambda a: model.apply(variables, a, method=lambda m, f: m.classify(m.top(f)))  # noqa: E731
+    features = lambda x: model.apply(variables, x, method=lambda m, x: m.mid(m.stem(x)))
+    rest = lambda a: model.apply(variables, a, method=lambda m, f: m.classify(m.top(f)))
     gradient = jax.jit(jax.grad(lambda a, c: rest(a)[0, c]))
     targets = np.asarray(out.targets)
     for b in range(len(acts)):
@@ -156,7 +156,7 @@ def test_smoothgradcam_plusplus_equals_numpy_derivation(net):
 def test_stochastic_methods_are_reproducible_from_the_key(net, method):
     model, variables, images, _, _ = net
     options = {"num_samples": 2}
-    run = lambda key, x=images, chunk=8: flaxcam.explain(  # noqa: E731
+    run = lambda key, x=images, chunk=8: flaxcam.explain(
         model, variables, x, method=method, layer="mid", key=key, chunk_size=chunk, method_options=options
     )
     first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))

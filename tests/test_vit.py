@@ -40,9 +40,9 @@ def test_gradcam_on_vit_tokens_equals_reference(vit):
     assert out.maps.shape == (3, 2, 16, 20) and out.low_res.shape == (3, 2, *GRID)
     tokens = model.apply(variables, images, method=lambda m, x: m.encode(m.embed(x), 0, 1))
     targets = np.asarray(out.targets)
-    to_grid = lambda t: np.asarray(t, np.float64)[:, 1:].reshape(3, *GRID, -1)  # noqa: E731  (independent of TokenGrid)
+    to_grid = lambda t: np.asarray(t, np.float64)[:, 1:].reshape(3, *GRID, -1)
     for t in range(2):
-        def score(tok):
+        def score(tok, t=t):
             logits = model.apply(variables, tok, method=lambda m, x: m.classify(m.encode(x, 1)))
             return jnp.take_along_axis(logits, jnp.asarray(targets[:, t : t + 1]), axis=1).sum()
 
@@ -54,7 +54,7 @@ def test_gradcam_on_vit_tokens_equals_reference(vit):
 
 
 def test_vit_errors(vit):
-    model, variables, images = vit
+    model, variables, _ = vit
     with pytest.raises(ValueError, match=r"built for images of size \(16, 20\), got \(16, 24\)"):
         model.apply(variables, jnp.zeros((1, 16, 24, 3)))
     with pytest.raises(ValueError, match="must be a multiple of patch=4"):

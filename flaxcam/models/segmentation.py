@@ -20,7 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxcam.models.resnet import BasicBlock, Bottleneck, ResNetStage, _batch_norm, _conv
+from flaxcam.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNetStage,
+    _batch_norm,
+    _conv,
+)
 
 Dtype = Any
 

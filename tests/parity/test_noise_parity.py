@@ -27,11 +27,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from parity.test_cam_parity import IMAGE_SIZE, TARGETS, _make_pair  # noqa: E402
-
-import flaxcam  # noqa: E402
-from flaxcam.methods import standard_normal_at  # noqa: E402
-from flaxcam.models import load_torchvision_resnet  # noqa: E402
+import flaxcam
+from flaxcam.methods import standard_normal_at
+from flaxcam.models import load_torchvision_resnet
+from parity.test_cam_parity import IMAGE_SIZE, TARGETS, _make_pair
 
 pytestmark = pytest.mark.parity
 
