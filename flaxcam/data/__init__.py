@@ -8,7 +8,7 @@
 * :func:`make_digit_canvases`: digits on a cluttered canvas with ground-truth boxes.
 """
 
-from flaxcam.data.digits import CLASS_NAMES, DigitCanvases, make_digit_canvases
+from flaxcam.data.digits import CLASS_NAMES, MARKER_CORNERS, DigitCanvases, make_digit_canvases, marker_region
 from flaxcam.data.fixtures import make_ham10000_fixture
 from flaxcam.data.loader import (
     Batch,
@@ -33,6 +33,8 @@ from flaxcam.data.sources import (
 
 __all__ = [
     "CLASS_NAMES",
+    "MARKER_CORNERS",
+    "marker_region",
     "HAM10000_CLASSES",
     "SOURCE_KINDS",
     "ArraySource",

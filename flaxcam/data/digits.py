@@ -17,12 +17,42 @@ CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 @dataclasses.dataclass(frozen=True)
 class DigitCanvases:
     """``images`` ``(N, H, W, 3)`` float32 in [0, 1]; ``labels`` ``(N,)``; ``boxes`` ``(N, 4)`` int32
-    ``[x0, y0, x1, y1]`` (exclusive end) of the digit's ink on the canvas."""
+    ``[x0, y0, x1, y1]`` (exclusive end) of the digit's ink on the canvas; ``marked`` ``(N,)`` bool, True
+    where a planted marker was drawn (all False without ``marker_class``)."""
 
     images: np.ndarray
     labels: np.ndarray
     boxes: np.ndarray
     class_names: tuple[str, ...] = CLASS_NAMES
+    marked: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        """Default ``marked`` to all False."""
+        if self.marked is None:
+            object.__setattr__(self, "marked", np.zeros(len(self.labels), bool))
+
+
+#: Corners where a planted marker can be drawn.
+MARKER_CORNERS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def marker_region(size: tuple[int, int], corner: str, marker_size: int, margin: int = 2) -> tuple[slice, slice]:
+    """Rows and columns ``(slice, slice)`` of a ``marker_size`` square ``margin`` pixels from ``corner``."""
+    if corner not in MARKER_CORNERS:
+        raise ValueError(f"unknown marker corner {corner!r}: valid corners are {', '.join(MARKER_CORNERS)}")
+    height, width = size
+    top = margin if corner.startswith("top") else height - margin - marker_size
+    left = margin if corner.endswith("left") else width - margin - marker_size
+    return slice(top, top + marker_size), slice(left, left + marker_size)
+
+
+def _draw_marker(canvas: np.ndarray, rows: slice, cols: slice) -> None:
+    """A white square with a black centre: a sticker-like mark that no clutter line or digit imitates."""
+    canvas[rows, cols] = 1.0
+    side = rows.stop - rows.start
+    inner = max(side // 3, 1)
+    start = (side - inner) // 2
+    canvas[rows.start + start : rows.start + start + inner, cols.start + start : cols.start + start + inner] = 0.0
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +82,10 @@ def make_digit_canvases(
     noise: float = 0.08,
     seed: int = 0,
     classes: tuple[int, ...] | None = None,
+    marker_class: int | None = None,
+    marker_fraction: float = 0.9,
+    marker_corner: str = "top_left",
+    marker_size: int = 6,
 ) -> DigitCanvases:
     """Generate ``count`` canvases of ``size`` (height, width) with one digit each.
 
@@ -60,10 +94,22 @@ def make_digit_canvases(
       clutter_lines: random thin lines per image (distractors with no class information).
       noise: standard deviation of the background noise.
       classes: restrict to these digit classes (default: all ten).
+      marker_class: plant a shortcut: draw a marker (a ``marker_size`` white square with a black centre,
+        2 px from ``marker_corner``, drawn over the digit) on a random ``marker_fraction`` of the images
+        of this class. ``None`` (default): no marker. The images, labels and boxes are the same as without
+        a marker for the same seed; ``DigitCanvases.marked`` says which images carry it.
+      marker_fraction: fraction in [0, 1] of ``marker_class``'s images that get the marker.
+      marker_corner: one of ``top_left``, ``top_right``, ``bottom_left``, ``bottom_right``.
     """
     height, width = size
     if digit_size[1] > min(height, width):
         raise ValueError(f"digit_size {digit_size} does not fit a canvas of size {size}")
+    if marker_class is not None:
+        if not 0.0 <= marker_fraction <= 1.0:
+            raise ValueError(f"marker_fraction must be in [0, 1], got {marker_fraction}")
+        if not 1 <= marker_size <= min(height, width) - 4:
+            raise ValueError(f"marker_size must be in [1, {min(height, width) - 4}] for a canvas of {size}, got {marker_size}")
+        marker_rows, marker_cols = marker_region(size, marker_corner, marker_size)
     rng = np.random.default_rng(seed)
     glyphs, targets = _load_digits()
     if classes is not None:
@@ -91,4 +137,13 @@ def make_digit_canvases(
         rows, cols = np.nonzero(ink > 0.25)
         boxes[i] = [left + cols.min(), top + rows.min(), left + cols.max() + 1, top + rows.max() + 1]
         images[i] = np.clip(canvas, 0.0, 1.0)
-    return DigitCanvases(images=images, labels=targets[picks], boxes=boxes)
+    labels = targets[picks]
+    marked = np.zeros(count, bool)
+    if marker_class is not None:
+        # A separate random stream, so a marked set differs from its clean twin only by the markers.
+        candidates = np.flatnonzero(labels == marker_class)
+        chosen = np.random.default_rng([seed, 1]).permutation(candidates)[: int(round(marker_fraction * len(candidates)))]
+        marked[chosen] = True
+        for i in chosen:
+            _draw_marker(images[i], marker_rows, marker_cols)
+    return DigitCanvases(images=images, labels=labels, boxes=boxes, marked=marked)

@@ -2,7 +2,9 @@
 
 Layout: ``conv1`` (3x3 + ReLU), 2x2 max-pool, ``conv2`` (3x3 + ReLU), 2x2 max-pool, ..., the last conv's
 output globally pooled (a plain function, not a module), then the Dense ``fc``. The last conv
-(``conv{len(features)}``, ``conv3`` by default) is the natural CAM target layer.
+(``conv{len(features)}``, ``conv3`` by default) is the natural CAM target layer. ``downsamplings`` limits
+the number of 2x2 max-pools (the first convs get them), for a finer last feature map: with
+``features=(16, 32, 64, 128)`` and ``downsamplings=2`` a 64x64 input gives a 16x16 map instead of 8x8.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class SmallCNN(nn.Module):
         features: output channels of each conv; its length is the number of convs.
         num_classes: width of the ``fc`` classifier.
         pooling: global pooling before ``fc``, ``"avg"`` (GAP) or ``"max"`` (GMP).
+        downsamplings: number of 2x2 max-pools, in ``0 .. len(features) - 1``; ``None`` (default): one
+            before every conv but the first.
         dtype: computation dtype (parameters stay float32).
     """
 
@@ -33,12 +37,17 @@ class SmallCNN(nn.Module):
     num_classes: int = 10
     pooling: str = "avg"
     dtype: Dtype = jnp.float32
+    downsamplings: int | None = None
 
     def __post_init__(self) -> None:
-        """Validate ``pooling`` and ``features`` as soon as the model is constructed."""
+        """Validate ``pooling``, ``features`` and ``downsamplings`` as soon as the model is constructed."""
         check_pooling(self.pooling)
         if len(self.features) == 0:
             raise ValueError("SmallCNN needs at least one conv: features must not be empty")
+        if self.downsamplings is not None and not 0 <= self.downsamplings <= len(self.features) - 1:
+            raise ValueError(
+                f"downsamplings must be in [0, {len(self.features) - 1}] for {len(self.features)} convs, got {self.downsamplings}"
+            )
         super().__post_init__()
 
     @nn.compact
@@ -46,8 +55,9 @@ class SmallCNN(nn.Module):
         """Return the logits ``(N, num_classes)`` of NHWC images ``x`` (``train`` is unused: no BatchNorm)."""
         del train
         x = jnp.asarray(x, self.dtype)
+        pools = len(self.features) - 1 if self.downsamplings is None else self.downsamplings
         for i, features in enumerate(self.features, start=1):
-            if i > 1:
+            if 1 < i <= pools + 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             x = nn.relu(nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"conv{i}")(x))
         x = global_pool(x, self.pooling)
@@ -59,6 +69,14 @@ def small_cnn(
     features: Sequence[int] = (16, 32, 64),
     pooling: str = "avg",
     dtype: Dtype = jnp.float32,
+    downsamplings: int | None = None,
 ) -> SmallCNN:
-    """A small CNN: ``conv1``..``convK`` with ``features`` channels, global pooling, Dense ``fc``."""
-    return SmallCNN(features=tuple(int(f) for f in features), num_classes=num_classes, pooling=pooling, dtype=dtype)
+    """A small CNN: ``conv1``..``convK`` with ``features`` channels, global pooling, Dense ``fc``
+    (``downsamplings`` 2x2 max-pools, default ``K - 1``)."""
+    return SmallCNN(
+        features=tuple(int(f) for f in features),
+        num_classes=num_classes,
+        pooling=pooling,
+        dtype=dtype,
+        downsamplings=downsamplings,
+    )
