@@ -278,6 +278,56 @@ def query_command(
     typer.echo(format_table(columns, rows))
 
 
+@app.command("train")
+def train_command(
+    source: Annotated[str, typer.Argument(help="Training data: folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT] or npz:PATH.")],
+    out: Annotated[Path, typer.Option(help="Output folder: checkpoints/, history.json, model.msgpack.")] = Path("flaxcam_train"),
+    val: Annotated[Optional[str], typer.Option(help="Evaluation data (same spec forms), scored after each epoch.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="JSON file with TrainConfig keys; the options below override it.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Registry model: small_cnn, resnet18, resnet34, resnet50, vgg16, efficientnet_lite0.")] = None,
+    model_kwargs: Annotated[Optional[str], typer.Option(help='Model constructor arguments as JSON, e.g. \'{"features": [16, 32, 64]}\'.')] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Global pooling before the classifier: avg (GAP) or max (GMP).")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Model input size H,W (images are resized), e.g. 224,224.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = None,
+    shift: Annotated[Optional[int], typer.Option(help="Random shifts of up to this many pixels.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: each epoch's end only).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation, data order and augmentation.")] = None,
+    restart: Annotated[bool, typer.Option(help="Start over instead of resuming from OUT's latest checkpoint.")] = False,
+    workers: Annotated[int, typer.Option(help="grain worker processes for reading images (0: in this process).")] = 0,
+) -> None:
+    """Train a GAP/GMP-head classifier on SOURCE; rerun the same command to resume after an interruption.
+
+    The final bundle OUT/model.msgpack loads straight into `flaxcam explain --weights`."""
+    from flaxcam.train import TrainConfig, train
+
+    values: dict[str, Any] = json.loads(config.read_text()) if config is not None else {}
+    overrides = {
+        "model": model,
+        "model_kwargs": json.loads(model_kwargs) if model_kwargs is not None else None,
+        "pooling": pooling,
+        "input_size": [int(v) for v in size.split(",")] if size is not None else None,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "flip": flip,
+        "shift": shift,
+        "checkpoint_every": checkpoint_every,
+        "seed": seed,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    run_config = TrainConfig.from_dict(values)
+    try:
+        result = train(run_config, source, out=out, eval_data=val, resume=not restart, worker_count=workers, log=_say)
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+    last = result.history[-1] if result.history else {}
+    summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items())
+    typer.echo(f"trained {result.steps} steps ({summary}) -> {result.bundle}")
+
+
 def main() -> None:
     """Console entry point."""
     try:
