@@ -154,3 +154,32 @@ def test_final_bundle_loads_into_explain(digits, tmp_path):
     assert not errors and len(records) == 1
     assert records[0]["target"]["name"] in digits.class_names
     assert (tmp_path / "fig" / "canvas_cam.png").exists()
+
+
+def test_cli_trains_on_an_image_folder_with_an_unreadable_file(tmp_path):
+    """`flaxcam train folder:PATH`: the broken file is skipped and listed, the bundle and history written."""
+    from typer.testing import CliRunner
+
+    from flaxcam.cli import app
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name, colour in (("red", [200, 30, 30]), ("blue", [30, 30, 200])):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(np.asarray(colour) + rng.normal(0, 40, (20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    (root / "blue" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    args = ["train", f"folder:{root}", "--out", str(out), "--val", f"folder:{root}", "--model-kwargs", '{"features": [4]}',
+            "--size", "16,16", "--epochs", "2", "--batch-size", "7", "--learning-rate", "0.05", "--flip", "--shift", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained 6 steps" in result.output  # 21 files // 7 = 3 steps per epoch
+    errors = json.loads((out / "errors.json").read_text())
+    assert [e[1] for e in errors] == ["blue/broken.png"]
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["eval_count"] == 20 and history[-1]["eval_accuracy"] >= 0.9  # colour is easy
+    assert (out / "model.msgpack").exists()
+    changed = CliRunner().invoke(app, [*args[:-2], "--shift", "2"])
+    assert isinstance(changed.exception, ValueError) and "differs in ['shift']" in str(changed.exception)
