@@ -317,27 +317,29 @@ class ArrayFeed:
 class SourceFeed:
     """A :mod:`flaxcam.data` image source read through ``iterate_batches`` (grain), for data of any size.
 
-    Unreadable images and unknown labels get weight 0 and are recorded in :attr:`errors`
-    (``(index, id, reason)``), never raised.
+    ``indices`` restricts it to a subset of the source (e.g. a train/validation split); position ``i``
+    of the feed is source record ``indices[i]``. Unreadable images and unknown labels get weight 0 and
+    are recorded in :attr:`errors` (``(index, id, reason)``, source indices), never raised.
     """
 
-    def __init__(self, source: Any, config: TrainConfig, *, worker_count: int = 0) -> None:
+    def __init__(self, source: Any, config: TrainConfig, *, indices: Sequence[int] | None = None, worker_count: int = 0) -> None:
         from flaxcam.imageio import Preprocessing
 
         self.source = source
         self.class_names = tuple(source.class_names)
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
         self.preprocessing = Preprocessing(size=config.input_size, mean=config.mean, std=config.std)
         self.worker_count = worker_count
         self.errors: dict[int, tuple[int, str, str]] = {}
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.indices)
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         from flaxcam.data import iterate_batches
 
         for batch in iterate_batches(
-            self.source, self.preprocessing, batch_size, indices=np.asarray(order), worker_count=self.worker_count
+            self.source, self.preprocessing, batch_size, indices=self.indices[np.asarray(order)], worker_count=self.worker_count
         ):
             for error in batch.errors:
                 self.errors.setdefault(int(error[0]), tuple(error))

@@ -1,0 +1,1 @@
+"""Experiments that test the claims of the seed material with numbers (see experiments/README.md)."""
