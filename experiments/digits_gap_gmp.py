@@ -31,7 +31,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     train_data = common.digits(config["data"], config["train_count"], seed=0)
     test_data = common.digits(config["data"], config["test_count"], seed=1)
-    results: dict = {"config": config, "runs": {}}
+    results: dict = {"config": config, "baselines": _baselines(test_data), "runs": {}}
     figure_rows = []
     for pooling in ("avg", "max"):
         train_config = common.train_config(config["train"], pooling=pooling)
@@ -57,6 +57,23 @@ def run(argv: Sequence[str] | None = None) -> dict:
     common.write_json(out / "digits_gap_gmp.json", results)
     _figure(out / "digits_gap_gmp.png", test_data, figure_rows)
     return results
+
+
+def _baselines(data) -> dict:
+    """Box IoU >= 0.5 of boxes that ignore the image: the whole canvas, and a centred box of the mean
+    digit size (how easy the metric is at this canvas/digit scale)."""
+    from flaxcam import localize as loc
+
+    height, width = data.images.shape[1:3]
+    truth = np.asarray(data.boxes, np.float32)
+    whole = np.broadcast_to(np.array([0, 0, width, height], np.float32), truth.shape)
+    mean_w, mean_h = (truth[:, 2] - truth[:, 0]).mean(), (truth[:, 3] - truth[:, 1]).mean()
+    centre = np.array([(width - mean_w) / 2, (height - mean_h) / 2, (width + mean_w) / 2, (height + mean_h) / 2], np.float32)
+    centred = np.broadcast_to(centre, truth.shape)
+    return {
+        "whole_canvas_box_iou>=0.5": float((np.asarray(loc.box_iou(whole, truth)) >= 0.5).mean()),
+        "centred_mean_size_box_iou>=0.5": float((np.asarray(loc.box_iou(centred, truth)) >= 0.5).mean()),
+    }
 
 
 def _figure(path, data, rows) -> None:
