@@ -538,8 +538,8 @@ def train(
                     bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     _save(manager, state)
-                if stop_after_step is not None and step >= stop_after_step:
-                    interrupted = True
+                if stop_after_step is not None and step >= stop_after_step and step % steps_per_epoch:
+                    interrupted = True  # mid-epoch; at an epoch's end, finish its evaluation first
                     break
             if interrupted:
                 break
@@ -557,6 +557,9 @@ def train(
             history_path.write_text(json.dumps(history, indent=2))
             bar.set_postfix(epoch=epoch + 1, loss=f"{entry['train_loss']:.3f}", **(
                 {"eval_acc": f"{entry['eval_accuracy']:.3f}"} if "eval_accuracy" in entry else {}))
+            if stop_after_step is not None and step >= stop_after_step and step < total_steps:
+                interrupted = True
+                break
     except KeyboardInterrupt:
         _save(manager, state)
         log(f"interrupted: checkpoint of step {int(state.step)} saved in {out / 'checkpoints'}; rerun to resume")

@@ -90,15 +90,17 @@ def test_interrupted_run_resumes_to_the_same_parameters(digits, tmp_path):
 
 
 def test_stop_after_step_then_resume_and_config_mismatch(digits, tmp_path):
-    config = _config(epochs=1, checkpoint_every=0)
+    config = _config(epochs=2, checkpoint_every=0)
     first = T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=2, log=lambda _: None)
-    assert first.steps == 2
+    assert first.steps == 2 and not first.history
+    at_epoch_end = T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=6, log=lambda _: None)
+    assert at_epoch_end.resumed_from == 2 and at_epoch_end.steps == 6 and [h["step"] for h in at_epoch_end.history] == [6]
     with pytest.raises(ValueError, match=r"differs in \['learning_rate'\]"):
-        T.train(_config(epochs=1, checkpoint_every=0, learning_rate=1.0), _feed(digits, config), out=tmp_path, progress=False)
+        T.train(_config(epochs=2, checkpoint_every=0, learning_rate=1.0), _feed(digits, config), out=tmp_path, progress=False)
     second = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
-    assert second.resumed_from == 2 and second.steps == 6
+    assert second.resumed_from == 6 and second.steps == 12 and [h["step"] for h in second.history] == [6, 12]
     restarted = T.train(config, _feed(digits, config), out=tmp_path, progress=False, resume=False, log=lambda _: None)
-    assert restarted.resumed_from is None and restarted.steps == 6
+    assert restarted.resumed_from is None and restarted.steps == 12
 
 
 def test_augment_gives_edge_padded_shifts_and_flips():
@@ -183,3 +185,28 @@ def test_cli_trains_on_an_image_folder_with_an_unreadable_file(tmp_path):
     assert (out / "model.msgpack").exists()
     changed = CliRunner().invoke(app, [*args[:-2], "--shift", "2"])
     assert isinstance(changed.exception, ValueError) and "differs in ['shift']" in str(changed.exception)
+
+
+def test_train_step_updates_batch_norm_statistics():
+    """Models with BatchNorm (the ResNets) train with train=True and carry batch_stats in the state."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+
+    class TinyBN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Conv(4, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+            return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+    model, optimizer = TinyBN(), optax.sgd(0.1)
+    state = T.create_train_state(model, optimizer, (1, 8, 8, 3), 0)
+    images = np.random.default_rng(0).normal(2.0, 3.0, (6, 8, 8, 3)).astype(np.float32)
+    new_state, loss = jax.jit(lambda s, x, y: T.train_step(model, optimizer, s, x, y))(state, images, np.array([0, 1, 2, 0, 1, 2]))
+    assert int(new_state.step) == 1 and np.isfinite(float(loss))
+    before = np.asarray(state.extra["batch_stats"]["BatchNorm_0"]["mean"])
+    after = np.asarray(new_state.extra["batch_stats"]["BatchNorm_0"]["mean"])
+    features = np.asarray(nn.Conv(4, (3, 3)).apply({"params": state.params["Conv_0"]}, images), np.float64)
+    assert np.all(before == 0)
+    np.testing.assert_allclose(after, 0.5 * features.mean(axis=(0, 1, 2)), rtol=1e-4)  # momentum 0.5 from 0
