@@ -43,6 +43,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             correct = (np.argmax(logits, axis=1) == test_data.labels).astype(np.float32)
             run["accuracy"] = float(correct.mean())
             run[method] = common.localization_scores(maps, test_data.boxes, correct)
+            run[method]["per_class"] = _per_class(maps, test_data)
             if method == config["methods"][0]:
                 figure_rows.append((pooling, method, maps[: config.get("figure_images", 6)]))
         results["runs"][pooling] = run
@@ -57,6 +58,24 @@ def run(argv: Sequence[str] | None = None) -> dict:
     common.write_json(out / "digits_gap_gmp.json", results)
     _figure(out / "digits_gap_gmp.png", test_data, figure_rows)
     return results
+
+
+def _per_class(maps: np.ndarray, data) -> dict:
+    """Per digit class: box IoU >= 0.5 rate and the median width and height of the 20%-rule box
+    relative to the digit's box (how the boxes miss)."""
+    from flaxcam import localize as loc
+
+    predicted = np.asarray(loc.boxes(maps)).astype(np.float64)
+    truth = np.asarray(data.boxes, np.float64)
+    hit = np.asarray(loc.box_iou(predicted, truth)) >= 0.5
+    width = (predicted[:, 2] - predicted[:, 0]) / (truth[:, 2] - truth[:, 0])
+    height = (predicted[:, 3] - predicted[:, 1]) / (truth[:, 3] - truth[:, 1])
+    out = {}
+    for c, name in enumerate(data.class_names):
+        k = data.labels == c
+        out[name] = {"box_iou>=0.5": float(hit[k].mean()), "median_width_ratio": float(np.median(width[k])),
+                     "median_height_ratio": float(np.median(height[k])), "count": int(k.sum())}
+    return out
 
 
 def _baselines(data) -> dict:
