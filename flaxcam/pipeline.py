@@ -19,14 +19,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flaxcam import ops
 from flaxcam.methods import Method, first_component_projection, get_method, kernel_pca_projection
 from flaxcam.probe import (
+    BiasLayer,
     LayerError,
     LayerInfo,
     OutputFn,
+    bias_layers,
     default_output_fn,
+    derivative_diagonals,
+    effective_bias,
     forward_at_layer,
     forward_at_layers,
+    input_and_layer_gradients,
     list_layers,
     probe,
+    probe_hessian,
     resolve_layer,
     shape_key,
 )
@@ -51,6 +57,8 @@ class Explanation:
       raw: ``(B, T, h, w)`` the method's output before ReLU and normalization.
         With several layers, ``low_res`` and ``raw`` are tuples (one array per layer, in order) and
         ``maps`` fuses them: the mean of the per-layer upsampled maps, normalized again.
+        FullGrad has no layer resolution: ``raw`` is its map at the input resolution and ``low_res``
+        equals ``maps``; its ``layer`` is ``"input+biases"``.
       logits: ``(B, K)`` model outputs; ``probabilities``: their softmax.
       targets: ``(B, T)`` int32 class index explained by each map; ``scores``: ``(B, T)`` their logits.
       method, layer: what produced the maps.
@@ -82,6 +90,7 @@ class _StepConfig:
     aug_smooth: bool = False
     reshape: Callable[[Array], Array] | None = None
     method_options: tuple = ()  # sorted (name, value) pairs passed to the method function
+    biased: tuple[BiasLayer, ...] = ()  # FullGrad's layers
 
 
 def _contributions(
@@ -95,8 +104,10 @@ def _contributions(
     target_data: dict[str, Array] | None = None,
     layer: str = "",
     scores: Array | None = None,
+    per_target: dict[str, Array] | None = None,
 ) -> Array:
-    """The method's per-channel contributions ``(B, T, h, w, C)``."""
+    """The method's per-channel contributions ``(B, T, h, w, C)``. ``per_target`` holds more
+    ``(B, T, h, w, C)`` inputs (higher derivatives), passed to the methods that ask for them."""
     method = config.method
     if method.batched:
         available = {
@@ -125,6 +136,9 @@ def _contributions(
         if config.head_features == "relu":  # conv → ReLU (as a function) → pooling → Dense
             inputs["activations"] = jax.nn.relu(activations)
         inputs["class_weights"], axes["class_weights"] = kernel.T[chosen], 0  # (B, T, C)
+    for name, value in (per_target or {}).items():
+        if name in method.inputs:
+            inputs[name], axes[name] = value, 0
     if "key" in method.inputs:
         inputs["key"], axes["key"] = jax.random.split(key, batch * num_targets).reshape(batch, num_targets), 0
 
@@ -222,28 +236,39 @@ def _run(
     """Forward (+ backward) once, then the method at every layer; maps fused over layers as
     pytorch-grad-cam aggregates them: mean of the per-layer upsampled maps, normalized again."""
     method = config.method
-    logits, activations, gradients, scores, chosen = probe(
-        config.model,
-        variables,
-        images,
-        config.layers,
-        score_fn,
-        apply_kwargs=config.apply_kwargs,
-        output_fn=config.output_fn,
-        with_gradients=method.needs_gradients,
-    )
+    if method.score_transform is not None:
+        score_fn = _transformed_scores(score_fn, method.score_transform)
+    if method.bias_layers:
+        return _run_bias_layers(config, variables, images, score_fn)
+    probe_kwargs = {"apply_kwargs": config.apply_kwargs, "output_fn": config.output_fn}
+    extras: dict[str, tuple[Array, ...]] = {}
+    if "hvp" in method.inputs:
+        logits, activations, gradients, extras["hvp"], scores, chosen = probe_hessian(
+            config.model, variables, images, config.layers, score_fn, **probe_kwargs
+        )
+    else:
+        logits, activations, gradients, scores, chosen = probe(
+            config.model, variables, images, config.layers, score_fn, with_gradients=method.needs_gradients, **probe_kwargs
+        )
+    if "second_derivatives" in method.inputs:
+        extras["second_derivatives"], extras["third_derivatives"] = derivative_diagonals(
+            config.model, variables, images, config.layers, score_fn, chunk_size=config.chunk_size, **probe_kwargs
+        )
     raws, lows, upsampled = [], [], []
     for index in range(len(config.layers)):
         layer_key = None if key is None else jax.random.fold_in(key, index)
         layer_activations = activations[index]
         layer_gradients = None if gradients is None else gradients[index]
+        per_target = {name: values[index] for name, values in extras.items()}
         if config.reshape is not None:  # e.g. ViT tokens (B, N, D) -> grid (B, h, w, D)
             layer_activations = config.reshape(layer_activations)
-            if layer_gradients is not None:  # (B, T, N, D) -> (B, T, h, w, D)
-                layer_gradients = jax.vmap(config.reshape, in_axes=1, out_axes=1)(layer_gradients)
+            per_target_reshape = jax.vmap(config.reshape, in_axes=1, out_axes=1)  # (B, T, N, D) -> (B, T, h, w, D)
+            if layer_gradients is not None:
+                layer_gradients = per_target_reshape(layer_gradients)
+            per_target = {name: per_target_reshape(values) for name, values in per_target.items()}
         contributions = _contributions(
             config, variables, images, layer_activations, layer_gradients, chosen, layer_key, target_data,
-            config.layers[index], scores,
+            config.layers[index], scores, per_target,
         )
         reduction = "projection" if config.eigen_smooth and method.reduction == "sum" else method.reduction
         raw = _reduce(contributions, reduction)  # (B, T, h, w)
@@ -260,6 +285,44 @@ def _run(
         "targets": chosen,
         "scores": scores,
     }
+
+
+def _transformed_scores(score_fn: Callable, transform: Callable) -> Callable:
+    """``score_fn`` with its class scores replaced by ``transform(output, classes)`` (FinerCAM)."""
+
+    def transformed(output: Array) -> tuple[Array, Array]:
+        _, chosen = score_fn(output)
+        return transform(output, chosen), chosen
+
+    return transformed
+
+
+def _run_bias_layers(
+    config: _StepConfig, variables: Any, images: Array, score_fn: Callable[[Array], tuple[Array, Array]]
+) -> dict[str, Any]:
+    """FullGrad: gradients w.r.t. the input and every biased layer from one backward pass, the method's
+    map at the input resolution (per image and target), then normalization."""
+    logits, scores, chosen, input_gradients, layer_gradients = input_and_layer_gradients(
+        config.model,
+        variables,
+        images,
+        tuple(layer.name for layer in config.biased),
+        score_fn,
+        apply_kwargs=config.apply_kwargs,
+        output_fn=config.output_fn,
+    )
+    biases = tuple(effective_bias(variables, layer) for layer in config.biased)
+    for layer, bias, gradient in zip(config.biased, biases, layer_gradients):
+        if bias.shape != gradient.shape[-1:]:
+            raise LayerError(f"layer {layer.name!r}: bias of shape {bias.shape} does not match its output {gradient.shape[2:]}")
+
+    def per_target(image: Array, input_gradient: Array, gradients: tuple[Array, ...]) -> Array:
+        return config.method.fn(images=image, input_gradients=input_gradient, bias_gradients=gradients, biases=biases)
+
+    per_image = jax.vmap(per_target, in_axes=(None, 0, 0))  # over the T targets
+    raw = jax.vmap(per_image)(images, input_gradients, layer_gradients)  # (B, T, H, W)
+    maps = ops.minmax_normalize(jax.nn.relu(raw))
+    return {"maps": maps, "low_res": maps, "raw": raw, "logits": logits, "targets": chosen, "scores": scores}
 
 
 def _explain_step(
@@ -532,6 +595,13 @@ def explain(
         raise ValueError("layer= must name at least one layer")
     if reshape is not None and None in requested:
         raise ValueError("with reshape=, name the layer(s) whose output it turns into a grid (layer=...)")
+    if chosen_method.bias_layers:
+        if layer is not None or reshape is not None or eigen_smooth:
+            raise ValueError(
+                f"{chosen_method.name} reads the input and every biased conv / BatchNorm layer: it takes no "
+                "layer=, reshape= or eigen_smooth="
+            )
+        requested = []
     layer_infos = [resolve_layer(layers, name, spatial_only=reshape is None) for name in requested]
     if reshape is not None:
         if chosen_method.name == "ablationcam":
@@ -547,6 +617,8 @@ def explain(
     batch = images.shape[0]
     output_shape = _output_shape(model, shape_key(variables), jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
     spec, target_data = resolve_targets(targets, top_k, batch, output_shape, score)
+    if chosen_method.score_transform is not None and (spec.kind not in ("argmax", "classes", "top_k") or spec.score != "logit"):
+        raise ValueError(f"{chosen_method.name} needs class targets scored by their logit (score='logit')")
     if aug_smooth and isinstance(targets, Segmentation):
         raise ValueError("aug_smooth does not support Segmentation targets yet (the masks would need flipping)")
     head_name, head_features = None, "identity"
@@ -583,6 +655,7 @@ def explain(
         aug_smooth,
         reshape,
         options,
+        bias_layers(model, variables, images, kwargs) if chosen_method.bias_layers else (),
     )
     if "key" in chosen_method.inputs:
         key = jax.random.key(0) if key is None else key
@@ -594,4 +667,6 @@ def explain(
     if padded != batch:
         out = jax.tree_util.tree_map(lambda value: value[:batch], out)
     names = config.layers[0] if len(config.layers) == 1 else config.layers
+    if chosen_method.bias_layers:
+        names = "input+biases"
     return Explanation(**out, method=chosen_method.name, layer=names)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -270,3 +271,224 @@ def probe(
     (gradients,) = jax.vmap(vjp_fn)(cotangents)  # per layer (T, B, h, w, C)
     gradients = tuple(jnp.moveaxis(g, 0, 1) for g in gradients)
     return logits, unwrap(activations), unwrap(gradients), scores, aux
+
+
+# ---------------------------------------------------------------------------------------------------
+# Higher-order and whole-model derivatives (ShapleyCAM, exact Grad-CAM++, FullGrad)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _per_target_vjp(vjp_fn: Callable, scores: Array) -> Any:
+    """Pull back the T one-hot cotangents of ``(B, T)`` scores; results get the target axis at 1."""
+    num_targets = scores.shape[1]
+    cotangents = jnp.broadcast_to(jnp.eye(num_targets, dtype=scores.dtype)[:, None, :], (num_targets, *scores.shape))
+    pulled = jax.vmap(vjp_fn)(cotangents)
+    return jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 0, 1), pulled)
+
+
+def _scores_of_deltas(model, variables, images, names, score_fn, apply_kwargs, output_fn) -> Callable:
+    def scores_of(deltas):
+        output, activations, _ = forward_at_layers(model, variables, images, names, deltas, apply_kwargs)
+        logits = output_fn(output)
+        scores, aux = score_fn(logits)
+        return scores, (logits, activations, aux)
+
+    return scores_of
+
+
+def probe_hessian(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array,
+    layers: tuple[str, ...],
+    score_fn: Callable[[Array], tuple[Array, Any]],
+    *,
+    apply_kwargs: tuple = (),
+    output_fn: OutputFn = default_output_fn,
+) -> tuple[Array, tuple[Array, ...], tuple[Array, ...], tuple[Array, ...], Array, Any]:
+    r"""Like :func:`probe`, plus the Hessian-vector product of each target score with the activations.
+
+    For layer ``l`` with activations :math:`A` and target score :math:`s`:
+    :math:`(H A)_i = \sum_j \frac{\partial^2 s}{\partial A_i \partial A_j} A_j` (the total second
+    derivative: everything after the layer, other target layers included, depends on it). Computed
+    forward-over-reverse, ``jax.jvp`` of the per-target gradient in the direction ``A``: one extra
+    linearization per layer, no Hessian is materialized.
+
+    Returns ``(logits, activations, gradients, hvps, scores, aux)``, the last three per-layer tuples of
+    ``(B, h, w, C)`` / ``(B, T, h, w, C)`` arrays.
+    """
+    scores_of = _scores_of_deltas(model, variables, images, layers, score_fn, apply_kwargs, output_fn)
+    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, layers, None, apply_kwargs)[1])
+    zeros = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
+    scores, (logits, activations, aux) = scores_of(zeros)
+
+    def gradients_of(deltas):
+        values, vjp_fn, _ = jax.vjp(scores_of, deltas, has_aux=True)
+        return _per_target_vjp(vjp_fn, values)[0]  # per layer (B, T, h, w, C)
+
+    gradients, hvps = [], []
+    for index, layer_activations in enumerate(activations):
+        direction = tuple(layer_activations if i == index else zeros[i] for i in range(len(layers)))
+        layer_gradients, layer_hvps = jax.jvp(gradients_of, (zeros,), (direction,))
+        gradients.append(layer_gradients[index])
+        hvps.append(layer_hvps[index])
+    return logits, activations, tuple(gradients), tuple(hvps), scores, aux
+
+
+def derivative_diagonals(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array,
+    layers: tuple[str, ...],
+    score_fn: Callable[[Array], tuple[Array, Any]],
+    *,
+    apply_kwargs: tuple = (),
+    output_fn: OutputFn = default_output_fn,
+    chunk_size: int = 32,
+) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    r"""The diagonals of the second and third derivatives of each target score w.r.t. each layer's
+    activations: :math:`\partial^2 s / \partial A_i^2` and :math:`\partial^3 s / \partial A_i^3` for
+    every element ``i`` of ``A`` ``(h, w, C)``.
+
+    Exact, by third-order forward mode: for each element ``i``, the three nested ``jax.jvp`` of
+    :math:`t \mapsto s(A + t e_i)` at ``t = 0`` give both derivatives in one pass. There is no cheaper
+    exact way to get a Hessian's diagonal for a general network, so the cost is **one pass per
+    element of the layer**, ``n = h·w·C`` passes (e.g. 25 088 at a ResNet's ``layer4`` for a 224×224
+    input), each a third-order jvp of the network after the layer (about 8 streams of its forward
+    computation). Images are independent, so direction ``e_i`` is applied to every image at once and
+    every target score comes out of the same pass: the count is per batch, not per image or target.
+    The passes run on device, ``chunk_size`` directions at a time (vmapped, in a ``lax.map``), so
+    memory is bounded by ``chunk_size × batch`` tangent copies of the activations after the layer.
+
+    Returns ``(second, third)``: per-layer tuples of ``(B, T, h, w, C)`` arrays.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scores_of = _scores_of_deltas(model, variables, images, layers, score_fn, apply_kwargs, output_fn)
+    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, layers, None, apply_kwargs)[1])
+    zeros = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
+    seconds, thirds = [], []
+    for index, shape in enumerate(shapes):
+        batch, *element_shape = shape.shape
+        size = math.prod(element_shape)
+
+        def along(t: Array, element: Array, index: int = index, element_shape=tuple(element_shape)) -> Array:
+            direction = jax.nn.one_hot(element, size, dtype=shape.dtype).reshape(element_shape)
+            deltas = tuple(zeros[i] + t * direction if i == index else zeros[i] for i in range(len(shapes)))
+            return scores_of(deltas)[0]  # (B, T)
+
+        def second_and_third(element: Array, along=along) -> tuple[Array, Array]:
+            first = lambda t: jax.jvp(lambda s: along(s, element), (t,), (jnp.ones((), shape.dtype),))[1]
+            second = lambda t: jax.jvp(first, (t,), (jnp.ones((), shape.dtype),))[1]
+            return jax.jvp(second, (jnp.zeros((), shape.dtype),), (jnp.ones((), shape.dtype),))
+
+        chunks = -(-size // chunk_size)
+        elements = jnp.minimum(jnp.arange(chunks * chunk_size), size - 1).reshape(chunks, chunk_size)
+        second, third = jax.lax.map(jax.vmap(second_and_third), elements)  # (chunks, chunk, B, T)
+        num_targets = second.shape[-1]
+
+        def arrange(values: Array, element_shape=tuple(element_shape), batch=batch) -> Array:
+            values = values.reshape(chunks * chunk_size, batch, num_targets)[:size]
+            return jnp.moveaxis(values, 0, -1).reshape(batch, num_targets, *element_shape)
+
+        seconds.append(arrange(second))
+        thirds.append(arrange(third))
+    return tuple(seconds), tuple(thirds)
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasLayer:
+    """A convolution or BatchNorm with a bias (what FullGrad reads): dotted name, kind
+    (``"Conv"`` or ``"BatchNorm"``) and, for BatchNorm, its epsilon."""
+
+    name: str
+    kind: str
+    epsilon: float = 0.0
+
+
+def bias_layers(
+    model: nn.Module, variables: Mapping[str, Any], images: Array | jax.ShapeDtypeStruct, apply_kwargs: tuple = ()
+) -> tuple[BiasLayer, ...]:
+    """Every ``nn.Conv`` and ``nn.BatchNorm`` with a bias and a ``(B, h, w, C)`` output, in call order —
+    pytorch-grad-cam's FullGrad takes every ``Conv2d`` / ``BatchNorm2d`` whose bias is not None.
+    Shapes only (``jax.eval_shape``); a module called more than once is an error (its gradient would
+    mix the calls)."""
+    spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+    return _bias_layers_impl(model, shape_key(variables), spec, apply_kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_layers_impl(model, variables_key: _ShapeKey, spec, apply_kwargs) -> tuple[BiasLayer, ...]:
+    found: list[BiasLayer] = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and getattr(out, "ndim", 0) == 4 and module.path:
+            name = layer_name(tuple(module.path))
+            if isinstance(module, nn.Conv) and module.use_bias:
+                found.append(BiasLayer(name, "Conv"))
+            elif isinstance(module, nn.BatchNorm) and module.use_bias:
+                found.append(BiasLayer(name, "BatchNorm", float(module.epsilon)))
+        return out
+
+    def run(variables, images):
+        with nn.intercept_methods(record):
+            return _apply(model, variables, images, apply_kwargs)
+
+    jax.eval_shape(run, variables_key.tree, spec)
+    names = [layer.name for layer in found]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise LayerError(f"FullGrad needs each biased layer called once per forward pass; called several times: {repeated}")
+    return tuple(found)
+
+
+def _subtree(variables: Mapping[str, Any], collection: str, name: str) -> Mapping[str, Any]:
+    node: Any = variables[collection]
+    for part in name.split("."):
+        node = node[part]
+    return node
+
+
+def effective_bias(variables: Mapping[str, Any], layer: BiasLayer) -> Array:
+    r"""The bias a layer adds to its output ``(C,)``. A convolution's ``bias``; for a BatchNorm in
+    inference mode, :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`, the part that
+    does not scale with the input: :math:`\beta - \mu \gamma / \sqrt{\sigma^2 + \epsilon}`
+    (FullGrad's definition, from the paper's reference implementation)."""
+    params = _subtree(variables, "params", layer.name)
+    if layer.kind == "Conv":
+        return params["bias"]
+    stats = _subtree(variables, "batch_stats", layer.name)
+    scale = params.get("scale", jnp.ones_like(stats["mean"]))
+    return params["bias"] - stats["mean"] * scale / jnp.sqrt(stats["var"] + layer.epsilon)
+
+
+def input_and_layer_gradients(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: Array,
+    layers: tuple[str, ...],
+    score_fn: Callable[[Array], tuple[Array, Any]],
+    *,
+    apply_kwargs: tuple = (),
+    output_fn: OutputFn = default_output_fn,
+) -> tuple[Array, Array, Any, Array, tuple[Array, ...]]:
+    """The gradients of the target scores w.r.t. the input images and the outputs of ``layers``, from
+    one forward and one backward pass (per target).
+
+    Returns ``(logits, scores, aux, input_gradients (B, T, H, W, C), layer_gradients)``, the last a
+    per-layer tuple of ``(B, T, h, w, C)``.
+    """
+    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, layers, None, apply_kwargs)[1])
+    zeros = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
+
+    def scores_of(inputs, deltas):
+        output, _, _ = forward_at_layers(model, variables, inputs, layers, deltas, apply_kwargs)
+        logits = output_fn(output)
+        scores, aux = score_fn(logits)
+        return scores, (logits, aux)
+
+    scores, vjp_fn, (logits, aux) = jax.vjp(scores_of, images, zeros, has_aux=True)
+    input_gradients, layer_gradients = _per_target_vjp(vjp_fn, scores)
+    return logits, scores, aux, input_gradients, tuple(layer_gradients)

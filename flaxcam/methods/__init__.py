@@ -23,12 +23,16 @@ from flaxcam.methods.eigen import (
     kernel_pca_projection,
     kpcacam,
 )
+from flaxcam.methods.finer import finer_target_scores, finercam
+from flaxcam.methods.fullgrad import fullgrad
 from flaxcam.methods.gradient import (
     gradcam,
     gradcam_elementwise,
     gradcam_plusplus,
+    gradcam_plusplus_exact,
     hirescam,
     layercam,
+    shapleycam,
     xgradcam,
 )
 from flaxcam.methods.noise import smoothgradcam_plusplus, standard_normal_at
@@ -41,20 +45,32 @@ from flaxcam.methods.score import ablationcam, faster_scorecam, iscam, scorecam,
 #: of the images with ``delta`` added at the layer, standing for the images ``image_index``),
 #: ``probe_at(new_images)`` (activations and target gradients at the layer for a new batch, e.g. noisy
 #: copies of the images, with the targets chosen on the originals).
-INPUTS = ("activations", "gradients", "class_weights", "key", "images", "scores", "score", "ablate", "probe_at")
+#: Higher derivatives, per image and target ``(h, w, C)``: ``hvp`` (Hessian of the score times the
+#: activations), ``second_derivatives`` / ``third_derivatives`` (diagonals of the 2nd / 3rd derivative).
+#: FullGrad's (per image and target): ``images`` ``(H, W, 3)``, ``input_gradients`` ``(H, W, 3)``,
+#: ``bias_gradients`` and ``biases`` (tuples over every biased conv / BatchNorm of the model).
+INPUTS = (
+    "activations", "gradients", "class_weights", "key", "images", "scores", "score", "ablate", "probe_at",
+    "hvp", "second_derivatives", "third_derivatives", "input_gradients", "bias_gradients", "biases",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered method: its function, the inputs it takes (by keyword) and how its per-channel
     contributions become a map (``"sum"``, ``"projection"`` or ``"kernel_projection"``). ``batched`` methods take the whole
-    batch (they run forward passes); the others one image and one target."""
+    batch (they run forward passes); the others one image and one target. ``score_transform(logits,
+    classes) -> (B, T)`` replaces the class targets' scores (FinerCAM). ``bias_layers`` methods ignore
+    ``layer=`` and read the input and every biased conv / BatchNorm; their ``fn`` returns the map at the
+    input resolution (FullGrad)."""
 
     name: str
     fn: Callable
     inputs: tuple[str, ...]
     reduction: str = "sum"
     batched: bool = False
+    score_transform: Callable | None = None
+    bias_layers: bool = False
     #: forward passes per image for a layer of ``C`` channels, ``passes(C, options)`` with every option
     #: given (the score-based methods' cost; None for methods that run the batch about once)
     passes: Callable[[int, Mapping[str, Any]], int] | None = None
@@ -111,6 +127,14 @@ METHODS: dict[str, Method] = {
         "smoothgradcam++", smoothgradcam_plusplus, ("activations", "images", "probe_at", "key"), batched=True
     ),
     "randomcam": Method("randomcam", randomcam, ("activations", "key")),
+    "gradcam++exact": Method(
+        "gradcam++exact", gradcam_plusplus_exact, (*_GRADIENT, "second_derivatives", "third_derivatives")
+    ),
+    "shapleycam": Method("shapleycam", shapleycam, (*_GRADIENT, "hvp")),
+    "finercam": Method("finercam", finercam, _GRADIENT, score_transform=finer_target_scores),
+    "fullgrad": Method(
+        "fullgrad", fullgrad, ("images", "input_gradients", "bias_gradients", "biases"), reduction="none", bias_layers=True
+    ),
 }
 
 
@@ -131,11 +155,15 @@ __all__ = [
     "eigencam",
     "eigengradcam",
     "faster_scorecam",
+    "finer_target_scores",
+    "finercam",
     "first_component_projection",
+    "fullgrad",
     "get_method",
     "gradcam",
     "gradcam_elementwise",
     "gradcam_plusplus",
+    "gradcam_plusplus_exact",
     "hirescam",
     "iscam",
     "kernel_pca_projection",
@@ -143,6 +171,7 @@ __all__ = [
     "layercam",
     "randomcam",
     "scorecam",
+    "shapleycam",
     "smoothgradcam_plusplus",
     "sscam",
     "standard_normal_at",
