@@ -13,6 +13,11 @@ C for ScoreCAM and AblationCAM, N·C for SS-CAM / IS-CAM with N samples, min(N, 
 C channels at the layer), run in chunks of ``--chunk-size`` images: their *floor* is the forward rate
 at batch ``chunk_size`` divided by P, and ``ratio_to_floor`` says how close they come to it.
 ``--method-options`` (JSON) sets method options, each given only to the methods that have it.
+Exact Grad-CAM++ (``gradcam++exact``) takes one third-order forward-mode pass of the network after the
+layer per element of the layer, ``h·w·C`` passes per batch (``derivative_passes`` in its record): with
+``--methods all`` it dominates the run (seconds per batch even at ResNet-18's ``layer4``, whose tail is
+only pooling and the Dense head; minutes on CPU at 224×224). Methods that read higher derivatives
+(``gradcam++exact``, ``shapleycam``) are timed on the softmax score, whose derivatives do not vanish.
 Random weights: speed does not depend on the values.
 """
 
@@ -59,6 +64,14 @@ def options_for(method: str, options: dict) -> dict:
     return {key: value for key, value in options.items() if key in flaxcam.METHODS[method].options}
 
 
+def score_for(method: str) -> str:
+    """The target score a method is timed with: the softmax probability for the methods that read
+    higher derivatives (those of a ReLU network's logit vanish, and XLA would skip the work), else the
+    logit."""
+    higher = {"hvp", "second_derivatives"} & set(flaxcam.METHODS[method].inputs)
+    return "softmax" if higher else "logit"
+
+
 def benchmark_model(
     name: str,
     methods: list[str],
@@ -83,7 +96,7 @@ def benchmark_model(
     for method in methods:
         candidates[method] = lambda method=method: flaxcam.explain(
             model, variables, images, method=method, chunk_size=chunk_size,
-            method_options=options_for(method, method_options),
+            method_options=options_for(method, method_options), score=score_for(method),
         ).maps
 
     for fn in candidates.values():
@@ -95,8 +108,8 @@ def benchmark_model(
             timings[key].append(_time_once(fn))
 
     forward_rate = batch / statistics.median(timings["forward"])
-    channels = flaxcam.list_layers(model, variables, images)
-    channels = [info for info in channels if info.is_spatial][-1].shape[-1]
+    layer_shape = [info for info in flaxcam.list_layers(model, variables, images) if info.is_spatial][-1].shape
+    channels = layer_shape[-1]
     records = []
     for key, values in timings.items():
         rate = (chunk_size if key == "forward_chunk" else batch) / statistics.median(values)
@@ -112,6 +125,8 @@ def benchmark_model(
                 "floor_images_per_s": round(chunk_rate / passes, 4),
                 "ratio_to_floor": round(rate * passes / chunk_rate, 3),
             })
+        if key in flaxcam.METHODS and "second_derivatives" in flaxcam.METHODS[key].inputs:
+            extra.update({"chunk_size": chunk_size, "derivative_passes": int(np.prod(layer_shape[1:]))})
         records.append(
             {
                 "model": name,
@@ -123,6 +138,7 @@ def benchmark_model(
                 "median_s": round(statistics.median(values), 5),
                 "min_s": round(min(values), 5),
                 "rounds": rounds,
+                **({"score": score_for(key)} if key in flaxcam.METHODS else {}),
                 **extra,
             }
         )

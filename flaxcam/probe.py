@@ -159,12 +159,16 @@ def forward_at_layers(
     deltas: tuple[Array, ...] | None = None,
     apply_kwargs: tuple = (),
     record_inputs_of: str | None = None,
+    replacements: tuple[Array | None, ...] | None = None,
 ) -> tuple[Any, tuple[Array, ...], Array | None]:
     """Run the model once, returning ``(output, activations at each layer, input of record module)``.
 
     When ``deltas`` are given, ``deltas[i]`` is added to the output of ``layers[i]`` before the rest of
     the network runs (the hook the gradient is taken through). ``record_inputs_of`` names a module whose
     first positional input is returned as the third element (used to check CAM's pooling → Dense head).
+    ``replacements[i]`` (when not None) stands in for the output of ``layers[i]``: with activations
+    computed once, a loop that evaluates only the network after the layer lets XLA drop the part
+    before it as dead code.
     """
     paths = {tuple(layer.split(".")) if layer else (): i for i, layer in enumerate(layers)}
     head_path = tuple(record_inputs_of.split(".")) if record_inputs_of else None
@@ -181,6 +185,8 @@ def forward_at_layers(
         index = paths.get(path)
         if index is not None:
             captured[index] = out
+            if replacements is not None and replacements[index] is not None:
+                out = replacements[index]
             if deltas is not None:
                 out = out + deltas[index]
         return out
@@ -364,18 +370,20 @@ def derivative_diagonals(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    scores_of = _scores_of_deltas(model, variables, images, layers, score_fn, apply_kwargs, output_fn)
-    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, layers, None, apply_kwargs)[1])
-    zeros = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
+    _, activations, _ = forward_at_layers(model, variables, images, layers, None, apply_kwargs)
+    zeros = tuple(jnp.zeros_like(a) for a in activations)
     seconds, thirds = [], []
-    for index, shape in enumerate(shapes):
+    for index, shape in enumerate(activations):
         batch, *element_shape = shape.shape
         size = math.prod(element_shape)
+        # the layer's output is computed once, above; each pass runs only the network after it
+        replacements = tuple(a if i == index else None for i, a in enumerate(activations))
 
-        def along(t: Array, element: Array, index: int = index, element_shape=tuple(element_shape)) -> Array:
+        def along(t: Array, element: Array, index: int = index, element_shape=tuple(element_shape), replacements=replacements) -> Array:
             direction = jax.nn.one_hot(element, size, dtype=shape.dtype).reshape(element_shape)
-            deltas = tuple(zeros[i] + t * direction if i == index else zeros[i] for i in range(len(shapes)))
-            return scores_of(deltas)[0]  # (B, T)
+            deltas = tuple(zeros[i] + t * direction if i == index else zeros[i] for i in range(len(activations)))
+            output, _, _ = forward_at_layers(model, variables, images, layers, deltas, apply_kwargs, replacements=replacements)
+            return score_fn(output_fn(output))[0]  # (B, T)
 
         def second_and_third(element: Array, along=along) -> tuple[Array, Array]:
             first = lambda t: jax.jvp(lambda s: along(s, element), (t,), (jnp.ones((), shape.dtype),))[1]
