@@ -360,8 +360,8 @@ def derivative_diagonals(
     :math:`t \mapsto s(A + t e_i)` at ``t = 0`` give both derivatives in one pass. There is no cheaper
     exact way to get a Hessian's diagonal for a general network, so the cost is **one pass per
     element of the layer**, ``n = h·w·C`` passes (e.g. 25 088 at a ResNet's ``layer4`` for a 224×224
-    input), each a third-order jvp of the network after the layer (about 8 streams of its forward
-    computation). Images are independent, so direction ``e_i`` is applied to every image at once and
+    input), each a third-order jvp of the network after the layer (up to 8 streams of its forward
+    computation, fewer where XLA merges the identical ones). Images are independent, so direction ``e_i`` is applied to every image at once and
     every target score comes out of the same pass: the count is per batch, not per image or target.
     The passes run on device, ``chunk_size`` directions at a time (vmapped, in a ``lax.map``), so
     memory is bounded by ``chunk_size × batch`` tangent copies of the activations after the layer.
@@ -371,37 +371,45 @@ def derivative_diagonals(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _, activations, _ = forward_at_layers(model, variables, images, layers, None, apply_kwargs)
-    zeros = tuple(jnp.zeros_like(a) for a in activations)
     seconds, thirds = [], []
-    for index, shape in enumerate(activations):
-        batch, *element_shape = shape.shape
-        size = math.prod(element_shape)
-        # the layer's output is computed once, above; each pass runs only the network after it
+    for index in range(len(layers)):
+        # the layer's output is computed once, above; each pass evaluates the network after it
         replacements = tuple(a if i == index else None for i, a in enumerate(activations))
 
-        def along(t: Array, element: Array, index: int = index, element_shape=tuple(element_shape), replacements=replacements) -> Array:
-            direction = jax.nn.one_hot(element, size, dtype=shape.dtype).reshape(element_shape)
-            deltas = tuple(zeros[i] + t * direction if i == index else zeros[i] for i in range(len(activations)))
+        def scores_at(delta: Array, index: int = index, replacements: tuple = replacements) -> Array:
+            deltas = tuple(delta if i == index else jnp.zeros_like(a) for i, a in enumerate(activations))
             output, _, _ = forward_at_layers(model, variables, images, layers, deltas, apply_kwargs, replacements=replacements)
             return score_fn(output_fn(output))[0]  # (B, T)
 
-        def second_and_third(element: Array, along=along) -> tuple[Array, Array]:
-            first = lambda t: jax.jvp(lambda s: along(s, element), (t,), (jnp.ones((), shape.dtype),))[1]
-            second = lambda t: jax.jvp(first, (t,), (jnp.ones((), shape.dtype),))[1]
-            return jax.jvp(second, (jnp.zeros((), shape.dtype),), (jnp.ones((), shape.dtype),))
-
-        chunks = -(-size // chunk_size)
-        elements = jnp.minimum(jnp.arange(chunks * chunk_size), size - 1).reshape(chunks, chunk_size)
-        second, third = jax.lax.map(jax.vmap(second_and_third), elements)  # (chunks, chunk, B, T)
-        num_targets = second.shape[-1]
-
-        def arrange(values: Array, element_shape=tuple(element_shape), batch=batch) -> Array:
-            values = values.reshape(chunks * chunk_size, batch, num_targets)[:size]
-            return jnp.moveaxis(values, 0, -1).reshape(batch, num_targets, *element_shape)
-
-        seconds.append(arrange(second))
-        thirds.append(arrange(third))
+        second, third = _diagonals_of(scores_at, activations[index], chunk_size)
+        seconds.append(second)
+        thirds.append(third)
     return tuple(seconds), tuple(thirds)
+
+
+def _diagonals_of(scores_at: Callable[[Array], Array], activations: Array, chunk_size: int) -> tuple[Array, Array]:
+    """Second and third derivatives ``(B, T, *element_shape)`` of ``scores_at(delta) -> (B, T)`` along
+    each element of ``delta`` (the same element in every image), ``chunk_size`` elements at a time."""
+    batch, *element_shape = activations.shape
+    size = math.prod(element_shape)
+    one = jnp.ones((), activations.dtype)
+
+    def second_and_third(element: Array) -> tuple[Array, Array]:
+        direction = jax.nn.one_hot(element, size, dtype=activations.dtype).reshape(element_shape)
+        along = lambda t: scores_at(jnp.broadcast_to(t * direction, activations.shape))  # s(A + t e_i)
+        first = lambda t: jax.jvp(along, (t,), (one,))[1]
+        second = lambda t: jax.jvp(first, (t,), (one,))[1]
+        return jax.jvp(second, (jnp.zeros((), activations.dtype),), (one,))  # (d²s/dt², d³s/dt³) at 0
+
+    chunks = -(-size // chunk_size)
+    elements = jnp.minimum(jnp.arange(chunks * chunk_size), size - 1).reshape(chunks, chunk_size)
+    second, third = jax.lax.map(jax.vmap(second_and_third), elements)  # (chunks, chunk, B, T)
+
+    def arrange(values: Array) -> Array:
+        values = values.reshape(chunks * chunk_size, batch, -1)[:size]  # (n, B, T)
+        return jnp.moveaxis(values, 0, -1).reshape(batch, values.shape[-1], *element_shape)
+
+    return arrange(second), arrange(third)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,7 +130,7 @@ def test_exact_gradcam_plusplus_equals_default_for_an_exponential_score():
     to the formula without it, and to the default itself once the gradients are large (a head ×100).
     The raw logit of a ReLU network has zero second and third derivatives: a zero map."""
     model = UserNet()
-    variables, images = _setup(model, (3, 16, 20, 3), seed=4)
+    variables, images = _setup(model, (2, 12, 16, 3), seed=4)
     exact = flaxcam.explain(model, variables, images, method="gradcam++exact", layer="mid", top_k=2, output_fn=jnp.exp)
     spec = TargetSpec("top_k", 2)
     _, activations, gradients, _, chosen = jax.jit(
@@ -139,7 +139,7 @@ def test_exact_gradcam_plusplus_equals_default_for_an_exponential_score():
     np.testing.assert_array_equal(np.asarray(exact.targets), np.asarray(chosen))
     without_eps = jax.vmap(jax.vmap(lambda g, a: gradcam_plusplus(a, g, eps=0.0).sum(-1), in_axes=(0, None)))(gradients, activations)
     np.testing.assert_allclose(np.asarray(exact.low_res), np.asarray(minmax_normalize(jax.nn.relu(without_eps))), atol=1e-5)
-    assert (np.asarray(exact.low_res).reshape(6, -1).std(axis=1) > 0.05).all()
+    assert (np.asarray(exact.low_res).reshape(4, -1).std(axis=1) > 0.05).all()
 
     variables["params"]["head"]["kernel"] = variables["params"]["head"]["kernel"] * 100  # logits up to ~50
     exact = flaxcam.explain(model, variables, images, method="gradcam++exact", layer="top", top_k=2, output_fn=jnp.exp)
