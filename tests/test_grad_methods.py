@@ -19,7 +19,14 @@ import pytest
 import flaxcam
 from flaxcam.methods import finer_target_scores, gradcam_plusplus
 from flaxcam.ops import minmax_normalize
-from flaxcam.probe import bias_layers, derivative_diagonals, effective_bias, input_and_layer_gradients, probe, probe_hessian
+from flaxcam.probe import (
+    bias_layers,
+    derivative_diagonals,
+    effective_bias,
+    input_and_layer_gradients,
+    probe,
+    probe_hessian,
+)
 from flaxcam.targets import TargetSpec, target_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -221,7 +228,7 @@ def test_fullgrad_gradients_are_complete():
     layers = bias_layers(model, variables, images)
     assert [(layer.name, layer.kind) for layer in layers] == [("bn1", "BatchNorm"), ("conv2", "Conv"), ("bn2", "BatchNorm")]
     spec = TargetSpec("top_k", 2)
-    logits, scores, chosen, input_gradients, layer_gradients = jax.jit(
+    _, scores, chosen, input_gradients, layer_gradients = jax.jit(
         lambda v, x: input_and_layer_gradients(
             model, v, x, tuple(layer.name for layer in layers), lambda out: target_scores(spec, out, None)
         )

@@ -54,6 +54,6 @@ def finercam(activations: Array, gradients: Array) -> Array:
     comparison classes ``[1, 2, 3]``.
 
     Reference: Zhang et al. "Finer-CAM: Spotting the Difference Reveals Finer Details for Visual
-    Explanation", CVPR 2025 (arXiv:2501.11309).
+    Explanation", 2025 (arXiv:2501.11309).
     """
     return gradcam(activations, gradients)

@@ -41,7 +41,7 @@ def test_fullgrad_equals_pytorch_grad_cam(resnet18_pair):
     from pytorch_grad_cam import FullGrad
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    torch, reference, model, variables, images, nhwc = resnet18_pair
+    _, reference, model, variables, images, nhwc = resnet18_pair
     with FullGrad(model=reference, target_layers=[]) as cam:
         assert len(cam.target_layers) == 20  # every BatchNorm2d of ResNet-18 (its convs have no bias)
         ref = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in TARGETS])
@@ -78,7 +78,7 @@ def test_shapleycam_equals_pytorch_grad_cam(resnet18_pair, layer):
     from pytorch_grad_cam import ShapleyCAM
     from pytorch_grad_cam.utils.image import scale_cam_image
 
-    torch, reference, model, variables, images, nhwc = resnet18_pair
+    _, reference, model, variables, images, nhwc = resnet18_pair
     with ShapleyCAM(model=reference, target_layers=[getattr(reference, layer)]) as cam:
         raw_maps = _record_raw_maps(cam)
         ref_up = cam(input_tensor=images, targets=_softmax_targets(TARGETS))
@@ -130,7 +130,7 @@ def test_finercam_default_targets_equal_pytorch_grad_cam(resnet18_pair):
     """``targets=None``: the library picks each image's top class and its comparison classes itself."""
     from pytorch_grad_cam import FinerCAM
 
-    torch, reference, model, variables, images, nhwc = resnet18_pair
+    _, reference, model, variables, images, nhwc = resnet18_pair
     with FinerCAM(model=reference, target_layers=[reference.layer4]) as cam:
         ref_up = cam(input_tensor=images, targets=None)
     ours = flaxcam.explain(model, variables, nhwc, method="finercam", layer="layer4")
