@@ -10,6 +10,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+# Listed here so that `--help` does not import JAX; tests/test_cli.py checks it against flaxcam.METHODS.
+METHOD_NAMES = (
+    "ablationcam, cam, eigencam, eigengradcam, faster_scorecam, finercam, fullgrad, gradcam, gradcam++, "
+    "gradcam++exact, gradcam_elementwise, hirescam, iscam, kpcacam, layercam, randomcam, scorecam, shapleycam, "
+    "smoothgradcam++, sscam, xgradcam"
+)
+_METHOD_HELP = f"Explanation method, one of: {METHOD_NAMES}."
+
 app = typer.Typer(
     help="flaxcam: class activation maps for JAX/Flax models.", no_args_is_help=True, add_completion=False
 )
@@ -177,7 +185,7 @@ def explain_command(
         Optional[Path],
         typer.Option(help="A flaxcam bundle (.msgpack, e.g. from `make demo`) or a torchvision ResNet checkpoint (.pth)."),
     ] = None,
-    method: Annotated[str, typer.Option(help="cam | gradcam | gradcam++ | hirescam | gradcam_elementwise | xgradcam | layercam")] = "gradcam",
+    method: Annotated[str, typer.Option(help=_METHOD_HELP)] = "gradcam",
     layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image; maps for each.")] = 3,
     out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("flaxcam_out"),
@@ -223,7 +231,7 @@ def audit_command(
     out: Annotated[Path, typer.Option(help="Audit directory (Parquet parts + manifest); rerun to resume.")],
     model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) or a torchvision ResNet checkpoint (.pth).")] = None,
-    method: Annotated[str, typer.Option(help="A method of flaxcam.METHODS.")] = "cam",
+    method: Annotated[str, typer.Option(help=_METHOD_HELP)] = "cam",
     layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 64,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes recorded per image.")] = 3,

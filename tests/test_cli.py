@@ -138,3 +138,10 @@ def test_digits_demo_runs_end_to_end_at_smoke_size(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"accuracy", "cam", "gradcam"}
     assert len(list((tmp_path / "figures").glob("*.png"))) == 4
+
+
+def test_cli_method_help_lists_every_registered_method():
+    from flaxcam import METHODS
+    from flaxcam.cli import METHOD_NAMES
+
+    assert METHOD_NAMES.split(", ") == sorted(METHODS)
