@@ -1,0 +1,263 @@
+"""flaxcam's benchmark in one command: against the PyTorch peers, scaling curves, CPU backend options.
+
+    python -m benchmarks [--quick] [--gpu] [--dtype bfloat16] [--out benchmarks/results]   # peers + scaling
+    python -m benchmarks peers   [--models resnet18 resnet50 efficientnet_lite0] [--methods ...] [--batch 16]
+    python -m benchmarks scaling [--model resnet18] [--batches 1 2 4 ...] [--sizes 224x224 450x600] [--devices 1 2 4]
+    python -m benchmarks cpu-gap [--model resnet50] [--batch 16]
+
+``peers``: flaxcam's forward pass and every registered method, and — when the ``parity`` extra is
+installed — torch's forward pass, pytorch-grad-cam, torchcam and captum (Grad-CAM, GradCAM++, HiResCAM,
+LayerCAM where the library has them) on the same architecture and the same weights (torchvision
+ResNets with seeded random weights saved once and loaded by both sides; EfficientNet-Lite0 with its
+ImageNet weights), the same images, batch and thread count. ``scaling``: flaxcam's forward pass and
+Grad-CAM over batch sizes, image sizes and the number of (emulated) devices, with the peak memory of
+each configuration. ``cpu-gap``: XLA CPU flags, bfloat16, preprocessing inside the jitted step and
+torch thread settings, each in its own process, against the default configuration.
+
+Each library runs in its own worker process; candidates are timed interleaved, round by round, after
+warm-up, and images/s come from the median round (:mod:`benchmarks.runner`). Writes
+``<name>.jsonl`` (one record per measurement, with machine, versions, thread counts and load
+average), ``<name>.md`` and ``<name>.png`` to ``--out``. Score-based methods (ScoreCAM, AblationCAM:
+one forward pass per channel and image) are left out unless named; ``python -m benchmarks.throughput``
+measures them against their floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import runner, report
+
+PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
+#: Methods of the default run: every registered method except the score-based ones (see the docstring).
+SCORE_METHODS = ("scorecam", "ablationcam")
+DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
+
+#: XLA CPU options tried by ``cpu-gap`` (each in its own process, against the default).
+XLA_CPU_OPTIONS = {  # flags that jaxlib 0.10.2 accepts (see benchmarks/README.md for how they were found)
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+    "no_multi_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "onednn_fusions": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
+    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
+    "xnn_fusions": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
+    "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "opt_fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+}
+
+
+def registry_methods() -> list[str]:
+    """The registered flaxcam methods without the score-based ones (read without importing jax here)."""
+    import ast
+
+    source = (runner.ROOT / "flaxcam" / "methods" / "__init__.py").read_text()
+    tree = ast.parse(source)
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "METHODS":
+            names = [key.value for key in node.value.keys]
+            return [name for name in names if name not in SCORE_METHODS]
+    raise RuntimeError("flaxcam/methods/__init__.py has no METHODS registry")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = text.lower().split("x")
+        return int(height), int(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must look like 224x224 (height x width), got {text!r}") from None
+
+
+def _with_flags(*flags: str) -> dict[str, str]:
+    existing = os.environ.get("XLA_FLAGS", "")
+    return {"XLA_FLAGS": " ".join(filter(None, [existing, *flags]))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_peers(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
+    """flaxcam and the peers on each model, one interleaved measurement per model."""
+    missing = {} if args.no_peers else runner.missing_peers()
+    methods = args.methods or registry_methods()
+    records: list[dict] = []
+    for model in args.models:
+        common = {"model": model, "batches": [args.batch], "size": list(args.size), "seed": 0, "warmup": args.warmup}
+        weights = None if args.no_peers else runner.shared_weights(model, weights_dir)
+        specs = [("flaxcam", {**common, "library": "flaxcam", "methods": methods, "dtype": args.dtype,
+                              "weights": str(weights) if weights else None}, {}, args.threads)]
+        with_peers = not args.no_peers and not missing and model in runner.PEER_MODELS
+        if with_peers:
+            specs.append(("torch", {**common, "library": "torch", "methods": [m for m in methods if m in PEER_METHODS],
+                                    "threads": args.threads, "weights": str(weights) if weights else None,
+                                    "dtype": "float32"}, {}, args.threads))
+        print(f"[bench] peers: {model}, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.dtype}, "
+              f"{len(methods)} flaxcam methods{', with the PyTorch peers' if with_peers else ''}", flush=True)
+        model_records = runner.run_workers(specs, args.rounds, memory=False)
+        if not with_peers:
+            reason = ("--no-peers" if args.no_peers else "; ".join(f"{k}: {v}" for k, v in missing.items())
+                      or f"no PyTorch peer for {model} (peers: {', '.join(runner.PEER_MODELS)})")
+            model_records.append({"status": "skipped", "library": "peers", "method": "*", "model": model,
+                                  "batch": args.batch, "size": list(args.size), "reason": reason})
+        records += report.add_ratios(model_records)
+    return records
+
+
+def run_scaling(args: argparse.Namespace) -> list[dict]:
+    """flaxcam forward + ``--methods`` over batch sizes (one worker per image size and device count)."""
+    records: list[dict] = []
+    groups = [(size, 1, args.batches if size == args.sizes[0] else args.large_batches) for size in args.sizes]
+    groups += [(args.sizes[0], count, [args.device_batch]) for count in args.devices if count != 1]
+    for size, count, batches in groups:
+        env = _with_flags(f"--xla_force_host_platform_device_count={count}") if count != 1 else {}
+        spec = {"library": "flaxcam", "model": args.scaling_model, "batches": list(batches), "size": list(size), "seed": 0,
+                "methods": args.scaling_methods, "dtype": args.dtype, "warmup": args.warmup}
+        print(f"[bench] scaling: {args.scaling_model}, {size[0]}x{size[1]}, batches {list(batches)}, "
+              f"{count} device(s), {args.dtype}", flush=True)
+        group = runner.run_workers([(f"flaxcam-{size[0]}x{size[1]}-{count}dev", spec, env, args.threads)],
+                                   args.scaling_rounds, memory=True)
+        for record in group:
+            record["emulated_devices"] = count if count != 1 else None
+        records += report.add_ratios(group)
+    return records
+
+
+def run_cpu_gap(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
+    """The default XLA CPU configuration against each option, and torch thread settings, interleaved."""
+    weights = runner.shared_weights(args.model, weights_dir)
+    common = {"model": args.model, "batches": [args.batch], "size": list(args.size), "seed": 0,
+              "warmup": args.warmup, "weights": str(weights) if weights else None}
+    flax = {**common, "library": "flaxcam", "methods": ["gradcam"], "dtype": "float32"}
+    specs = [("xla default", {**flax, "preprocess": True}, {}, None)]
+    specs += [(f"xla {name}", flax, _with_flags(flags), None) for name, flags in XLA_CPU_OPTIONS.items()]
+    specs.append(("xla bfloat16", {**flax, "dtype": "bfloat16"}, {}, None))
+    if not runner.missing_peers() and weights is not None:
+        torch_spec = {**common, "library": "torch", "methods": ["gradcam"], "peers": ["pytorch-grad-cam"], "dtype": "float32"}
+        cores = os.cpu_count() or 1
+        for threads in sorted({1, cores}):
+            specs.append((f"torch {threads} thread(s)", {**torch_spec, "threads": threads}, {}, None))
+    print(f"[bench] cpu-gap: {args.model}, batch {args.batch}, {len(specs)} configurations", flush=True)
+    return report.add_ratios(runner.run_workers(specs, args.rounds, memory=False), baseline_worker="xla default")
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+
+QUICK = {"models": ["resnet18"], "methods": ["cam", "gradcam", "gradcam++", "hirescam", "layercam"], "batch": 8,
+         "rounds": 3, "scaling_rounds": 2, "batches": [1, 8, 32], "large_batches": [1, 4], "devices": [1, 2]}
+GPU = {"models": ["resnet50"], "batch": 256, "rounds": 10, "scaling_rounds": 5, "dtype": "bfloat16", "batches": [1, 8, 32, 128, 256, 512, 1024],
+       "large_batches": [1, 8, 32, 128], "devices": [1], "scaling_model": "resnet50", "threads": None}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for .jsonl/.md/.png")
+    parser.add_argument("--name", default=None, help="file name stem (default: <subcommand>_<platform>[_quick])")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate (median taken)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate (the first compiles)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU cores for every worker (CPU affinity) and torch intra-op threads (default: all)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="flaxcam's computation dtype")
+    parser.add_argument("--quick", action="store_true", help="a small configuration (about 3 minutes on 2 cores)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU-sized configuration (ResNet-50, large batches, bfloat16)")
+
+
+def _add_peers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="flaxcam methods (default: every registered one except scorecam, ablationcam)")
+    parser.add_argument("--batch", type=int, default=None, help="default 16 (--gpu: 256)")
+    parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    parser.add_argument("--no-peers", action="store_true", help="flaxcam only, even when the peers are installed")
+
+
+def _add_scaling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scaling-model", "--model", dest="scaling_model", default=None, help="default resnet18 (--gpu: resnet50)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes at the first size (default 1 2 4 ... 128)")
+    parser.add_argument("--large-batches", type=int, nargs="+", default=None, help="batch sizes at the other sizes (default 1 4 16 32)")
+    parser.add_argument("--sizes", type=_size, nargs="+", default=[(224, 224), (450, 600)], help="HxW, e.g. 224x224 450x600")
+    parser.add_argument("--devices", type=int, nargs="+", default=None, help="emulated device counts (default 1 2 4)")
+    parser.add_argument("--device-batch", type=int, default=16, help="batch size of the device-count curve")
+    parser.add_argument("--scaling-methods", dest="scaling_methods", nargs="+", default=["gradcam"])
+    parser.add_argument("--scaling-rounds", type=int, default=None, help="timed rounds per scaling candidate (default 3)")
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from --quick / --gpu presets, then the defaults."""
+    preset = {**(QUICK if args.quick else {}), **(GPU if args.gpu else {})}
+    defaults = {"models": list(DEFAULT_MODELS), "batch": 16, "rounds": 5, "dtype": "float32", "batches": [1, 2, 4, 8, 16, 32, 64, 128],
+                "large_batches": [1, 4, 16, 32], "devices": [1, 2, 4], "scaling_model": "resnet18", "threads": None, "methods": None,
+                "scaling_rounds": 3}
+    for name, default in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, preset.get(name, default))
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    everything = sub.add_parser("all", help="peers and scaling (the default)")
+    peers = sub.add_parser("peers", help="flaxcam against pytorch-grad-cam, torchcam and captum")
+    scaling = sub.add_parser("scaling", help="batch size, image size and device count curves with peak memory")
+    gap = sub.add_parser("cpu-gap", help="XLA CPU options, bfloat16, fused preprocessing and torch threads")
+    for p in (parser, everything, peers, scaling, gap):
+        _add_common(p)
+    for p in (parser, everything, peers):
+        _add_peers(p)
+    for p in (parser, everything, scaling):
+        _add_scaling(p)
+    gap.add_argument("--model", default="resnet50")
+    gap.add_argument("--batch", type=int, default=16)
+    gap.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Run the benchmark; returns the files written."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _resolve(build_parser().parse_args(argv))
+    command = args.command or "all"
+    command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
+    machine = runner.machine_info()
+    started = time.time()
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="flaxcam-bench-") as scratch:
+        weights_dir = Path(scratch)
+        os.environ.setdefault("FLAXCAM_CACHE", str(weights_dir / "cache"))  # converted weights, for the workers
+        parts: list[tuple[str, list[dict]]] = []
+        if command in ("all", "peers"):
+            parts.append(("peers", run_peers(args, weights_dir)))
+        if command in ("all", "scaling"):
+            parts.append(("scaling", run_scaling(args)))
+        if command == "cpu-gap":
+            parts.append(("cpu_gap", run_cpu_gap(args, weights_dir)))
+    for part, records in parts:
+        platform = next((r["platform"] for r in records if r.get("platform")), "cpu")
+        platform = "gpu" if platform in ("gpu", "cuda") else platform
+        stem = args.name or f"{part}_{platform}" + ("_quick" if args.quick else "") + ("_" + args.dtype if args.dtype != "float32" else "")
+        if args.name and len(parts) > 1:
+            stem = f"{args.name}_{part}"
+        for record in records:
+            record.update({"benchmark": part, "command": command_line, "machine": machine})
+        written += report.write(part, records, args.out, stem, command_line, machine, time.time() - started)
+    print(f"[bench] done in {time.time() - started:.0f} s: " + ", ".join(str(p) for p in written), flush=True)
+    return written
+
+
+if __name__ == "__main__":
+    main()

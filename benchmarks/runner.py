@@ -1,0 +1,301 @@
+"""The benchmark driver: workers in their own processes, timed interleaved round by round.
+
+Every candidate (a library's forward pass or method at one batch size) lives in a worker process
+(:mod:`benchmarks.worker`). After warm-up, each round asks every candidate of every worker to run once,
+in an order rotated from round to round, so machine noise (this CPU is shared) hits all candidates
+alike; images/s come from the median round. Each record carries the load average before and after its
+measurement and the thread counts, so a reader can judge how quiet the machine was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Packages whose versions go into every record (those installed).
+VERSIONED = ("jax", "jaxlib", "flax", "numpy", "torch", "torchvision", "grad-cam", "torchcam", "captum", "efficientnet-lite-pytorch")
+#: The peer libraries and the module each needs.
+PEER_MODULES = {"torch": "torch", "pytorch-grad-cam": "pytorch_grad_cam", "torchcam": "torchcam", "captum": "captum"}
+#: Architectures that have a PyTorch peer on the same weights.
+PEER_MODELS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or answered with an error."""
+
+
+class Worker:
+    """One worker process (``python -m benchmarks.worker``) with its own environment."""
+
+    def __init__(self, name: str, spec: dict[str, Any], env: dict[str, str] | None = None, cpus: int | None = None):
+        self.name = name
+        self.spec = spec
+        self.env = dict(env or {})
+        full_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ, **self.env}  # GPU: share it with torch
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        affinity = None
+        if cpus is not None and hasattr(os, "sched_getaffinity"):
+            available = sorted(os.sched_getaffinity(0))
+            affinity = set(available[: max(1, min(cpus, len(available)))])
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None if os.environ.get("FLAXCAM_BENCH_VERBOSE") else subprocess.DEVNULL,
+            text=True,
+            env=full_env,
+            cwd=ROOT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,
+        )
+        hello = self._read()
+        self.candidates: list[str] = hello["candidates"]
+        self.errors: dict[str, str] = hello["errors"]
+        self.info: dict[str, Any] = hello["info"]
+
+    def _read(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            raise WorkerError(
+                f"worker {self.name} exited with status {self.process.returncode} "
+                "(rerun with FLAXCAM_BENCH_VERBOSE=1 to see its stderr)"
+            )
+        message = json.loads(line)
+        if "fatal" in message or "error" in message:
+            raise WorkerError(f"worker {self.name}: {message.get('fatal') or message.get('error')}")
+        return message
+
+    def request(self, op: str, key: str | None = None) -> dict[str, Any]:
+        self.process.stdin.write(json.dumps({"op": op, "key": key}) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+
+
+def start_workers(specs: Iterable[tuple[str, dict, dict, int | None]]) -> list[Worker]:
+    """Start workers one after the other (``(name, spec, env, cpus)`` each); a worker that fails to
+    start is reported and left out."""
+    workers = []
+    for name, spec, env, cpus in specs:
+        print(f"[bench]   starting worker {name!r} (build, compile, warm up)", file=sys.stderr, flush=True)
+        try:
+            workers.append(Worker(name, spec, env, cpus))
+        except WorkerError as err:
+            print(f"[bench] {err}", file=sys.stderr, flush=True)
+            workers.append(_FailedWorker(name, spec, env, str(err)))
+    return workers
+
+
+@dataclasses.dataclass
+class _FailedWorker:
+    name: str
+    spec: dict
+    env: dict
+    message: str
+    candidates: list = dataclasses.field(default_factory=list)
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {f"{self.spec['library']} *": self.message}
+
+    def close(self) -> None:
+        pass
+
+
+def measure(workers: list[Worker], rounds: int, memory: bool = False) -> list[dict[str, Any]]:
+    """Time every candidate of every worker ``rounds`` times, interleaved; one record per candidate
+    (and one ``status: "error"`` record per candidate that could not run)."""
+    order = [(worker, key) for worker in workers for key in worker.candidates]
+    timings: dict[tuple[str, str], list[float]] = {(w.name, k): [] for w, k in order}
+    load_start = os.getloadavg()
+    started = time.time()
+    for round_index in range(rounds):
+        shift = round_index % max(1, len(order))
+        for worker, key in order[shift:] + order[:shift]:
+            timings[(worker.name, key)].append(worker.request("run", key)["seconds"])
+        print(f"[bench]   round {round_index + 1}/{rounds} of {len(order)} candidates done at "
+              f"{time.time() - started:.0f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    load_end = os.getloadavg()
+    peaks = {}
+    if memory:
+        for worker, key in order:
+            peaks[(worker.name, key)] = worker.request("memory", key)
+    records = []
+    for worker in workers:
+        for key in worker.candidates:
+            values = timings[(worker.name, key)]
+            library, rest = key.split(" ", 1)
+            method, batch = rest.rsplit("@", 1)
+            median = statistics.median(values)
+            record = {
+                "status": "ok",
+                "worker": worker.name,
+                "library": library,
+                "method": method,
+                "batch": int(batch),
+                "images_per_s": round(int(batch) / median, 3),
+                "median_s": _sig(median),
+                "min_s": _sig(min(values)),
+                "max_s": _sig(max(values)),
+                "rounds": len(values),
+                "first_call_s": worker.info.get("first_call_s", {}).get(key),
+                "loadavg_start": [round(v, 2) for v in load_start],
+                "loadavg_end": [round(v, 2) for v in load_end],
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                **_worker_fields(worker),
+            }
+            if (worker.name, key) in peaks:
+                peak = peaks[(worker.name, key)]
+                record["peak_rss_mib"] = round(peak["peak_rss_bytes"] / 2**20, 1)
+                record["rss_before_mib"] = round(peak["base_rss_bytes"] / 2**20, 1)
+                if peak.get("device_peak_bytes") is not None:
+                    record["device_peak_mib"] = round(peak["device_peak_bytes"] / 2**20, 1)
+            records.append(record)
+        for key, message in worker.errors.items():
+            library, rest = key.split(" ", 1)
+            method, _, batch = rest.partition("@")
+            records.append(
+                {
+                    "status": "error",
+                    "worker": worker.name,
+                    "library": library,
+                    "method": method,
+                    "batch": int(batch) if batch.isdigit() else None,
+                    "error": message,
+                    **_worker_fields(worker),
+                }
+            )
+    return records
+
+
+def _sig(seconds: float) -> float:
+    """Seconds to 6 significant digits."""
+    return float(f"{seconds:.6g}")
+
+
+def _worker_fields(worker: Worker) -> dict[str, Any]:
+    spec, info = worker.spec, worker.info
+    fields = {
+        "model": spec["model"],
+        "size": list(spec["size"]),
+        "dtype": spec.get("dtype", "float32"),
+        "platform": info.get("platform"),
+        "device": info.get("device"),
+        "devices": info.get("devices", 1),
+        "layer": info.get("layer"),
+        "cpu_affinity": info.get("cpu_affinity"),
+        "env": worker.env,
+    }
+    if spec["library"] == "torch":
+        fields["threads"] = info.get("torch_threads")
+        fields["torch_interop_threads"] = info.get("torch_interop_threads")
+    else:  # XLA CPU runs one intra-op thread per core it may use
+        fields["threads"] = info.get("cpu_affinity") if info.get("platform") == "cpu" else None
+    return fields
+
+
+def run_workers(specs: list[tuple[str, dict, dict, int | None]], rounds: int, memory: bool = False) -> list[dict]:
+    """Start the workers, measure them interleaved, stop them."""
+    workers = start_workers(specs)
+    try:
+        return measure([w for w in workers if isinstance(w, Worker)], rounds, memory) + [
+            record
+            for w in workers
+            if isinstance(w, _FailedWorker)
+            for record in [{"status": "error", "worker": w.name, "library": w.spec["library"], "method": "*",
+                            "batch": None, "error": w.message, "model": w.spec["model"], "size": list(w.spec["size"]),
+                            "dtype": w.spec.get("dtype", "float32"), "env": w.env}]
+        ]
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------------
+
+
+def missing_peers() -> dict[str, str]:
+    """``{library: reason}`` for each peer library that is not installed."""
+    missing = {}
+    for library, module in PEER_MODULES.items():
+        if importlib.util.find_spec(module) is None:
+            missing[library] = f"{module} is not installed (pip install -e '.[parity]')"
+    return missing
+
+
+def shared_weights(model: str, folder: Path) -> Path | None:
+    """A torchvision ``model`` with seeded random weights saved to ``folder`` (in a subprocess, so this
+    process never imports torch); both workers load this file. None when torch is not installed."""
+    if not model.startswith("resnet") or importlib.util.find_spec("torch") is None:
+        return None
+    path = folder / f"{model}_seed0.pth"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        code = (
+            "import sys, torch; sys.path.insert(0, 'tests'); from torch_ref import define_torchvision_schemas; "
+            "define_torchvision_schemas(); import torchvision; torch.manual_seed(0); "
+            f"torch.save(getattr(torchvision.models, {model!r})().state_dict(), {str(path)!r})"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    return path
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, memory, Python and library versions of this machine (no jax import needed)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        versions["flaxcam"] = importlib.metadata.version("flaxcam")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "versions": versions,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }

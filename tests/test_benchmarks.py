@@ -1,0 +1,94 @@
+"""The benchmark command's plumbing (tiny model, one round): output files, record schema, recorded errors.
+Speed is measured by ``python -m benchmarks``, never asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import report
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_command_writes_records_tables_and_charts(tmp_path):
+    written = bench.main([
+        "--models", "small_cnn", "--methods", "cam", "gradcam", "no_such_method", "--size", "32", "40",
+        "--batch", "3", "--rounds", "1", "--no-peers",
+        "--scaling-model", "small_cnn", "--batches", "1", "2", "--sizes", "32x40", "--devices", "1", "2",
+        "--device-batch", "2", "--out", str(tmp_path),
+    ])
+    assert sorted(p.name for p in written) == sorted(
+        f"{part}_cpu.{ext}" for part in ("peers", "scaling") for ext in ("jsonl", "md", "png")
+    )
+
+    peers = _rows(tmp_path / "peers_cpu.jsonl")
+    ok = [r for r in peers if r["status"] == "ok"]
+    assert [r["method"] for r in ok] == ["forward", "cam", "gradcam"]
+    for r in ok:
+        assert set(report.RECORD_FIELDS) <= set(r), set(report.RECORD_FIELDS) - set(r)
+        assert r["model"] == "small_cnn" and r["batch"] == 3 and r["size"] == [32, 40] and r["rounds"] == 1
+        assert r["images_per_s"] == pytest.approx(3 / r["median_s"], rel=1e-3)
+        assert r["threads"] >= 1 and len(r["loadavg_start"]) == 3 and r["machine"]["versions"]["jax"]
+    assert ok[0]["ratio_to_own_forward"] == 1.0
+    errors = {r["method"]: r for r in peers if r["status"] == "error"}
+    assert "valid names are" in errors["no_such_method"]["error"]  # recorded, the rest still ran
+    skipped = [r for r in peers if r["status"] == "skipped"]
+    assert skipped and skipped[0]["reason"] == "--no-peers"
+
+    scaling = [r for r in _rows(tmp_path / "scaling_cpu.jsonl") if r["status"] == "ok"]
+    seen = {(r["method"], r["batch"], r["devices"]) for r in scaling}
+    assert seen == {(m, b, 1) for m in ("forward", "gradcam") for b in (1, 2)} | {("forward", 2, 2), ("gradcam", 2, 2)}
+    for r in scaling:
+        assert r["peak_rss_mib"] >= r["rss_before_mib"] > 0
+    assert next(r for r in scaling if r["devices"] == 2)["emulated_devices"] == 2
+
+    table = (tmp_path / "peers_cpu.md").read_text()
+    assert "python -m benchmarks --models small_cnn" in table and "| small_cnn | flaxcam | gradcam | 3 |" in table
+    assert (tmp_path / "scaling_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _record(worker, library, method, rate, batch=4):
+    return {"status": "ok", "worker": worker, "library": library, "method": method, "batch": batch, "images_per_s": rate}
+
+
+def test_ratios_use_each_librarys_own_forward_pass():
+    records = report.add_ratios([
+        _record("flaxcam", "flaxcam", "forward", 20.0),
+        _record("flaxcam", "flaxcam", "gradcam", 18.0),
+        _record("torch", "torch", "forward", 30.0),
+        _record("torch", "pytorch-grad-cam", "gradcam", 6.0),
+        _record("torch", "captum", "gradcam", 27.0),
+        _record("torch", "torch", "forward", 10.0, batch=8),  # another batch: not a reference for batch 4
+    ])
+    by_key = {(r["library"], r["method"], r["batch"]): r for r in records}
+    assert by_key[("flaxcam", "gradcam", 4)]["ratio_to_own_forward"] == 0.9
+    assert by_key[("pytorch-grad-cam", "gradcam", 4)]["ratio_to_own_forward"] == 0.2
+    assert by_key[("pytorch-grad-cam", "gradcam", 4)]["flaxcam_speedup"] == 3.0
+    assert by_key[("captum", "gradcam", 4)]["flaxcam_speedup"] == pytest.approx(0.667)
+    assert by_key[("flaxcam", "gradcam", 4)]["flaxcam_speedup"] is None
+
+
+def test_ratio_to_a_baseline_configuration():
+    records = report.add_ratios(
+        [_record("xla default", "flaxcam", "forward", 10.0), _record("xla fast_math", "flaxcam", "forward", 12.0)],
+        baseline_worker="xla default",
+    )
+    assert [r["ratio_to_baseline"] for r in records] == [1.0, 1.2]
+
+
+def test_image_sizes_are_parsed_with_a_clear_error():
+    assert bench._size("450x600") == (450, 600)
+    with pytest.raises(Exception, match="224x224"):
+        bench._size("450,600")
+
+
+def test_default_methods_are_the_registry_without_score_methods():
+    import flaxcam
+
+    assert bench.registry_methods() == [m for m in flaxcam.METHODS if not flaxcam.METHODS[m].batched]
