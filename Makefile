@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow and not parity" tests
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

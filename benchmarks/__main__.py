@@ -227,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write(part: str, records: list[dict], args: argparse.Namespace, parts: int, command_line: str,
+           machine: dict, started: float) -> list[Path]:
+    platform = next((r["platform"] for r in records if r.get("platform")), "cpu")
+    platform = "gpu" if platform in ("gpu", "cuda") else platform
+    stem = f"{part}_{platform}" + ("_quick" if args.quick else "") + ("_" + args.dtype if args.dtype != "float32" else "")
+    if args.name:
+        stem = f"{args.name}_{part}" if parts > 1 else args.name
+    for record in records:
+        record.update({"benchmark": part, "command": command_line, "machine": machine})
+    return report.write(part, records, args.out, stem, command_line, machine, time.time() - started)
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     """Run the benchmark; returns the files written."""
     argv = sys.argv[1:] if argv is None else argv
@@ -238,23 +250,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="flaxcam-bench-") as scratch:
         weights_dir = Path(scratch)
-        os.environ.setdefault("FLAXCAM_CACHE", str(weights_dir / "cache"))  # converted weights, for the workers
-        parts: list[tuple[str, list[dict]]] = []
-        if command in ("all", "peers"):
-            parts.append(("peers", run_peers(args, weights_dir)))
-        if command in ("all", "scaling"):
-            parts.append(("scaling", run_scaling(args)))
-        if command == "cpu-gap":
-            parts.append(("cpu_gap", run_cpu_gap(args, weights_dir)))
-    for part, records in parts:
-        platform = next((r["platform"] for r in records if r.get("platform")), "cpu")
-        platform = "gpu" if platform in ("gpu", "cuda") else platform
-        stem = args.name or f"{part}_{platform}" + ("_quick" if args.quick else "") + ("_" + args.dtype if args.dtype != "float32" else "")
-        if args.name and len(parts) > 1:
-            stem = f"{args.name}_{part}"
-        for record in records:
-            record.update({"benchmark": part, "command": command_line, "machine": machine})
-        written += report.write(part, records, args.out, stem, command_line, machine, time.time() - started)
+        cache = os.environ.get("FLAXCAM_CACHE")
+        os.environ["FLAXCAM_CACHE"] = cache or str(weights_dir / "cache")  # the workers' converted weights
+        try:
+            parts = {"all": ("peers", "scaling"), "peers": ("peers",), "scaling": ("scaling",), "cpu-gap": ("cpu_gap",)}[command]
+            for part in parts:  # each part's files are written as soon as it is done
+                if part == "peers":
+                    records = run_peers(args, weights_dir)
+                elif part == "scaling":
+                    records = run_scaling(args)
+                else:
+                    records = run_cpu_gap(args, weights_dir)
+                written += _write(part, records, args, len(parts), command_line, machine, started)
+        finally:
+            if cache is None:
+                del os.environ["FLAXCAM_CACHE"]
     print(f"[bench] done in {time.time() - started:.0f} s: " + ", ".join(str(p) for p in written), flush=True)
     return written
 
