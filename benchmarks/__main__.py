@@ -17,9 +17,9 @@ torch thread settings, each in its own process, against the default configuratio
 Each library runs in its own worker process; candidates are timed interleaved, round by round, after
 warm-up, and images/s come from the median round (:mod:`benchmarks.runner`). Writes
 ``<name>.jsonl`` (one record per measurement, with machine, versions, thread counts and load
-average), ``<name>.md`` and ``<name>.png`` to ``--out``. Score-based methods (ScoreCAM, AblationCAM:
-one forward pass per channel and image) are left out unless named; ``python -m benchmarks.throughput``
-measures them against their floor.
+average), ``<name>.md`` and ``<name>.png`` to ``--out``. Batched methods (ScoreCAM, AblationCAM,
+Faster-ScoreCAM, SS-CAM, IS-CAM, SmoothGradCAM++: many forward passes per image) are left out unless
+named with ``--methods``; ``python -m benchmarks.throughput`` measures them against their floor.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from typing import Any
 from benchmarks import runner, report
 
 PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
-#: Methods of the default run: every registered method except the score-based ones (see the docstring).
-SCORE_METHODS = ("scorecam", "ablationcam")
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
 
 #: XLA CPU options tried by ``cpu-gap`` (each in its own process, against the default).
@@ -56,16 +54,11 @@ XLA_CPU_OPTIONS = {  # flags that jaxlib 0.10.2 accepts (see benchmarks/README.m
 
 
 def registry_methods() -> list[str]:
-    """The registered flaxcam methods without the score-based ones (read without importing jax here)."""
-    import ast
+    """The registered flaxcam methods except the batched ones (ScoreCAM, AblationCAM, ...: many forward
+    passes per image, see the module docstring)."""
+    import flaxcam  # the parent only reads the registry; it runs nothing on the device
 
-    source = (runner.ROOT / "flaxcam" / "methods" / "__init__.py").read_text()
-    tree = ast.parse(source)
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "METHODS":
-            names = [key.value for key in node.value.keys]
-            return [name for name in names if name not in SCORE_METHODS]
-    raise RuntimeError("flaxcam/methods/__init__.py has no METHODS registry")
+    return [name for name, method in flaxcam.METHODS.items() if not method.batched]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -176,7 +169,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="flaxcam methods (default: every registered one except scorecam, ablationcam)")
+                        help="flaxcam methods (default: every registered one that is not batched, i.e. not ScoreCAM-like)")
     parser.add_argument("--batch", type=int, default=None, help="default 16 (--gpu: 256)")
     parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--no-peers", action="store_true", help="flaxcam only, even when the peers are installed")
