@@ -25,17 +25,14 @@ named with ``--methods``; ``python -m benchmarks.throughput`` measures them agai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from benchmarks import runner, report
+from benchmarks import report, runner
 
 PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_lite0")

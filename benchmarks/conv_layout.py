@@ -35,8 +35,15 @@ def _time(fn, rounds: int) -> float:
     return statistics.median(values)
 
 
-def measure_jax(batch: int, rounds: int) -> list[dict]:
+def _jitted_conv(inputs, kernel, dimension_numbers):
+    """A zero-argument call of the jitted convolution that returns when the result is ready."""
     import jax
+
+    conv = jax.jit(lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=dimension_numbers))
+    return lambda: conv(inputs, kernel).block_until_ready()
+
+
+def measure_jax(batch: int, rounds: int) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
@@ -49,10 +56,7 @@ def measure_jax(batch: int, rounds: int) -> list[dict]:
             "NHWC": (jnp.asarray(x), jnp.asarray(w), ("NHWC", "HWIO", "NHWC")),
             "NCHW": (jnp.asarray(x.transpose(0, 3, 1, 2)), jnp.asarray(w.transpose(3, 2, 0, 1)), ("NCHW", "OIHW", "NCHW")),
         }
-        fns = {
-            name: (lambda a=a, b=b, f=jax.jit(lambda a, b, dn=dn: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=dn)): f(a, b).block_until_ready())
-            for name, (a, b, dn) in layouts.items()
-        }
+        fns = {name: _jitted_conv(a, b, dn) for name, (a, b, dn) in layouts.items()}
         times = {name: [] for name in fns}
         for fn in fns.values():
             fn()
@@ -108,10 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_torch(args.batch, args.rounds, args.threads)))
         return
     rows = []
+    cpus = set(sorted(os.sched_getaffinity(0))[: args.threads])
     for library in ("xla", "torch"):
         command = [sys.executable, "-m", "benchmarks.conv_layout", "--library", library, "--batch", str(args.batch),
                    "--rounds", str(args.rounds), "--threads", str(args.threads)]
-        cpus = set(sorted(os.sched_getaffinity(0))[: args.threads])
         done = subprocess.run(command, capture_output=True, text=True, check=True,
                               preexec_fn=lambda: os.sched_setaffinity(0, cpus))
         rows += json.loads(done.stdout.strip().splitlines()[-1])

@@ -58,7 +58,8 @@ class Worker:
             text=True,
             env=full_env,
             cwd=ROOT,
-            preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,
+            # the driver runs no threads of its own, so preexec_fn is safe here
+            preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,  # noqa: PLW1509
         )
         hello = self._read()
         self.candidates: list[str] = hello["candidates"]

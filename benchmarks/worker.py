@@ -187,9 +187,8 @@ def _flax_device_peak() -> int | None:
 
 def _import_torch(threads: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from torch_ref import define_torchvision_schemas
-
     import torch
+    from torch_ref import define_torchvision_schemas
 
     define_torchvision_schemas()
     torch.set_num_threads(threads)
@@ -316,7 +315,7 @@ def _warm_up(candidates: dict[str, Callable], block: Callable, warmup: int, erro
                 block(candidates[key]())
                 if index == 0:
                     first[key] = time.perf_counter() - start
-        except Exception as err:  # a peer without this method, out of memory, ...: recorded, not fatal
+        except Exception as err:  # noqa: BLE001 (a peer without this method, out of memory, ...: recorded, not fatal)
             errors[key] = f"{type(err).__name__}: {err}".strip()[:500]
             del candidates[key]
             print(traceback.format_exc(), file=sys.stderr)
@@ -370,7 +369,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     try:
         serve(spec, sys.stdin, answer)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (reported to the driver, which records it)
         traceback.print_exc()
         answer({"fatal": f"{type(err).__name__}: {err}"[:1000]})
         sys.exit(1)
