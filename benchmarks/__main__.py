@@ -19,7 +19,8 @@ warm-up, and images/s come from the median round (:mod:`benchmarks.runner`). Wri
 ``<name>.jsonl`` (one record per measurement, with machine, versions, thread counts and load
 average), ``<name>.md`` and ``<name>.png`` to ``--out``. Batched methods (ScoreCAM, AblationCAM,
 Faster-ScoreCAM, SS-CAM, IS-CAM, SmoothGradCAM++: many forward passes per image) are left out unless
-named with ``--methods``; ``python -m benchmarks.throughput`` measures them against their floor.
+named with ``--methods``, and so is ``gradcam++exact`` (h·w·C third-order passes);
+``python -m benchmarks.throughput`` measures the batched ones against their floor.
 """
 
 from __future__ import annotations
@@ -50,12 +51,17 @@ XLA_CPU_OPTIONS = {  # flags that jaxlib 0.10.2 accepts (see benchmarks/README.m
 }
 
 
+#: Per-image methods left out of the default run for their cost: ``gradcam++exact`` runs h·w·C
+#: third-order forward-mode passes of the network after the layer (about 100,000 at ResNet-50's layer4).
+EXPENSIVE_METHODS = ("gradcam++exact",)
+
+
 def registry_methods() -> list[str]:
     """The registered flaxcam methods except the batched ones (ScoreCAM, AblationCAM, ...: many forward
-    passes per image, see the module docstring)."""
+    passes per image, see the module docstring) and :data:`EXPENSIVE_METHODS`."""
     import flaxcam  # the parent only reads the registry; it runs nothing on the device
 
-    return [name for name, method in flaxcam.METHODS.items() if not method.batched]
+    return [name for name, method in flaxcam.METHODS.items() if not method.batched and name not in EXPENSIVE_METHODS]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -166,7 +172,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="flaxcam methods (default: every registered one that is not batched, i.e. not ScoreCAM-like)")
+                        help="flaxcam methods (default: every registered one except the batched ones and gradcam++exact)")
     parser.add_argument("--batch", type=int, default=None, help="default 16 (--gpu: 256)")
     parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--no-peers", action="store_true", help="flaxcam only, even when the peers are installed")

@@ -88,7 +88,11 @@ def test_image_sizes_are_parsed_with_a_clear_error():
         bench._size("450,600")
 
 
-def test_default_methods_are_the_registry_without_score_methods():
+def test_default_methods_are_the_registry_without_the_costly_ones():
     import flaxcam
 
-    assert bench.registry_methods() == [m for m in flaxcam.METHODS if not flaxcam.METHODS[m].batched]
+    defaults = bench.registry_methods()
+    assert {"cam", "gradcam", "gradcam++", "hirescam", "layercam"} <= set(defaults)
+    assert not any(flaxcam.METHODS[m].batched for m in defaults)
+    expected = [m for m in flaxcam.METHODS if not flaxcam.METHODS[m].batched and m not in bench.EXPENSIVE_METHODS]
+    assert defaults == expected
