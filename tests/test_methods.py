@@ -147,3 +147,75 @@ def test_kernel_pca_projection_equals_scikit_learn():
             expected = -expected
         np.testing.assert_allclose(ours.ravel(), expected, atol=1e-4)
         assert (ours.ravel() * matrix.sum(axis=1)).sum() >= 0
+
+
+def _float64_projection(x: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's ``get_2d_projection`` in float64 NumPy (SVD of the centred matrix), with
+    flaxcam's sign rule: positive correlation with the channel sum."""
+    height, width, channels = x.shape
+    matrix = np.nan_to_num(x.astype(np.float64)).reshape(height * width, channels)
+    centred = matrix - matrix.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    expected = centred @ vt[0]
+    if (expected * matrix.sum(axis=1)).sum() < 0:
+        expected = -expected
+    return expected.reshape(height, width)
+
+
+@pytest.mark.parametrize("shape", [(7, 7, 512), (7, 7, 49), (6, 8, 256), (4, 5, 3), (14, 14, 256)])
+def test_gram_projection_equals_float64_svd_for_both_gram_sides(shape):
+    """Both branches (h·w × h·w Gram when h·w < C, C × C otherwise) against NumPy's float64 SVD,
+    on ReLU-like activations with a dominant spatial mode, as at a CNN's last layer."""
+    rng = np.random.default_rng(sum(shape))
+    height, width, channels = shape
+    mode = rng.standard_normal((height, width, 1)) * rng.uniform(0.5, 2.0, (1, 1, channels))
+    x = np.maximum(mode + 0.3 * rng.standard_normal(shape), 0).astype(np.float32)
+    expected = _float64_projection(x)
+    ours = np.asarray(first_component_projection(x))
+    scale = np.abs(expected).max()
+    assert np.abs(ours - expected).max() <= 1e-5 * max(scale, 1.0)
+
+
+def test_gram_projection_degenerate_inputs_against_float64_svd():
+    rng = np.random.default_rng(1)
+    # zero map and NaNs only: exactly 0; spatially constant map: 0 after centring, up to the float32
+    # rounding of the channel means (the float64 SVD gives 0 too)
+    for x in (np.zeros((7, 7, 512)), np.full((4, 5, 3), np.nan)):
+        ours = np.asarray(first_component_projection(x.astype(np.float32)))
+        assert np.all(np.isfinite(ours)) and np.abs(ours).max() == 0.0
+    for channels in (512, 3):
+        x = (np.ones((7, 7, channels)) * rng.standard_normal(channels)).astype(np.float32)
+        ours = np.asarray(first_component_projection(x))
+        assert np.all(np.isfinite(ours)) and np.abs(ours).max() <= 1e-5
+        assert np.abs(_float64_projection(x)).max() <= 1e-5
+    # rank 1 (after centring): X = a bᵀ, both Gram sides
+    for channels in (512, 3):
+        a, b = rng.standard_normal((7, 7, 1)), rng.standard_normal((1, 1, channels))
+        x = (a * b + rng.standard_normal((1, 1, channels))).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(first_component_projection(x)), _float64_projection(x), atol=1e-4)
+    # repeated top singular value: the component is not unique, but the map must be finite, have
+    # norm σ₁ and lie in the top singular subspace (span of u₁, u₂), like any SVD's answer
+    for channels in (512, 3):
+        q, _ = np.linalg.qr(rng.standard_normal((49, 3)))
+        q = q - q.mean(axis=0)  # centred columns keep the decomposition after centring
+        q, _ = np.linalg.qr(q)
+        w, _ = np.linalg.qr(rng.standard_normal((channels, 3)))
+        matrix = q @ np.diag([3.0, 3.0, 1.0]) @ w.T
+        x = matrix.reshape(7, 7, channels).astype(np.float32)
+        ours = np.asarray(first_component_projection(x)).reshape(-1).astype(np.float64)
+        assert np.all(np.isfinite(ours))
+        assert abs(np.linalg.norm(ours) - 3.0) <= 1e-4
+        outside = ours - q[:, :2] @ (q[:, :2].T @ ours)
+        assert np.linalg.norm(outside) <= 1e-4
+    # NaNs are zeros (as in get_2d_projection)
+    x = rng.standard_normal((6, 7, 9)).astype(np.float32)
+    x[0, 0, 0] = np.nan
+    np.testing.assert_allclose(np.asarray(first_component_projection(x)), _float64_projection(x), atol=1e-4)
+
+
+def test_gram_projection_under_jit_and_vmap():
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.standard_normal((3, 7, 7, 64)), 0).astype(np.float32)
+    batched = np.asarray(jax.jit(jax.vmap(first_component_projection))(x))
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], _float64_projection(x[i]), atol=1e-4)
