@@ -202,14 +202,15 @@ def test_eigen_methods_equal_pytorch_grad_cam_up_to_sign(resnet18_pair, layer, c
 
 
 @pytest.mark.slow
-def test_scorecam_equals_pytorch_grad_cam():
-    """C = 512 masked forward passes per image at layer4 (one seed: that is 2048 forward passes per
-    library), chunked on device (chunk 64)."""
-    torch, reference, model, variables, images = _make_pair(0)  # before importing the reference library
+@pytest.mark.parametrize("seed, layer", [(0, "layer4"), (1, "layer3")])
+def test_scorecam_equals_pytorch_grad_cam(seed, layer):
+    """C masked forward passes per image (512 at layer4, 256 at layer3; 2048 / 1024 forward passes per
+    library for 4 images), chunked on device (chunk 64); the two cases use different seeds."""
+    torch, reference, model, variables, images = _make_pair(seed)  # before importing the reference library
     import pytorch_grad_cam
-    ref_low, ref_up = _reference_cam(reference, reference.layer4, images, pytorch_grad_cam.ScoreCAM)
+    ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, pytorch_grad_cam.ScoreCAM)
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="scorecam", layer="layer4", targets=TARGETS, chunk_size=64
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method="scorecam", layer=layer, targets=TARGETS, chunk_size=64
     )
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
     assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
@@ -258,13 +259,15 @@ def test_aug_smooth_equals_pytorch_grad_cam(resnet18_pair, layer):
 
 
 @pytest.mark.slow
-def test_ablationcam_equals_pytorch_grad_cam():
-    """C = 512 ablated forward passes per image at layer4 (one seed), chunked on device (chunk 64)."""
-    torch, reference, model, variables, images = _make_pair(0)  # before importing the reference library
+@pytest.mark.parametrize("seed, layer", [(0, "layer4"), (1, "layer3")])
+def test_ablationcam_equals_pytorch_grad_cam(seed, layer):
+    """C ablated forward passes per image (512 at layer4, 256 at layer3), chunked on device (chunk 64);
+    the two cases use different seeds."""
+    torch, reference, model, variables, images = _make_pair(seed)  # before importing the reference library
     import pytorch_grad_cam
-    ref_low, ref_up = _reference_cam(reference, reference.layer4, images, pytorch_grad_cam.AblationCAM)
+    ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, pytorch_grad_cam.AblationCAM)
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="ablationcam", layer="layer4", targets=TARGETS, chunk_size=64
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method="ablationcam", layer=layer, targets=TARGETS, chunk_size=64
     )
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
     assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
