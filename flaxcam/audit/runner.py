@@ -571,21 +571,22 @@ def _stream(
     try:
         with tqdm(total=len(remaining), desc=f"audit ({manifest['method']})", unit="img", disable=not progress,
                   smoothing=0.1) as bar:
-            for batch in batches:
-                summary = dispatch(batch)
-                if pending is not None:
-                    count = collect(*pending)
-                    processed += count
-                    bar.update(count)
-                    if on_batch is not None:
-                        on_batch(processed)
-                pending = (batch, summary)
-            if pending is not None:
-                count = collect(*pending)
+            def finish(previous) -> None:
+                # collect the batch dispatched one step earlier (the device runs ahead of the host)
+                nonlocal processed
+                count = collect(*previous)
                 processed += count
                 bar.update(count)
                 if on_batch is not None:
                     on_batch(processed)
+
+            for batch in batches:
+                summary = dispatch(batch)
+                if pending is not None:
+                    finish(pending)
+                pending = (batch, summary)
+            if pending is not None:
+                finish(pending)
     finally:
         batches.close()
         writer.close()

@@ -103,14 +103,13 @@ def _batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
     )
 
 
-def _conv(features: int, kernel: int, strides: int, dtype: Dtype, name: str, groups: int = 1) -> nn.Conv:
+def _conv(features: int, kernel: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
     # "SAME": TensorFlow's rule (asymmetric for stride 2), the padding the weights were trained with.
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
         padding="SAME",
-        feature_group_count=groups,
         use_bias=False,
         dtype=dtype,
         kernel_init=_CONV_INIT,
