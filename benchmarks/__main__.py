@@ -72,6 +72,12 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"image size must look like 224x224 (height x width), got {text!r}") from None
 
 
+def _env(args: argparse.Namespace, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment: the ``--allocator`` settings, then ``extra``."""
+    base = dict(runner.TUNED_ALLOCATOR_ENV) if args.allocator == "tuned" else {}
+    return {**base, **(extra or {})}
+
+
 def _with_flags(*flags: str) -> dict[str, str]:
     existing = os.environ.get("XLA_FLAGS", "")
     return {"XLA_FLAGS": " ".join(filter(None, [existing, *flags]))}
@@ -91,12 +97,12 @@ def run_peers(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
         common = {"model": model, "batches": [args.batch], "size": list(args.size), "seed": 0, "warmup": args.warmup}
         weights = None if args.no_peers else runner.shared_weights(model, weights_dir)
         specs = [("flaxcam", {**common, "library": "flaxcam", "methods": methods, "dtype": args.dtype,
-                              "weights": str(weights) if weights else None}, {}, args.threads)]
+                              "weights": str(weights) if weights else None}, _env(args), args.threads)]
         with_peers = not args.no_peers and not missing and model in runner.PEER_MODELS
         if with_peers:
             specs.append(("torch", {**common, "library": "torch", "methods": [m for m in methods if m in PEER_METHODS],
                                     "threads": args.threads, "weights": str(weights) if weights else None,
-                                    "dtype": "float32"}, {}, args.threads))
+                                    "dtype": "float32"}, _env(args), args.threads))
         print(f"[bench] peers: {model}, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.dtype}, "
               f"{len(methods)} flaxcam methods{', with the PyTorch peers' if with_peers else ''}", flush=True)
         model_records = runner.run_workers(specs, args.rounds, memory=False)
@@ -115,7 +121,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
     groups = [(size, 1, args.batches if size == args.sizes[0] else args.large_batches) for size in args.sizes]
     groups += [(args.sizes[0], count, [args.device_batch]) for count in args.devices if count != 1]
     for size, count, batches in groups:
-        env = _with_flags(f"--xla_force_host_platform_device_count={count}") if count != 1 else {}
+        env = _env(args, _with_flags(f"--xla_force_host_platform_device_count={count}") if count != 1 else {})
         spec = {"library": "flaxcam", "model": args.scaling_model, "batches": list(batches), "size": list(size), "seed": 0,
                 "methods": args.scaling_methods, "dtype": args.dtype, "warmup": args.warmup}
         print(f"[bench] scaling: {args.scaling_model}, {size[0]}x{size[1]}, batches {list(batches)}, "
@@ -128,20 +134,28 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def _with_allocator(args: argparse.Namespace, allocator: str) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "allocator": allocator})
+
+
 def run_cpu_gap(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
     """The default XLA CPU configuration against each option, and torch thread settings, interleaved."""
     weights = runner.shared_weights(args.model, weights_dir)
     common = {"model": args.model, "batches": [args.batch], "size": list(args.size), "seed": 0,
               "warmup": args.warmup, "weights": str(weights) if weights else None}
     flax = {**common, "library": "flaxcam", "methods": ["gradcam"], "dtype": "float32"}
-    specs = [("xla default", {**flax, "preprocess": True}, {}, None)]
-    specs += [(f"xla {name}", flax, _with_flags(flags), None) for name, flags in XLA_CPU_OPTIONS.items()]
-    specs.append(("xla bfloat16", {**flax, "dtype": "bfloat16"}, {}, None))
+    specs = [("xla default", {**flax, "preprocess": True}, _env(args), None)]
+    specs += [(f"xla {name}", flax, _env(args, _with_flags(flags)), None) for name, flags in XLA_CPU_OPTIONS.items()]
+    specs.append(("xla bfloat16", {**flax, "dtype": "bfloat16"}, _env(args), None))
+    other = "default" if args.allocator == "tuned" else "tuned"
+    specs.append((f"xla {other} allocator", flax, _env(_with_allocator(args, other)), None))
     if not runner.missing_peers() and weights is not None:
         torch_spec = {**common, "library": "torch", "methods": ["gradcam"], "peers": ["pytorch-grad-cam"], "dtype": "float32"}
         cores = os.cpu_count() or 1
         for threads in sorted({1, cores}):
-            specs.append((f"torch {threads} thread(s)", {**torch_spec, "threads": threads}, {}, None))
+            specs.append((f"torch {threads} thread(s)", {**torch_spec, "threads": threads}, _env(args), None))
+        specs.append((f"torch {cores} thread(s), {other} allocator", {**torch_spec, "threads": cores},
+                      _env(_with_allocator(args, other)), None))
     print(f"[bench] cpu-gap: {args.model}, batch {args.batch}, {len(specs)} configurations", flush=True)
     return report.add_ratios(runner.run_workers(specs, args.rounds, memory=False), baseline_worker="xla default")
 
@@ -167,6 +181,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="flaxcam's computation dtype")
     parser.add_argument("--quick", action="store_true", help="a small configuration (about 3 minutes on 2 cores)")
     parser.add_argument("--gpu", action="store_true", help="the GPU-sized configuration (ResNet-50, large batches, bfloat16)")
+    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                        help="glibc malloc settings of every worker, flaxcam and torch alike: 'tuned' (default) reuses "
+                             "freed buffers instead of page-faulting them in again (benchmarks.runner.TUNED_ALLOCATOR_ENV); "
+                             "'default' leaves glibc's defaults")
 
 
 def _add_peers(parser: argparse.ArgumentParser) -> None:

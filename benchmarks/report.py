@@ -59,6 +59,11 @@ def _load(record: dict) -> str:
     return "" if not start else f"{start[0]:.1f}→{end[0]:.1f}"
 
 
+def allocator_name(env: dict) -> str:
+    """``"tuned"`` when a worker ran with the benchmark's malloc settings, else ``"default"``."""
+    return "tuned" if env.get("MALLOC_MMAP_MAX_") == "0" and env.get("MALLOC_ARENA_MAX") == "1" else "default"
+
+
 def markdown(part: str, records: list[dict], command: str, machine: dict, seconds: float) -> str:
     """A Markdown report: the command, the machine, one table, then skipped/failed candidates."""
     versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
@@ -70,6 +75,9 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
         "",
     ]
     ok = [r for r in records if r.get("status") == "ok"]
+    allocators = sorted({allocator_name(r.get("env") or {}) for r in ok})
+    if allocators:
+        lines += [f"glibc malloc of the workers: {' and '.join(allocators)} (`--allocator`, see benchmarks/README.md).", ""]
     if part == "peers":
         lines += [
             "| model | library | method | batch | size | dtype | images/s | best round | ratio to own forward | flaxcam's speedup over it | threads | load (1 min) |",

@@ -37,6 +37,18 @@ class WorkerError(RuntimeError):
     """A worker process died or answered with an error."""
 
 
+#: glibc malloc settings given to every worker (flaxcam and torch alike) unless ``--allocator default``:
+#: one arena, no ``mmap`` for large blocks and no trimming, so the activation buffers freed after one
+#: call are reused by the next instead of being returned to the kernel and page-faulted in again (with
+#: glibc's defaults a ResNet-50 forward pass at batch 16 took 65,000-115,000 minor page faults per call
+#: under XLA and 330,000 under torch; see benchmarks/README.md, "The allocator").
+TUNED_ALLOCATOR_ENV: dict[str, str] = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+}
+
+
 class Worker:
     """One worker process (``python -m benchmarks.worker``) with its own environment."""
 
@@ -209,6 +221,7 @@ def _worker_fields(worker: Worker) -> dict[str, Any]:
         "layer": info.get("layer"),
         "cpu_affinity": info.get("cpu_affinity"),
         "env": worker.env,
+        "worker_malloc_env": info.get("malloc_env", {}),  # what the worker process saw
     }
     if spec["library"] == "torch":
         fields["threads"] = info.get("torch_threads")

@@ -336,6 +336,7 @@ def serve(spec: dict[str, Any], requests, answer: Callable[[dict], None]) -> Non
             "first_call_s": {key: round(value, 3) for key, value in first_call.items()},
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
             "pid": os.getpid(),
         }
     )

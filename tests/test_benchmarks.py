@@ -35,6 +35,7 @@ def test_command_writes_records_tables_and_charts(tmp_path):
         assert r["model"] == "small_cnn" and r["batch"] == 3 and r["size"] == [32, 40] and r["rounds"] == 1
         assert r["images_per_s"] == pytest.approx(3 / r["median_s"], rel=1e-3)
         assert r["threads"] >= 1 and len(r["loadavg_start"]) == 3 and r["machine"]["versions"]["jax"]
+        assert r["env"]["MALLOC_MMAP_MAX_"] == "0" and r["worker_malloc_env"]["MALLOC_ARENA_MAX"] == "1"  # --allocator tuned
     assert ok[0]["ratio_to_own_forward"] == 1.0
     errors = {r["method"]: r for r in peers if r["status"] == "error"}
     assert "valid names are" in errors["no_such_method"]["error"]  # recorded, the rest still ran
@@ -49,6 +50,7 @@ def test_command_writes_records_tables_and_charts(tmp_path):
     assert next(r for r in scaling if r["devices"] == 2)["emulated_devices"] == 2
 
     table = (tmp_path / "peers_cpu.md").read_text()
+    assert "glibc malloc of the workers: tuned" in table
     assert "python -m benchmarks --models small_cnn" in table and "| small_cnn | flaxcam | gradcam | 3 |" in table
     assert (tmp_path / "scaling_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -96,3 +98,12 @@ def test_default_methods_are_the_registry_without_the_costly_ones():
     assert not any(flaxcam.METHODS[m].batched for m in defaults)
     expected = [m for m in flaxcam.METHODS if not flaxcam.METHODS[m].batched and m not in bench.EXPENSIVE_METHODS]
     assert defaults == expected
+
+
+def test_allocator_settings_reach_every_worker_env_unless_default():
+    args = bench._resolve(bench.build_parser().parse_args(["peers"]))
+    assert args.allocator == "tuned"
+    assert bench._env(args, {"XLA_FLAGS": "--x"}) == {**bench.runner.TUNED_ALLOCATOR_ENV, "XLA_FLAGS": "--x"}
+    default = bench._resolve(bench.build_parser().parse_args(["peers", "--allocator", "default"]))
+    assert bench._env(default) == {}
+    assert report.allocator_name(bench._env(args)) == "tuned" and report.allocator_name({}) == "default"

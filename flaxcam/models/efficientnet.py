@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flaxcam.models.layers import PointwiseConv
 from flaxcam.models.convert import _to_numpy, convert_state_dict, strip_module_prefix
 from flaxcam.models.resnet import check_pooling, global_pool
 
@@ -103,7 +104,10 @@ def _batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
     )
 
 
-def _conv(features: int, kernel: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, strides: int, dtype: Dtype, name: str) -> nn.Module:
+    if kernel == 1:
+        # "SAME" padding is zero for 1x1 kernels: a matrix product, faster on XLA's CPU backend.
+        return PointwiseConv(features, strides=strides, dtype=dtype, kernel_init=_CONV_INIT, name=name)
     # "SAME": TensorFlow's rule (asymmetric for stride 2), the padding the weights were trained with.
     return nn.Conv(
         features,
