@@ -126,10 +126,19 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
                 "methods": args.scaling_methods, "dtype": args.dtype, "warmup": args.warmup}
         print(f"[bench] scaling: {args.scaling_model}, {size[0]}x{size[1]}, batches {list(batches)}, "
               f"{count} device(s), {args.dtype}", flush=True)
-        group = runner.run_workers([(f"flaxcam-{size[0]}x{size[1]}-{count}dev", spec, env, args.threads)],
-                                   args.scaling_rounds, memory=True)
+        name = f"flaxcam-{size[0]}x{size[1]}-{count}dev"
+        tuned = args.allocator == "tuned"
+        group = runner.run_workers([(name, spec, env, args.threads)], args.scaling_rounds, memory=not tuned)
+        peaks = {}
+        if tuned:  # the tuned allocator keeps every freed buffer: peak memory from a default-allocator worker
+            default_env = {k: v for k, v in env.items() if k not in runner.TUNED_ALLOCATOR_ENV}
+            peaks = runner.measure_peak_memory(f"{name}-memory", spec, default_env, args.threads)
         for record in group:
             record["emulated_devices"] = count if count != 1 else None
+            if record.get("status") == "ok":
+                record.update(peaks.get(f"{record['library']} {record['method']}@{record['batch']}", {}))
+                if tuned:
+                    record["memory_allocator"] = "default"
         records += report.add_ratios(group)
     return records
 

@@ -91,6 +91,9 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
                 f"{_fmt(r.get('threads'), 'd')} | {_load(r)} |"
             )
     elif part == "scaling":
+        if any(r.get("memory_allocator") == "default" for r in ok):
+            lines += ["Peak memory: measured in a second worker with glibc's default allocator, one call per "
+                      "candidate after warm-up (the timing workers' tuned allocator keeps every freed buffer).", ""]
         lines += [
             "| model | method | size | devices | batch | images/s | ratio to forward | peak RSS (MiB) | RSS before (MiB) | device peak (MiB) | load (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",

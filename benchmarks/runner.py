@@ -248,6 +248,26 @@ def run_workers(specs: list[tuple[str, dict, dict, int | None]], rounds: int, me
             worker.close()
 
 
+def measure_peak_memory(name: str, spec: dict, env: dict, cpus: int | None) -> dict[str, dict[str, float]]:
+    """``{candidate key: {"peak_rss_mib", "rss_before_mib"[, "device_peak_mib"]}}`` from a fresh worker
+    that runs each candidate once after warm-up (no timing). The scaling benchmark measures memory this
+    way, with glibc's default allocator: its timing workers run with the tuned allocator, which never
+    returns freed memory, so their resident set only ever grows and cannot show a per-batch peak."""
+    peaks: dict[str, dict[str, float]] = {}
+    for worker in start_workers([(name, spec, env, cpus)]):
+        try:
+            for key in worker.candidates:
+                peak = worker.request("memory", key)
+                row = {"peak_rss_mib": round(peak["peak_rss_bytes"] / 2**20, 1),
+                       "rss_before_mib": round(peak["base_rss_bytes"] / 2**20, 1)}
+                if peak.get("device_peak_bytes") is not None:
+                    row["device_peak_mib"] = round(peak["device_peak_bytes"] / 2**20, 1)
+                peaks[key] = row
+        finally:
+            worker.close()
+    return peaks
+
+
 # ---------------------------------------------------------------------------------------------------
 # Environment
 # ---------------------------------------------------------------------------------------------------

@@ -127,9 +127,13 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
                     f"unknown method {method!r}: valid names are {', '.join(flaxcam.METHODS)}"
                 )
                 continue
-            candidates[candidate_key("flaxcam", method, batch)] = lambda images=images, method=method: flaxcam.explain(
-                model, variables, images, method=method, layer=layer, chunk_size=spec.get("chunk_size", 32)
-            ).maps
+            # FullGrad-like methods read every biased layer and take no layer=
+            method_layer = None if flaxcam.METHODS[method].bias_layers else layer
+            candidates[candidate_key("flaxcam", method, batch)] = (
+                lambda images=images, method=method, method_layer=method_layer: flaxcam.explain(
+                    model, variables, images, method=method, layer=method_layer, chunk_size=spec.get("chunk_size", 32)
+                ).maps
+            )
     if spec.get("preprocess"):
         _add_preprocessing(candidates, spec, forward, variables)
     device = jax.devices()[0]

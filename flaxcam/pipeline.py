@@ -390,6 +390,16 @@ def _head_kernel(variables: Mapping[str, Any], head: str | None) -> Array:
     return node["kernel"]
 
 
+def _replicated_variables(variables: Any, devices: list[jax.Device], replicated: NamedSharding) -> Any:
+    """``variables`` on every device: as they are when there is one device and every leaf already
+    lives there (the common case; saves a per-leaf ``device_put`` on every call), else ``device_put``."""
+    if len(devices) == 1:
+        leaves = jax.tree_util.tree_leaves(variables)
+        if all(isinstance(leaf, jax.Array) and leaf.sharding.device_set == {devices[0]} for leaf in leaves):
+            return variables
+    return jax.device_put(variables, replicated)
+
+
 def bucket_size(batch: int, multiple_of: int = 1) -> int:
     """Padded batch size: the next power of two up to 256, then the next multiple of 256; always a
     multiple of ``multiple_of`` (the number of devices the batch is sharded over)."""
@@ -589,7 +599,8 @@ def explain(
     output_fn = output_fn or default_output_fn
     chosen_method = get_method(method)
     options = _check_method_options(chosen_method, method_options)
-    layers = list_layers(model, variables, images, kwargs)
+    variables_key = shape_key(variables)  # structure and shapes, computed once per call
+    layers = list_layers(model, variables_key, images, kwargs)
     requested = [layer] if layer is None or isinstance(layer, str) else list(layer)
     if not requested:
         raise ValueError("layer= must name at least one layer")
@@ -615,7 +626,7 @@ def explain(
                 )
 
     batch = images.shape[0]
-    output_shape = _output_shape(model, shape_key(variables), jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
+    output_shape = _output_shape(model, variables_key, jax.ShapeDtypeStruct(images.shape, images.dtype), kwargs, output_fn)
     spec, target_data = resolve_targets(targets, top_k, batch, output_shape, score)
     if chosen_method.score_transform is not None and (spec.kind not in ("argmax", "classes", "top_k") or spec.score != "logit"):
         raise ValueError(f"{chosen_method.name} needs class targets scored by their logit (score='logit')")
@@ -637,7 +648,7 @@ def explain(
         if target_data is None
         else {name: jax.device_put(_pad_batch(value, padded), batch_sharding) for name, value in target_data.items()}
     )
-    variables_on_device = jax.device_put(variables, replicated)
+    variables_on_device = _replicated_variables(variables, devices, replicated)
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -655,7 +666,7 @@ def explain(
         aug_smooth,
         reshape,
         options,
-        bias_layers(model, variables, images, kwargs) if chosen_method.bias_layers else (),
+        bias_layers(model, variables_key, images, kwargs) if chosen_method.bias_layers else (),
     )
     if "key" in chosen_method.inputs:
         key = jax.random.key(0) if key is None else key

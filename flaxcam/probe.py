@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 OutputFn = Callable[[Any], Array]
@@ -63,33 +64,45 @@ def list_layers(
 ) -> list[LayerInfo]:
     """Every submodule called during ``model.apply``, in the order the calls *return*.
 
-    Runs on shapes only (``jax.eval_shape``): no computation. Modules whose output is not a single array
+    ``variables`` may also be its :func:`shape_key`. Runs on shapes only (``jax.eval_shape``): no computation. Modules whose output is not a single array
     are listed with shape ``()``. A module called several times is listed once per call.
     """
     spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
     return list(_list_layers_impl(model, shape_key(variables), spec, apply_kwargs))
 
 
-def shape_key(variables: Mapping[str, Any]) -> "_ShapeKey":
-    """A hashable key for the structure and shapes of a variables tree (for caching traces)."""
-    return _ShapeKey(_shape_tree(variables))
+def shape_key(variables: "Mapping[str, Any] | _ShapeKey") -> "_ShapeKey":
+    """A hashable key for the structure and shapes of a variables tree (for caching traces); a key is
+    returned as is. Reads each leaf's ``shape`` and ``dtype`` (canonicalized as JAX would, e.g. float64
+    to float32 without x64), without building arrays: cheap enough to run on every ``explain`` call."""
+    if isinstance(variables, _ShapeKey):
+        return variables
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    return _ShapeKey(treedef, tuple((tuple(np.shape(leaf)), _canonical_dtype(leaf)) for leaf in leaves))
 
 
-def _shape_tree(variables: Mapping[str, Any]) -> Any:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), variables)
-
-
-def _hashable_shapes(tree: Any) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+def _canonical_dtype(leaf: Any) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:  # a Python scalar
+        return jnp.result_type(leaf)
+    return jax.dtypes.canonicalize_dtype(dtype)
 
 
 class _ShapeKey:
-    """Hash a tree of ShapeDtypeStructs by structure so list_layers can be cached."""
+    """Hash a variables tree by its structure, shapes and dtypes so that traces can be cached; ``tree``
+    is the matching tree of ``jax.ShapeDtypeStruct`` (built on first use)."""
 
-    def __init__(self, tree: Any):
-        self.tree = tree
-        self.key = _hashable_shapes(tree)
+    def __init__(self, treedef: Any, shapes: tuple):
+        self.treedef = treedef
+        self.key = (treedef, shapes)
+        self._shapes = shapes
+        self._tree = None
+
+    @property
+    def tree(self) -> Any:
+        if self._tree is None:
+            self._tree = self.treedef.unflatten([jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self._shapes])
+        return self._tree
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -427,8 +440,8 @@ def bias_layers(
 ) -> tuple[BiasLayer, ...]:
     """Every ``nn.Conv`` and ``nn.BatchNorm`` with a bias and a ``(B, h, w, C)`` output, in call order —
     pytorch-grad-cam's FullGrad takes every ``Conv2d`` / ``BatchNorm2d`` whose bias is not None.
-    Shapes only (``jax.eval_shape``); a module called more than once is an error (its gradient would
-    mix the calls)."""
+    Shapes only (``jax.eval_shape``; ``variables`` may be its :func:`shape_key`); a module called more
+    than once is an error (its gradient would mix the calls)."""
     spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
     return _bias_layers_impl(model, shape_key(variables), spec, apply_kwargs)
 

@@ -18,7 +18,7 @@ def _rows(path):
 @pytest.mark.slow
 def test_command_writes_records_tables_and_charts(tmp_path):
     written = bench.main([
-        "--models", "small_cnn", "--methods", "cam", "gradcam", "no_such_method", "--size", "32", "40",
+        "--models", "small_cnn", "--methods", "cam", "gradcam", "fullgrad", "no_such_method", "--size", "32", "40",
         "--batch", "3", "--rounds", "1", "--no-peers",
         "--scaling-model", "small_cnn", "--batches", "1", "2", "--sizes", "32x40", "--devices", "1", "2",
         "--device-batch", "2", "--out", str(tmp_path),
@@ -29,7 +29,7 @@ def test_command_writes_records_tables_and_charts(tmp_path):
 
     peers = _rows(tmp_path / "peers_cpu.jsonl")
     ok = [r for r in peers if r["status"] == "ok"]
-    assert [r["method"] for r in ok] == ["forward", "cam", "gradcam"]
+    assert [r["method"] for r in ok] == ["forward", "cam", "gradcam", "fullgrad"]  # fullgrad: no layer= passed
     for r in ok:
         assert set(report.RECORD_FIELDS) <= set(r), set(report.RECORD_FIELDS) - set(r)
         assert r["model"] == "small_cnn" and r["batch"] == 3 and r["size"] == [32, 40] and r["rounds"] == 1
@@ -47,6 +47,7 @@ def test_command_writes_records_tables_and_charts(tmp_path):
     assert seen == {(m, b, 1) for m in ("forward", "gradcam") for b in (1, 2)} | {("forward", 2, 2), ("gradcam", 2, 2)}
     for r in scaling:
         assert r["peak_rss_mib"] >= r["rss_before_mib"] > 0
+        assert r["memory_allocator"] == "default"  # measured apart from the tuned timing workers
     assert next(r for r in scaling if r["devices"] == 2)["emulated_devices"] == 2
 
     table = (tmp_path / "peers_cpu.md").read_text()

@@ -196,6 +196,45 @@ def test_ragged_batches_reuse_one_program(user_net):
     assert pipeline.TRACE_COUNT == before + 1
 
 
+def test_repeated_calls_trace_the_model_for_shapes_only_once(user_net):
+    """Per-call host work stays small: the layer listing (an eval_shape trace of the whole model) is
+    cached by the variables' structure and shapes, and new weights of the same shapes reuse it."""
+    from flaxcam import probe as probe_module
+
+    model, variables, images = user_net
+    flaxcam.explain(model, variables, images, method="cam", layer="top")
+    misses = probe_module._list_layers_impl.cache_info().misses
+    other_weights = jax.tree_util.tree_map(lambda p: np.asarray(p) * 2.0, variables)  # NumPy leaves, same shapes
+    flaxcam.explain(model, other_weights, images, method="cam", layer="top")
+    flaxcam.explain(model, variables, images, method="gradcam", layer="mid")
+    assert probe_module._list_layers_impl.cache_info().misses == misses
+
+
+def test_shape_key_canonicalizes_dtypes_and_tells_structures_apart():
+    from flaxcam.probe import shape_key
+
+    as_jax = {"params": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}}
+    as_numpy64 = {"params": {"w": np.zeros((2, 3), np.float64), "b": np.zeros(3, np.float64)}}
+    assert shape_key(as_jax) == shape_key(as_numpy64)  # float64 is float32 without x64, as in jit
+    assert hash(shape_key(as_jax)) == hash(shape_key(as_numpy64))
+    assert shape_key(as_jax) != shape_key({"params": {"w": jnp.zeros((3, 2)), "b": jnp.zeros(3)}})
+    assert shape_key(as_jax) != shape_key({"params": {"w": jnp.zeros((2, 3)), "c": jnp.zeros(3)}})
+    assert shape_key(as_jax) != shape_key({"params": {"w": jnp.zeros((2, 3), jnp.int32), "b": jnp.zeros(3)}})
+    assert shape_key(shape_key(as_jax)) == shape_key(as_jax)
+    tree = shape_key(as_numpy64).tree
+    assert tree["params"]["w"] == jax.ShapeDtypeStruct((2, 3), jnp.float32)
+
+
+def test_variables_already_on_the_one_device_are_not_copied_again():
+    device = jax.devices()[0]
+    mesh = jax.sharding.Mesh(np.asarray([device]), ("batch",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    on_device = {"w": jnp.ones(3)}
+    assert pipeline._replicated_variables(on_device, [device], replicated) is on_device
+    from_host = pipeline._replicated_variables({"w": np.ones(3, np.float32)}, [device], replicated)
+    assert isinstance(from_host["w"], jax.Array) and from_host["w"].sharding.device_set == {device}
+
+
 def test_bucket_sizes():
     assert [flaxcam.bucket_size(n) for n in (1, 2, 3, 5, 16, 17, 256, 257)] == [1, 2, 4, 8, 16, 32, 256, 512]
     assert flaxcam.bucket_size(3, multiple_of=4) == 4 and flaxcam.bucket_size(1, multiple_of=4) == 4
@@ -228,7 +267,7 @@ def test_error_messages(user_net):
     with pytest.raises(ValueError, match=r"unknown method 'gradcamm'; available: cam, gradcam, .*layercam"):
         flaxcam.explain(model, variables, images, method="gradcamm")
     with pytest.raises(LayerError, match=r"CAM needs the layer that feeds global pooling.*12 channels.*'top'"):
-        flaxcam.explain(model, variables, images, method="cam", layer="mid")
+        flaxcam.explain(model, variables, images, method="cam", layer="top")
     with pytest.raises(ValueError, match=r"target classes must be in \[0, 6\)"):
         flaxcam.explain(model, variables, images, targets=[0, 1, 2, 3, 6])
     with pytest.raises(ValueError, match=r"5 ints \(one per image\)"):
