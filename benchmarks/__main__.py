@@ -48,6 +48,8 @@ XLA_CPU_OPTIONS = {  # flags that jaxlib 0.10.2 accepts (see benchmarks/README.m
     "xnn_fusions": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
     "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "opt_fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+    "ynn_fusions": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+    "2 devices": "--xla_force_host_platform_device_count=2",
 }
 
 
@@ -96,8 +98,10 @@ def run_peers(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
     for model in args.models:
         common = {"model": model, "batches": [args.batch], "size": list(args.size), "seed": 0, "warmup": args.warmup}
         weights = None if args.no_peers else runner.shared_weights(model, weights_dir)
+        flax_env = _env(args, _with_flags(f"--xla_force_host_platform_device_count={args.cpu_devices}")
+                        if args.cpu_devices > 1 else None)
         specs = [("flaxcam", {**common, "library": "flaxcam", "methods": methods, "dtype": args.dtype,
-                              "weights": str(weights) if weights else None}, _env(args), args.threads)]
+                              "weights": str(weights) if weights else None}, flax_env, args.threads)]
         with_peers = not args.no_peers and not missing and model in runner.PEER_MODELS
         if with_peers:
             specs.append(("torch", {**common, "library": "torch", "methods": [m for m in methods if m in PEER_METHODS],
@@ -148,25 +152,40 @@ def _with_allocator(args: argparse.Namespace, allocator: str) -> argparse.Namesp
 
 
 def run_cpu_gap(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
-    """The default XLA CPU configuration against each option, and torch thread settings, interleaved."""
+    """The default XLA CPU configuration against each option, and torch thread settings, interleaved.
+
+    The configurations run in groups of at most ``CPU_GAP_GROUP`` worker processes (each holds a
+    ResNet-50 and, with the tuned allocator, keeps the memory it used: 16 at once did not fit in 24
+    GiB); every group has its own ``xla default [k]`` worker, the baseline of that group's ratios."""
     weights = runner.shared_weights(args.model, weights_dir)
     common = {"model": args.model, "batches": [args.batch], "size": list(args.size), "seed": 0,
               "warmup": args.warmup, "weights": str(weights) if weights else None}
     flax = {**common, "library": "flaxcam", "methods": ["gradcam"], "dtype": "float32"}
-    specs = [("xla default", {**flax, "preprocess": True}, _env(args), None)]
-    specs += [(f"xla {name}", flax, _env(args, _with_flags(flags)), None) for name, flags in XLA_CPU_OPTIONS.items()]
-    specs.append(("xla bfloat16", {**flax, "dtype": "bfloat16"}, _env(args), None))
     other = "default" if args.allocator == "tuned" else "tuned"
-    specs.append((f"xla {other} allocator", flax, _env(_with_allocator(args, other)), None))
+    options = [(f"xla {name}", flax, _env(args, _with_flags(flags)), None) for name, flags in XLA_CPU_OPTIONS.items()]
+    options.append(("xla bfloat16", {**flax, "dtype": "bfloat16"}, _env(args), None))
+    options.append((f"xla {other} allocator", flax, _env(_with_allocator(args, other)), None))
+    groups = [options[i : i + CPU_GAP_GROUP - 1] for i in range(0, len(options), CPU_GAP_GROUP - 1)]
     if not runner.missing_peers() and weights is not None:
         torch_spec = {**common, "library": "torch", "methods": ["gradcam"], "peers": ["pytorch-grad-cam"], "dtype": "float32"}
         cores = os.cpu_count() or 1
-        for threads in sorted({1, cores}):
-            specs.append((f"torch {threads} thread(s)", {**torch_spec, "threads": threads}, _env(args), None))
-        specs.append((f"torch {cores} thread(s), {other} allocator", {**torch_spec, "threads": cores},
-                      _env(_with_allocator(args, other)), None))
-    print(f"[bench] cpu-gap: {args.model}, batch {args.batch}, {len(specs)} configurations", flush=True)
-    return report.add_ratios(runner.run_workers(specs, args.rounds, memory=False), baseline_worker="xla default")
+        torch_group = [(f"torch {threads} thread(s)", {**torch_spec, "threads": threads}, _env(args), None)
+                       for threads in sorted({1, cores})]
+        torch_group.append((f"torch {cores} thread(s), {other} allocator", {**torch_spec, "threads": cores},
+                            _env(_with_allocator(args, other)), None))
+        groups.append(torch_group)
+    print(f"[bench] cpu-gap: {args.model}, batch {args.batch}, {sum(map(len, groups))} configurations "
+          f"in {len(groups)} groups, each with its own default", flush=True)
+    records: list[dict] = []
+    for index, group in enumerate(groups, start=1):
+        baseline = f"xla default [{index}]"
+        specs = [(baseline, {**flax, "preprocess": index == 1}, _env(args), None), *group]
+        records += report.add_ratios(runner.run_workers(specs, args.rounds, memory=False), baseline_worker=baseline)
+    return records
+
+
+#: Worker processes per cpu-gap group (the default included).
+CPU_GAP_GROUP = 6
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,6 +222,9 @@ def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default 16 (--gpu: 256)")
     parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--no-peers", action="store_true", help="flaxcam only, even when the peers are installed")
+    parser.add_argument("--cpu-devices", type=int, default=1,
+                        help="split the CPU into N XLA devices for flaxcam (XLA_FLAGS=--xla_force_host_platform_device_count=N; "
+                             "the batch is sharded over them, forward pass included); the peers are unchanged")
 
 
 def _add_scaling(parser: argparse.ArgumentParser) -> None:

@@ -79,6 +79,10 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
     if allocators:
         lines += [f"glibc malloc of the workers: {' and '.join(allocators)} (`--allocator`, see benchmarks/README.md).", ""]
     if part == "peers":
+        split = sorted({r.get("devices", 1) for r in ok if r.get("library") == "flaxcam" and r.get("platform") == "cpu"})
+        if split and split != [1]:
+            lines += [f"flaxcam's CPU split into {', '.join(map(str, split))} XLA device(s) (`--cpu-devices`), the batch "
+                      "sharded over them (its forward pass too); the PyTorch peers as usual.", ""]
         lines += [
             "| model | library | method | batch | size | dtype | images/s | best round | ratio to own forward | flaxcam's speedup over it | threads | load (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -113,13 +113,19 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
 
     import flaxcam
 
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
     model, variables, layer = _flax_model(spec)
-    variables = jax.device_put(variables)
+    # Several (e.g. emulated CPU) devices: the forward pass is sharded over the batch like explain's.
+    mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     forward = jax.jit(lambda v, x: model.apply(v, x))
     candidates: dict[str, Callable] = {}
     errors: dict[str, str] = {}
     for batch in spec["batches"]:
-        images = jax.device_put(_images(batch, tuple(spec["size"]), spec.get("seed", 0)).transpose(0, 2, 3, 1))
+        sharding = NamedSharding(mesh, PartitionSpec("batch" if batch % len(jax.devices()) == 0 else None))
+        images = jax.device_put(_images(batch, tuple(spec["size"]), spec.get("seed", 0)).transpose(0, 2, 3, 1), sharding)
         candidates[candidate_key("flaxcam", "forward", batch)] = lambda images=images: forward(variables, images)
         for method in spec["methods"]:
             if method not in flaxcam.METHODS:

@@ -108,3 +108,13 @@ def test_allocator_settings_reach_every_worker_env_unless_default():
     default = bench._resolve(bench.build_parser().parse_args(["peers", "--allocator", "default"]))
     assert bench._env(default) == {}
     assert report.allocator_name(bench._env(args)) == "tuned" and report.allocator_name({}) == "default"
+
+
+@pytest.mark.slow
+def test_peers_on_split_cpu_devices_shard_the_forward_pass_too(tmp_path):
+    bench.main(["peers", "--models", "small_cnn", "--methods", "gradcam", "--size", "32", "40", "--batch", "4",
+                "--rounds", "1", "--no-peers", "--cpu-devices", "2", "--out", str(tmp_path)])
+    ok = [r for r in _rows(tmp_path / "peers_cpu.jsonl") if r["status"] == "ok"]
+    assert [r["method"] for r in ok] == ["forward", "gradcam"]
+    assert all(r["devices"] == 2 and "device_count=2" in r["env"]["XLA_FLAGS"] for r in ok)
+    assert "split into 2 XLA device(s)" in (tmp_path / "peers_cpu.md").read_text()
