@@ -50,6 +50,8 @@ __all__ = [
     "epoch_order",
     "evaluate",
     "fit",
+    "hide_draws",
+    "hide_patches",
     "make_optimizer",
     "train",
     "train_step",
@@ -162,6 +164,31 @@ def augment(images: Array, flips: Array, offsets: Array, shift: int) -> Array:
     return jax.vmap(crop)(padded, jnp.asarray(offsets, jnp.int32))
 
 
+def hide_draws(seed: int, step: int, batch: int, *, image_size: tuple[int, int], patch: int, probability: float) -> np.ndarray:
+    """Hide-and-Seek's random choices for step ``step``: ``keep`` ``(B, ceil(H / patch), ceil(W / patch))``
+    bool, each grid cell hidden (False) with ``probability``; drawn on the host from ``(seed, step)``
+    alone, so a resumed run replays them. ``patch <= 0`` (off): all True of shape ``(B, 1, 1)``."""
+    if patch <= 0:
+        return np.ones((batch, 1, 1), bool)
+    grid = (math.ceil(image_size[0] / patch), math.ceil(image_size[1] / patch))
+    return np.random.default_rng([seed, step, 11]).random((batch, *grid)) >= probability
+
+
+def hide_patches(images: Array, keep: Array, patch: int, fill: float = 0.0) -> Array:
+    """Hide-and-Seek (Singh & Lee, ICCV 2017): split each image of ``(B, H, W, C)`` into a grid of
+    ``patch x patch`` cells and set the cells where ``keep`` ``(B, ceil(H / patch), ceil(W / patch))`` is
+    False to ``fill`` (0: the normalization mean, i.e. the mean pixel of the model's inputs):
+
+        x'[b, i, j] = x[b, i, j] if keep[b, i // patch, j // patch] else fill
+
+    Hiding the most discriminative part of an object in some training images makes the classifier use
+    the other parts too, so a CAM covers more of the object. Training only; jittable (``patch`` static).
+    """
+    _, height, width, _ = images.shape
+    mask = jnp.repeat(jnp.repeat(jnp.asarray(keep, bool), patch, axis=1), patch, axis=2)[:, :height, :width]
+    return jnp.where(mask[..., None], images, jnp.asarray(fill, images.dtype))
+
+
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch ``epoch`` visits ``count`` examples: a permutation seeded by ``(seed, epoch)``."""
     return np.random.default_rng([seed, epoch]).permutation(count)
@@ -182,6 +209,9 @@ class TrainConfig:
         learning_rate, weight_decay, warmup_fraction: AdamW with a linear warmup over that fraction of
             the steps, then cosine decay to 0.
         flip, shift: augmentation (:func:`augment`).
+        hide_patch, hide_probability: Hide-and-Seek (:func:`hide_patches`): after the flips and shifts,
+            each cell of a ``hide_patch``-pixel grid is set to the mean input with ``hide_probability``;
+            ``hide_patch=0`` (default): off.
         checkpoint_every: save a checkpoint every that many steps (0: only at the end of each epoch;
             a checkpoint is always written at each epoch's end).
         keep_checkpoints: how many recent checkpoints to keep.
@@ -201,6 +231,8 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     flip: bool = False
     shift: int = 0
+    hide_patch: int = 0
+    hide_probability: float = 0.5
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
@@ -218,6 +250,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.shift < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every and shift must be >= 0 and keep_checkpoints >= 1")
+        if self.hide_patch < 0 or not 0.0 <= self.hide_probability <= 1.0:
+            raise ValueError(f"hide_patch must be >= 0 and hide_probability in [0, 1], got {self.hide_patch} and {self.hide_probability}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
@@ -444,8 +478,10 @@ def _run_functions(config: TrainConfig, num_classes: int, total_steps: int) -> t
 
 def _compiled_step(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig) -> Callable:
     @jax.jit
-    def step(state, inputs, labels, weights, flips, offsets):
+    def step(state, inputs, labels, weights, flips, offsets, keep):
         inputs = augment(inputs, flips, offsets, config.shift)
+        if config.hide_patch > 0:
+            inputs = hide_patches(inputs, keep, config.hide_patch)
         return train_step(model, optimizer, state, inputs, labels, weights)
 
     return step
@@ -454,7 +490,8 @@ def _compiled_step(model: nn.Module, optimizer: optax.GradientTransformation, co
 def _check_resume_config(out: Path, config: TrainConfig, resume: bool) -> None:
     path = out / "config.json"
     if path.exists() and resume:
-        saved = json.loads(path.read_text())
+        # Keys added to TrainConfig after a run was saved take their defaults (an old run stays resumable).
+        saved = {**TrainConfig().to_dict(), **json.loads(path.read_text())}
         if saved != config.to_dict():
             changed = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
             raise ValueError(
@@ -530,7 +567,8 @@ def train(
             started = time.perf_counter()
             for inputs, labels, weights in feed.batches(order, config.batch_size):
                 flips, offsets = augmentation_draws(config.seed, step, len(labels), flip=config.flip, shift=config.shift)
-                state, loss = step_fn(state, inputs, labels, weights, flips, offsets)
+                keep = hide_draws(config.seed, step, len(labels), image_size=config.input_size, patch=config.hide_patch, probability=config.hide_probability)
+                state, loss = step_fn(state, inputs, labels, weights, flips, offsets, keep)
                 losses.append(loss)
                 step += 1  # a host-side counter: no device sync per step
                 bar.update(1)

@@ -171,6 +171,65 @@ def test_small_cnn_module_names():
     assert {("conv1",), ("conv2",), ("conv3",), ("conv4",), ("fc",)} <= paths
 
 
+def _np_conv_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Float64 'same' convolution (odd kernel, stride 1, zero padding) of NHWC ``x`` by HWIO ``kernel``."""
+    size = kernel.shape[0]
+    pad = size // 2
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    height, width = x.shape[1:3]
+    out = np.zeros((*x.shape[:3], kernel.shape[-1]))
+    for dy in range(size):
+        for dx in range(size):
+            out += np.einsum("nhwc,co->nhwo", padded[:, dy : dy + height, dx : dx + width], kernel[dy, dx])
+    return out + bias
+
+
+def _np_group_norm(x: np.ndarray, groups: int, scale: np.ndarray, bias: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """GroupNorm (Wu & He 2018): per image and group of channels, ``(x - mean) / sqrt(var + eps)`` over
+    (H, W, channels of the group), then a per-channel affine map."""
+    n, h, w, c = x.shape
+    grouped = x.reshape(n, h, w, groups, c // groups)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    var = grouped.var(axis=(1, 2, 4), keepdims=True)
+    return ((grouped - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_small_cnn_kernel_sizes_and_group_norm_match_a_numpy_forward():
+    """``kernel_sizes`` and ``norm="group"``: parameter shapes and names, GroupNorm after every conv but the
+    last, and the logits equal a float64 NumPy forward pass written from the definitions."""
+    model = models.small_cnn(num_classes=3, features=(8, 12, 16), downsamplings=1, kernel_sizes=(3, 1, 5), norm="group")
+    x = np.asarray(_images((2, 10, 14, 3), seed=3), np.float64)
+    variables = model.init(jax.random.key(1), jnp.asarray(x, jnp.float32))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    assert set(params) == {"conv1", "conv2", "conv3", "norm1", "norm2", "fc"}  # no norm on the CAM layer
+    assert params["conv2"]["kernel"].shape == (1, 1, 8, 12) and params["conv3"]["kernel"].shape == (5, 5, 12, 16)
+    # non-trivial affine parameters, so the test sees whether scale and bias are applied
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: a + 0.3 * rng.standard_normal(a.shape), params)
+
+    def relu(a):
+        return np.maximum(a, 0.0)
+
+    h = relu(_np_group_norm(_np_conv_same(x, **params["conv1"]), 8, **params["norm1"]))
+    h = h.reshape(2, 5, 2, 7, 2, 8).max(axis=(2, 4))  # 2x2 max-pool
+    h = relu(_np_group_norm(_np_conv_same(h, **params["conv2"]), 6, **params["norm2"]))  # 12 channels: 6 groups
+    h = relu(_np_conv_same(h, **params["conv3"]))
+    expected = h.mean(axis=(1, 2)) @ params["fc"]["kernel"] + params["fc"]["bias"]
+    got = model.apply({"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)}, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_small_cnn_defaults_unchanged_and_option_errors():
+    params = init_variables(models.small_cnn(features=(4, 8)), (1, 16, 16, 3))["params"]
+    assert set(params) == {"conv1", "conv2", "fc"} and params["conv2"]["kernel"].shape == (3, 3, 4, 8)
+    with pytest.raises(ValueError, match="one size per conv"):
+        models.small_cnn(features=(4, 8), kernel_sizes=(3,))
+    with pytest.raises(ValueError, match="odd"):
+        models.small_cnn(features=(4, 8), kernel_sizes=(3, 2))
+    with pytest.raises(ValueError, match="valid options are None, 'group'"):
+        models.small_cnn(norm="batch")
+
+
 def test_last_spatial_features_are_module_outputs():
     """CAM targets: the output of layer4 / block5_conv3 / conv3 keeps its spatial axes (pooling is a function)."""
     cases = [

@@ -66,9 +66,9 @@ def _leaves(tree):
 
 def test_interrupted_run_resumes_to_the_same_parameters(digits, tmp_path):
     """Ctrl-C in the middle of epoch 2 (step 9 of 12), then the same call again: the resumed run restores
-    the state of the last checkpoint (step 8), replays the same batches and augmentations, and ends with
-    exactly the parameters and optimizer state of an uninterrupted run."""
-    config = _config()
+    the state of the last checkpoint (step 8), replays the same batches and augmentations (flips, shifts
+    and Hide-and-Seek), and ends with exactly the parameters and optimizer state of an uninterrupted run."""
+    config = _config(hide_patch=8)
     full = T.train(config, _feed(digits, config), out=tmp_path / "full", progress=False, log=lambda _: None)
     assert full.steps == 12 and full.resumed_from is None  # 100 // 16 = 6 steps per epoch
 
@@ -124,6 +124,41 @@ def test_augment_gives_edge_padded_shifts_and_flips():
     assert 0 < flipped_count < len(images)
     none = T.augmentation_draws(0, 3, len(images), flip=False, shift=0)
     np.testing.assert_array_equal(np.asarray(T.augment(images, *none, 0)), images)  # nothing enabled
+
+
+def test_hide_patches_hides_the_drawn_grid_cells():
+    """Hide-and-Seek: each ``patch``-pixel grid cell (the last row/column of cells cropped) is either the
+    input or the fill value, exactly where the host-side draw says; the draws depend on the step only."""
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((8, 10, 13, 3)).astype(np.float32) + 5.0  # no pixel is 0 by chance
+    keep = T.hide_draws(0, 4, len(images), image_size=(10, 13), patch=4, probability=0.5)
+    assert keep.shape == (8, 3, 4) and 0.3 < keep.mean() < 0.7
+    np.testing.assert_array_equal(keep, T.hide_draws(0, 4, 8, image_size=(10, 13), patch=4, probability=0.5))
+    assert not np.array_equal(keep, T.hide_draws(0, 5, 8, image_size=(10, 13), patch=4, probability=0.5))
+    out = np.asarray(T.hide_patches(images, keep, 4))
+    for b in range(len(images)):
+        for i in range(10):
+            for j in range(13):
+                expected = images[b, i, j] if keep[b, i // 4, j // 4] else np.zeros(3, np.float32)
+                np.testing.assert_array_equal(out[b, i, j], expected)
+    assert T.hide_draws(0, 4, 8, image_size=(10, 13), patch=4, probability=0.0).all()
+    assert not T.hide_draws(0, 4, 8, image_size=(10, 13), patch=4, probability=1.0).any()
+    off = T.hide_draws(0, 4, 8, image_size=(10, 13), patch=0, probability=0.5)
+    assert off.shape == (8, 1, 1) and off.all()
+    with pytest.raises(ValueError, match="hide_probability"):
+        T.TrainConfig(hide_patch=8, hide_probability=1.5)
+
+
+def test_run_saved_before_new_config_keys_still_resumes(digits, tmp_path):
+    """A run whose config.json predates the Hide-and-Seek keys resumes with their defaults (off)."""
+    config = _config(epochs=1, checkpoint_every=0)
+    T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=2, log=lambda _: None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("hide_")}))
+    resumed = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    with pytest.raises(ValueError, match=r"differs in \['hide_patch'\]"):
+        T.train(_config(epochs=1, checkpoint_every=0, hide_patch=8), _feed(digits, config), out=tmp_path, progress=False)
 
 
 def test_config_errors_name_valid_options():

@@ -5,6 +5,10 @@ output globally pooled (a plain function, not a module), then the Dense ``fc``. 
 (``conv{len(features)}``, ``conv3`` by default) is the natural CAM target layer. ``downsamplings`` limits
 the number of 2x2 max-pools (the first convs get them), for a finer last feature map: with
 ``features=(16, 32, 64, 128)`` and ``downsamplings=2`` a 64x64 input gives a 16x16 map instead of 8x8.
+``kernel_sizes`` sets each conv's (odd) kernel size, e.g. 1x1 convs that add depth and channels without
+growing the receptive field (BagNet-style local evidence, Brendel & Bethge, ICLR 2019); ``norm="group"``
+puts a GroupNorm (Wu & He, ECCV 2018; no batch statistics) between each conv but the last and its ReLU,
+so the last conv still feeds the global pooling directly (the CAM identity holds at it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from flaxcam.models.resnet import check_pooling, global_pool
 
 Dtype = Any
 
+#: Normalization layers ``SmallCNN`` can put after its convs (``None``: none, the default).
+NORMS: tuple[str | None, ...] = (None, "group")
+
 
 class SmallCNN(nn.Module):
     """``conv1`` .. ``convK`` (3x3 + ReLU, 2x2 max-pool between), global pooling, Dense ``fc``.
@@ -31,6 +38,9 @@ class SmallCNN(nn.Module):
         downsamplings: number of 2x2 max-pools, in ``0 .. len(features) - 1``; ``None`` (default): one
             before every conv but the first.
         dtype: computation dtype (parameters stay float32).
+        kernel_sizes: odd kernel size of each conv (same length as ``features``); ``None`` (default): all 3.
+        norm: ``None`` (default) or ``"group"``: GroupNorm ``norm1`` .. ``norm{K-1}`` after every conv but
+            the last (``min(8, channels)`` groups).
     """
 
     features: Sequence[int] = (16, 32, 64)
@@ -38,6 +48,8 @@ class SmallCNN(nn.Module):
     pooling: str = "avg"
     dtype: Dtype = jnp.float32
     downsamplings: int | None = None
+    kernel_sizes: Sequence[int] | None = None
+    norm: str | None = None
 
     def __post_init__(self) -> None:
         """Validate ``pooling``, ``features`` and ``downsamplings`` as soon as the model is constructed."""
@@ -48,6 +60,13 @@ class SmallCNN(nn.Module):
             raise ValueError(
                 f"downsamplings must be in [0, {len(self.features) - 1}] for {len(self.features)} convs, got {self.downsamplings}"
             )
+        if self.kernel_sizes is not None:
+            if len(self.kernel_sizes) != len(self.features):
+                raise ValueError(f"kernel_sizes needs one size per conv ({len(self.features)}), got {list(self.kernel_sizes)}")
+            if any(int(k) < 1 or int(k) % 2 == 0 for k in self.kernel_sizes):
+                raise ValueError(f"kernel_sizes must be odd and >= 1 (same padding), got {list(self.kernel_sizes)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}: valid options are {', '.join(repr(n) for n in NORMS)}")
         super().__post_init__()
 
     @nn.compact
@@ -56,12 +75,22 @@ class SmallCNN(nn.Module):
         del train
         x = jnp.asarray(x, self.dtype)
         pools = len(self.features) - 1 if self.downsamplings is None else self.downsamplings
-        for i, features in enumerate(self.features, start=1):
+        kernel_sizes = (3,) * len(self.features) if self.kernel_sizes is None else tuple(int(k) for k in self.kernel_sizes)
+        for i, (features, size) in enumerate(zip(self.features, kernel_sizes), start=1):
             if 1 < i <= pools + 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            x = nn.relu(nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"conv{i}")(x))
+            pad = size // 2
+            x = nn.Conv(features, (size, size), padding=((pad, pad), (pad, pad)), dtype=self.dtype, name=f"conv{i}")(x)
+            if self.norm == "group" and i < len(self.features):
+                x = nn.GroupNorm(num_groups=_groups(features), dtype=self.dtype, name=f"norm{i}")(x)
+            x = nn.relu(x)
         x = global_pool(x, self.pooling)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups for ``channels``: the largest divisor of ``channels`` that is at most 8."""
+    return max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)
 
 
 def small_cnn(
@@ -70,13 +99,18 @@ def small_cnn(
     pooling: str = "avg",
     dtype: Dtype = jnp.float32,
     downsamplings: int | None = None,
+    kernel_sizes: Sequence[int] | None = None,
+    norm: str | None = None,
 ) -> SmallCNN:
     """A small CNN: ``conv1``..``convK`` with ``features`` channels, global pooling, Dense ``fc``
-    (``downsamplings`` 2x2 max-pools, default ``K - 1``)."""
+    (``downsamplings`` 2x2 max-pools, default ``K - 1``; ``kernel_sizes`` default all 3; ``norm``
+    ``None`` or ``"group"``)."""
     return SmallCNN(
         features=tuple(int(f) for f in features),
         num_classes=num_classes,
         pooling=pooling,
         dtype=dtype,
         downsamplings=downsamplings,
+        kernel_sizes=None if kernel_sizes is None else tuple(int(k) for k in kernel_sizes),
+        norm=norm,
     )
