@@ -2,7 +2,8 @@
 
 A quick exploration tool for experiment 1 (not an experiment of its own, no results file): trains one
 model with :func:`experiments.common.train_on` (the same path as ``digits_gap_gmp``), then prints the
-box baselines and the localization scores of CAM and Grad-CAM (true class) on ``n_test`` canvases.
+box baselines and the localization scores of CAM and Grad-CAM (true class) on ``n_test`` canvases
+(the maps are saved as ``maps_{method}.npy`` in the run folder).
 The argument is one JSON object: ``name``, ``data`` and ``train`` (as in ``configs/digits.json``, the
 model input size is the canvas size), ``n_train``, ``n_test``, optional ``pooling`` and ``out``.
 
@@ -29,11 +30,13 @@ def main(spec: dict) -> None:
     train_data = common.digits(spec["data"], spec.get("n_train", 1000), seed=0)
     config = common.train_config(spec["train"], pooling=spec.get("pooling", "avg"), input_size=spec["data"]["size"])
     started = time.perf_counter()
-    result = common.train_on(config, train_data, Path(spec.get("out", "/tmp/digits_probe")) / spec["name"], progress=False)
+    out = Path(spec.get("out", "/tmp/digits_probe")) / spec["name"]
+    result = common.train_on(config, train_data, out, progress=False)
     print(f"training: {time.perf_counter() - started:.0f}s", flush=True)
     inputs = common.model_inputs(config, test.images)
     for method in ("cam", "gradcam"):
         maps, logits = common.explain_maps(result.model, result.variables, inputs, test.labels, method)
+        np.save(out / f"maps_{method}.npy", maps.astype(np.float16))  # for a failure analysis
         correct = (np.argmax(logits, 1) == test.labels).astype(np.float32)
         print(spec["name"], method, f"accuracy {correct.mean():.3f}", common.localization_scores(maps, test.boxes, correct), flush=True)
 
