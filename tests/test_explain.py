@@ -267,7 +267,7 @@ def test_error_messages(user_net):
     with pytest.raises(ValueError, match=r"unknown method 'gradcamm'; available: cam, gradcam, .*layercam"):
         flaxcam.explain(model, variables, images, method="gradcamm")
     with pytest.raises(LayerError, match=r"CAM needs the layer that feeds global pooling.*12 channels.*'top'"):
-        flaxcam.explain(model, variables, images, method="cam", layer="top")
+        flaxcam.explain(model, variables, images, method="cam", layer="mid")
     with pytest.raises(ValueError, match=r"target classes must be in \[0, 6\)"):
         flaxcam.explain(model, variables, images, targets=[0, 1, 2, 3, 6])
     with pytest.raises(ValueError, match=r"5 ints \(one per image\)"):
