@@ -80,6 +80,11 @@ def _env(args: argparse.Namespace, extra: dict[str, str] | None = None) -> dict[
     return {**base, **(extra or {})}
 
 
+def _with_allocator(args: argparse.Namespace, allocator: str) -> argparse.Namespace:
+    """``args`` with ``--allocator`` replaced (for a worker that runs with the other one)."""
+    return argparse.Namespace(**{**vars(args), "allocator": allocator})
+
+
 def _with_flags(*flags: str) -> dict[str, str]:
     existing = os.environ.get("XLA_FLAGS", "")
     return {"XLA_FLAGS": " ".join(filter(None, [existing, *flags]))}
@@ -125,7 +130,8 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
     groups = [(size, 1, args.batches if size == args.sizes[0] else args.large_batches) for size in args.sizes]
     groups += [(args.sizes[0], count, [args.device_batch]) for count in args.devices if count != 1]
     for size, count, batches in groups:
-        env = _env(args, _with_flags(f"--xla_force_host_platform_device_count={count}") if count != 1 else {})
+        flags = _with_flags(f"--xla_force_host_platform_device_count={count}") if count != 1 else {}
+        env = _env(args, flags)
         spec = {"library": "flaxcam", "model": args.scaling_model, "batches": list(batches), "size": list(size), "seed": 0,
                 "methods": args.scaling_methods, "dtype": args.dtype, "warmup": args.warmup}
         print(f"[bench] scaling: {args.scaling_model}, {size[0]}x{size[1]}, batches {list(batches)}, "
@@ -135,7 +141,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
         group = runner.run_workers([(name, spec, env, args.threads)], args.scaling_rounds, memory=not tuned)
         peaks = {}
         if tuned:  # the tuned allocator keeps every freed buffer: peak memory from a default-allocator worker
-            default_env = {k: v for k, v in env.items() if k not in runner.TUNED_ALLOCATOR_ENV}
+            default_env = _env(_with_allocator(args, "default"), flags)
             peaks = runner.measure_peak_memory(f"{name}-memory", spec, default_env, args.threads)
         for record in group:
             record["emulated_devices"] = count if count != 1 else None
@@ -145,10 +151,6 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
                     record["memory_allocator"] = "default"
         records += report.add_ratios(group)
     return records
-
-
-def _with_allocator(args: argparse.Namespace, allocator: str) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), "allocator": allocator})
 
 
 def run_cpu_gap(args: argparse.Namespace, weights_dir: Path) -> list[dict]:

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.runner import TUNED_ALLOCATOR_ENV
+
 #: Fields every ``status: "ok"`` record has (the smoke test checks them).
 RECORD_FIELDS = (
     "benchmark", "status", "worker", "library", "method", "model", "batch", "size", "dtype", "images_per_s",
@@ -61,7 +63,7 @@ def _load(record: dict) -> str:
 
 def allocator_name(env: dict) -> str:
     """``"tuned"`` when a worker ran with the benchmark's malloc settings, else ``"default"``."""
-    return "tuned" if env.get("MALLOC_MMAP_MAX_") == "0" and env.get("MALLOC_ARENA_MAX") == "1" else "default"
+    return "tuned" if all(env.get(key) == value for key, value in TUNED_ALLOCATOR_ENV.items()) else "default"
 
 
 def markdown(part: str, records: list[dict], command: str, machine: dict, seconds: float) -> str:
@@ -81,8 +83,8 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
     if part == "peers":
         split = sorted({r.get("devices", 1) for r in ok if r.get("library") == "flaxcam" and r.get("platform") == "cpu"})
         if split and split != [1]:
-            lines += [f"flaxcam's CPU split into {', '.join(map(str, split))} XLA device(s) (`--cpu-devices`), the batch "
-                      "sharded over them (its forward pass too); the PyTorch peers as usual.", ""]
+            lines += [(f"flaxcam's CPU split into {', '.join(map(str, split))} XLA device(s) (`--cpu-devices`), the batch "
+                       "sharded over them (its forward pass too); the PyTorch peers as usual."), ""]
         lines += [
             "| model | library | method | batch | size | dtype | images/s | best round | ratio to own forward | flaxcam's speedup over it | threads | load (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -96,8 +98,8 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
             )
     elif part == "scaling":
         if any(r.get("memory_allocator") == "default" for r in ok):
-            lines += ["Peak memory: measured in a second worker with glibc's default allocator, one call per "
-                      "candidate after warm-up (the timing workers' tuned allocator keeps every freed buffer).", ""]
+            lines += [("Peak memory: measured in a second worker with glibc's default allocator, one call per "
+                       "candidate after warm-up (the timing workers' tuned allocator keeps every freed buffer)."), ""]
         lines += [
             "| model | method | size | devices | batch | images/s | ratio to forward | peak RSS (MiB) | RSS before (MiB) | device peak (MiB) | load (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -40,8 +40,8 @@ class WorkerError(RuntimeError):
 #: glibc malloc settings given to every worker (flaxcam and torch alike) unless ``--allocator default``:
 #: one arena, no ``mmap`` for large blocks and no trimming, so the activation buffers freed after one
 #: call are reused by the next instead of being returned to the kernel and page-faulted in again (with
-#: glibc's defaults a ResNet-50 forward pass at batch 16 took 65,000-115,000 minor page faults per call
-#: under XLA and 330,000 under torch; see benchmarks/README.md, "The allocator").
+#: glibc's defaults a ResNet-50 forward pass at batch 16 took about 68,000 minor page faults per call
+#: under XLA and 307,000 under torch: ``python -m benchmarks.page_faults``, benchmarks/README.md).
 TUNED_ALLOCATOR_ENV: dict[str, str] = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
@@ -182,10 +182,7 @@ def measure(workers: list[Worker], rounds: int, memory: bool = False) -> list[di
             }
             if (worker.name, key) in peaks:
                 peak = peaks[(worker.name, key)]
-                record["peak_rss_mib"] = round(peak["peak_rss_bytes"] / 2**20, 1)
-                record["rss_before_mib"] = round(peak["base_rss_bytes"] / 2**20, 1)
-                if peak.get("device_peak_bytes") is not None:
-                    record["device_peak_mib"] = round(peak["device_peak_bytes"] / 2**20, 1)
+                record.update(memory_fields(peak))
             records.append(record)
         for key, message in worker.errors.items():
             library, rest = key.split(" ", 1)
@@ -248,6 +245,15 @@ def run_workers(specs: list[tuple[str, dict, dict, int | None]], rounds: int, me
             worker.close()
 
 
+def memory_fields(peak: dict[str, Any]) -> dict[str, float]:
+    """A worker's answer to a ``memory`` request as record fields in MiB."""
+    fields = {"peak_rss_mib": round(peak["peak_rss_bytes"] / 2**20, 1),
+              "rss_before_mib": round(peak["base_rss_bytes"] / 2**20, 1)}
+    if peak.get("device_peak_bytes") is not None:
+        fields["device_peak_mib"] = round(peak["device_peak_bytes"] / 2**20, 1)
+    return fields
+
+
 def measure_peak_memory(name: str, spec: dict, env: dict, cpus: int | None) -> dict[str, dict[str, float]]:
     """``{candidate key: {"peak_rss_mib", "rss_before_mib"[, "device_peak_mib"]}}`` from a fresh worker
     that runs each candidate once after warm-up (no timing). The scaling benchmark measures memory this
@@ -257,12 +263,7 @@ def measure_peak_memory(name: str, spec: dict, env: dict, cpus: int | None) -> d
     for worker in start_workers([(name, spec, env, cpus)]):
         try:
             for key in worker.candidates:
-                peak = worker.request("memory", key)
-                row = {"peak_rss_mib": round(peak["peak_rss_bytes"] / 2**20, 1),
-                       "rss_before_mib": round(peak["base_rss_bytes"] / 2**20, 1)}
-                if peak.get("device_peak_bytes") is not None:
-                    row["device_peak_mib"] = round(peak["device_peak_bytes"] / 2**20, 1)
-                peaks[key] = row
+                peaks[key] = memory_fields(worker.request("memory", key))
         finally:
             worker.close()
     return peaks

@@ -110,11 +110,10 @@ def _flax_model(spec: dict[str, Any]):
 def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str, str], dict]:
     """Forward-only and every requested method for each batch size, on device-resident inputs."""
     import jax
-
-    import flaxcam
-
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    import flaxcam
 
     model, variables, layer = _flax_model(spec)
     # Several (e.g. emulated CPU) devices: the forward pass is sharded over the batch like explain's.

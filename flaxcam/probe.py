@@ -71,7 +71,7 @@ def list_layers(
     return list(_list_layers_impl(model, shape_key(variables), spec, apply_kwargs))
 
 
-def shape_key(variables: "Mapping[str, Any] | _ShapeKey") -> "_ShapeKey":
+def shape_key(variables: Mapping[str, Any] | _ShapeKey) -> _ShapeKey:
     """A hashable key for the structure and shapes of a variables tree (for caching traces); a key is
     returned as is. Reads each leaf's ``shape`` and ``dtype`` (canonicalized as JAX would, e.g. float64
     to float32 without x64), without building arrays: cheap enough to run on every ``explain`` call."""

@@ -2,8 +2,8 @@
 
 :class:`PointwiseConv` is a 1x1 convolution computed as a matrix product. XLA's CPU backend runs
 ``lax.conv_general_dilated`` with a 1x1 kernel through its generic convolution path, which on a 2-core
-CPU was 1.0-2.5x slower than the same contraction written as a ``dot`` (batch 16, ResNet-50's 1x1
-shapes; ``python -m benchmarks.pointwise_conv``). ResNet-50 spends most of its FLOPs in 1x1
+CPU was 1.1-2.7x slower than the same contraction written as a ``dot`` (batch 16, ResNet-50's and
+EfficientNet-Lite0's 1x1 shapes; ``python -m benchmarks.pointwise_conv``). ResNet-50 spends most of its FLOPs in 1x1
 convolutions and EfficientNet-Lite in its expand/project convolutions, so both use it. On GPU and TPU
 both forms lower to the same matrix-multiply kernels.
 """
