@@ -19,7 +19,7 @@ import numpy as np
 
 import flaxcam
 from flaxcam import metrics
-from flaxcam.data import DigitCanvases, make_digit_canvases
+from flaxcam.data import DigitCanvases, make_background_canvases, make_digit_canvases
 from flaxcam.train import ArrayFeed, TrainConfig, TrainResult, train
 
 ROOT = Path(__file__).resolve().parent
@@ -62,6 +62,27 @@ def digits(spec: Mapping[str, Any], count: int, seed: int, **extra: Any) -> Digi
     keys = ("size", "digit_size", "clutter_lines", "noise")
     kwargs = {k: tuple(spec[k]) if isinstance(spec[k], list) else spec[k] for k in keys if k in spec}
     return make_digit_canvases(count, seed=seed, **kwargs, **extra)
+
+
+#: Class name of the digit-free canvases added by :func:`with_background_class`.
+BACKGROUND_CLASS = "background"
+
+
+def with_background_class(data: DigitCanvases, spec: Mapping[str, Any], count: int, seed: int) -> DigitCanvases:
+    """``data`` plus ``count`` digit-free canvases drawn like it (:func:`flaxcam.data.make_background_canvases`,
+    the ``data`` section's ``size``, ``clutter_lines``, ``noise``) as an extra class ``"background"``
+    (label ``len(data.class_names)``, an empty box ``[0, 0, 0, 0]``), shuffled in with a fixed seed."""
+    if count <= 0:
+        return data
+    keys = ("size", "clutter_lines", "noise")
+    kwargs = {k: tuple(spec[k]) if isinstance(spec[k], list) else spec[k] for k in keys if k in spec}
+    empty = make_background_canvases(count, seed=seed, **kwargs)
+    order = np.random.default_rng([seed, 3]).permutation(len(data.labels) + count)
+    images = np.concatenate([data.images, empty])[order]
+    labels = np.concatenate([data.labels, np.full(count, len(data.class_names), data.labels.dtype)])[order]
+    boxes = np.concatenate([data.boxes, np.zeros((count, 4), data.boxes.dtype)])[order]
+    marked = np.concatenate([data.marked, np.zeros(count, bool)])[order]
+    return DigitCanvases(images=images, labels=labels, boxes=boxes, class_names=(*data.class_names, BACKGROUND_CLASS), marked=marked)
 
 
 def train_config(spec: Mapping[str, Any], **overrides: Any) -> TrainConfig:

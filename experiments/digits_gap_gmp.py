@@ -8,7 +8,10 @@ and energy-based pointing game.
 
     python -m experiments.digits_gap_gmp --config experiments/configs/digits.json [--smoke]
 
-Writes ``digits_gap_gmp.json`` and ``digits_gap_gmp.png`` to the results folder.
+Writes ``NAME.json`` and ``NAME.png`` to the results folder, ``NAME`` being the config's ``name``
+(default ``digits_gap_gmp``). A config's ``background_count`` (default 0) adds that many digit-free
+canvases to the training set as an eleventh class, ``background``
+(:func:`experiments.common.with_background_class`); the test canvases always hold one digit each.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
     config = common.load_config(args.config, args.smoke)
     out = common.output_folder(args)
     started = time.perf_counter()
+    name = config.get("name", "digits_gap_gmp")
     train_data = common.digits(config["data"], config["train_count"], seed=0)
+    train_data = common.with_background_class(train_data, config["data"], config.get("background_count", 0), seed=0)
     test_data = common.digits(config["data"], config["test_count"], seed=1)
     results: dict = {"config": config, "baselines": _baselines(test_data), "runs": {}}
     figure_rows = []
     for pooling in ("avg", "max"):
         train_config = common.train_config(config["train"], pooling=pooling)
-        result = common.train_on(train_config, train_data, out / "runs" / f"digits_{pooling}", progress=not args.no_progress)
+        result = common.train_on(train_config, train_data, out / "runs" / _run_name(name, pooling), progress=not args.no_progress)
         inputs = common.model_inputs(train_config, test_data.images)
         run: dict = {"pooling": pooling, "train_history": result.history}
         for method in config["methods"]:
@@ -55,9 +60,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
     } | {"gap_minus_gmp_accuracy": gap["accuracy"] - gmp["accuracy"], "target_gap_cam_box>=0.90": gap["cam"]["box_iou>=0.5"] >= 0.90}
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["provenance"] = common.provenance("python -m experiments.digits_gap_gmp " + " ".join(argv or sys.argv[1:]))
-    common.write_json(out / "digits_gap_gmp.json", results)
-    _figure(out / "digits_gap_gmp.png", test_data, figure_rows)
+    common.write_json(out / f"{name}.json", results)
+    _figure(out / f"{name}.png", test_data, figure_rows)
     return results
+
+
+def _run_name(name: str, pooling: str) -> str:
+    """Training run folder of a config: ``digits_avg`` / ``digits_max`` for the default config (the
+    folders experiment 3 reuses), ``{name}_avg`` / ``{name}_max`` otherwise."""
+    return f"{'digits' if name == 'digits_gap_gmp' else name}_{pooling}"
 
 
 def _per_class(maps: np.ndarray, data) -> dict:

@@ -5,7 +5,8 @@ model with :func:`experiments.common.train_on` (the same path as ``digits_gap_gm
 box baselines and the localization scores of CAM and Grad-CAM (true class) on ``n_test`` canvases
 (the maps are saved as ``maps_{method}.npy`` in the run folder).
 The argument is one JSON object: ``name``, ``data`` and ``train`` (as in ``configs/digits.json``, the
-model input size is the canvas size), ``n_train``, ``n_test``, optional ``pooling`` and ``out``.
+model input size is the canvas size), ``n_train``, ``n_test``, optional ``n_background`` (digit-free canvases added to the training set as an
+extra class, :func:`experiments.common.with_background_class`), ``pooling`` and ``out``.
 
     python -m experiments.digits_localization_probe '{"name": "p", "n_train": 3000, "n_test": 300, "data": {...}, "train": {...}}'
 """
@@ -28,6 +29,7 @@ def main(spec: dict) -> None:
     test = common.digits(spec["data"], spec.get("n_test", 300), seed=1)
     print("baselines", _baselines(test), flush=True)
     train_data = common.digits(spec["data"], spec.get("n_train", 1000), seed=0)
+    train_data = common.with_background_class(train_data, spec["data"], spec.get("n_background", 0), seed=0)
     config = common.train_config(spec["train"], pooling=spec.get("pooling", "avg"), input_size=spec["data"]["size"])
     started = time.perf_counter()
     out = Path(spec.get("out", "/tmp/digits_probe")) / spec["name"]
@@ -37,7 +39,7 @@ def main(spec: dict) -> None:
     for method in ("cam", "gradcam"):
         maps, logits = common.explain_maps(result.model, result.variables, inputs, test.labels, method)
         np.save(out / f"maps_{method}.npy", maps.astype(np.float16))  # for a failure analysis
-        correct = (np.argmax(logits, 1) == test.labels).astype(np.float32)
+        correct = (np.argmax(logits, 1) == test.labels).astype(np.float32)  # a digit called "background" is wrong
         print(spec["name"], method, f"accuracy {correct.mean():.3f}", common.localization_scores(maps, test.boxes, correct), flush=True)
 
 

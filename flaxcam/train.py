@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 Array = jax.Array
 
 __all__ = [
+    "LOSSES",
     "ArrayFeed",
     "SourceFeed",
     "TrainConfig",
@@ -53,6 +54,8 @@ __all__ = [
     "hide_draws",
     "hide_patches",
     "make_optimizer",
+    "sigmoid_loss",
+    "softmax_loss",
     "train",
     "train_step",
     "variables_of",
@@ -94,6 +97,25 @@ def _has_train_kwarg(model: nn.Module) -> bool:
     return "train" in inspect.signature(type(model).__call__).parameters
 
 
+def softmax_loss(logits: Array, labels: Array) -> Array:
+    """Softmax cross-entropy per example: ``-log softmax(z)_y``, ``(B,)``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def sigmoid_loss(logits: Array, labels: Array) -> Array:
+    """One-vs-rest logistic loss per example, summed over the classes:
+    ``sum_k BCE(sigmoid(z_k), [k == y])``, ``(B,)``. Each class's logit is trained on its own, so a
+    feature shared by every class (e.g. "there is a digit here", when a background class is among the
+    negatives) keeps a positive weight in each class, where softmax's invariance to adding one constant to
+    every logit leaves it no reason to."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
+
+
+#: Training losses of :class:`TrainConfig` (``loss``): per-example loss from logits and integer labels.
+LOSSES: dict[str, Callable[[Array, Array], Array]] = {"softmax": softmax_loss, "sigmoid": sigmoid_loss}
+
+
 def train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -101,12 +123,15 @@ def train_step(
     images: Array,
     labels: Array,
     weights: Array | None = None,
+    loss: str = "softmax",
 ) -> tuple[TrainState, Array]:
-    """One step of softmax cross-entropy; returns the new state and the batch loss.
+    """One step of the ``loss`` of :data:`LOSSES` (softmax cross-entropy by default); returns the new
+    state and the batch loss.
 
     ``weights`` ``(B,)`` (1 for a usable example, 0 for padding or an unreadable image) gives the loss
-    ``sum(w * ce) / max(sum(w), 1)``; default all ones.
+    ``sum(w * loss) / max(sum(w), 1)``; default all ones.
     """
+    per_example_loss = LOSSES[loss]
     mutable = list(state.extra)
     kwargs = {"train": True} if _has_train_kwarg(model) else {}
     if weights is None:
@@ -118,15 +143,14 @@ def train_step(
             logits, updates = model.apply(variables, images, mutable=mutable, **kwargs)
         else:
             logits, updates = model.apply(variables, images, **kwargs), {}
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-        loss = (weights * per_example).sum() / jnp.maximum(weights.sum(), 1.0)
-        return loss, updates
+        per_example = per_example_loss(logits, jnp.maximum(labels, 0))
+        return (weights * per_example).sum() / jnp.maximum(weights.sum(), 1.0), updates
 
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (value, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     changes, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, changes)
     extra = {**state.extra, **updates}
-    return TrainState(params, extra, opt_state, state.step + 1), loss
+    return TrainState(params, extra, opt_state, state.step + 1), value
 
 
 def eval_step(model: nn.Module, variables: Any, images: Array) -> Array:
@@ -212,6 +236,8 @@ class TrainConfig:
         hide_patch, hide_probability: Hide-and-Seek (:func:`hide_patches`): after the flips and shifts,
             each cell of a ``hide_patch``-pixel grid is set to the mean input with ``hide_probability``;
             ``hide_patch=0`` (default): off.
+        loss: ``"softmax"`` (cross-entropy, default) or ``"sigmoid"`` (one-vs-rest logistic loss,
+            :func:`sigmoid_loss`); the evaluation reports the softmax cross-entropy either way.
         checkpoint_every: save a checkpoint every that many steps (0: only at the end of each epoch;
             a checkpoint is always written at each epoch's end).
         keep_checkpoints: how many recent checkpoints to keep.
@@ -233,6 +259,7 @@ class TrainConfig:
     shift: int = 0
     hide_patch: int = 0
     hide_probability: float = 0.5
+    loss: str = "softmax"
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
@@ -252,6 +279,8 @@ class TrainConfig:
             raise ValueError("checkpoint_every and shift must be >= 0 and keep_checkpoints >= 1")
         if self.hide_patch < 0 or not 0.0 <= self.hide_probability <= 1.0:
             raise ValueError(f"hide_patch must be >= 0 and hide_probability in [0, 1], got {self.hide_patch} and {self.hide_probability}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: valid options are {', '.join(LOSSES)}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
@@ -482,7 +511,7 @@ def _compiled_step(model: nn.Module, optimizer: optax.GradientTransformation, co
         inputs = augment(inputs, flips, offsets, config.shift)
         if config.hide_patch > 0:
             inputs = hide_patches(inputs, keep, config.hide_patch)
-        return train_step(model, optimizer, state, inputs, labels, weights)
+        return train_step(model, optimizer, state, inputs, labels, weights, loss=config.loss)
 
     return step
 

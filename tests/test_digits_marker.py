@@ -57,3 +57,42 @@ def test_small_cnn_downsamplings_sets_the_last_feature_map_size():
     assert _last_conv_shape(small_cnn(num_classes=3, features=(4, 8, 8, 8)), "conv4") == (1, 4, 4, 8)
     with pytest.raises(ValueError, match=r"downsamplings must be in \[0, 3\]"):
         small_cnn(features=(4, 8, 8, 8), downsamplings=4)
+
+
+def test_background_canvases_have_no_digit_and_follow_the_seed():
+    """Digit-free canvases: without clutter each one is a single colour plus Gaussian noise of the given
+    standard deviation (no ink anywhere); the same seed gives the same canvases, another seed others."""
+    from flaxcam.data import make_background_canvases
+
+    plain = make_background_canvases(20, size=(40, 56), clutter_lines=0, noise=0.05, seed=4)
+    assert plain.shape == (20, 40, 56, 3) and plain.dtype == np.float32
+    assert plain.min() >= 0.0 and plain.max() <= 1.0
+    colour = np.median(plain, axis=(1, 2), keepdims=True)
+    assert np.all(colour <= 0.36)  # background colours are drawn in [0, 0.35]; digits are inked in [0.6, 1]
+    residual = plain - colour
+    unclipped = plain > 0.0
+    assert abs(residual[unclipped].std() - 0.05) < 0.005
+    assert residual.max() < 6 * 0.05  # a digit would put pixels >= 0.25 above the background
+    cluttered = make_background_canvases(5, size=(40, 56), seed=4)
+    np.testing.assert_array_equal(cluttered, make_background_canvases(5, size=(40, 56), seed=4))
+    assert not np.array_equal(cluttered, make_background_canvases(5, size=(40, 56), seed=5))
+    # clutter lines are drawn: more pixels far from the background colour than noise alone gives
+    far = np.abs(cluttered - np.median(cluttered, axis=(1, 2), keepdims=True)).max(axis=-1) > 0.25
+    assert far.mean(axis=(1, 2)).min() > 0.005
+
+
+def test_with_background_class_adds_one_class_of_empty_canvases():
+    from experiments import common
+
+    spec = {"size": [32, 32], "digit_size": [12, 20], "clutter_lines": 1}
+    digits = common.digits(spec, 30, seed=0)
+    mixed = common.with_background_class(digits, spec, 12, seed=0)
+    assert mixed.class_names == (*digits.class_names, "background")
+    assert len(mixed.labels) == 42 and np.sum(mixed.labels == 10) == 12
+    # the digit canvases are all still there, with their labels (only the order changed)
+    kept = mixed.labels < 10
+    order = np.argsort([np.flatnonzero((digits.images == im).all(axis=(1, 2, 3)))[0] for im in mixed.images[kept]])
+    np.testing.assert_array_equal(mixed.labels[kept][order], digits.labels)
+    np.testing.assert_array_equal(mixed.boxes[kept][order], digits.boxes)
+    assert np.all(mixed.boxes[~kept] == 0)
+    assert common.with_background_class(digits, spec, 0, seed=0) is digits

@@ -33,6 +33,23 @@ def test_digits_then_sanity_check_smoke(tmp_path):
     assert (tmp_path / "sanity_check.png").exists()
 
 
+def test_digits_localization_config_smoke(tmp_path):
+    """The localization configuration: a background class (11 outputs), the one-vs-rest loss, its own
+    results name and run folders; the maps are still for the ten digit classes."""
+    from experiments import digits_gap_gmp
+    from flaxcam.models import load_bundle
+
+    config = str(digits_gap_gmp.common.ROOT / "configs" / "digits_localization.json")
+    results = digits_gap_gmp.run(["--config", config, "--smoke", "--out", str(tmp_path), "--no-progress"])
+    assert (tmp_path / "digits_localization.json").exists() and (tmp_path / "digits_localization.png").exists()
+    assert results["config"]["train"]["loss"] == "sigmoid" and results["config"]["background_count"] == 16
+    for pooling in ("avg", "max"):
+        _, variables, meta = load_bundle(tmp_path / "runs" / f"digits_localization_{pooling}" / "model.msgpack")
+        assert variables["params"]["fc"]["kernel"].shape[-1] == 11
+        assert meta["class_names"][-1] == "background"
+        assert len(results["runs"][pooling]["cam"]["per_class"]) == 10
+
+
 def test_planted_shortcut_smoke(tmp_path):
     from experiments import planted_shortcut
 

@@ -219,6 +219,41 @@ def test_small_cnn_kernel_sizes_and_group_norm_match_a_numpy_forward():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "activation,reference,layer",
+    [
+        ("log1p", lambda a: np.log1p(np.maximum(a, 0.0)), "features"),
+        ("tanh", lambda a: np.tanh(np.maximum(a, 0.0)), "features"),
+        ("none", lambda a: a, "conv2"),  # no ReLU: negative evidence reaches the pooling and the CAM
+    ],
+)
+def test_small_cnn_feature_activation_matches_numpy_and_is_the_cam_layer(activation, reference, layer):
+    """``feature_activation``: the pooled features are ``activation(relu(last conv))``, or the last conv's
+    raw output for ``"none"`` (a float64 NumPy forward pass); that output is the default explain layer,
+    and CAM there is the class weights times those features (Zhou et al. 2016), computed here in NumPy."""
+    import flaxcam
+
+    model = models.small_cnn(num_classes=3, features=(6, 8), downsamplings=1, feature_activation=activation)
+    x = np.asarray(_images((2, 12, 10, 3), seed=4), np.float64)
+    variables = model.init(jax.random.key(2), jnp.asarray(x, jnp.float32))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    assert set(params) == {"conv1", "conv2", "fc"}  # the activation has no parameters
+    h = np.maximum(_np_conv_same(x, **params["conv1"]), 0.0).reshape(2, 6, 2, 5, 2, 6).max(axis=(2, 4))
+    features = reference(_np_conv_same(h, **params["conv2"]))
+    expected = features.mean(axis=(1, 2)) @ params["fc"]["kernel"] + params["fc"]["bias"]
+    np.testing.assert_allclose(np.asarray(model.apply(variables, jnp.asarray(x, jnp.float32))), expected, rtol=1e-4, atol=1e-5)
+
+    targets = np.array([0, 2])
+    explanation = flaxcam.explain(model, variables, jnp.asarray(x, jnp.float32), method="cam", targets=targets)
+    assert explanation.layer == layer
+    cam = np.einsum("nhwk,kn->nhw", features, params["fc"]["kernel"][:, targets])
+    if activation == "none":
+        assert cam.min() < 0  # the test sees whether the negative values are kept
+    np.testing.assert_allclose(np.asarray(explanation.raw[:, 0]), cam, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="valid options are relu, none, log1p, tanh"):
+        models.small_cnn(feature_activation="sigmoid")
+
+
 def test_small_cnn_defaults_unchanged_and_option_errors():
     params = init_variables(models.small_cnn(features=(4, 8)), (1, 16, 16, 3))["params"]
     assert set(params) == {"conv1", "conv2", "fc"} and params["conv2"]["kernel"].shape == (3, 3, 4, 8)

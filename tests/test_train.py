@@ -154,11 +154,39 @@ def test_run_saved_before_new_config_keys_still_resumes(digits, tmp_path):
     config = _config(epochs=1, checkpoint_every=0)
     T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=2, log=lambda _: None)
     saved = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("hide_")}))
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("hide_") and k != "loss"}))
     resumed = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
     assert resumed.resumed_from == 2 and resumed.steps == 6
     with pytest.raises(ValueError, match=r"differs in \['hide_patch'\]"):
         T.train(_config(epochs=1, checkpoint_every=0, hide_patch=8), _feed(digits, config), out=tmp_path, progress=False)
+
+
+def test_losses_match_numpy_definitions():
+    """Softmax cross-entropy ``-log softmax(z)_y`` and the one-vs-rest logistic loss
+    ``sum_k -[k == y] log s(z_k) - [k != y] log(1 - s(z_k))``, in float64 NumPy."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, (6, 5))
+    labels = rng.integers(0, 5, 6)
+    onehot = np.eye(5)[labels]
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    sig = 1.0 / (1.0 + np.exp(-logits))
+    expected = {
+        "softmax": -(onehot * log_softmax).sum(axis=1),
+        "sigmoid": -(onehot * np.log(sig) + (1 - onehot) * np.log(1 - sig)).sum(axis=1),
+    }
+    assert set(T.LOSSES) == set(expected)
+    for name, value in expected.items():
+        got = T.LOSSES[name](jax.numpy.asarray(logits, jax.numpy.float32), jax.numpy.asarray(labels))
+        np.testing.assert_allclose(np.asarray(got), value, rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_loss_trains(digits, tmp_path):
+    """``loss="sigmoid"`` runs through :func:`train` (the step uses it: the first epoch's mean loss is the
+    one-vs-rest loss of a barely trained model, about K * log 2, not the softmax one, about log K)."""
+    config = _config(epochs=1, checkpoint_every=0, loss="sigmoid", flip=False, shift=0)
+    result = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
+    first = result.history[0]["train_loss"]
+    assert 10 * np.log(2) * 0.6 < first < 10 * np.log(2) * 1.5  # softmax would give about log(10) = 2.3
 
 
 def test_config_errors_name_valid_options():
@@ -168,6 +196,8 @@ def test_config_errors_name_valid_options():
         T.TrainConfig(pooling="mean")
     with pytest.raises(ValueError, match="valid keys are"):
         T.TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="valid options are softmax, sigmoid"):
+        T.TrainConfig(loss="hinge")
     assert T.TrainConfig.from_dict(_config().to_dict()) == _config()
 
 

@@ -5,10 +5,11 @@
   :class:`Ham10000Source`, :class:`TfdsSource`; :func:`open_source` builds one from a string.
 * :func:`iterate_batches`: indices → shard → padded :class:`Batch` es of model inputs through grain.
 * :func:`make_ham10000_fixture`: a generated dataset in the HAM10000 layout.
-* :func:`make_digit_canvases`: digits on a cluttered canvas with ground-truth boxes.
+* :func:`make_digit_canvases`: digits on a cluttered canvas with ground-truth boxes;
+  :func:`make_background_canvases`: the same canvases without a digit.
 """
 
-from flaxcam.data.digits import CLASS_NAMES, MARKER_CORNERS, DigitCanvases, make_digit_canvases, marker_region
+from flaxcam.data.digits import CLASS_NAMES, MARKER_CORNERS, DigitCanvases, make_background_canvases, make_digit_canvases, marker_region
 from flaxcam.data.fixtures import make_ham10000_fixture
 from flaxcam.data.loader import (
     Batch,
@@ -48,6 +49,7 @@ __all__ = [
     "TfdsSource",
     "batch_rows",
     "iterate_batches",
+    "make_background_canvases",
     "make_digit_canvases",
     "make_ham10000_fixture",
     "open_source",

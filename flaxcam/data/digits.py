@@ -73,6 +73,34 @@ def _upscale(glyph: np.ndarray, size: int) -> np.ndarray:
     return rows[:, low] * (1 - frac)[None, :] + rows[:, high] * frac[None, :]
 
 
+def _cluttered_background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, noise: float, clutter_lines: int) -> np.ndarray:
+    """One ``(H, W, 3)`` canvas without a digit: a random colour, Gaussian noise and ``clutter_lines`` thin lines."""
+    height, width = yy.shape
+    background = rng.uniform(0.0, 0.35, 3).astype(np.float32)
+    canvas = background + noise * rng.standard_normal((height, width, 3)).astype(np.float32)
+    for _ in range(clutter_lines):
+        x0, y0, x1, y1 = rng.uniform(0, 1, 4) * [width, height, width, height]
+        length = max(np.hypot(x1 - x0, y1 - y0), 1e-6)
+        distance = np.abs((y1 - y0) * xx - (x1 - x0) * yy + x1 * y0 - y1 * x0) / length
+        canvas[distance < 0.8] = rng.uniform(0.3, 0.8, 3)
+    return canvas
+
+
+def make_background_canvases(
+    count: int, *, size: tuple[int, int] = (96, 96), clutter_lines: int = 3, noise: float = 0.08, seed: int = 0
+) -> np.ndarray:
+    """``count`` canvases ``(N, H, W, 3)`` float32 in [0, 1] drawn like :func:`make_digit_canvases`'
+    (same background colours, noise and clutter lines) but with no digit: the negatives of a
+    "background" class, so that a classifier has a reason to respond to the digit's ink as a whole."""
+    height, width = size
+    rng = np.random.default_rng([seed, 2])  # a stream of its own: never the same draws as the digit canvases
+    yy, xx = np.mgrid[0:height, 0:width]
+    images = np.empty((count, height, width, 3), np.float32)
+    for i in range(count):
+        images[i] = np.clip(_cluttered_background(rng, yy, xx, noise, clutter_lines), 0.0, 1.0)
+    return images
+
+
 def make_digit_canvases(
     count: int,
     *,
@@ -120,13 +148,7 @@ def make_digit_canvases(
     boxes = np.empty((count, 4), np.int32)
     yy, xx = np.mgrid[0:height, 0:width]
     for i, pick in enumerate(picks):
-        background = rng.uniform(0.0, 0.35, 3).astype(np.float32)
-        canvas = background + noise * rng.standard_normal((height, width, 3)).astype(np.float32)
-        for _ in range(clutter_lines):
-            x0, y0, x1, y1 = rng.uniform(0, 1, 4) * [width, height, width, height]
-            length = max(np.hypot(x1 - x0, y1 - y0), 1e-6)
-            distance = np.abs((y1 - y0) * xx - (x1 - x0) * yy + x1 * y0 - y1 * x0) / length
-            canvas[distance < 0.8] = rng.uniform(0.3, 0.8, 3)
+        canvas = _cluttered_background(rng, yy, xx, noise, clutter_lines)
         side = int(rng.integers(digit_size[0], digit_size[1] + 1))
         top = int(rng.integers(0, height - side + 1))
         left = int(rng.integers(0, width - side + 1))

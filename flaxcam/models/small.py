@@ -27,6 +27,31 @@ Dtype = Any
 #: Normalization layers ``SmallCNN`` can put after its convs (``None``: none, the default).
 NORMS: tuple[str | None, ...] = (None, "group")
 
+#: Activations of the last conv (the features that feed the global pooling), applied after its ReLU;
+#: ``"none"`` instead drops that ReLU, so the last conv's output, negative values included, feeds the
+#: pooling (a linear class map: CAM keeps the evidence against the class, e.g. on the background).
+FEATURE_ACTIVATIONS: dict[str, Any] = {
+    "relu": lambda x: x,
+    "none": lambda x: x,
+    # Diminishing returns: a location's evidence grows only logarithmically, so a GAP model gains more by
+    # spreading its evidence over the whole object than by piling it onto the most discriminative part.
+    "log1p": jnp.log1p,
+    # Saturating at 1: the same pressure, bounded.
+    "tanh": jnp.tanh,
+}
+
+
+class FeatureActivation(nn.Module):
+    """One of :data:`FEATURE_ACTIVATIONS` applied to the ReLU output of the last conv (a module, so that CAM
+    can target its output: the features that the global pooling averages)."""
+
+    kind: str = "relu"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply ``FEATURE_ACTIVATIONS[kind]`` to non-negative features ``x``."""
+        return FEATURE_ACTIVATIONS[self.kind](x)
+
 
 class SmallCNN(nn.Module):
     """``conv1`` .. ``convK`` (3x3 + ReLU, 2x2 max-pool between), global pooling, Dense ``fc``.
@@ -50,6 +75,7 @@ class SmallCNN(nn.Module):
     downsamplings: int | None = None
     kernel_sizes: Sequence[int] | None = None
     norm: str | None = None
+    feature_activation: str = "relu"
 
     def __post_init__(self) -> None:
         """Validate ``pooling``, ``features`` and ``downsamplings`` as soon as the model is constructed."""
@@ -67,6 +93,10 @@ class SmallCNN(nn.Module):
                 raise ValueError(f"kernel_sizes must be odd and >= 1 (same padding), got {list(self.kernel_sizes)}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}: valid options are {', '.join(repr(n) for n in NORMS)}")
+        if self.feature_activation not in FEATURE_ACTIVATIONS:
+            raise ValueError(
+                f"unknown feature_activation {self.feature_activation!r}: valid options are {', '.join(FEATURE_ACTIVATIONS)}"
+            )
         super().__post_init__()
 
     @nn.compact
@@ -83,7 +113,10 @@ class SmallCNN(nn.Module):
             x = nn.Conv(features, (size, size), padding=((pad, pad), (pad, pad)), dtype=self.dtype, name=f"conv{i}")(x)
             if self.norm == "group" and i < len(self.features):
                 x = nn.GroupNorm(num_groups=_groups(features), dtype=self.dtype, name=f"norm{i}")(x)
-            x = nn.relu(x)
+            if i < len(self.features) or self.feature_activation != "none":
+                x = nn.relu(x)
+        if self.feature_activation not in ("relu", "none"):
+            x = FeatureActivation(self.feature_activation, name="features")(x)
         x = global_pool(x, self.pooling)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
 
@@ -101,6 +134,7 @@ def small_cnn(
     downsamplings: int | None = None,
     kernel_sizes: Sequence[int] | None = None,
     norm: str | None = None,
+    feature_activation: str = "relu",
 ) -> SmallCNN:
     """A small CNN: ``conv1``..``convK`` with ``features`` channels, global pooling, Dense ``fc``
     (``downsamplings`` 2x2 max-pools, default ``K - 1``; ``kernel_sizes`` default all 3; ``norm``
@@ -113,4 +147,5 @@ def small_cnn(
         downsamplings=downsamplings,
         kernel_sizes=None if kernel_sizes is None else tuple(int(k) for k in kernel_sizes),
         norm=norm,
+        feature_activation=feature_activation,
     )
