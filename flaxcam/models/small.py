@@ -8,7 +8,9 @@ the number of 2x2 max-pools (the first convs get them), for a finer last feature
 ``kernel_sizes`` sets each conv's (odd) kernel size, e.g. 1x1 convs that add depth and channels without
 growing the receptive field (BagNet-style local evidence, Brendel & Bethge, ICLR 2019); ``norm="group"``
 puts a GroupNorm (Wu & He, ECCV 2018; no batch statistics) between each conv but the last and its ReLU,
-so the last conv still feeds the global pooling directly (the CAM identity holds at it).
+so the last conv still feeds the global pooling directly (the CAM identity holds at it);
+``feature_activation`` changes what the pooling averages (:data:`FEATURE_ACTIVATIONS`), for localization
+experiments.
 """
 
 from __future__ import annotations
@@ -27,30 +29,29 @@ Dtype = Any
 #: Normalization layers ``SmallCNN`` can put after its convs (``None``: none, the default).
 NORMS: tuple[str | None, ...] = (None, "group")
 
-#: Activations of the last conv (the features that feed the global pooling), applied after its ReLU;
-#: ``"none"`` instead drops that ReLU, so the last conv's output, negative values included, feeds the
-#: pooling (a linear class map: CAM keeps the evidence against the class, e.g. on the background).
-FEATURE_ACTIVATIONS: dict[str, Any] = {
-    "relu": lambda x: x,
-    "none": lambda x: x,
-    # Diminishing returns: a location's evidence grows only logarithmically, so a GAP model gains more by
-    # spreading its evidence over the whole object than by piling it onto the most discriminative part.
-    "log1p": jnp.log1p,
-    # Saturating at 1: the same pressure, bounded.
-    "tanh": jnp.tanh,
-}
+#: Functions applied after the last conv's ReLU by ``feature_activation`` (a module named ``features``,
+#: the output that the global pooling averages and that CAM targets). ``log1p``: diminishing returns, a
+#: location's evidence grows only logarithmically, so a GAP model gains more by spreading its evidence
+#: over the whole object than by piling it onto the most discriminative part; ``tanh``: the same
+#: pressure, bounded at 1.
+SQUASHES: dict[str, Any] = {"log1p": jnp.log1p, "tanh": jnp.tanh}
+
+#: Valid ``feature_activation`` values: ``"relu"`` (default), ``"none"`` (the last conv without its ReLU:
+#: its output, negative values included, feeds the pooling, so CAM keeps the evidence against the
+#: class), then the :data:`SQUASHES`.
+FEATURE_ACTIVATIONS: tuple[str, ...] = ("relu", "none", *SQUASHES)
 
 
 class FeatureActivation(nn.Module):
-    """One of :data:`FEATURE_ACTIVATIONS` applied to the ReLU output of the last conv (a module, so that CAM
-    can target its output: the features that the global pooling averages)."""
+    """One of :data:`SQUASHES` applied to the ReLU output of the last conv (a module, so that CAM can
+    target its output: the features that the global pooling averages)."""
 
-    kind: str = "relu"
+    kind: str = "log1p"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply ``FEATURE_ACTIVATIONS[kind]`` to non-negative features ``x``."""
-        return FEATURE_ACTIVATIONS[self.kind](x)
+        """Apply ``SQUASHES[kind]`` to non-negative features ``x``."""
+        return SQUASHES[self.kind](x)
 
 
 class SmallCNN(nn.Module):
@@ -66,6 +67,9 @@ class SmallCNN(nn.Module):
         kernel_sizes: odd kernel size of each conv (same length as ``features``); ``None`` (default): all 3.
         norm: ``None`` (default) or ``"group"``: GroupNorm ``norm1`` .. ``norm{K-1}`` after every conv but
             the last (``min(8, channels)`` groups).
+        feature_activation: what the global pooling averages, one of :data:`FEATURE_ACTIVATIONS`:
+            ``"relu"`` (default) the last conv's ReLU output; ``"none"`` its raw output; ``"log1p"`` /
+            ``"tanh"`` that function of the ReLU output, as a module ``features`` (the CAM layer).
     """
 
     features: Sequence[int] = (16, 32, 64)
@@ -115,7 +119,7 @@ class SmallCNN(nn.Module):
                 x = nn.GroupNorm(num_groups=_groups(features), dtype=self.dtype, name=f"norm{i}")(x)
             if i < len(self.features) or self.feature_activation != "none":
                 x = nn.relu(x)
-        if self.feature_activation not in ("relu", "none"):
+        if self.feature_activation in SQUASHES:
             x = FeatureActivation(self.feature_activation, name="features")(x)
         x = global_pool(x, self.pooling)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
@@ -138,7 +142,7 @@ def small_cnn(
 ) -> SmallCNN:
     """A small CNN: ``conv1``..``convK`` with ``features`` channels, global pooling, Dense ``fc``
     (``downsamplings`` 2x2 max-pools, default ``K - 1``; ``kernel_sizes`` default all 3; ``norm``
-    ``None`` or ``"group"``)."""
+    ``None`` or ``"group"``; ``feature_activation`` see :class:`SmallCNN`)."""
     return SmallCNN(
         features=tuple(int(f) for f in features),
         num_classes=num_classes,
