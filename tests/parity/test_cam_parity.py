@@ -18,9 +18,11 @@ Conventions matched:
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -107,8 +109,23 @@ def test_gradient_methods_equal_pytorch_grad_cam(resnet18_pair, layer, method):
 
     torch, reference, model, variables, images = resnet18_pair
     cam_class = getattr(pytorch_grad_cam, GRADIENT_METHODS[method])
-    ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, cam_class)
-    ours = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS)
+    if layer == "layer4":
+        ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, cam_class)
+        ours = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS)
+    else:
+        # Both libraries in float64 at layer3: in float32, one image's map (seed 1) differed by 1e-2 on an
+        # AMD EPYC CPU and not on the machine these tests were written on, while every other map agreed
+        # to 1e-6. Its backward pass runs through all of layer4, where some ReLU or max-pool decision lies
+        # within float32 rounding of a tie on that image, and the two CPUs round it differently. In float64
+        # no decision is that close, and the comparison keeps its tolerance.
+        reference = copy.deepcopy(reference).double()  # the fixture's float32 model stays as it is
+        images = images.double()
+        ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, cam_class)
+        with jax.enable_x64(True):
+            model, variables = load_torchvision_resnet(reference.state_dict(), dtype=np.float64)
+            variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), variables)
+            ours = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS)
+            assert ours.low_res.dtype == np.float64
     low = np.asarray(ours.low_res)[:, 0]
     up = np.asarray(ours.maps)[:, 0]
     assert low.shape == ref_low.shape and up.shape == ref_up.shape == (4, *IMAGE_SIZE)
