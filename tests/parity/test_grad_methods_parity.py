@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_cam_parity import IMAGE_SIZE, TARGETS, _make_pair, _record_raw_maps  # noqa: E402
+from test_cam_parity import FLOAT64_SEEDS, IMAGE_SIZE, TARGETS, _make_pair, _record_raw_maps  # noqa: E402
 
 import flaxcam  # noqa: E402
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.parity
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
 def resnet18_pair(request):
-    torch, reference, model, variables, images = _make_pair(request.param)
+    torch, reference, model, variables, images = _make_pair(request.param, float64=request.param in FLOAT64_SEEDS)
     return torch, reference, model, variables, images, images.numpy().transpose(0, 2, 3, 1)
 
 
