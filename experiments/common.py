@@ -59,9 +59,12 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 def digits(spec: Mapping[str, Any], count: int, seed: int, **extra: Any) -> DigitCanvases:
     """Digit canvases from a config's ``data`` section (``size``, ``digit_size``, ``clutter_lines``, ...)."""
-    keys = ("size", "digit_size", "clutter_lines", "noise")
-    kwargs = {k: tuple(spec[k]) if isinstance(spec[k], list) else spec[k] for k in keys if k in spec}
-    return make_digit_canvases(count, seed=seed, **kwargs, **extra)
+    return make_digit_canvases(count, seed=seed, **_canvas_kwargs(spec, ("size", "digit_size", "clutter_lines", "noise")), **extra)
+
+
+def _canvas_kwargs(spec: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The ``keys`` present in a config's ``data`` section, JSON lists as tuples."""
+    return {k: tuple(spec[k]) if isinstance(spec[k], list) else spec[k] for k in keys if k in spec}
 
 
 #: Class name of the digit-free canvases added by :func:`with_background_class`.
@@ -74,9 +77,7 @@ def with_background_class(data: DigitCanvases, spec: Mapping[str, Any], count: i
     (label ``len(data.class_names)``, an empty box ``[0, 0, 0, 0]``), shuffled in with a fixed seed."""
     if count <= 0:
         return data
-    keys = ("size", "clutter_lines", "noise")
-    kwargs = {k: tuple(spec[k]) if isinstance(spec[k], list) else spec[k] for k in keys if k in spec}
-    empty = make_background_canvases(count, seed=seed, **kwargs)
+    empty = make_background_canvases(count, seed=seed, **_canvas_kwargs(spec, ("size", "clutter_lines", "noise")))
     order = np.random.default_rng([seed, 3]).permutation(len(data.labels) + count)
     images = np.concatenate([data.images, empty])[order]
     labels = np.concatenate([data.labels, np.full(count, len(data.class_names), data.labels.dtype)])[order]
