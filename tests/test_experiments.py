@@ -34,8 +34,8 @@ def test_digits_then_sanity_check_smoke(tmp_path):
 
 
 def test_digits_localization_config_smoke(tmp_path):
-    """The localization configuration: a background class (11 outputs), its own
-    results name and run folders; the maps are still for the ten digit classes."""
+    """The localization configuration: a background class (11 outputs) as the reference class (its
+    logit pinned at 0), its own results name and run folders; the maps are still for the ten digit classes."""
     from experiments import digits_gap_gmp
     from flaxcam.models import load_bundle
 
@@ -44,8 +44,9 @@ def test_digits_localization_config_smoke(tmp_path):
     assert (tmp_path / "digits_localization.json").exists() and (tmp_path / "digits_localization.png").exists()
     assert results["config"]["background_count"] == 16
     for pooling in ("avg", "max"):
-        _, variables, meta = load_bundle(tmp_path / "runs" / f"digits_localization_{pooling}" / "model.msgpack")
-        assert variables["params"]["fc"]["kernel"].shape[-1] == 11
+        model, variables, meta = load_bundle(tmp_path / "runs" / f"digits_localization_{pooling}" / "model.msgpack")
+        assert variables["params"]["fc"]["kernel"].shape[-1] == 11 and model.reference_class
+        assert not variables["params"]["fc"]["kernel"][:, -1].any() and variables["params"]["fc"]["bias"][-1] == 0
         assert meta["class_names"][-1] == "background"
         assert len(results["runs"][pooling]["cam"]["per_class"]) == 10
 

@@ -254,6 +254,58 @@ def test_small_cnn_feature_activation_matches_numpy_and_is_the_cam_layer(activat
         models.small_cnn(feature_activation="sigmoid")
 
 
+def test_small_cnn_reference_class_logit_stays_zero_through_adamw_and_cam_still_holds():
+    """``reference_class=True``: the last logit is 0 for every input, the last ``fc`` column and bias start
+    at 0 and stay exactly 0 through AdamW steps with weight decay (while the other columns move), the
+    logits match a float64 NumPy forward pass, and CAM's identity ``logit = mean(CAM) + bias`` holds for
+    every class, the reference class included (its map is 0)."""
+    import optax
+
+    import flaxcam
+
+    model = models.small_cnn(num_classes=4, features=(6, 8), downsamplings=1, reference_class=True)
+    x = jnp.asarray(_images((6, 12, 10, 3), seed=5))
+    labels = jnp.array([0, 1, 2, 3, 3, 1])
+    variables = model.init(jax.random.key(3), x)
+    before = np.asarray(variables["params"]["fc"]["kernel"])
+    assert np.all(before[:, -1] == 0) and np.all(np.asarray(variables["params"]["fc"]["bias"]) == 0)
+    assert np.abs(before[:, :-1]).min() > 0
+
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    state = optimizer.init(variables["params"])
+
+    def loss(params):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), labels).mean()
+
+    params = variables["params"]
+    for _ in range(3):
+        updates, state = optimizer.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    kernel, bias = np.asarray(params["fc"]["kernel"]), np.asarray(params["fc"]["bias"])
+    assert np.all(kernel[:, -1] == 0) and bias[-1] == 0
+    assert np.abs(kernel[:, :-1] - before[:, :-1]).min() > 0 and np.all(bias[:-1] != 0)
+
+    variables = {"params": params}
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x64 = np.asarray(x, np.float64)
+    h = np.maximum(_np_conv_same(x64, **p64["conv1"]), 0.0).reshape(6, 6, 2, 5, 2, 6).max(axis=(2, 4))
+    features = np.maximum(_np_conv_same(h, **p64["conv2"]), 0.0)
+    expected = features.mean(axis=(1, 2)) @ p64["fc"]["kernel"][:, :-1] + p64["fc"]["bias"][:-1]
+    expected = np.concatenate([expected, np.zeros((6, 1))], axis=1)
+    logits = np.asarray(model.apply(variables, x))
+    assert np.all(logits[:, -1] == 0)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+    for target in range(4):
+        explanation = flaxcam.explain(model, variables, x, method="cam", targets=np.full(6, target))
+        raw = np.asarray(explanation.raw[:, 0], np.float64)
+        np.testing.assert_allclose(raw.mean(axis=(1, 2)) + p64["fc"]["bias"][target], expected[:, target], rtol=1e-4, atol=1e-5)
+        if target == 3:
+            assert np.all(raw == 0)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        models.small_cnn(num_classes=1, reference_class=True)
+
+
 def test_small_cnn_defaults_unchanged_and_option_errors():
     params = init_variables(models.small_cnn(features=(4, 8)), (1, 16, 16, 3))["params"]
     assert set(params) == {"conv1", "conv2", "fc"} and params["conv2"]["kernel"].shape == (3, 3, 4, 8)

@@ -10,7 +10,8 @@ growing the receptive field (BagNet-style local evidence, Brendel & Bethge, ICLR
 puts a GroupNorm (Wu & He, ECCV 2018; no batch statistics) between each conv but the last and its ReLU,
 so the last conv still feeds the global pooling directly (the CAM identity holds at it);
 ``feature_activation`` changes what the pooling averages (:data:`FEATURE_ACTIVATIONS`), for localization
-experiments.
+experiments; ``reference_class=True`` pins the last class's logit at 0 (a background class as the
+reference category of a multinomial logit, see :class:`SmallCNN`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ class SmallCNN(nn.Module):
         feature_activation: what the global pooling averages, one of :data:`FEATURE_ACTIVATIONS`:
             ``"relu"`` (default) the last conv's ReLU output; ``"none"`` its raw output; ``"log1p"`` /
             ``"tanh"`` that function of the ReLU output, as a module ``features`` (the CAM layer).
+        reference_class: if True, the last class (e.g. a digit-free ``background`` class) is the
+            reference category of the multinomial logit: its logit is fixed at 0. ``fc`` keeps its
+            ``(C, num_classes)`` kernel, but the last column and bias start at 0 and get no gradient, so
+            they stay 0 in training and CAM's identity ``logit = mean(CAM) + bias`` still holds for every
+            class (the reference class's map is 0). Why: softmax is unchanged when one vector is added to
+            every class's weights, so with a learned background row, weight decay moves evidence that all
+            foreground classes share ("there is an object here") mostly onto the background row
+            (``-K/(K+1)`` of it, ``1/(K+1)`` left in each foreground class). With that row pinned, the
+            shared evidence stays in every foreground class's weights, hence in their CAMs.
     """
 
     features: Sequence[int] = (16, 32, 64)
@@ -80,6 +90,7 @@ class SmallCNN(nn.Module):
     kernel_sizes: Sequence[int] | None = None
     norm: str | None = None
     feature_activation: str = "relu"
+    reference_class: bool = False
 
     def __post_init__(self) -> None:
         """Validate ``pooling``, ``features`` and ``downsamplings`` as soon as the model is constructed."""
@@ -101,6 +112,8 @@ class SmallCNN(nn.Module):
             raise ValueError(
                 f"unknown feature_activation {self.feature_activation!r}: valid options are {', '.join(FEATURE_ACTIVATIONS)}"
             )
+        if self.reference_class and self.num_classes < 2:
+            raise ValueError(f"reference_class needs at least 2 classes (the last one is the reference), got num_classes={self.num_classes}")
         super().__post_init__()
 
     @nn.compact
@@ -122,7 +135,26 @@ class SmallCNN(nn.Module):
         if self.feature_activation in SQUASHES:
             x = FeatureActivation(self.feature_activation, name="features")(x)
         x = global_pool(x, self.pooling)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        if not self.reference_class:
+            return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        dense = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            name="fc",
+            kernel_init=_without_last_column(nn.initializers.lecun_normal()),
+            bias_init=nn.initializers.zeros,
+        )
+        logits = dense(x)
+        return logits.at[..., -1].set(0.0)  # the reference class: no gradient reaches its column
+
+
+def _without_last_column(init: Any) -> Any:
+    """``init`` with the last output column set to 0 (the reference class of ``reference_class``)."""
+
+    def zero_last(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return init(key, shape, dtype).at[..., -1].set(0.0)
+
+    return zero_last
 
 
 def _groups(channels: int) -> int:
@@ -139,10 +171,11 @@ def small_cnn(
     kernel_sizes: Sequence[int] | None = None,
     norm: str | None = None,
     feature_activation: str = "relu",
+    reference_class: bool = False,
 ) -> SmallCNN:
     """A small CNN: ``conv1``..``convK`` with ``features`` channels, global pooling, Dense ``fc``
     (``downsamplings`` 2x2 max-pools, default ``K - 1``; ``kernel_sizes`` default all 3; ``norm``
-    ``None`` or ``"group"``; ``feature_activation`` see :class:`SmallCNN`)."""
+    ``None`` or ``"group"``; ``feature_activation`` and ``reference_class`` see :class:`SmallCNN`)."""
     return SmallCNN(
         features=tuple(int(f) for f in features),
         num_classes=num_classes,
@@ -152,4 +185,5 @@ def small_cnn(
         kernel_sizes=None if kernel_sizes is None else tuple(int(k) for k in kernel_sizes),
         norm=norm,
         feature_activation=feature_activation,
+        reference_class=bool(reference_class),
     )
