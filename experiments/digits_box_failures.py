@@ -6,7 +6,7 @@ at thresholds 0.1 / 0.2 / 0.3 of the maximum (a diagnosis only: the metric stays
 split into too large (box area > 1.4x the ink box), too small (< 0.7x) and offset (about the right
 area), the median width and height ratios (box / ink box), and the hit rate per class.
 
-    python -m experiments.digits_box_failures RUN_DIR --size 64 64 --digit-size 20 32 --n-test 300
+    python -m experiments.digits_box_failures RUN_DIR --size 64 64 --digit-size 20 32 [--n-test 300]
 """
 
 from __future__ import annotations
@@ -44,11 +44,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64])
     parser.add_argument("--digit-size", type=int, nargs=2, default=[20, 32])
     parser.add_argument("--clutter-lines", type=int, default=3)
-    parser.add_argument("--n-test", type=int, default=300)
+    parser.add_argument("--n-test", type=int, default=None, help="test canvases (default: as many as the saved maps, else 300)")
     args = parser.parse_args()
     data = {"size": args.size, "digit_size": args.digit_size, "clutter_lines": args.clutter_lines}
-    test = common.digits(data, args.n_test, seed=1)
-    maps = saved_or_computed_maps(args.run, data, args.n_test)
+    saved = args.run / "maps_cam.npy"
+    saved_count = len(np.load(saved, mmap_mode="r")) if saved.exists() else None
+    count = args.n_test or saved_count or 300
+    if saved_count is not None and saved_count != count:
+        parser.error(f"{saved} holds maps of {saved_count} test canvases, not --n-test {count}; drop --n-test or delete the file")
+    test = common.digits(data, count, seed=1)
+    maps = saved_or_computed_maps(args.run, data, count)
     truth = test.boxes.astype(np.float32)
     for threshold in (0.1, 0.2, 0.3):
         hits = np.asarray(localize.box_iou(localize.boxes(jnp.asarray(maps), threshold), truth)) >= 0.5
