@@ -135,17 +135,12 @@ class SmallCNN(nn.Module):
         if self.feature_activation in SQUASHES:
             x = FeatureActivation(self.feature_activation, name="features")(x)
         x = global_pool(x, self.pooling)
-        if not self.reference_class:
-            return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        dense = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            name="fc",
-            kernel_init=_without_last_column(nn.initializers.lecun_normal()),
-            bias_init=nn.initializers.zeros,
-        )
-        logits = dense(x)
-        return logits.at[..., -1].set(0.0)  # the reference class: no gradient reaches its column
+        kernel_init = nn.initializers.lecun_normal()  # nn.Dense's default (its bias starts at 0 too)
+        if self.reference_class:
+            kernel_init = _without_last_column(kernel_init)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init, name="fc")(x)
+        # the reference class: its logit is 0 and no gradient reaches its column or bias
+        return logits.at[..., -1].set(0.0) if self.reference_class else logits
 
 
 def _without_last_column(init: Any) -> Any:
