@@ -1,36 +1,64 @@
 # Quick start:  make demo   (explain photos with the pretrained default model)   |   make test   (the test suite)
-# Both create or reuse .venv and install what they need.
+# Every target creates or reuses .venv and installs only the extras it needs (one stamp per extra set,
+# redone when pyproject.toml changes): demo -> .[demo], lint -> .[dev], docs -> .[docs],
+# test/bench -> everything the tests import.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.flaxcam-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo demo-digits test test-fast bench install clean
+EXTRAS_demo := demo
+EXTRAS_test := dev,audit,tfds,train,demo,parity
+EXTRAS_lint := dev
+EXTRAS_docs := docs
+EXTRAS_all := all
+LINT_PATHS := flaxcam benchmarks experiments tests
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+.PHONY: demo demo-digits test test-fast bench install lint lint-fix docs docs-serve clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,parity]'
-	touch $(STAMP)
 
-install: $(STAMP)
+# .venv/.installed-<set>: flaxcam installed (editable) with the extras of EXTRAS_<set>.
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS_$*)]'
+	touch $@
 
-demo: $(STAMP)
+install: $(VENV)/.installed-all
+
+demo: $(VENV)/.installed-demo
 	$(PY) -m flaxcam.demo --out demo_out
 
-demo-digits: $(STAMP)
+demo-digits: $(VENV)/.installed-demo
 	$(PY) -m flaxcam.demo --digits --out demo_out/digits
 
 # FLAXCAM_REQUIRE_PARITY=1 turns a missing parity extra into a test error instead of a skip.
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	FLAXCAM_REQUIRE_PARITY=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
 
-test-fast: $(STAMP)
+test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow and not parity" tests
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks
 
+# The gates: ruff (lint + format check) and mypy, configured in pyproject.toml.
+lint: $(VENV)/.installed-lint
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+# Applies ruff's automatic fixes and formatting in place (what remains needs a person: `make lint`).
+lint-fix: $(VENV)/.installed-lint
+	RUFF=$(VENV)/bin/ruff tools/lint-fix.sh $(LINT_PATHS)
+
+# The documentation site (docs/ + mkdocs.yml) into site/; --strict fails on a broken link or reference.
+docs: $(VENV)/.installed-docs
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(VENV)/.installed-docs
+	$(VENV)/bin/mkdocs serve
+
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) demo_out build dist site *.egg-info .mypy_cache .ruff_cache

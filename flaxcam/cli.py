@@ -275,7 +275,9 @@ def query_command(
     sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views `audit`, `errors` and the table `classes`.")],
 ) -> None:
     """Run SQL over an audit, e.g. "SELECT label, avg(corner_max_share) FROM audit GROUP BY 1"."""
-    import duckdb
+    from flaxcam._optional import require
+
+    duckdb = require("duckdb", extra="audit")
 
     from flaxcam.audit.query import format_table, query
 

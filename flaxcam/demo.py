@@ -29,6 +29,7 @@ from PIL import Image
 
 import flaxcam
 from flaxcam import localize, models
+from flaxcam._optional import require
 from flaxcam.cli import run_explain
 from flaxcam.data import CLASS_NAMES, make_digit_canvases
 from flaxcam.train import accuracy, fit
@@ -93,8 +94,8 @@ def localization_summary(bundle: Path, test_size: int) -> dict:
 
 def sample_photos() -> dict[str, np.ndarray]:
     """The RGB photos that ship with scikit-image and scikit-learn."""
-    from skimage import data
-    from sklearn.datasets import load_sample_image
+    data = require("skimage.data", extra="demo")
+    load_sample_image = require("sklearn.datasets", extra="demo").load_sample_image
 
     photos = {name: getattr(data, name)() for name in ("chelsea", "coffee", "astronaut", "rocket")}
     photos.update({name: load_sample_image(f"{name}.jpg") for name in ("china", "flower")})

@@ -6,13 +6,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flaxcam._optional import require
 from flaxcam.audit import store
 
 
 def connect(audit_dir: str | os.PathLike) -> Any:
     """An in-memory DuckDB connection with the views ``audit`` and ``errors`` over the audit's Parquet
     parts (empty views with the right columns when there are no parts yet) and ``manifest`` (class names)."""
-    import duckdb
+    duckdb = require("duckdb", extra="audit")
 
     audit_dir = Path(audit_dir)
     manifest = store.read_manifest(audit_dir)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxcam._optional import require
 from flaxcam.audit import store
 from flaxcam.audit.query import connect
 from flaxcam.audit.stats import CORNERS
@@ -227,7 +228,7 @@ def _suspicious_rows(connection: Any, stat: str, limit: int, class_id: int | Non
 
 def _class_mean_maps(audit_dir: Path, shape: tuple[int, int], classes: np.ndarray) -> dict[int, np.ndarray]:
     """Mean low-resolution map of each class, accumulated part by part (bounded memory)."""
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", extra="audit")
 
     sums = {int(c): np.zeros(shape, np.float64) for c in classes}
     counts = {int(c): 0 for c in classes}

@@ -18,17 +18,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import pyarrow as pa
 
 import flaxcam
+from flaxcam._optional import require
 from flaxcam.audit import stats as stats_lib
 from flaxcam.audit import store
 from flaxcam.imageio import Preprocessing
 from flaxcam.localize import DEFAULT_THRESHOLD
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+else:
+    pa = require("pyarrow", extra="audit")
 
 TARGET_MODES = ("predicted", "label")
 
@@ -487,7 +492,7 @@ def _counts(out_dir: Path, total: int) -> dict[str, Any]:
 
 
 def _row_count(path: Path) -> int:
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", extra="audit")
 
     return pq.ParquetFile(path).metadata.num_rows
 

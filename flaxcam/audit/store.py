@@ -20,11 +20,18 @@ import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+
+from flaxcam._optional import require
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+else:
+    pa = require("pyarrow", extra="audit")
+    pq = require("pyarrow.parquet", extra="audit")
 
 #: Version of the manifest and row schema; bumped on incompatible changes.
 SCHEMA_VERSION = 1

@@ -11,6 +11,8 @@ import dataclasses
 
 import numpy as np
 
+from flaxcam._optional import require
+
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 
@@ -56,7 +58,7 @@ def _draw_marker(canvas: np.ndarray, rows: slice, cols: slice) -> None:
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", extra="demo").load_digits
 
     digits = load_digits()
     return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int32)

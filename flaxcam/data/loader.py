@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from flaxcam._optional import require
 from flaxcam.data.sources import ImageSource, Record, open_source
 from flaxcam.imageio import Preprocessing
 
@@ -223,7 +224,7 @@ def iterate_batches(
     ``worker_count > 0`` the source and preprocessing are pickled to each worker (an
     :class:`ArraySource` is copied), and workers start anew for every call (seconds of start-up).
     """
-    import grain.python as grain
+    grain = require("grain.python", extra=("audit", "train"))
 
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")

@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from flaxcam._optional import require
 from flaxcam.imageio import (
     ImageReadError,
     as_rgb_uint8,
@@ -381,7 +382,7 @@ class Ham10000Source:
 
 def _detect_feature(features: Any, kind: str, preferred: str) -> str | None:
     """The key of a top-level TFDS feature of type ``kind`` (``preferred`` first)."""
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets", extra="tfds")
 
     types = {"image": tfds.features.Image, "label": tfds.features.ClassLabel, "box": tfds.features.BBoxFeature}[kind]
     keys = list(features.keys())
@@ -417,7 +418,7 @@ class TfdsSource:
         box_key: str | None = "bbox",
         mask_key: str | None = None,
     ) -> None:
-        import tensorflow_datasets as tfds
+        tfds = require("tensorflow_datasets", extra="tfds")
 
         self.name, self.split, self.data_dir = name, split, data_dir
         try:
