@@ -9,7 +9,7 @@ paths=("$@")
 RUFF=${RUFF:-$(command -v ruff || echo .venv/bin/ruff)}
 MYPY=${MYPY:-$(command -v mypy || echo .venv/bin/mypy)}
 
-"$RUFF" check --fix --quiet "${paths[@]}"
+"$RUFF" check --fix --silent "${paths[@]}"
 "$RUFF" format --quiet "${paths[@]}"
 echo "--- ruff: findings left after the automatic fixes"
 "$RUFF" check --statistics "${paths[@]}"
