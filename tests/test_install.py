@@ -62,21 +62,26 @@ def base_requirements(wheel: Path) -> list[Requirement]:
 
 
 def dependency_closure(requirements: list[Requirement]) -> dict[str, metadata.Distribution]:
-    """The installed distributions that ``requirements`` need, recursively (no extras)."""
+    """The installed distributions that ``requirements`` need, recursively, with the extras that each
+    requirement asks of its dependency (``etils[epath]``) but none of flaxcam's own."""
     found: dict[str, metadata.Distribution] = {}
-    todo = list(requirements)
+    done: set[tuple[str, str]] = set()
+    todo = [(requirement, "") for requirement in requirements]
     while todo:
-        requirement = todo.pop()
+        requirement, _ = todo.pop()
         key = _normalize(requirement.name)
-        if key in found:
-            continue
-        distribution = metadata.distribution(requirement.name)
-        assert requirement.specifier.contains(distribution.version, prereleases=True), (requirement, distribution.version)
-        found[key] = distribution
-        for line in distribution.requires or []:
-            dependency = Requirement(line)
-            if dependency.marker is None or dependency.marker.evaluate({"extra": ""}):
-                todo.append(dependency)
+        if key not in found:
+            distribution = metadata.distribution(requirement.name)
+            assert requirement.specifier.contains(distribution.version, prereleases=True), (requirement, distribution.version)
+            found[key] = distribution
+        for extra in ("", *sorted(requirement.extras)):
+            if (key, extra) in done:
+                continue
+            done.add((key, extra))
+            for line in found[key].requires or []:
+                dependency = Requirement(line)
+                if dependency.marker is None or dependency.marker.evaluate({"extra": extra}):
+                    todo.append((dependency, extra))
     return found
 
 
@@ -105,13 +110,15 @@ def base_venv(tmp_path_factory):
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    # Nothing of this checkout or of the test's environment may leak into the fresh venv.
+    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith("PIP_")}
+    environment.update(FLAXCAM_CACHE=str(root / "cache"), JAX_PLATFORMS="cpu")
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+                             check=True, capture_output=True, text=True, env=environment, cwd=root).stdout.strip()
     assert link_distributions(closure, root / "base_site") > 100
     (Path(purelib) / "flaxcam_base_dependencies.pth").write_text(str(root / "base_site") + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--isolated", "--no-index", "--quiet", str(wheel)], check=True)
-    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    environment.update(FLAXCAM_CACHE=str(root / "cache"), JAX_PLATFORMS="cpu")
+    subprocess.run([python, "-m", "pip", "install", "--isolated", "--no-index", "--quiet", str(wheel)],
+                   check=True, env=environment, cwd=root)
     return env_dir, environment, closure
 
 
@@ -119,7 +126,7 @@ def test_base_venv_has_no_extras(base_venv):
     env_dir, environment, closure = base_venv
     probe = ("import importlib.util as u; print(sorted(m for m in ('pyarrow', 'duckdb', 'grain', 'sklearn', 'skimage', "
              "'tensorflow_datasets', 'torch', 'flaxcam') if u.find_spec(m)))")
-    found = subprocess.run([env_dir / "bin" / "python", "-c", probe], env=environment, capture_output=True, text=True, check=True)
+    found = subprocess.run([env_dir / "bin" / "python", "-c", probe], env=environment, capture_output=True, text=True, check=True, cwd=env_dir)
     assert found.stdout.strip() == "['flaxcam']"
     location = subprocess.run([env_dir / "bin" / "python", "-c", "import flaxcam; print(flaxcam.__file__)"],
                               env=environment, capture_output=True, text=True, check=True, cwd=env_dir)
