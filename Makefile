@@ -12,7 +12,7 @@ EXTRAS_test := dev,audit,tfds,train,demo,parity
 EXTRAS_lint := dev
 EXTRAS_docs := docs
 EXTRAS_all := all
-LINT_PATHS := flaxcam benchmarks experiments tests
+LINT_PATHS := flaxcam benchmarks experiments tests tools
 
 .PHONY: demo demo-digits test test-fast bench install lint lint-fix docs docs-serve clean
 

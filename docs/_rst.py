@@ -40,7 +40,10 @@ def _math_blocks(lines: list[str]) -> list[str]:
 
 def _literal_blocks(lines: list[str]) -> list[str]:
     """A paragraph ending in ``::`` introduces an indented literal block: end it with ``:`` instead."""
-    return [re.sub(r"(?<=\S)::$", ":", line) if line.rstrip().endswith("::") and not line.strip().startswith("..") else line for line in lines]
+    return [
+        re.sub(r"(?<=\S)::$", ":", line) if line.rstrip().endswith("::") and not line.strip().startswith("..") else line
+        for line in lines
+    ]
 
 
 def rst_to_markdown(text: str) -> str:

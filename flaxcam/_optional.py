@@ -36,7 +36,9 @@ def missing_extra_message(module: str, extra: str | tuple[str, ...]) -> str:
     distribution = EXTRAS.get(top, ("", top))[1]
     extras = (extra,) if isinstance(extra, str) else tuple(extra)
     commands = " or ".join(f"pip install 'flaxcam[{name}]'" for name in extras)
-    return f"this feature needs the optional package {distribution!r}, which is not installed; install it with: {commands}"
+    return (
+        f"this feature needs the optional package {distribution!r}, which is not installed; install it with: {commands}"
+    )
 
 
 def require(module: str, *, extra: str | tuple[str, ...]) -> ModuleType:

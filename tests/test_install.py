@@ -44,8 +44,20 @@ def build_wheel(out_dir: Path) -> Path:
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "flaxcam", source / "flaxcam", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--isolated", "--no-deps", "--no-build-isolation", "--no-index",
-         "--quiet", "--wheel-dir", str(out_dir / "dist"), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--isolated",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--wheel-dir",
+            str(out_dir / "dist"),
+            str(source),
+        ],
         check=True,
     )
     (wheel,) = (out_dir / "dist").glob("flaxcam-*.whl")
@@ -57,7 +69,9 @@ def base_requirements(wheel: Path) -> list[Requirement]:
     with zipfile.ZipFile(wheel) as archive:
         (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
         text = archive.read(name).decode()
-    requirements = [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    requirements = [
+        Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")
+    ]
     return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
 
 
@@ -72,7 +86,10 @@ def dependency_closure(requirements: list[Requirement]) -> dict[str, metadata.Di
         key = _normalize(requirement.name)
         if key not in found:
             distribution = metadata.distribution(requirement.name)
-            assert requirement.specifier.contains(distribution.version, prereleases=True), (requirement, distribution.version)
+            assert requirement.specifier.contains(distribution.version, prereleases=True), (
+                requirement,
+                distribution.version,
+            )
             found[key] = distribution
         for extra in ("", *sorted(requirement.extras)):
             if (key, extra) in done:
@@ -111,25 +128,52 @@ def base_venv(tmp_path_factory):
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     # Nothing of this checkout or of the test's environment may leak into the fresh venv.
-    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith("PIP_")}
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith("PIP_")
+    }
     environment.update(FLAXCAM_CACHE=str(root / "cache"), JAX_PLATFORMS="cpu")
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             check=True, capture_output=True, text=True, env=environment, cwd=root).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=root,
+    ).stdout.strip()
     assert link_distributions(closure, root / "base_site") > 100
     (Path(purelib) / "flaxcam_base_dependencies.pth").write_text(str(root / "base_site") + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--isolated", "--no-index", "--quiet", str(wheel)],
-                   check=True, env=environment, cwd=root)
+    subprocess.run(
+        [python, "-m", "pip", "install", "--isolated", "--no-index", "--quiet", str(wheel)],
+        check=True,
+        env=environment,
+        cwd=root,
+    )
     return env_dir, environment, closure
 
 
 def test_base_venv_has_no_extras(base_venv):
-    env_dir, environment, closure = base_venv
-    probe = ("import importlib.util as u; print(sorted(m for m in ('pyarrow', 'duckdb', 'grain', 'sklearn', 'skimage', "
-             "'tensorflow_datasets', 'torch', 'flaxcam') if u.find_spec(m)))")
-    found = subprocess.run([env_dir / "bin" / "python", "-c", probe], env=environment, capture_output=True, text=True, check=True, cwd=env_dir)
+    env_dir, environment, _ = base_venv
+    probe = (
+        "import importlib.util as u; print(sorted(m for m in ('pyarrow', 'duckdb', 'grain', 'sklearn', 'skimage', "
+        "'tensorflow_datasets', 'torch', 'flaxcam') if u.find_spec(m)))"
+    )
+    found = subprocess.run(
+        [env_dir / "bin" / "python", "-c", probe],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=env_dir,
+    )
     assert found.stdout.strip() == "['flaxcam']"
-    location = subprocess.run([env_dir / "bin" / "python", "-c", "import flaxcam; print(flaxcam.__file__)"],
-                              env=environment, capture_output=True, text=True, check=True, cwd=env_dir)
+    location = subprocess.run(
+        [env_dir / "bin" / "python", "-c", "import flaxcam; print(flaxcam.__file__)"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=env_dir,
+    )
     assert str(env_dir) in location.stdout  # the installed wheel, not this checkout
 
 
@@ -140,8 +184,22 @@ def test_base_install_explains_a_photo(base_venv, tmp_path):
     Image.fromarray(skimage_data.chelsea()).save(photo)
     out = tmp_path / "out"
     result = subprocess.run(
-        [env_dir / "bin" / "flaxcam", "explain", str(photo), "--method", "gradcam", "--out", str(out), "--json", str(out / "summary.json")],
-        env=environment, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            env_dir / "bin" / "flaxcam",
+            "explain",
+            str(photo),
+            "--method",
+            "gradcam",
+            "--out",
+            str(out),
+            "--json",
+            str(out / "summary.json"),
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -154,10 +212,19 @@ def test_base_install_explains_a_photo(base_venv, tmp_path):
     assert figure.ndim == 3 and figure.std() > 0
 
 
-@pytest.mark.parametrize(("command", "extra"), [(["audit", "folder:.", "--out", "audit"], "audit"), (["query", ".", "SELECT 1"], "audit")])
+@pytest.mark.parametrize(
+    ("command", "extra"), [(["audit", "folder:.", "--out", "audit"], "audit"), (["query", ".", "SELECT 1"], "audit")]
+)
 def test_missing_extra_is_one_line(base_venv, tmp_path, command, extra):
     env_dir, environment, _ = base_venv
-    result = subprocess.run([env_dir / "bin" / "flaxcam", *command], env=environment, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [env_dir / "bin" / "flaxcam", *command],
+        env=environment,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"pip install 'flaxcam[{extra}]'" in lines[0], result.stderr

@@ -38,7 +38,9 @@ def repack(distribution: str, out_dir: Path) -> Path:
         for file in files:
             relative = str(file).replace("\\", "/")
             if relative.startswith(".."):
-                raise ValueError(f"{distribution}: {relative} lies outside site-packages (scripts or data): not repackable")
+                raise ValueError(
+                    f"{distribution}: {relative} lies outside site-packages (scripts or data): not repackable"
+                )
             if ".dist-info/" in relative and file.name in skip:
                 if file.name == "RECORD":
                     record_name = relative
