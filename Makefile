@@ -55,10 +55,10 @@ lint-fix: $(VENV)/.installed-lint
 
 # The documentation site (docs/ + mkdocs.yml) into site/; --strict fails on a broken link or reference.
 docs: $(VENV)/.installed-docs
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 docs-serve: $(VENV)/.installed-docs
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 clean:
 	rm -rf $(VENV) demo_out build dist site *.egg-info .mypy_cache .ruff_cache
