@@ -177,6 +177,29 @@ def test_base_venv_has_no_extras(base_venv):
     assert str(env_dir) in location.stdout  # the installed wheel, not this checkout
 
 
+def test_base_modules_import_and_extras_fail_with_their_name(base_venv):
+    env_dir, environment, _ = base_venv
+    script = (
+        "import flaxcam, flaxcam.cli, flaxcam.colormap, flaxcam.data, flaxcam.localize, flaxcam.metrics, "
+        "flaxcam.models, flaxcam.targets, flaxcam.train, flaxcam.viz\n"
+        "from flaxcam._optional import MissingExtraError\n"
+        "try:\n"
+        "    import flaxcam.audit\n"
+        "except MissingExtraError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run(
+        [env_dir / "bin" / "python", "-c", script],
+        env=environment,
+        capture_output=True,
+        text=True,
+        cwd=env_dir,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'pyarrow'" in result.stdout and "pip install 'flaxcam[audit]'" in result.stdout
+
+
 def test_base_install_explains_a_photo(base_venv, tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
     env_dir, environment, _ = base_venv
