@@ -15,7 +15,7 @@ each configuration. ``cpu-gap``: XLA CPU flags, bfloat16, preprocessing inside t
 torch thread settings, each in its own process, against the default configuration.
 
 Each library runs in its own worker process; candidates are timed interleaved, round by round, after
-warm-up, and images/s come from the median round (:mod:`benchmarks.runner`). Writes
+warm-up, and images/s come from the median round (:mod:`flaxcam.bench.runner`). Writes
 ``<name>.jsonl`` (one record per measurement, with machine, versions, thread counts and load
 average), ``<name>.md`` and ``<name>.png`` to ``--out``. Batched methods (ScoreCAM, AblationCAM,
 Faster-ScoreCAM, SS-CAM, IS-CAM, SmoothGradCAM++: many forward passes per image) are left out unless
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import report, runner
+from flaxcam.bench import report, runner
 
 PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
@@ -213,7 +213,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="the GPU-sized configuration (ResNet-50, large batches, bfloat16)")
     parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
                         help="glibc malloc settings of every worker, flaxcam and torch alike: 'tuned' (default) reuses "
-                             "freed buffers instead of page-faulting them in again (benchmarks.runner.TUNED_ALLOCATOR_ENV); "
+                             "freed buffers instead of page-faulting them in again (flaxcam.bench.runner.TUNED_ALLOCATOR_ENV); "
                              "'default' leaves glibc's defaults")
 
 

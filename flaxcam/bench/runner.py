@@ -1,7 +1,7 @@
 """The benchmark driver: workers in their own processes, timed interleaved round by round.
 
 Every candidate (a library's forward pass or method at one batch size) lives in a worker process
-(:mod:`benchmarks.worker`). After warm-up, each round asks every candidate of every worker to run once,
+(:mod:`flaxcam.bench.worker`). After warm-up, each round asks every candidate of every worker to run once,
 in an order rotated from round to round, so machine noise (this CPU is shared) hits all candidates
 alike; images/s come from the median round. Each record carries the load average before and after its
 measurement and the thread counts, so a reader can judge how quiet the machine was.
@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+#: The folder holding the ``flaxcam`` package imported here: workers import the same one.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 #: Packages whose versions go into every record (those installed).
 VERSIONED = ("jax", "jaxlib", "flax", "numpy", "torch", "torchvision", "grad-cam", "torchcam", "captum", "efficientnet-lite-pytorch")
@@ -50,26 +51,28 @@ TUNED_ALLOCATOR_ENV: dict[str, str] = {
 
 
 class Worker:
-    """One worker process (``python -m benchmarks.worker``) with its own environment."""
+    """One worker process (``python -m flaxcam.bench.worker``) with its own environment. It imports the
+    same flaxcam as this process, runs in this process's working directory and can import what this
+    process can (``PYTHONPATH`` = this process's ``sys.path``), so a user's ``package.module:factory``
+    model loads there too."""
 
     def __init__(self, name: str, spec: dict[str, Any], env: dict[str, str] | None = None, cpus: int | None = None):
         self.name = name
         self.spec = spec
         self.env = dict(env or {})
         full_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ, **self.env}  # GPU: share it with torch
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        full_env["PYTHONPATH"] = os.pathsep.join(worker_path())
         affinity = None
         if cpus is not None and hasattr(os, "sched_getaffinity"):
             available = sorted(os.sched_getaffinity(0))
             affinity = set(available[: max(1, min(cpus, len(available)))])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
+            [sys.executable, "-m", "flaxcam.bench.worker", json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None if os.environ.get("FLAXCAM_BENCH_VERBOSE") else subprocess.DEVNULL,
             text=True,
             env=full_env,
-            cwd=ROOT,
             # the driver runs no threads of its own, so preexec_fn is safe here
             preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,  # noqa: PLW1509
         )
@@ -91,8 +94,8 @@ class Worker:
             raise WorkerError(f"worker {self.name}: {message.get('fatal') or message.get('error')}")
         return message
 
-    def request(self, op: str, key: str | None = None) -> dict[str, Any]:
-        self.process.stdin.write(json.dumps({"op": op, "key": key}) + "\n")
+    def request(self, op: str, key: str | None = None, **fields: Any) -> dict[str, Any]:
+        self.process.stdin.write(json.dumps({"op": op, "key": key, **fields}) + "\n")
         self.process.stdin.flush()
         return self._read()
 
@@ -180,6 +183,14 @@ def measure(workers: list[Worker], rounds: int, memory: bool = False) -> list[di
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 **_worker_fields(worker),
             }
+            record["best_images_per_s"] = round(int(batch) / min(values), 3)
+            method_info = worker.info.get("methods", {}).get(method)
+            if method_info:
+                record["score"] = method_info["score"]
+                record["needs_gradients"] = method_info["needs_gradients"]
+                record["forward_passes_per_image"] = method_info["forward_passes"]
+                if method_info["forward_passes"]:
+                    record["chunk_size"] = worker.info.get("chunk_size")
             if (worker.name, key) in peaks:
                 peak = peaks[(worker.name, key)]
                 record.update(memory_fields(peak))
@@ -209,8 +220,8 @@ def _sig(seconds: float) -> float:
 def _worker_fields(worker: Worker) -> dict[str, Any]:
     spec, info = worker.spec, worker.info
     fields = {
-        "model": spec["model"],
-        "size": list(spec["size"]),
+        "model": spec.get("label") or spec["model"],
+        "size": list(info.get("size") or spec["size"]),
         "dtype": spec.get("dtype", "float32"),
         "platform": info.get("platform"),
         "device": info.get("device"),
@@ -218,6 +229,7 @@ def _worker_fields(worker: Worker) -> dict[str, Any]:
         "layer": info.get("layer"),
         "cpu_affinity": info.get("cpu_affinity"),
         "env": worker.env,
+        "xla_flags": info.get("xla_flags"),
         "worker_malloc_env": info.get("malloc_env", {}),  # what the worker process saw
     }
     if spec["library"] == "torch":
@@ -228,21 +240,52 @@ def _worker_fields(worker: Worker) -> dict[str, Any]:
     return fields
 
 
-def run_workers(specs: list[tuple[str, dict, dict, int | None]], rounds: int, memory: bool = False) -> list[dict]:
-    """Start the workers, measure them interleaved, stop them."""
+def run_workers(specs: list[tuple[str, dict, dict, int | None]], rounds: int, memory: bool = False,
+                profile: Path | None = None) -> list[dict]:
+    """Start the workers, measure them interleaved (with ``profile``, then trace one call per flaxcam
+    method into it), stop them."""
     workers = start_workers(specs)
     try:
-        return measure([w for w in workers if isinstance(w, Worker)], rounds, memory) + [
+        running = [w for w in workers if isinstance(w, Worker)]
+        records = measure(running, rounds, memory)
+        if profile is not None:
+            record_profiles(running, records, profile)
+        return records + [
             record
             for w in workers
             if isinstance(w, _FailedWorker)
             for record in [{"status": "error", "worker": w.name, "library": w.spec["library"], "method": "*",
-                            "batch": None, "error": w.message, "model": w.spec["model"], "size": list(w.spec["size"]),
+                            "batch": None, "error": w.message, "model": w.spec.get("label") or w.spec["model"], "size": list(w.spec.get("size") or []),
                             "dtype": w.spec.get("dtype", "float32"), "env": w.env}]
         ]
     finally:
         for worker in workers:
             worker.close()
+
+
+def record_profiles(workers: list[Worker], records: list[dict], folder: Path) -> None:
+    """One ``jax.profiler`` trace per flaxcam method at its largest measured batch, in
+    ``folder/<method>_b<batch>/`` (TensorBoard's or Perfetto's trace viewer reads it); the files are
+    added to that method's records as ``profile_files``."""
+    for worker in workers:
+        if worker.spec["library"] != "flaxcam":
+            continue
+        largest: dict[str, int] = {}
+        for key in worker.candidates:
+            method, batch = key.split(" ", 1)[1].rsplit("@", 1)
+            if method not in PIECES and int(batch) in worker.spec["batches"]:
+                largest[method] = max(largest.get(method, 0), int(batch))
+        for method, batch in largest.items():
+            target = Path(folder) / f"{method.replace('/', '_')}_b{batch}"
+            files = worker.request("profile", f"flaxcam {method}@{batch}", dir=str(target))["files"]
+            for record in records:
+                if record.get("worker") == worker.name and record.get("method") == method:
+                    record["profile_files"] = files
+            print(f"[bench]   trace of {method} at batch {batch}: {target}", file=sys.stderr, flush=True)
+
+
+#: Candidates that are pieces of the time split, not methods.
+PIECES = ("forward+backward", "postprocess")
 
 
 def memory_fields(peak: dict[str, Any]) -> dict[str, float]:
@@ -291,13 +334,16 @@ def shared_weights(model: str, folder: Path) -> Path | None:
     path = folder / f"{model}_seed0.pth"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        code = (
-            "import sys, torch; sys.path.insert(0, 'tests'); from torch_ref import define_torchvision_schemas; "
-            "define_torchvision_schemas(); import torchvision; torch.manual_seed(0); "
-            f"torch.save(getattr(torchvision.models, {model!r})().state_dict(), {str(path)!r})"
-        )
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        code = f"from flaxcam.bench.torch_ref import save_seeded_resnet; save_seeded_resnet({model!r}, {str(path)!r})"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(worker_path()), "JAX_PLATFORMS": "cpu"}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
     return path
+
+
+def worker_path() -> list[str]:
+    """``PYTHONPATH`` entries of a worker: this flaxcam's folder first, then this process's path."""
+    entries = [str(PACKAGE_PARENT), *(p or os.getcwd() for p in sys.path)]
+    return list(dict.fromkeys(e for e in entries if e and Path(e).exists()))
 
 
 def machine_info() -> dict[str, Any]:

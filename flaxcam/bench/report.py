@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.runner import TUNED_ALLOCATOR_ENV
+from flaxcam.bench.runner import TUNED_ALLOCATOR_ENV
 
 #: Fields every ``status: "ok"`` record has (the smoke test checks them).
 RECORD_FIELDS = (
@@ -47,6 +47,46 @@ def add_ratios(records: list[dict], baseline_worker: str | None = None) -> list[
     return records
 
 
+def derive(records: list[dict]) -> list[dict]:
+    """Add what a ``flaxcam bench`` record is read with, from the records of the same worker:
+
+    * ``latency_ms``: the median call at batch 1;
+    * for the score-based methods (``forward_passes_per_image`` P): ``floor_images_per_s``, the forward
+      rate at batch ``chunk_size`` divided by P, and ``ratio_to_floor``;
+    * with the time-split pieces (``--profile``): ``time_split_s`` and ``time_share`` of each method's
+      median call — forward (the jitted forward pass), backward to the layer (Grad-CAM's call less its
+      post-processing and the forward pass, for methods that take gradients), post-processing (explain's
+      ReLU, min-max, resize, min-max jitted alone) and the method (the rest). Differences of medians:
+      each is clipped at 0, and the split is as exact as the machine is quiet.
+    """
+    ok = [r for r in records if r.get("status") == "ok"]
+    median = {(r["worker"], r["method"], r["batch"]): r["median_s"] for r in ok}
+    for r in ok:
+        if r["library"] != "flaxcam":
+            continue
+        if r["batch"] == 1:
+            r["latency_ms"] = round(r["median_s"] * 1000, 3)
+        if r["method"] in ("forward", "forward+backward", "postprocess"):
+            continue
+        passes, chunk = r.get("forward_passes_per_image"), r.get("chunk_size")
+        chunk_forward = median.get((r["worker"], "forward", chunk)) if chunk else None
+        if passes and chunk_forward:
+            floor = chunk / chunk_forward / passes
+            r["floor_images_per_s"] = round(floor, 4)
+            r["ratio_to_floor"] = round(r["images_per_s"] / floor, 3)
+        pieces = [median.get((r["worker"], piece, r["batch"])) for piece in ("forward", "forward+backward", "postprocess")]
+        if None in pieces:
+            continue
+        forward, probe, post = pieces
+        backward = max(0.0, probe - post - forward) if r.get("needs_gradients") else 0.0
+        method = max(0.0, r["median_s"] - forward - backward - post)
+        split = {"forward": forward, "backward_to_layer": backward, "method": method, "postprocess": post}
+        total = sum(split.values()) or 1.0
+        r["time_split_s"] = {k: float(f"{v:.4g}") for k, v in split.items()}
+        r["time_share"] = {k: round(v / total, 3) for k, v in split.items()}
+    return records
+
+
 def _fmt(value: Any, spec: str = ".2f", suffix: str = "") -> str:
     return "" if value is None else f"{value:{spec}}{suffix}"
 
@@ -78,7 +118,7 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
     ]
     ok = [r for r in records if r.get("status") == "ok"]
     allocators = sorted({allocator_name(r.get("env") or {}) for r in ok})
-    if allocators:
+    if allocators and part != "bench":
         lines += [f"glibc malloc of the workers: {' and '.join(allocators)} (`--allocator`, see benchmarks/README.md).", ""]
     if part == "peers":
         split = sorted({r.get("devices", 1) for r in ok if r.get("library") == "flaxcam" and r.get("platform") == "cpu"})
@@ -110,6 +150,28 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
                 f"{r['images_per_s']:.1f} | {_fmt(r.get('ratio_to_own_forward'))} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "
                 f"{_fmt(r.get('rss_before_mib'), '.0f')} | {_fmt(r.get('device_peak_mib'), '.0f')} | {_load(r)} |"
             )
+    elif part == "bench":
+        first = ok[0] if ok else {}
+        lines += [(f"Devices: {first.get('devices')} × {first.get('device')} ({first.get('platform')}); layer "
+                   f"{first.get('layer')}; XLA_FLAGS `{first.get('xla_flags') or ''}`."), ""] if ok else []
+        lines += [
+            "| model | library | method | batch | size | dtype | images/s | best round | ratio to own forward | "
+            "first call (s) | latency (ms) | peak memory (MiB) | forward passes / image | "
+            "forward / backward / method / post (%) | load (1 min) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in ok:
+            share = r.get("time_share")
+            split = "" if not share else " / ".join(f"{100 * share[k]:.0f}" for k in ("forward", "backward_to_layer", "method", "postprocess"))
+            memory = r.get("device_peak_mib")
+            memory = f"{memory:.0f} (device)" if memory is not None else _fmt(r.get("peak_rss_mib"), ".0f", " (RSS)")
+            lines.append(
+                f"| {r['model']} | {r['library']} | {r['method']} | {r['batch']} | {r['size'][0]}x{r['size'][1]} | "
+                f"{r['dtype'] if r['library'] == 'flaxcam' else 'float32'} | {r['images_per_s']:.1f} | {_best(r)} | "
+                f"{_fmt(r.get('ratio_to_own_forward'))} | {_fmt(r.get('first_call_s'), '.2f')} | "
+                f"{_fmt(r.get('latency_ms'), '.1f')} | {memory} | {_fmt(r.get('forward_passes_per_image'), 'd')} | "
+                f"{split} | {_load(r)} |"
+            )
     else:
         lines += [
             "| configuration | library | method | batch | images/s | best round | ratio to the default | ratio to own forward | threads | load (1 min) |",
@@ -124,7 +186,12 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
     problems = [r for r in records if r.get("status") != "ok"]
     if problems:
         lines += ["", "Not measured:", ""]
+        seen = set()
         for r in problems:
+            line = (r.get("worker", r["library"]), r["model"], r["library"], r["method"], r.get("error") or r.get("reason"))
+            if line in seen:  # the same error at every batch size: listed once
+                continue
+            seen.add(line)
             lines.append(f"- {r.get('worker', r['library'])} {r['model']} {r['library']} {r['method']}: "
                          f"{r['status']} — {r.get('error') or r.get('reason')}")
     return "\n".join(lines) + "\n"
@@ -136,6 +203,9 @@ def chart(part: str, records: list[dict], path: Path) -> None:
 
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:
+        return
+    if part == "bench":
+        _bench_chart(ok, path)
         return
     if part == "scaling":
         figure = Figure(figsize=(11, 4))
@@ -172,6 +242,38 @@ def chart(part: str, records: list[dict], path: Path) -> None:
             first = subset[0]
             ax.set_title(f"{model}, batch {first['batch']}, {first['size'][0]}x{first['size'][1]}, "
                          f"{first['dtype']}, {first['device']} (blue: flaxcam, gray: PyTorch)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _bench_chart(ok: list[dict], path: Path) -> None:
+    """images/s per method at the largest batch (bars), and images/s against batch size per method."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.2))
+    bars, curves = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    methods = [r for r in ok if r["method"] not in ("forward+backward", "postprocess")]
+    largest = max(r["batch"] for r in methods)
+    subset = [r for r in methods if r["batch"] == largest]
+    bars.bar(range(len(subset)), [r["images_per_s"] for r in subset],
+             color=["tab:blue" if r["library"] == "flaxcam" else "tab:gray" for r in subset])
+    bars.set_xticks(range(len(subset)), [f"{r['library']}\n{r['method']}" for r in subset], rotation=60, ha="right", fontsize=7)
+    bars.set_ylabel("images/s")
+    first = subset[0]
+    bars.set_title(f"{first['model']}, batch {largest}, {first['size'][0]}x{first['size'][1]}, {first['dtype']}, "
+                   f"{first.get('devices')} × {first.get('device')}", fontsize=9)
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for r in methods:
+        lines.setdefault((r["library"], r["method"]), []).append(r)
+    for (library, method), rows in lines.items():
+        rows.sort(key=lambda r: r["batch"])
+        curves.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], marker="o",
+                    linestyle="-" if library == "flaxcam" else "--", label=f"{method}" + ("" if library == "flaxcam" else f" ({library})"))
+    curves.set_xscale("log", base=2)
+    curves.set_xlabel("batch size")
+    curves.set_ylabel("images/s")
+    curves.set_title("batch scaling (blue bars, solid lines: flaxcam)", fontsize=9)
+    curves.legend(fontsize=6, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
