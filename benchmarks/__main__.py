@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from flaxcam.bench import report, runner
+from flaxcam.bench.command import EXPENSIVE_METHODS, PEER_METHODS, registry_methods
 
-PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
 
 #: XLA CPU options tried by ``cpu-gap`` (each in its own process, against the default).
@@ -51,19 +51,6 @@ XLA_CPU_OPTIONS = {  # flags that jaxlib 0.10.2 accepts (see benchmarks/README.m
     "ynn_fusions": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
     "2 devices": "--xla_force_host_platform_device_count=2",
 }
-
-
-#: Per-image methods left out of the default run for their cost: ``gradcam++exact`` runs h·w·C
-#: third-order forward-mode passes of the network after the layer (about 100,000 at ResNet-50's layer4).
-EXPENSIVE_METHODS = ("gradcam++exact",)
-
-
-def registry_methods() -> list[str]:
-    """The registered flaxcam methods except the batched ones (ScoreCAM, AblationCAM, ...: many forward
-    passes per image, see the module docstring) and :data:`EXPENSIVE_METHODS`."""
-    import flaxcam  # the parent only reads the registry; it runs nothing on the device
-
-    return [name for name, method in flaxcam.METHODS.items() if not method.batched and name not in EXPENSIVE_METHODS]
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import report
+from flaxcam.bench import report
 
 
 def _rows(path):
