@@ -1,6 +1,6 @@
 """XLA CPU: ResNet's 3x3 convolutions in four formulations, against torch's (oneDNN) on the same shapes.
 
-    python -m benchmarks.conv3x3 [--batch 16] [--rounds 7]
+    python -m benchmarks.probes.conv3x3 [--batch 16] [--rounds 7]
 
 Each 3x3 stride-1 convolution shape of ResNet-50 (batch 16, 224x224 input) is timed as
 ``lax.conv_general_dilated`` with HWIO and with OIHW kernels, as an im2col matrix product (the nine
@@ -9,7 +9,7 @@ row offsets of a width-only im2col (K = 3C); and, when torch is installed, as to
 no grad) with the same thread count, in a separate process (in one process, the second library's thread
 pool slows the first one down). Median ms of interleaved rounds. The library keeps XLA's
 convolution for 3x3 kernels: none of the reformulations beat it (see benchmarks/README.md). Run with
-the benchmark's allocator settings (``benchmarks.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic,
+the benchmark's allocator settings (``flaxcam.bench.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic,
 not page faults.
 """
 
@@ -85,7 +85,7 @@ def _print_torch_times(batch: int, rounds: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.conv3x3", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probes.conv3x3", description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the torch subprocess
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     torch_ms = {}
     if with_torch:  # first, in its own process
         output = subprocess.run(
-            [sys.executable, "-m", "benchmarks.conv3x3", "--torch-only", "--batch", str(args.batch), "--rounds", str(args.rounds)],
+            [sys.executable, "-m", "benchmarks.probes.conv3x3", "--torch-only", "--batch", str(args.batch), "--rounds", str(args.rounds)],
             check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
         ).stdout
         for line in output.splitlines():

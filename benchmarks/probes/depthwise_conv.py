@@ -1,6 +1,6 @@
 """XLA CPU: depthwise convolution as a grouped convolution vs as k*k shifted multiply-adds.
 
-    python -m benchmarks.depthwise_conv
+    python -m benchmarks.probes.depthwise_conv
 
 EfficientNet-Lite0's depthwise layer shapes at 224x224, batch 16; prints ms per call of each form and
 their relative difference (the library uses the shifted form, ``depthwise_conv_same``).

@@ -1,12 +1,12 @@
 """XLA CPU: 1x1 convolution as ``lax.conv_general_dilated`` vs as a matrix product (``pointwise_conv``).
 
-    python -m benchmarks.pointwise_conv [--batch 16] [--rounds 7]
+    python -m benchmarks.probes.pointwise_conv [--batch 16] [--rounds 7]
 
 ResNet-50's and EfficientNet-Lite0's 1x1 layer shapes at 224x224; prints the median ms per call of
 each form (interleaved rounds), their ratio and relative difference. flaxcam's models use the matrix
 product (:func:`flaxcam.models.layers.pointwise_conv`). Run it with the benchmark's allocator settings
-(``benchmarks.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic rather than page faults, e.g.
-``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776 python -m benchmarks.pointwise_conv``.
+(``flaxcam.bench.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic rather than page faults, e.g.
+``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776 python -m benchmarks.probes.pointwise_conv``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _seconds(fn, *args) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.pointwise_conv", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probes.pointwise_conv", description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
