@@ -365,11 +365,16 @@ def bench_command(
     profile: Annotated[Optional[Path], typer.Option(help="Folder for one jax.profiler trace per method; adds the forward / backward / method / post-processing split.")] = None,
     peers: Annotated[bool, typer.Option(help="Also time pytorch-grad-cam, torchcam and captum on the same torchvision model (parity extra).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU cores for the worker processes (default: all).")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Masked images per forward pass of the score-based methods.")] = 32,
+    method_options: Annotated[Optional[str], typer.Option(help='Method options as JSON, e.g. \'{"num_samples": 8}\' (each to the methods that have it).')] = None,
 ) -> None:
     """Benchmark explanation speed on your model and hardware: images/s, ratio to the forward pass,
     compile time, latency, peak memory, per method and batch size (see docs/bench.md)."""
     from flaxcam.bench.command import command_line, run
 
     options = dict(model=model, weights=weights, methods=methods, layer=layer, batch=batch, size=size, dtype=dtype,
-                   devices=devices, rounds=rounds, warmup=warmup, out=out, profile=profile, peers=peers, threads=threads)
-    run(**{("batches" if k == "batch" else k): v for k, v in options.items()}, command=command_line(options))
+                   devices=devices, rounds=rounds, warmup=warmup, out=out, profile=profile, peers=peers, threads=threads,
+                   chunk_size=chunk_size, method_options=method_options)
+    arguments = {("batches" if k == "batch" else k): v for k, v in options.items()}
+    arguments["method_options"] = json.loads(method_options) if method_options else None
+    run(**arguments, command=command_line(options))

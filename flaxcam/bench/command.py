@@ -13,7 +13,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,17 @@ def peer_reason(name: str | None, weights: str | None, factory: str | None) -> s
     return None
 
 
+def _check_method_options(methods: Sequence[str], options: Mapping[str, Any]) -> None:
+    """Every option must belong to at least one of the methods run (a typo would otherwise be ignored)."""
+    import flaxcam
+
+    known = {key for name in methods if name in flaxcam.METHODS for key in flaxcam.METHODS[name].options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"method options {', '.join(unknown)} belong to none of {', '.join(methods)}; "
+                         f"their options: {', '.join(sorted(known)) or 'none'}")
+
+
 def _xla_env(devices: int | None) -> dict[str, str]:
     """The flaxcam worker's environment: with N > 1 devices, N host devices for XLA's CPU backend (on
     an accelerator the flag changes nothing and the first N accelerators are used)."""
@@ -116,6 +127,8 @@ def run(
     profile: str | os.PathLike[str] | None = None,
     peers: bool = False,
     threads: int | None = None,
+    chunk_size: int = 32,
+    method_options: Mapping[str, Any] | None = None,
     name: str | None = None,
     command: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -140,6 +153,9 @@ def run(
         the layer, method, post-processing) in the records and the table.
       peers: also time pytorch-grad-cam, torchcam and captum on the same torchvision model and weights.
       threads: CPU cores for every worker (default: all this process may use).
+      chunk_size: masked images per forward pass of the score-based methods (their memory bound).
+      method_options: method options (``{"num_samples": 8}``), each given to the methods that have it.
+      name: the file name stem under ``out`` (default ``bench_<platform>``).
     """
     factory = model if model is not None and ":" in model else None
     model_name = None if factory else model
@@ -151,8 +167,9 @@ def run(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device_count = parse_devices(devices)
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"--rounds must be >= 1 and --warmup >= 0, got {rounds} and {warmup}")
+    if rounds < 1 or warmup < 0 or chunk_size < 1:
+        raise ValueError(f"--rounds and --chunk-size must be >= 1 and --warmup >= 0, got {rounds}, {chunk_size}, {warmup}")
+    _check_method_options(method_names, method_options or {})
     started = time.time()
     command = command or "flaxcam.bench.run(" + ", ".join(
         f"{k}={v!r}" for k, v in dict(model=model, weights=weights, methods=methods, batches=batches).items() if v) + ")"
@@ -167,7 +184,8 @@ def run(
             weights = str(runner.shared_weights(model_name, Path(scratch)))  # seeded, read by both workers
         specs = [("flaxcam", {**common, "library": "flaxcam", "weights": weights, "factory": factory, "layer": layer,
                               "methods": method_names, "dtype": dtype, "devices": device_count,
-                              "split": profile is not None}, _xla_env(device_count), threads)]
+                              "split": profile is not None, "chunk_size": chunk_size,
+                              "method_options": dict(method_options or {})}, _xla_env(device_count), threads)]
         if peers and no_peers is None:
             specs.append(("torch", {**common, "library": "torch", "weights": weights, "dtype": "float32",
                                     "size": list(image_size), "methods": [m for m in method_names if m in PEER_METHODS],

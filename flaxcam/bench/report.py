@@ -156,9 +156,9 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
                    f"{first.get('layer')}; XLA_FLAGS `{first.get('xla_flags') or ''}`."), ""] if ok else []
         lines += [
             "| model | library | method | batch | size | dtype | images/s | best round | ratio to own forward | "
-            "first call (s) | latency (ms) | peak memory (MiB) | forward passes / image | "
+            "first call (s) | latency (ms) | peak memory (MiB) | forward passes / image | ratio to floor | "
             "forward / backward / method / post (%) | load (1 min) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in ok:
             share = r.get("time_share")
@@ -170,6 +170,7 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
                 f"{r['dtype'] if r['library'] == 'flaxcam' else 'float32'} | {r['images_per_s']:.1f} | {_best(r)} | "
                 f"{_fmt(r.get('ratio_to_own_forward'))} | {_fmt(r.get('first_call_s'), '.2f')} | "
                 f"{_fmt(r.get('latency_ms'), '.1f')} | {memory} | {_fmt(r.get('forward_passes_per_image'), 'd')} | "
+                f"{_fmt(r.get('ratio_to_floor'), '.2f')} | "
                 f"{split} | {_load(r)} |"
             )
     else:

@@ -188,6 +188,8 @@ def measure(workers: list[Worker], rounds: int, memory: bool = False) -> list[di
             if method_info:
                 record["score"] = method_info["score"]
                 record["needs_gradients"] = method_info["needs_gradients"]
+                if method_info.get("options"):
+                    record["options"] = method_info["options"]
                 record["forward_passes_per_image"] = method_info["forward_passes"]
                 if method_info["forward_passes"]:
                     record["chunk_size"] = worker.info.get("chunk_size")

@@ -129,12 +129,22 @@ def _layer_shape(loaded, images, layer: str | None) -> tuple[str | None, tuple[i
     return (chosen.name, tuple(chosen.shape)) if chosen else (layer, None)
 
 
-def _explainer(loaded, method: str, layer: str | None, chunk_size: int, devices: list) -> Callable:
-    """``images -> maps`` through :func:`flaxcam.explain` (FullGrad-like methods take no layer)."""
+def options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``method`` accepts (``METHODS[method].options``)."""
+    import flaxcam
+
+    return {key: value for key, value in options.items() if key in flaxcam.METHODS[method].options}
+
+
+def _explainer(loaded, method: str, layer: str | None, chunk_size: int, devices: list,
+               method_options: dict[str, Any] | None = None) -> Callable:
+    """``images -> maps`` through :func:`flaxcam.explain` (FullGrad-like methods take no layer; each
+    method gets the ``method_options`` it has)."""
     import flaxcam
 
     method_layer = None if flaxcam.METHODS[method].bias_layers else layer
-    options = {"method": method, "layer": method_layer, "chunk_size": chunk_size, "score": score_for(method)}
+    options = {"method": method, "layer": method_layer, "chunk_size": chunk_size, "score": score_for(method),
+               "method_options": options_for(method, method_options or {})}
     if loaded.api == "nnx":  # explain(nnx_model, images, ...): no variables argument
         return lambda images: flaxcam.explain(loaded.model, images, **options, devices=devices).maps
     return lambda images: flaxcam.explain(loaded.model, loaded.variables, images, **options, devices=devices).maps
@@ -195,8 +205,9 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
     for name in spec["methods"]:
         if name in flaxcam.METHODS:
             method = flaxcam.METHODS[name]
-            methods[name] = {"needs_gradients": method.needs_gradients, "score": score_for(name),
-                             "forward_passes": method.forward_passes(channels) if channels else None}
+            own = options_for(name, spec.get("method_options") or {})
+            methods[name] = {"needs_gradients": method.needs_gradients, "score": score_for(name), "options": own,
+                             "forward_passes": method.forward_passes(channels, own) if channels else None}
     batches = list(spec["batches"])
     if any(info["forward_passes"] for info in methods.values()) and chunk_size not in batches:
         batches.append(chunk_size)  # the score-based methods' floor: forward passes of chunk-sized batches
@@ -210,7 +221,7 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
             if name not in flaxcam.METHODS:
                 errors[key] = f"unknown method {name!r}: valid names are {', '.join(flaxcam.METHODS)}"
                 continue
-            run = _explainer(loaded, name, layer, chunk_size, devices)
+            run = _explainer(loaded, name, layer, chunk_size, devices, spec.get("method_options"))
             candidates[key] = lambda images=images, run=run: run(images)
         if spec.get("split"):
             probe = _explainer(loaded, "gradcam", layer, chunk_size, devices)
