@@ -57,14 +57,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--chunk-size", type=int, default=32, help="masked/ablated images per forward pass")
     parser.add_argument("--out", type=Path, default=None, help="folder for throughput_<model>.{jsonl,md,png}")
     parser.add_argument(
-        "--method-options", type=json.loads, default={}, help='JSON options, e.g. \'{"num_samples": 2}\' (to the methods that have them)'
+        "--method-options",
+        type=json.loads,
+        default={},
+        help="JSON options, e.g. '{\"num_samples\": 2}' (to the methods that have them)",
     )
     args = parser.parse_args(argv)
     records = []
     for name in args.models:
-        records += run(model=name, methods=args.methods, batches=[args.batch], size=args.size, rounds=args.rounds,
-                       warmup=args.warmup, chunk_size=args.chunk_size, method_options=args.method_options,
-                       out=args.out, name=f"throughput_{name}", command="python -m benchmarks.throughput " + " ".join(argv or []))
+        records += run(
+            model=name,
+            methods=args.methods,
+            batches=[args.batch],
+            size=args.size,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            chunk_size=args.chunk_size,
+            method_options=args.method_options,
+            out=args.out,
+            name=f"throughput_{name}",
+            command="python -m benchmarks.throughput " + " ".join(argv or []),
+        )
     return records
 
 

@@ -372,9 +372,9 @@ def bench_command(
     compile time, latency, peak memory, per method and batch size (see docs/bench.md)."""
     from flaxcam.bench.command import command_line, run
 
-    options = dict(model=model, weights=weights, methods=methods, layer=layer, batch=batch, size=size, dtype=dtype,
-                   devices=devices, rounds=rounds, warmup=warmup, out=out, profile=profile, peers=peers, threads=threads,
-                   chunk_size=chunk_size, method_options=method_options)
+    options = {"model": model, "weights": weights, "methods": methods, "layer": layer, "batch": batch, "size": size,
+               "dtype": dtype, "devices": devices, "rounds": rounds, "warmup": warmup, "out": out, "profile": profile,
+               "peers": peers, "threads": threads, "chunk_size": chunk_size, "method_options": method_options}
     arguments = {("batches" if k == "batch" else k): v for k, v in options.items()}
     arguments["method_options"] = json.loads(method_options) if method_options else None
     run(**arguments, command=command_line(options))

@@ -21,10 +21,28 @@ def _rows(path):
 @pytest.mark.slow
 def test_cli_bench_writes_records_table_chart_and_traces(tmp_path):
     out, traces = tmp_path / "out", tmp_path / "traces"
-    result = CliRunner().invoke(app, [
-        "bench", "--model", "small_cnn", "--methods", "cam,gradcam,no_such_method", "--batch", "2,1",
-        "--size", "32,40", "--rounds", "1", "--out", str(out), "--profile", str(traces),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            "small_cnn",
+            "--methods",
+            "cam,gradcam,no_such_method",
+            "--batch",
+            "2,1",
+            "--size",
+            "32,40",
+            "--rounds",
+            "1",
+            "--devices",
+            "2",
+            "--out",
+            str(out),
+            "--profile",
+            str(traces),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["bench_cpu.jsonl", "bench_cpu.md", "bench_cpu.png"]
     rows = _rows(out / "bench_cpu.jsonl")
@@ -38,12 +56,16 @@ def test_cli_bench_writes_records_table_chart_and_traces(tmp_path):
         assert r["best_images_per_s"] >= r["images_per_s"] * 0.999
         assert r["first_call_s"] > 0 and r["peak_rss_mib"] > 0 and r["machine"]["versions"]["jax"]
         assert r["command"].startswith("flaxcam bench --model small_cnn")
+        assert r["devices"] == 2 and "device_count=2" in r["xla_flags"]  # the CPU split into 2 XLA devices
     assert ok[("gradcam", 1)]["latency_ms"] == pytest.approx(1000 * ok[("gradcam", 1)]["median_s"], rel=1e-3)
     assert "latency_ms" not in ok[("gradcam", 2)]
     assert ok[("gradcam", 2)]["ratio_to_own_forward"] == pytest.approx(
-        ok[("gradcam", 2)]["images_per_s"] / ok[("forward", 2)]["images_per_s"], abs=2e-3)
+        ok[("gradcam", 2)]["images_per_s"] / ok[("forward", 2)]["images_per_s"], abs=2e-3
+    )
     share = ok[("gradcam", 2)]["time_share"]
-    assert sum(share.values()) == pytest.approx(1.0, abs=0.01) and ok[("cam", 2)]["time_share"]["backward_to_layer"] == 0
+    assert (
+        sum(share.values()) == pytest.approx(1.0, abs=0.01) and ok[("cam", 2)]["time_share"]["backward_to_layer"] == 0
+    )
     missing = [r for r in rows if r["status"] == "error"]
     assert {r["method"] for r in missing} == {"no_such_method"} and "valid names are" in missing[0]["error"]
     table = (out / "bench_cpu.md").read_text()
@@ -119,7 +141,7 @@ def test_user_nnx_model_from_module_factory(tmp_path, monkeypatch):
 
     try:
         flaxcam.explain(build(), jnp.ones((1, 16, 16, 3)), method="gradcam", layer="features")
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         pytest.skip(f"flaxcam.explain does not take NNX models in this build yet ({type(err).__name__}: {err})")
     assert isinstance(build(), nnx.Module)
     records = command.run(model="my_nnx_model:build", methods="gradcam", batches="2", size="16,16", rounds=1)
@@ -128,7 +150,7 @@ def test_user_nnx_model_from_module_factory(tmp_path, monkeypatch):
 
 
 def test_bad_options_fail_before_any_worker_starts(tmp_path):
-    with pytest.raises(ValueError, match="package.module:function"):
+    with pytest.raises(ValueError, match=r"package\.module:function"):
         command.run(model="not a module:build")
     with pytest.raises(ValueError, match="registered models are"):
         command.run(model="no_such_model")
@@ -154,23 +176,36 @@ def test_method_lists():
 
 
 def _ok(method, batch, median_s, **extra):
-    return {"status": "ok", "worker": "flaxcam", "library": "flaxcam", "method": method, "batch": batch,
-            "median_s": median_s, "images_per_s": batch / median_s, **extra}
+    return {
+        "status": "ok",
+        "worker": "flaxcam",
+        "library": "flaxcam",
+        "method": method,
+        "batch": batch,
+        "median_s": median_s,
+        "images_per_s": batch / median_s,
+        **extra,
+    }
 
 
 def test_time_split_floor_and_latency_arithmetic():
-    records = report.derive([
-        _ok("forward", 4, 0.010), _ok("forward+backward", 4, 0.016), _ok("postprocess", 4, 0.001),
-        _ok("gradcam", 4, 0.018, needs_gradients=True),
-        _ok("cam", 4, 0.013, needs_gradients=False),
-        _ok("forward", 32, 0.040),
-        _ok("scorecam", 4, 4.0, needs_gradients=False, forward_passes_per_image=64, chunk_size=32),
-        _ok("gradcam", 1, 0.005, needs_gradients=True),
-    ])
+    records = report.derive(
+        [
+            _ok("forward", 4, 0.010),
+            _ok("forward+backward", 4, 0.016),
+            _ok("postprocess", 4, 0.001),
+            _ok("gradcam", 4, 0.018, needs_gradients=True),
+            _ok("cam", 4, 0.013, needs_gradients=False),
+            _ok("forward", 32, 0.040),
+            _ok("scorecam", 4, 4.0, needs_gradients=False, forward_passes_per_image=64, chunk_size=32),
+            _ok("gradcam", 1, 0.005, needs_gradients=True),
+        ]
+    )
     by = {(r["method"], r["batch"]): r for r in records}
     # gradcam: backward = 0.016 - 0.001 - 0.010 = 0.005; method = 0.018 - 0.010 - 0.005 - 0.001 = 0.002
     assert by[("gradcam", 4)]["time_split_s"] == pytest.approx(
-        {"forward": 0.010, "backward_to_layer": 0.005, "method": 0.002, "postprocess": 0.001})
+        {"forward": 0.010, "backward_to_layer": 0.005, "method": 0.002, "postprocess": 0.001}
+    )
     assert by[("gradcam", 4)]["time_share"]["forward"] == pytest.approx(0.010 / 0.018, abs=1e-3)
     assert by[("cam", 4)]["time_split_s"]["backward_to_layer"] == 0
     assert by[("cam", 4)]["time_split_s"]["method"] == pytest.approx(0.002)
@@ -183,7 +218,8 @@ def test_time_split_floor_and_latency_arithmetic():
 
 def test_command_line_lists_the_options_given():
     assert command.command_line({"model": "m:f", "batch": "1,8", "out": None, "peers": True, "rounds": 1}) == (
-        "flaxcam bench --model m:f --batch 1,8 --peers --rounds 1")
+        "flaxcam bench --model m:f --batch 1,8 --peers --rounds 1"
+    )
 
 
 @pytest.mark.slow
@@ -195,7 +231,12 @@ def test_peers_on_the_same_torchvision_weights(tmp_path):
         pytest.skip(f"parity extra not installed: {runner.missing_peers()}")
     records = command.run(model="resnet18", methods="gradcam", batches="1", size="32,32", rounds=1, peers=True)
     ok = {(r["library"], r["method"]) for r in records if r["status"] == "ok"}
-    assert {("flaxcam", "gradcam"), ("torch", "forward"), ("pytorch-grad-cam", "gradcam"), ("torchcam", "gradcam"),
-            ("captum", "gradcam")} <= ok
+    assert {
+        ("flaxcam", "gradcam"),
+        ("torch", "forward"),
+        ("pytorch-grad-cam", "gradcam"),
+        ("torchcam", "gradcam"),
+        ("captum", "gradcam"),
+    } <= ok
     speedup = next(r for r in records if r.get("library") == "pytorch-grad-cam")["flaxcam_speedup"]
     assert speedup > 0

@@ -53,7 +53,10 @@ def row_dots(x: jax.Array, w: jax.Array) -> jax.Array:
     height, width = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     rows = jnp.concatenate([padded[:, :, j : j + width] for j in range(3)], axis=-1)  # (N, H + 2, W, 3C)
-    return sum(jnp.einsum("nhwk,kd->nhwd", rows[:, i : i + height], w[i].reshape(-1, w.shape[-1])) for i in range(3))
+    first, second, third = (
+        jnp.einsum("nhwk,kd->nhwd", rows[:, i : i + height], w[i].reshape(-1, w.shape[-1])) for i in range(3)
+    )
+    return first + second + third
 
 
 FORMS = {"XLA conv (HWIO)": conv_hwio, "XLA conv (OIHW)": conv_oihw, "im2col dot": im2col, "3 row dots": row_dots}
@@ -96,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with_torch = importlib.util.find_spec("torch") is not None
     rng = np.random.default_rng(0)
-    print(f"batch {args.batch}, {args.rounds} interleaved rounds (median ms), {threads} thread(s), "
-          f"load {os.getloadavg()[0]:.1f}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}")
+    print(
+        f"batch {args.batch}, {args.rounds} interleaved rounds (median ms), {threads} thread(s), "
+        f"load {os.getloadavg()[0]:.1f}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
+    )
     names = list(FORMS) + (["torch Conv2d (NCHW)"] if with_torch else [])
     print("| size | channels | " + " | ".join(names) + " | max rel. difference of the dot forms |")
     print("|---|---|" + "---|" * len(names) + "---|")
@@ -105,12 +110,24 @@ def main(argv: list[str] | None = None) -> None:
     torch_ms = {}
     if with_torch:  # first, in its own process
         output = subprocess.run(
-            [sys.executable, "-m", "benchmarks.probes.conv3x3", "--torch-only", "--batch", str(args.batch), "--rounds", str(args.rounds)],
-            check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.probes.conv3x3",
+                "--torch-only",
+                "--batch",
+                str(args.batch),
+                "--rounds",
+                str(args.rounds),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
         ).stdout
         for line in output.splitlines():
-            size, channels, ms = line.split()
-            torch_ms[(int(size), int(channels))] = float(ms)
+            size_text, channels_text, ms = line.split()
+            torch_ms[(int(size_text), int(channels_text))] = float(ms)
     for size, channels in SHAPES:
         x = rng.standard_normal((args.batch, size, size, channels), dtype=np.float32)
         w = rng.standard_normal((3, 3, channels, channels), dtype=np.float32) / np.sqrt(9 * channels)

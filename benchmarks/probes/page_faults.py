@@ -55,7 +55,9 @@ def _child(library: str, weights: str, model: str, batch: int, calls: int) -> No
 
         from flaxcam.bench.torch_ref import torchvision_resnet
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        torch.set_num_threads(
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        )
         net = torchvision_resnet(weights, model)
         x = torch.from_numpy(images)
 
@@ -80,18 +82,39 @@ def main(argv: list[str] | None = None) -> None:
     from flaxcam.bench import runner
 
     malloc = {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")} or "glibc defaults"
-    print(f"{args.model}, batch {args.batch}, 224x224, median of {args.calls} calls; malloc: {malloc}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.model}, batch {args.batch}, 224x224, median of {args.calls} calls; malloc: {malloc}; load {os.getloadavg()[0]:.1f}"
+    )
     print("| library | images/s | minor page faults per call |")
     print("|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         weights = runner.shared_weights(args.model, Path(folder))
         libraries = ["flaxcam"] + (["torch"] if weights is not None else [])
         for library in libraries:
-            output = subprocess.run(
-                [sys.executable, "-m", "benchmarks.probes.page_faults", "--model", args.model, "--batch", str(args.batch),
-                 "--calls", str(args.calls), "--child", library, str(weights)],
-                check=True, capture_output=True, text=True, cwd=ROOT,
-            ).stdout.strip().splitlines()[-1]
+            output = (
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.probes.page_faults",
+                        "--model",
+                        args.model,
+                        "--batch",
+                        str(args.batch),
+                        "--calls",
+                        str(args.calls),
+                        "--child",
+                        library,
+                        str(weights),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             result = json.loads(output)
             print(f"| {library} | {result['images_per_s']:.1f} | {result['minor_faults_per_call']:,} |", flush=True)
 

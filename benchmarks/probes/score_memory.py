@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| chunk size | peak RSS (MiB) | growth during explain (MiB) | seconds (incl. compile) |")
     print("|---|---|---|---|")
     for chunk in args.chunks:
-        result = subprocess.run([sys.executable, "-c", CHILD, str(chunk), args.model, str(args.size)], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, str(chunk), args.model, str(args.size)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         print(result.stdout.strip(), flush=True)
 
 

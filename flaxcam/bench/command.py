@@ -98,8 +98,10 @@ def _check_method_options(methods: Sequence[str], options: Mapping[str, Any]) ->
     known = {key for name in methods if name in flaxcam.METHODS for key in flaxcam.METHODS[name].options}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"method options {', '.join(unknown)} belong to none of {', '.join(methods)}; "
-                         f"their options: {', '.join(sorted(known)) or 'none'}")
+        raise ValueError(
+            f"method options {', '.join(unknown)} belong to none of {', '.join(methods)}; "
+            f"their options: {', '.join(sorted(known)) or 'none'}"
+        )
 
 
 def _xla_env(devices: int | None) -> dict[str, str]:
@@ -168,34 +170,84 @@ def run(
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device_count = parse_devices(devices)
     if rounds < 1 or warmup < 0 or chunk_size < 1:
-        raise ValueError(f"--rounds and --chunk-size must be >= 1 and --warmup >= 0, got {rounds}, {chunk_size}, {warmup}")
+        raise ValueError(
+            f"--rounds and --chunk-size must be >= 1 and --warmup >= 0, got {rounds}, {chunk_size}, {warmup}"
+        )
     _check_method_options(method_names, method_options or {})
     started = time.time()
-    command = command or "flaxcam.bench.run(" + ", ".join(
-        f"{k}={v!r}" for k, v in dict(model=model, weights=weights, methods=methods, batches=batches).items() if v) + ")"
+    command = (
+        command
+        or "flaxcam.bench.run("
+        + ", ".join(
+            f"{k}={v!r}"
+            for k, v in {"model": model, "weights": weights, "methods": methods, "batches": batches}.items()
+            if v
+        )
+        + ")"
+    )
     label = models.describe(model_name, weights, factory)
     no_peers = peer_reason(model_name, weights, factory) if peers else None
     if peers and no_peers is None and image_size is None:
         image_size = models.DEFAULT_SIZE  # both workers on the same images
     with tempfile.TemporaryDirectory(prefix="flaxcam-bench-") as scratch:
-        common = {"model": model_name, "label": label, "batches": list(batch_sizes),
-                  "size": list(image_size) if image_size else None, "seed": 0, "warmup": warmup}
+        common = {
+            "model": model_name,
+            "label": label,
+            "batches": list(batch_sizes),
+            "size": list(image_size) if image_size else None,
+            "seed": 0,
+            "warmup": warmup,
+        }
         if peers and no_peers is None and weights is None and model_name and model_name.startswith("resnet"):
             weights = str(runner.shared_weights(model_name, Path(scratch)))  # seeded, read by both workers
-        specs = [("flaxcam", {**common, "library": "flaxcam", "weights": weights, "factory": factory, "layer": layer,
-                              "methods": method_names, "dtype": dtype, "devices": device_count,
-                              "split": profile is not None, "chunk_size": chunk_size,
-                              "method_options": dict(method_options or {})}, _xla_env(device_count), threads)]
+        specs = [
+            (
+                "flaxcam",
+                {
+                    **common,
+                    "library": "flaxcam",
+                    "weights": weights,
+                    "factory": factory,
+                    "layer": layer,
+                    "methods": method_names,
+                    "dtype": dtype,
+                    "devices": device_count,
+                    "split": profile is not None,
+                    "chunk_size": chunk_size,
+                    "method_options": dict(method_options or {}),
+                },
+                _xla_env(device_count),
+                threads,
+            )
+        ]
         if peers and no_peers is None:
-            specs.append(("torch", {**common, "library": "torch", "weights": weights, "dtype": "float32",
-                                    "size": list(image_size), "methods": [m for m in method_names if m in PEER_METHODS],
-                                    "threads": threads or len(os.sched_getaffinity(0))}, {}, threads))
-        print(f"[bench] {label}: {', '.join(method_names)} at batch {', '.join(map(str, batch_sizes))}, {dtype}, "
-              f"{rounds} round(s)" + (", with the PyTorch peers" if len(specs) > 1 else ""), file=sys.stderr, flush=True)
+            specs.append(
+                (
+                    "torch",
+                    {
+                        **common,
+                        "library": "torch",
+                        "weights": weights,
+                        "dtype": "float32",
+                        "size": list(image_size or models.DEFAULT_SIZE),
+                        "methods": [m for m in method_names if m in PEER_METHODS],
+                        "threads": threads or len(os.sched_getaffinity(0)),
+                    },
+                    {},
+                    threads,
+                )
+            )
+        print(
+            f"[bench] {label}: {', '.join(method_names)} at batch {', '.join(map(str, batch_sizes))}, {dtype}, "
+            f"{rounds} round(s)" + (", with the PyTorch peers" if len(specs) > 1 else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         records = runner.run_workers(specs, rounds, memory=True, profile=None if profile is None else Path(profile))
     if peers and no_peers is not None:
-        records.append({"status": "skipped", "library": "peers", "method": "*", "model": label, "batch": None,
-                        "reason": no_peers})
+        records.append(
+            {"status": "skipped", "library": "peers", "method": "*", "model": label, "batch": None, "reason": no_peers}
+        )
     records = report.derive(report.add_ratios(records))
     machine = runner.machine_info()
     for record in records:
@@ -204,8 +256,15 @@ def run(
         print(report.markdown("bench", records, command, machine, time.time() - started), flush=True)
     else:
         platform = next((r["platform"] for r in records if r.get("platform")), "cpu")
-        report.write("bench", records, Path(out), name or f"bench_{'gpu' if platform in ('gpu', 'cuda') else platform}",
-                     command, machine, time.time() - started)
+        report.write(
+            "bench",
+            records,
+            Path(out),
+            name or f"bench_{'gpu' if platform in ('gpu', 'cuda') else platform}",
+            command,
+            machine,
+            time.time() - started,
+        )
     return records
 
 

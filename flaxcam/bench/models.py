@@ -55,7 +55,7 @@ def check_source(name: str | None, weights: str | None, factory: str | None) -> 
         raise ValueError("give one model: --model NAME, --model package.module:factory or --weights PATH")
     if factory is not None:
         module, _, function = factory.partition(":")
-        if not module or not function or not all(part.isidentifier() for part in module.split(".") + [function]):
+        if not module or not function or not all(part.isidentifier() for part in [*module.split("."), function]):
             raise ValueError(f"--model {factory!r}: a user model is written package.module:function")
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"--weights {weights}: no such file")
@@ -120,8 +120,15 @@ def load(spec: Mapping[str, Any]) -> LoadedModel:
         model, variables = result[0], result[1]
         meta = dict(result[2]) if len(result) == 3 else {}
         model, applied = _with_dtype(model, dtype)
-        return LoadedModel(model, variables, "linen", layer or meta.get("target_layer"),
-                           size or tuple(meta.get("input_size", DEFAULT_SIZE)), int(meta.get("channels", 3)), applied)
+        return LoadedModel(
+            model,
+            variables,
+            "linen",
+            layer or meta.get("target_layer"),
+            size or tuple(meta.get("input_size", DEFAULT_SIZE)),
+            int(meta.get("channels", 3)),
+            applied,
+        )
     weights = spec.get("weights")
     if weights and Path(weights).suffix in TORCH_SUFFIXES:
         model, variables = models.load_torchvision_resnet(weights, dtype=dtype)
@@ -130,14 +137,22 @@ def load(spec: Mapping[str, Any]) -> LoadedModel:
         model, variables, meta = models.load_bundle(weights)
         model, applied = _with_dtype(model, dtype)
         meta = dict(meta or {})
-        return LoadedModel(model, variables, "linen", layer or meta.get("target_layer"),
-                           size or tuple(meta.get("input_size", DEFAULT_SIZE)), 3, applied)
+        return LoadedModel(
+            model,
+            variables,
+            "linen",
+            layer or meta.get("target_layer"),
+            size or tuple(meta.get("input_size", DEFAULT_SIZE)),
+            3,
+            applied,
+        )
     name = spec.get("model") or "efficientnet_lite0"
     if name == "efficientnet_lite0":
         _, variables, meta = models.pretrained_efficientnet_lite0()
         model = models.efficientnet_lite0(num_classes=1000, dtype=dtype)
-        return LoadedModel(model, variables, "linen", layer or meta["target_layer"],
-                           size or tuple(meta["input_size"]), 3, "module")
+        return LoadedModel(
+            model, variables, "linen", layer or meta["target_layer"], size or tuple(meta["input_size"]), 3, "module"
+        )
     model = models.create_model(name, dtype=dtype)
     size = size or DEFAULT_SIZE
     variables = models.init_variables(model, (1, *size, 3), seed=spec.get("seed", 0))

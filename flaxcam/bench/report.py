@@ -11,9 +11,31 @@ from flaxcam.bench.runner import TUNED_ALLOCATOR_ENV
 
 #: Fields every ``status: "ok"`` record has (the smoke test checks them).
 RECORD_FIELDS = (
-    "benchmark", "status", "worker", "library", "method", "model", "batch", "size", "dtype", "images_per_s",
-    "median_s", "min_s", "max_s", "rounds", "ratio_to_own_forward", "threads", "cpu_affinity", "loadavg_start",
-    "loadavg_end", "platform", "device", "devices", "env", "machine", "command",
+    "benchmark",
+    "status",
+    "worker",
+    "library",
+    "method",
+    "model",
+    "batch",
+    "size",
+    "dtype",
+    "images_per_s",
+    "median_s",
+    "min_s",
+    "max_s",
+    "rounds",
+    "ratio_to_own_forward",
+    "threads",
+    "cpu_affinity",
+    "loadavg_start",
+    "loadavg_end",
+    "platform",
+    "device",
+    "devices",
+    "env",
+    "machine",
+    "command",
 )
 
 
@@ -32,9 +54,14 @@ def add_ratios(records: list[dict], baseline_worker: str | None = None) -> list[
         if r["method"] == "forward":
             library = "flaxcam" if r["library"] == "flaxcam" else "torch"
             forward[(r["worker"] if library == "flaxcam" else None, library, r["batch"])] = r["images_per_s"]
-    flax_rate = {(r["method"], r["batch"]): r["images_per_s"] for r in ok
-                 if r["library"] == "flaxcam" and (baseline_worker is None or r["worker"] == baseline_worker)}
-    baseline = {(r["library"], r["method"], r["batch"]): r["images_per_s"] for r in ok if r["worker"] == baseline_worker}
+    flax_rate = {
+        (r["method"], r["batch"]): r["images_per_s"]
+        for r in ok
+        if r["library"] == "flaxcam" and (baseline_worker is None or r["worker"] == baseline_worker)
+    }
+    baseline = {
+        (r["library"], r["method"], r["batch"]): r["images_per_s"] for r in ok if r["worker"] == baseline_worker
+    }
     for r in ok:
         own = forward.get(_own_forward_key(r))
         r["ratio_to_own_forward"] = round(r["images_per_s"] / own, 3) if own else None
@@ -74,10 +101,12 @@ def derive(records: list[dict]) -> list[dict]:
             floor = chunk / chunk_forward / passes
             r["floor_images_per_s"] = round(floor, 4)
             r["ratio_to_floor"] = round(r["images_per_s"] / floor, 3)
-        pieces = [median.get((r["worker"], piece, r["batch"])) for piece in ("forward", "forward+backward", "postprocess")]
+        pieces = [
+            median.get((r["worker"], piece, r["batch"])) for piece in ("forward", "forward+backward", "postprocess")
+        ]
         if None in pieces:
             continue
-        forward, probe, post = pieces
+        forward, probe, post = (float(p) for p in pieces if p is not None)
         backward = max(0.0, probe - post - forward) if r.get("needs_gradients") else 0.0
         method = max(0.0, r["median_s"] - forward - backward - post)
         split = {"forward": forward, "backward_to_layer": backward, "method": method, "postprocess": post}
@@ -98,7 +127,7 @@ def _best(record: dict) -> str:
 
 def _load(record: dict) -> str:
     start, end = record.get("loadavg_start"), record.get("loadavg_end")
-    return "" if not start else f"{start[0]:.1f}→{end[0]:.1f}"
+    return "" if not start or not end else f"{start[0]:.1f}→{end[0]:.1f}"
 
 
 def allocator_name(env: dict) -> str:
@@ -119,12 +148,22 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
     ok = [r for r in records if r.get("status") == "ok"]
     allocators = sorted({allocator_name(r.get("env") or {}) for r in ok})
     if allocators and part != "bench":
-        lines += [f"glibc malloc of the workers: {' and '.join(allocators)} (`--allocator`, see benchmarks/README.md).", ""]
+        lines += [
+            f"glibc malloc of the workers: {' and '.join(allocators)} (`--allocator`, see benchmarks/README.md).",
+            "",
+        ]
     if part == "peers":
-        split = sorted({r.get("devices", 1) for r in ok if r.get("library") == "flaxcam" and r.get("platform") == "cpu"})
+        split = sorted(
+            {r.get("devices", 1) for r in ok if r.get("library") == "flaxcam" and r.get("platform") == "cpu"}
+        )
         if split and split != [1]:
-            lines += [(f"flaxcam's CPU split into {', '.join(map(str, split))} XLA device(s) (`--cpu-devices`), the batch "
-                       "sharded over them (its forward pass too); the PyTorch peers as usual."), ""]
+            lines += [
+                (
+                    f"flaxcam's CPU split into {', '.join(map(str, split))} XLA device(s) (`--cpu-devices`), the batch "
+                    "sharded over them (its forward pass too); the PyTorch peers as usual."
+                ),
+                "",
+            ]
         lines += [
             "| model | library | method | batch | size | dtype | images/s | best round | ratio to own forward | flaxcam's speedup over it | threads | load (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -138,8 +177,13 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
             )
     elif part == "scaling":
         if any(r.get("memory_allocator") == "default" for r in ok):
-            lines += [("Peak memory: measured in a second worker with glibc's default allocator, one call per "
-                       "candidate after warm-up (the timing workers' tuned allocator keeps every freed buffer)."), ""]
+            lines += [
+                (
+                    "Peak memory: measured in a second worker with glibc's default allocator, one call per "
+                    "candidate after warm-up (the timing workers' tuned allocator keeps every freed buffer)."
+                ),
+                "",
+            ]
         lines += [
             "| model | method | size | devices | batch | images/s | ratio to forward | peak RSS (MiB) | RSS before (MiB) | device peak (MiB) | load (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -152,8 +196,17 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
             )
     elif part == "bench":
         first = ok[0] if ok else {}
-        lines += [(f"Devices: {first.get('devices')} × {first.get('device')} ({first.get('platform')}); layer "
-                   f"{first.get('layer')}; XLA_FLAGS `{first.get('xla_flags') or ''}`."), ""] if ok else []
+        lines += (
+            [
+                (
+                    f"Devices: {first.get('devices')} × {first.get('device')} ({first.get('platform')}); layer "
+                    f"{first.get('layer')}; XLA_FLAGS `{first.get('xla_flags') or ''}`."
+                ),
+                "",
+            ]
+            if ok
+            else []
+        )
         lines += [
             "| model | library | method | batch | size | dtype | images/s | best round | ratio to own forward | "
             "first call (s) | latency (ms) | peak memory (MiB) | forward passes / image | ratio to floor | "
@@ -162,7 +215,13 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
         ]
         for r in ok:
             share = r.get("time_share")
-            split = "" if not share else " / ".join(f"{100 * share[k]:.0f}" for k in ("forward", "backward_to_layer", "method", "postprocess"))
+            shares = (
+                ""
+                if not share
+                else " / ".join(
+                    f"{100 * share[k]:.0f}" for k in ("forward", "backward_to_layer", "method", "postprocess")
+                )
+            )
             memory = r.get("device_peak_mib")
             memory = f"{memory:.0f} (device)" if memory is not None else _fmt(r.get("peak_rss_mib"), ".0f", " (RSS)")
             lines.append(
@@ -171,7 +230,7 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
                 f"{_fmt(r.get('ratio_to_own_forward'))} | {_fmt(r.get('first_call_s'), '.2f')} | "
                 f"{_fmt(r.get('latency_ms'), '.1f')} | {memory} | {_fmt(r.get('forward_passes_per_image'), 'd')} | "
                 f"{_fmt(r.get('ratio_to_floor'), '.2f')} | "
-                f"{split} | {_load(r)} |"
+                f"{shares} | {_load(r)} |"
             )
     else:
         lines += [
@@ -189,12 +248,20 @@ def markdown(part: str, records: list[dict], command: str, machine: dict, second
         lines += ["", "Not measured:", ""]
         seen = set()
         for r in problems:
-            line = (r.get("worker", r["library"]), r["model"], r["library"], r["method"], r.get("error") or r.get("reason"))
+            line = (
+                r.get("worker", r["library"]),
+                r["model"],
+                r["library"],
+                r["method"],
+                r.get("error") or r.get("reason"),
+            )
             if line in seen:  # the same error at every batch size: listed once
                 continue
             seen.add(line)
-            lines.append(f"- {r.get('worker', r['library'])} {r['model']} {r['library']} {r['method']}: "
-                         f"{r['status']} — {r.get('error') or r.get('reason')}")
+            lines.append(
+                f"- {r.get('worker', r['library'])} {r['model']} {r['library']} {r['method']}: "
+                f"{r['status']} — {r.get('error') or r.get('reason')}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -220,8 +287,12 @@ def chart(part: str, records: list[dict], path: Path) -> None:
             marker = "o" if len(rows) > 1 else "s"
             speed.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], marker=marker, label=label)
             if method != "forward":
-                memory.plot([r["batch"] for r in rows], [r.get("device_peak_mib") or r.get("peak_rss_mib") for r in rows],
-                            marker=marker, label=label)
+                memory.plot(
+                    [r["batch"] for r in rows],
+                    [r.get("device_peak_mib") or r.get("peak_rss_mib") or 0.0 for r in rows],
+                    marker=marker,
+                    label=label,
+                )
         for ax, ylabel in ((speed, "images/s"), (memory, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size")
@@ -241,8 +312,10 @@ def chart(part: str, records: list[dict], path: Path) -> None:
             ax.set_xticks(range(len(subset)), labels, rotation=60, ha="right", fontsize=7)
             ax.set_ylabel("images/s")
             first = subset[0]
-            ax.set_title(f"{model}, batch {first['batch']}, {first['size'][0]}x{first['size'][1]}, "
-                         f"{first['dtype']}, {first['device']} (blue: flaxcam, gray: PyTorch)")
+            ax.set_title(
+                f"{model}, batch {first['batch']}, {first['size'][0]}x{first['size'][1]}, "
+                f"{first['dtype']}, {first['device']} (blue: flaxcam, gray: PyTorch)"
+            )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -256,20 +329,33 @@ def _bench_chart(ok: list[dict], path: Path) -> None:
     methods = [r for r in ok if r["method"] not in ("forward+backward", "postprocess")]
     largest = max(r["batch"] for r in methods)
     subset = [r for r in methods if r["batch"] == largest]
-    bars.bar(range(len(subset)), [r["images_per_s"] for r in subset],
-             color=["tab:blue" if r["library"] == "flaxcam" else "tab:gray" for r in subset])
-    bars.set_xticks(range(len(subset)), [f"{r['library']}\n{r['method']}" for r in subset], rotation=60, ha="right", fontsize=7)
+    bars.bar(
+        range(len(subset)),
+        [r["images_per_s"] for r in subset],
+        color=["tab:blue" if r["library"] == "flaxcam" else "tab:gray" for r in subset],
+    )
+    bars.set_xticks(
+        range(len(subset)), [f"{r['library']}\n{r['method']}" for r in subset], rotation=60, ha="right", fontsize=7
+    )
     bars.set_ylabel("images/s")
     first = subset[0]
-    bars.set_title(f"{first['model']}, batch {largest}, {first['size'][0]}x{first['size'][1]}, {first['dtype']}, "
-                   f"{first.get('devices')} × {first.get('device')}", fontsize=9)
+    bars.set_title(
+        f"{first['model']}, batch {largest}, {first['size'][0]}x{first['size'][1]}, {first['dtype']}, "
+        f"{first.get('devices')} × {first.get('device')}",
+        fontsize=9,
+    )
     lines: dict[tuple[str, str], list[dict]] = {}
     for r in methods:
         lines.setdefault((r["library"], r["method"]), []).append(r)
     for (library, method), rows in lines.items():
         rows.sort(key=lambda r: r["batch"])
-        curves.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], marker="o",
-                    linestyle="-" if library == "flaxcam" else "--", label=f"{method}" + ("" if library == "flaxcam" else f" ({library})"))
+        curves.plot(
+            [r["batch"] for r in rows],
+            [r["images_per_s"] for r in rows],
+            marker="o",
+            linestyle="-" if library == "flaxcam" else "--",
+            label=f"{method}" + ("" if library == "flaxcam" else f" ({library})"),
+        )
     curves.set_xscale("log", base=2)
     curves.set_xlabel("batch size")
     curves.set_ylabel("images/s")
@@ -279,7 +365,9 @@ def _bench_chart(ok: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-def write(part: str, records: list[dict], out: Path, stem: str, command: str, machine: dict, seconds: float) -> list[Path]:
+def write(
+    part: str, records: list[dict], out: Path, stem: str, command: str, machine: dict, seconds: float
+) -> list[Path]:
     """``<stem>.jsonl``, ``<stem>.md`` and ``<stem>.png`` in ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     jsonl, md, png = out / f"{stem}.jsonl", out / f"{stem}.md", out / f"{stem}.png"

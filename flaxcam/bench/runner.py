@@ -9,6 +9,7 @@ measurement and the thread counts, so a reader can judge how quiet the machine w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -19,15 +20,26 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 #: The folder holding the ``flaxcam`` package imported here: workers import the same one.
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 #: Packages whose versions go into every record (those installed).
-VERSIONED = ("jax", "jaxlib", "flax", "numpy", "torch", "torchvision", "grad-cam", "torchcam", "captum", "efficientnet-lite-pytorch")
+VERSIONED = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "numpy",
+    "torch",
+    "torchvision",
+    "grad-cam",
+    "torchcam",
+    "captum",
+    "efficientnet-lite-pytorch",
+)
 #: The peer libraries and the module each needs.
 PEER_MODULES = {"torch": "torch", "pytorch-grad-cam": "pytorch_grad_cam", "torchcam": "torchcam", "captum": "captum"}
 #: Architectures that have a PyTorch peer on the same weights.
@@ -74,15 +86,18 @@ class Worker:
             text=True,
             env=full_env,
             # the driver runs no threads of its own, so preexec_fn is safe here
-            preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,  # noqa: PLW1509
+            preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,
         )
+        assert self.process.stdin is not None and self.process.stdout is not None  # both piped above
+        self._stdin: IO[str] = self.process.stdin
+        self._stdout: IO[str] = self.process.stdout
         hello = self._read()
         self.candidates: list[str] = hello["candidates"]
         self.errors: dict[str, str] = hello["errors"]
         self.info: dict[str, Any] = hello["info"]
 
     def _read(self) -> dict[str, Any]:
-        line = self.process.stdout.readline()
+        line = self._stdout.readline()
         if not line:
             self.process.wait()
             raise WorkerError(
@@ -95,25 +110,27 @@ class Worker:
         return message
 
     def request(self, op: str, key: str | None = None, **fields: Any) -> dict[str, Any]:
-        self.process.stdin.write(json.dumps({"op": op, "key": key, **fields}) + "\n")
-        self.process.stdin.flush()
+        self._stdin.write(json.dumps({"op": op, "key": key, **fields}) + "\n")
+        self._stdin.flush()
         return self._read()
 
     def close(self) -> None:
         if self.process.poll() is None:
             try:
-                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.process.stdin.flush()
+                self._stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self._stdin.flush()
                 self.process.wait(timeout=60)
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.process.kill()
                 self.process.wait()
 
 
-def start_workers(specs: Iterable[tuple[str, dict, dict, int | None]]) -> list[Worker]:
+def start_workers(
+    specs: Iterable[tuple[str, dict[str, Any], dict[str, str], int | None]],
+) -> list[Worker | _FailedWorker]:
     """Start workers one after the other (``(name, spec, env, cpus)`` each); a worker that fails to
-    start is reported and left out."""
-    workers = []
+    start is reported and kept as a :class:`_FailedWorker` (its error becomes a record)."""
+    workers: list[Worker | _FailedWorker] = []
     for name, spec, env, cpus in specs:
         print(f"[bench]   starting worker {name!r} (build, compile, warm up)", file=sys.stderr, flush=True)
         try:
@@ -152,8 +169,12 @@ def measure(workers: list[Worker], rounds: int, memory: bool = False) -> list[di
         shift = round_index % max(1, len(order))
         for worker, key in order[shift:] + order[:shift]:
             timings[(worker.name, key)].append(worker.request("run", key)["seconds"])
-        print(f"[bench]   round {round_index + 1}/{rounds} of {len(order)} candidates done at "
-              f"{time.time() - started:.0f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        print(
+            f"[bench]   round {round_index + 1}/{rounds} of {len(order)} candidates done at "
+            f"{time.time() - started:.0f} s (load {os.getloadavg()[0]:.1f})",
+            file=sys.stderr,
+            flush=True,
+        )
     load_end = os.getloadavg()
     peaks = {}
     if memory:
@@ -242,8 +263,12 @@ def _worker_fields(worker: Worker) -> dict[str, Any]:
     return fields
 
 
-def run_workers(specs: list[tuple[str, dict, dict, int | None]], rounds: int, memory: bool = False,
-                profile: Path | None = None) -> list[dict]:
+def run_workers(
+    specs: Sequence[tuple[str, dict[str, Any], dict[str, str], int | None]],
+    rounds: int,
+    memory: bool = False,
+    profile: Path | None = None,
+) -> list[dict]:
     """Start the workers, measure them interleaved (with ``profile``, then trace one call per flaxcam
     method into it), stop them."""
     workers = start_workers(specs)
@@ -256,9 +281,20 @@ def run_workers(specs: list[tuple[str, dict, dict, int | None]], rounds: int, me
             record
             for w in workers
             if isinstance(w, _FailedWorker)
-            for record in [{"status": "error", "worker": w.name, "library": w.spec["library"], "method": "*",
-                            "batch": None, "error": w.message, "model": w.spec.get("label") or w.spec["model"], "size": list(w.spec.get("size") or []),
-                            "dtype": w.spec.get("dtype", "float32"), "env": w.env}]
+            for record in [
+                {
+                    "status": "error",
+                    "worker": w.name,
+                    "library": w.spec["library"],
+                    "method": "*",
+                    "batch": None,
+                    "error": w.message,
+                    "model": w.spec.get("label") or w.spec["model"],
+                    "size": list(w.spec.get("size") or []),
+                    "dtype": w.spec.get("dtype", "float32"),
+                    "env": w.env,
+                }
+            ]
         ]
     finally:
         for worker in workers:
@@ -277,13 +313,13 @@ def record_profiles(workers: list[Worker], records: list[dict], folder: Path) ->
             method, batch = key.split(" ", 1)[1].rsplit("@", 1)
             if method not in PIECES and int(batch) in worker.spec["batches"]:
                 largest[method] = max(largest.get(method, 0), int(batch))
-        for method, batch in largest.items():
-            target = Path(folder) / f"{method.replace('/', '_')}_b{batch}"
-            files = worker.request("profile", f"flaxcam {method}@{batch}", dir=str(target))["files"]
+        for method, size in largest.items():
+            target = Path(folder) / f"{method.replace('/', '_')}_b{size}"
+            files = worker.request("profile", f"flaxcam {method}@{size}", dir=str(target))["files"]
             for record in records:
                 if record.get("worker") == worker.name and record.get("method") == method:
                     record["profile_files"] = files
-            print(f"[bench]   trace of {method} at batch {batch}: {target}", file=sys.stderr, flush=True)
+            print(f"[bench]   trace of {method} at batch {size}: {target}", file=sys.stderr, flush=True)
 
 
 #: Candidates that are pieces of the time split, not methods.
@@ -292,8 +328,10 @@ PIECES = ("forward+backward", "postprocess")
 
 def memory_fields(peak: dict[str, Any]) -> dict[str, float]:
     """A worker's answer to a ``memory`` request as record fields in MiB."""
-    fields = {"peak_rss_mib": round(peak["peak_rss_bytes"] / 2**20, 1),
-              "rss_before_mib": round(peak["base_rss_bytes"] / 2**20, 1)}
+    fields = {
+        "peak_rss_mib": round(peak["peak_rss_bytes"] / 2**20, 1),
+        "rss_before_mib": round(peak["base_rss_bytes"] / 2**20, 1),
+    }
     if peak.get("device_peak_bytes") is not None:
         fields["device_peak_mib"] = round(peak["device_peak_bytes"] / 2**20, 1)
     return fields
@@ -307,8 +345,9 @@ def measure_peak_memory(name: str, spec: dict, env: dict, cpus: int | None) -> d
     peaks: dict[str, dict[str, float]] = {}
     for worker in start_workers([(name, spec, env, cpus)]):
         try:
-            for key in worker.candidates:
-                peaks[key] = memory_fields(worker.request("memory", key))
+            if isinstance(worker, Worker):
+                for key in worker.candidates:
+                    peaks[key] = memory_fields(worker.request("memory", key))
         finally:
             worker.close()
     return peaks
@@ -359,20 +398,12 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     memory_gib = None
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     versions = {}
-    for package in VERSIONED:
-        try:
+    for package in (*VERSIONED, "flaxcam"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    try:
-        versions["flaxcam"] = importlib.metadata.version("flaxcam")
-    except importlib.metadata.PackageNotFoundError:
-        pass
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

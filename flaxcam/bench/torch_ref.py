@@ -27,7 +27,7 @@ def define_torchvision_schemas() -> None:
 
     if _LIBRARY is None:
         try:
-            torch.ops.torchvision.nms  # present when torchvision's extension can load
+            _ = torch.ops.torchvision.nms  # present when torchvision's extension can load
             _LIBRARY = "native"
         except (AttributeError, RuntimeError):
             _LIBRARY = torch.library.Library("torchvision", "DEF")

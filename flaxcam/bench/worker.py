@@ -35,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 #: The peers' classes for each method (pytorch-grad-cam 1.5.7, torchcam 0.5, captum 0.9).
-PYTORCH_GRAD_CAM = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "layercam": "LayerCAM"}
+PYTORCH_GRAD_CAM = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+}
 TORCHCAM = {"gradcam": "GradCAM", "gradcam++": "GradCAMpp", "layercam": "LayerCAM"}
 CAPTUM = {"gradcam": "LayerGradCam"}
 
@@ -117,15 +122,18 @@ def _layer_shape(loaded, images, layer: str | None) -> tuple[str | None, tuple[i
     shape None where the model's layers cannot be listed (counted as unknown, never fatal)."""
     import flaxcam
 
+    list_layers: Callable[..., list] = flaxcam.list_layers  # (nnx_model, images) or (linen_model, variables, images)
     try:
         if loaded.api == "nnx":
-            layers = flaxcam.list_layers(loaded.model, images)
+            layers = list_layers(loaded.model, images)
         else:
             layers = flaxcam.list_layers(loaded.model, loaded.variables, images)
-    except Exception:  # noqa: BLE001 (e.g. an NNX model before list_layers takes them)
+    except Exception:
         return layer, None
     spatial = [info for info in layers if len(info.shape) == 4]
-    chosen = next((info for info in layers if info.name == layer), None) if layer else (spatial[-1] if spatial else None)
+    chosen = (
+        next((info for info in layers if info.name == layer), None) if layer else (spatial[-1] if spatial else None)
+    )
     return (chosen.name, tuple(chosen.shape)) if chosen else (layer, None)
 
 
@@ -136,15 +144,21 @@ def options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key in flaxcam.METHODS[method].options}
 
 
-def _explainer(loaded, method: str, layer: str | None, chunk_size: int, devices: list,
-               method_options: dict[str, Any] | None = None) -> Callable:
+def _explainer(
+    loaded, method: str, layer: str | None, chunk_size: int, devices: list, method_options: dict[str, Any] | None = None
+) -> Callable:
     """``images -> maps`` through :func:`flaxcam.explain` (FullGrad-like methods take no layer; each
     method gets the ``method_options`` it has)."""
     import flaxcam
 
     method_layer = None if flaxcam.METHODS[method].bias_layers else layer
-    options = {"method": method, "layer": method_layer, "chunk_size": chunk_size, "score": score_for(method),
-               "method_options": options_for(method, method_options or {})}
+    options: dict[str, Any] = {
+        "method": method,
+        "layer": method_layer,
+        "chunk_size": chunk_size,
+        "score": score_for(method),
+        "method_options": options_for(method, method_options or {}),
+    }
     if loaded.api == "nnx":  # explain(nnx_model, images, ...): no variables argument
         return lambda images: flaxcam.explain(loaded.model, images, **options, devices=devices).maps
     return lambda images: flaxcam.explain(loaded.model, loaded.variables, images, **options, devices=devices).maps
@@ -206,8 +220,12 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
         if name in flaxcam.METHODS:
             method = flaxcam.METHODS[name]
             own = options_for(name, spec.get("method_options") or {})
-            methods[name] = {"needs_gradients": method.needs_gradients, "score": score_for(name), "options": own,
-                             "forward_passes": method.forward_passes(channels, own) if channels else None}
+            methods[name] = {
+                "needs_gradients": method.needs_gradients,
+                "score": score_for(name),
+                "options": own,
+                "forward_passes": method.forward_passes(channels, own) if channels else None,
+            }
     batches = list(spec["batches"])
     if any(info["forward_passes"] for info in methods.values()) and chunk_size not in batches:
         batches.append(chunk_size)  # the score-based methods' floor: forward passes of chunk-sized batches
@@ -225,7 +243,9 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
             candidates[key] = lambda images=images, run=run: run(images)
         if spec.get("split"):
             probe = _explainer(loaded, "gradcam", layer, chunk_size, devices)
-            candidates[candidate_key("flaxcam", "forward+backward", batch)] = lambda images=images, probe=probe: probe(images)
+            candidates[candidate_key("flaxcam", "forward+backward", batch)] = lambda images=images, probe=probe: probe(
+                images
+            )
             raw = jax.device_put(np.random.default_rng(1).standard_normal((batch, 1, *layer_hw)).astype(np.float32))
             post = _postprocess(size)
             candidates[candidate_key("flaxcam", "postprocess", batch)] = lambda raw=raw, post=post: post(raw)
@@ -247,7 +267,9 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
     return candidates, errors, info
 
 
-def _add_preprocessing(candidates: dict[str, Callable], spec: dict[str, Any], forward: Callable, variables: Any) -> None:
+def _add_preprocessing(
+    candidates: dict[str, Callable], spec: dict[str, Any], forward: Callable, variables: Any
+) -> None:
     """Forward passes that start from uint8 images on the host: normalized with NumPy then copied
     (``forward+host_preprocess``), or copied as uint8 and normalized inside the jitted step
     (``forward+fused_preprocess``)."""
@@ -370,7 +392,9 @@ def torch_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[st
                 import pytorch_grad_cam
 
                 cam = getattr(pytorch_grad_cam, PYTORCH_GRAD_CAM[method])(model=model, target_layers=[target_layer])
-                candidates[candidate_key("pytorch-grad-cam", method, batch)] = lambda cam=cam, images=images: cam(images, None)
+                candidates[candidate_key("pytorch-grad-cam", method, batch)] = lambda cam=cam, images=images: cam(
+                    images, None
+                )
             if "torchcam" in libraries and method in TORCHCAM:
                 from torchcam import methods as torchcam_methods
 
@@ -419,7 +443,7 @@ def _warm_up(candidates: dict[str, Callable], block: Callable, warmup: int, erro
                 block(candidates[key]())
                 if index == 0:
                     first[key] = time.perf_counter() - start
-        except Exception as err:  # noqa: BLE001 (a peer without this method, out of memory, ...: recorded, not fatal)
+        except Exception as err:
             errors[key] = f"{type(err).__name__}: {err}".strip()[:500]
             del candidates[key]
             print(traceback.format_exc(), file=sys.stderr)
@@ -480,7 +504,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     try:
         serve(spec, sys.stdin, answer)
-    except Exception as err:  # noqa: BLE001 (reported to the driver, which records it)
+    except Exception as err:
         traceback.print_exc()
         answer({"fatal": f"{type(err).__name__}: {err}"[:1000]})
         sys.exit(1)
