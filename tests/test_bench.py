@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -240,3 +241,22 @@ def test_peers_on_the_same_torchvision_weights(tmp_path):
     } <= ok
     speedup = next(r for r in records if r.get("library") == "pytorch-grad-cam")["flaxcam_speedup"]
     assert speedup > 0
+
+
+@pytest.mark.parity
+def test_efficientnet_peer_model_has_the_references_logits():
+    from flaxcam.bench import runner
+
+    if runner.missing_peers():
+        pytest.skip(f"parity extra not installed: {runner.missing_peers()}")
+    lite = pytest.importorskip("efficientnet_lite_pytorch")
+    import torch
+
+    from flaxcam.bench.torch_ref import efficientnet_lite0_reference
+    from flaxcam.models.pretrained import efficientnet_lite0_weights_path
+
+    reference = lite.EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(torch.load(efficientnet_lite0_weights_path(), weights_only=True))
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(efficientnet_lite0_reference()(images), reference.eval()(images), rtol=0, atol=0)

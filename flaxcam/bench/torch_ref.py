@@ -70,3 +70,33 @@ def save_seeded_resnet(name: str, path: str | os.PathLike[str], seed: int = 0) -
     torch, torchvision = import_torchvision()
     torch.manual_seed(seed)
     torch.save(getattr(torchvision.models, name)().state_dict(), path)
+
+
+def efficientnet_lite0_reference() -> Any:
+    """efficientnet-lite-pytorch's EfficientNet-Lite0 with the ImageNet weights flaxcam's pretrained
+    default is converted from, in eval mode, rearranged so that the activated head (flaxcam's ``head``
+    layer: conv, BatchNorm, ReLU6) is one module, ``model.head`` — the target layer of the peers'
+    methods. Same modules and logits as the reference (as in tests/parity/test_efficientnet_parity.py)."""
+    import efficientnet_lite_pytorch
+    import torch
+
+    from flaxcam.models.pretrained import efficientnet_lite0_weights_path
+
+    reference = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(torch.load(efficientnet_lite0_weights_path(), weights_only=True))
+
+    class HeadAsOneModule(torch.nn.Module):
+        def __init__(self, ref: Any):
+            super().__init__()
+            self.stem = torch.nn.Sequential(ref._conv_stem, ref._bn0, torch.nn.ReLU6())
+            self.blocks = ref._blocks
+            self.head = torch.nn.Sequential(ref._conv_head, ref._bn1, torch.nn.ReLU6())
+            self.fc = ref._fc
+
+        def forward(self, x: Any) -> Any:
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.fc(self.head(x).mean(dim=(2, 3)))
+
+    return HeadAsOneModule(reference).eval()

@@ -324,38 +324,14 @@ def _import_torch(threads: int):
 
 def _torch_model(torch, spec: dict[str, Any]):
     """``(model, target_layer_module)`` on the same weights as the flaxcam worker."""
-    from flaxcam.bench.torch_ref import TORCHVISION_RESNETS, torchvision_resnet
+    from flaxcam.bench.torch_ref import TORCHVISION_RESNETS, efficientnet_lite0_reference, torchvision_resnet
 
     name = spec.get("model") or "efficientnet_lite0"
     if spec.get("weights"):  # the torchvision checkpoint the flaxcam worker reads too
         model = torchvision_resnet(spec["weights"], name if name in TORCHVISION_RESNETS else None)
         return model, model.layer4
     if name == "efficientnet_lite0":
-        import efficientnet_lite_pytorch
-
-        from flaxcam.models.pretrained import efficientnet_lite0_weights_path
-
-        reference = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
-        reference.load_state_dict(torch.load(efficientnet_lite0_weights_path(), weights_only=True))
-
-        class Wrapped(torch.nn.Module):
-            """The reference's modules with the activated head (flaxcam's ``head`` layer) as one module,
-            as in tests/parity/test_efficientnet_parity.py (same logits as the reference)."""
-
-            def __init__(self, ref):
-                super().__init__()
-                self.stem = torch.nn.Sequential(ref._conv_stem, ref._bn0, torch.nn.ReLU6())
-                self.blocks = ref._blocks
-                self.head = torch.nn.Sequential(ref._conv_head, ref._bn1, torch.nn.ReLU6())
-                self.fc = ref._fc
-
-            def forward(self, x):
-                x = self.stem(x)
-                for block in self.blocks:
-                    x = block(x)
-                return self.fc(self.head(x).mean(dim=(2, 3)))
-
-        model = Wrapped(reference).eval()
+        model = efficientnet_lite0_reference()
         return model, model.head
     raise ValueError(f"no PyTorch peer for model {name!r}: peers run on torchvision ResNets and efficientnet_lite0")
 
