@@ -130,7 +130,7 @@ def _layer_shape(loaded, images, layer: str | None) -> tuple[str | None, tuple[i
             layers = flaxcam.list_layers(loaded.model, loaded.variables, images)
     except Exception:
         return layer, None
-    spatial = [info for info in layers if len(info.shape) == 4]
+    spatial = [info for info in layers if info.is_spatial]
     chosen = (
         next((info for info in layers if info.name == layer), None) if layer else (spatial[-1] if spatial else None)
     )
