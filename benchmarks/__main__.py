@@ -15,7 +15,7 @@ each configuration. ``cpu-gap``: XLA CPU flags, bfloat16, preprocessing inside t
 torch thread settings, each in its own process, against the default configuration.
 
 Each library runs in its own worker process; candidates are timed interleaved, round by round, after
-warm-up, and images/s come from the median round (:mod:`benchmarks.runner`). Writes
+warm-up, and images/s come from the median round (:mod:`flaxcam.bench.runner`). Writes
 ``<name>.jsonl`` (one record per measurement, with machine, versions, thread counts and load
 average), ``<name>.md`` and ``<name>.png`` to ``--out``. Batched methods (ScoreCAM, AblationCAM,
 Faster-ScoreCAM, SS-CAM, IS-CAM, SmoothGradCAM++: many forward passes per image) are left out unless
@@ -33,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import report, runner
+from flaxcam.bench import report, runner
+from flaxcam.bench.command import PEER_METHODS, registry_methods
 
-PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
 
 #: XLA CPU options tried by ``cpu-gap`` (each in its own process, against the default).
@@ -51,19 +51,6 @@ XLA_CPU_OPTIONS = {  # flags that jaxlib 0.10.2 accepts (see benchmarks/README.m
     "ynn_fusions": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
     "2 devices": "--xla_force_host_platform_device_count=2",
 }
-
-
-#: Per-image methods left out of the default run for their cost: ``gradcam++exact`` runs h·w·C
-#: third-order forward-mode passes of the network after the layer (about 100,000 at ResNet-50's layer4).
-EXPENSIVE_METHODS = ("gradcam++exact",)
-
-
-def registry_methods() -> list[str]:
-    """The registered flaxcam methods except the batched ones (ScoreCAM, AblationCAM, ...: many forward
-    passes per image, see the module docstring) and :data:`EXPENSIVE_METHODS`."""
-    import flaxcam  # the parent only reads the registry; it runs nothing on the device
-
-    return [name for name, method in flaxcam.METHODS.items() if not method.batched and name not in EXPENSIVE_METHODS]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -103,23 +90,65 @@ def run_peers(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
     for model in args.models:
         common = {"model": model, "batches": [args.batch], "size": list(args.size), "seed": 0, "warmup": args.warmup}
         weights = None if args.no_peers else runner.shared_weights(model, weights_dir)
-        flax_env = _env(args, _with_flags(f"--xla_force_host_platform_device_count={args.cpu_devices}")
-                        if args.cpu_devices > 1 else None)
-        specs = [("flaxcam", {**common, "library": "flaxcam", "methods": methods, "dtype": args.dtype,
-                              "weights": str(weights) if weights else None}, flax_env, args.threads)]
+        flax_env = _env(
+            args,
+            _with_flags(f"--xla_force_host_platform_device_count={args.cpu_devices}") if args.cpu_devices > 1 else None,
+        )
+        specs = [
+            (
+                "flaxcam",
+                {
+                    **common,
+                    "library": "flaxcam",
+                    "methods": methods,
+                    "dtype": args.dtype,
+                    "weights": str(weights) if weights else None,
+                },
+                flax_env,
+                args.threads,
+            )
+        ]
         with_peers = not args.no_peers and not missing and model in runner.PEER_MODELS
         if with_peers:
-            specs.append(("torch", {**common, "library": "torch", "methods": [m for m in methods if m in PEER_METHODS],
-                                    "threads": args.threads, "weights": str(weights) if weights else None,
-                                    "dtype": "float32"}, _env(args), args.threads))
-        print(f"[bench] peers: {model}, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.dtype}, "
-              f"{len(methods)} flaxcam methods{', with the PyTorch peers' if with_peers else ''}", flush=True)
+            specs.append(
+                (
+                    "torch",
+                    {
+                        **common,
+                        "library": "torch",
+                        "methods": [m for m in methods if m in PEER_METHODS],
+                        "threads": args.threads,
+                        "weights": str(weights) if weights else None,
+                        "dtype": "float32",
+                    },
+                    _env(args),
+                    args.threads,
+                )
+            )
+        print(
+            f"[bench] peers: {model}, batch {args.batch}, {args.size[0]}x{args.size[1]}, {args.dtype}, "
+            f"{len(methods)} flaxcam methods{', with the PyTorch peers' if with_peers else ''}",
+            flush=True,
+        )
         model_records = runner.run_workers(specs, args.rounds, memory=False)
         if not with_peers:
-            reason = ("--no-peers" if args.no_peers else "; ".join(f"{k}: {v}" for k, v in missing.items())
-                      or f"no PyTorch peer for {model} (peers: {', '.join(runner.PEER_MODELS)})")
-            model_records.append({"status": "skipped", "library": "peers", "method": "*", "model": model,
-                                  "batch": args.batch, "size": list(args.size), "reason": reason})
+            reason = (
+                "--no-peers"
+                if args.no_peers
+                else "; ".join(f"{k}: {v}" for k, v in missing.items())
+                or f"no PyTorch peer for {model} (peers: {', '.join(runner.PEER_MODELS)})"
+            )
+            model_records.append(
+                {
+                    "status": "skipped",
+                    "library": "peers",
+                    "method": "*",
+                    "model": model,
+                    "batch": args.batch,
+                    "size": list(args.size),
+                    "reason": reason,
+                }
+            )
         records += report.add_ratios(model_records)
     return records
 
@@ -132,10 +161,21 @@ def run_scaling(args: argparse.Namespace) -> list[dict]:
     for size, count, batches in groups:
         flags = _with_flags(f"--xla_force_host_platform_device_count={count}") if count != 1 else {}
         env = _env(args, flags)
-        spec = {"library": "flaxcam", "model": args.scaling_model, "batches": list(batches), "size": list(size), "seed": 0,
-                "methods": args.scaling_methods, "dtype": args.dtype, "warmup": args.warmup}
-        print(f"[bench] scaling: {args.scaling_model}, {size[0]}x{size[1]}, batches {list(batches)}, "
-              f"{count} device(s), {args.dtype}", flush=True)
+        spec = {
+            "library": "flaxcam",
+            "model": args.scaling_model,
+            "batches": list(batches),
+            "size": list(size),
+            "seed": 0,
+            "methods": args.scaling_methods,
+            "dtype": args.dtype,
+            "warmup": args.warmup,
+        }
+        print(
+            f"[bench] scaling: {args.scaling_model}, {size[0]}x{size[1]}, batches {list(batches)}, "
+            f"{count} device(s), {args.dtype}",
+            flush=True,
+        )
         name = f"flaxcam-{size[0]}x{size[1]}-{count}dev"
         tuned = args.allocator == "tuned"
         group = runner.run_workers([(name, spec, env, args.threads)], args.scaling_rounds, memory=not tuned)
@@ -160,8 +200,14 @@ def run_cpu_gap(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
     ResNet-50 and, with the tuned allocator, keeps the memory it used: 16 at once did not fit in 24
     GiB); every group has its own ``xla default [k]`` worker, the baseline of that group's ratios."""
     weights = runner.shared_weights(args.model, weights_dir)
-    common = {"model": args.model, "batches": [args.batch], "size": list(args.size), "seed": 0,
-              "warmup": args.warmup, "weights": str(weights) if weights else None}
+    common = {
+        "model": args.model,
+        "batches": [args.batch],
+        "size": list(args.size),
+        "seed": 0,
+        "warmup": args.warmup,
+        "weights": str(weights) if weights else None,
+    }
     flax = {**common, "library": "flaxcam", "methods": ["gradcam"], "dtype": "float32"}
     other = "default" if args.allocator == "tuned" else "tuned"
     options = [(f"xla {name}", flax, _env(args, _with_flags(flags)), None) for name, flags in XLA_CPU_OPTIONS.items()]
@@ -169,15 +215,32 @@ def run_cpu_gap(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
     options.append((f"xla {other} allocator", flax, _env(_with_allocator(args, other)), None))
     groups = [options[i : i + CPU_GAP_GROUP - 1] for i in range(0, len(options), CPU_GAP_GROUP - 1)]
     if not runner.missing_peers() and weights is not None:
-        torch_spec = {**common, "library": "torch", "methods": ["gradcam"], "peers": ["pytorch-grad-cam"], "dtype": "float32"}
+        torch_spec = {
+            **common,
+            "library": "torch",
+            "methods": ["gradcam"],
+            "peers": ["pytorch-grad-cam"],
+            "dtype": "float32",
+        }
         cores = os.cpu_count() or 1
-        torch_group = [(f"torch {threads} thread(s)", {**torch_spec, "threads": threads}, _env(args), None)
-                       for threads in sorted({1, cores})]
-        torch_group.append((f"torch {cores} thread(s), {other} allocator", {**torch_spec, "threads": cores},
-                            _env(_with_allocator(args, other)), None))
+        torch_group = [
+            (f"torch {threads} thread(s)", {**torch_spec, "threads": threads}, _env(args), None)
+            for threads in sorted({1, cores})
+        ]
+        torch_group.append(
+            (
+                f"torch {cores} thread(s), {other} allocator",
+                {**torch_spec, "threads": cores},
+                _env(_with_allocator(args, other)),
+                None,
+            )
+        )
         groups.append(torch_group)
-    print(f"[bench] cpu-gap: {args.model}, batch {args.batch}, {sum(map(len, groups))} configurations "
-          f"in {len(groups)} groups, each with its own default", flush=True)
+    print(
+        f"[bench] cpu-gap: {args.model}, batch {args.batch}, {sum(map(len, groups))} configurations "
+        f"in {len(groups)} groups, each with its own default",
+        flush=True,
+    )
     records: list[dict] = []
     for index, group in enumerate(groups, start=1):
         baseline = f"xla default [{index}]"
@@ -195,10 +258,28 @@ CPU_GAP_GROUP = 6
 # ---------------------------------------------------------------------------------------------------
 
 
-QUICK = {"models": ["resnet18"], "methods": ["cam", "gradcam", "gradcam++", "hirescam", "layercam"], "batch": 8,
-         "rounds": 3, "scaling_rounds": 2, "batches": [1, 8, 32], "large_batches": [1, 4], "devices": [1, 2]}
-GPU = {"models": ["resnet50"], "batch": 256, "rounds": 10, "scaling_rounds": 5, "dtype": "bfloat16", "batches": [1, 8, 32, 128, 256, 512, 1024],
-       "large_batches": [1, 8, 32, 128], "devices": [1], "scaling_model": "resnet50", "threads": None}
+QUICK = {
+    "models": ["resnet18"],
+    "methods": ["cam", "gradcam", "gradcam++", "hirescam", "layercam"],
+    "batch": 8,
+    "rounds": 3,
+    "scaling_rounds": 2,
+    "batches": [1, 8, 32],
+    "large_batches": [1, 4],
+    "devices": [1, 2],
+}
+GPU = {
+    "models": ["resnet50"],
+    "batch": 256,
+    "rounds": 10,
+    "scaling_rounds": 5,
+    "dtype": "bfloat16",
+    "batches": [1, 8, 32, 128, 256, 512, 1024],
+    "large_batches": [1, 8, 32, 128],
+    "devices": [1],
+    "scaling_model": "resnet50",
+    "threads": None,
+}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -206,46 +287,84 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="file name stem (default: <subcommand>_<platform>[_quick])")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per candidate (median taken)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate (the first compiles)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU cores for every worker (CPU affinity) and torch intra-op threads (default: all)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU cores for every worker (CPU affinity) and torch intra-op threads (default: all)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="flaxcam's computation dtype")
     parser.add_argument("--quick", action="store_true", help="a small configuration (about 3 minutes on 2 cores)")
-    parser.add_argument("--gpu", action="store_true", help="the GPU-sized configuration (ResNet-50, large batches, bfloat16)")
-    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
-                        help="glibc malloc settings of every worker, flaxcam and torch alike: 'tuned' (default) reuses "
-                             "freed buffers instead of page-faulting them in again (benchmarks.runner.TUNED_ALLOCATOR_ENV); "
-                             "'default' leaves glibc's defaults")
+    parser.add_argument(
+        "--gpu", action="store_true", help="the GPU-sized configuration (ResNet-50, large batches, bfloat16)"
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="glibc malloc settings of every worker, flaxcam and torch alike: 'tuned' (default) reuses "
+        "freed buffers instead of page-faulting them in again (flaxcam.bench.runner.TUNED_ALLOCATOR_ENV); "
+        "'default' leaves glibc's defaults",
+    )
 
 
 def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="flaxcam methods (default: every registered one except the batched ones and gradcam++exact)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="flaxcam methods (default: every registered one except the batched ones and gradcam++exact)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="default 16 (--gpu: 256)")
     parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--no-peers", action="store_true", help="flaxcam only, even when the peers are installed")
-    parser.add_argument("--cpu-devices", type=int, default=1,
-                        help="split the CPU into N XLA devices for flaxcam (XLA_FLAGS=--xla_force_host_platform_device_count=N; "
-                             "the batch is sharded over them, forward pass included); the peers are unchanged")
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="split the CPU into N XLA devices for flaxcam (XLA_FLAGS=--xla_force_host_platform_device_count=N; "
+        "the batch is sharded over them, forward pass included); the peers are unchanged",
+    )
 
 
 def _add_scaling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scaling-model", "--model", dest="scaling_model", default=None, help="default resnet18 (--gpu: resnet50)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes at the first size (default 1 2 4 ... 128)")
-    parser.add_argument("--large-batches", type=int, nargs="+", default=None, help="batch sizes at the other sizes (default 1 4 16 32)")
-    parser.add_argument("--sizes", type=_size, nargs="+", default=[(224, 224), (450, 600)], help="HxW, e.g. 224x224 450x600")
+    parser.add_argument(
+        "--scaling-model", "--model", dest="scaling_model", default=None, help="default resnet18 (--gpu: resnet50)"
+    )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=None, help="batch sizes at the first size (default 1 2 4 ... 128)"
+    )
+    parser.add_argument(
+        "--large-batches", type=int, nargs="+", default=None, help="batch sizes at the other sizes (default 1 4 16 32)"
+    )
+    parser.add_argument(
+        "--sizes", type=_size, nargs="+", default=[(224, 224), (450, 600)], help="HxW, e.g. 224x224 450x600"
+    )
     parser.add_argument("--devices", type=int, nargs="+", default=None, help="emulated device counts (default 1 2 4)")
     parser.add_argument("--device-batch", type=int, default=16, help="batch size of the device-count curve")
     parser.add_argument("--scaling-methods", dest="scaling_methods", nargs="+", default=["gradcam"])
-    parser.add_argument("--scaling-rounds", type=int, default=None, help="timed rounds per scaling candidate (default 3)")
+    parser.add_argument(
+        "--scaling-rounds", type=int, default=None, help="timed rounds per scaling candidate (default 3)"
+    )
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options from --quick / --gpu presets, then the defaults."""
     preset = {**(QUICK if args.quick else {}), **(GPU if args.gpu else {})}
-    defaults = {"models": list(DEFAULT_MODELS), "batch": 16, "rounds": 5, "dtype": "float32", "batches": [1, 2, 4, 8, 16, 32, 64, 128],
-                "large_batches": [1, 4, 16, 32], "devices": [1, 2, 4], "scaling_model": "resnet18", "threads": None, "methods": None,
-                "scaling_rounds": 3}
+    defaults = {
+        "models": list(DEFAULT_MODELS),
+        "batch": 16,
+        "rounds": 5,
+        "dtype": "float32",
+        "batches": [1, 2, 4, 8, 16, 32, 64, 128],
+        "large_batches": [1, 4, 16, 32],
+        "devices": [1, 2, 4],
+        "scaling_model": "resnet18",
+        "threads": None,
+        "methods": None,
+        "scaling_rounds": 3,
+    }
     for name, default in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, preset.get(name, default))
@@ -255,8 +374,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command")
     everything = sub.add_parser("all", help="peers and scaling (the default)")
     peers = sub.add_parser("peers", help="flaxcam against pytorch-grad-cam, torchcam and captum")
@@ -274,11 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write(part: str, records: list[dict], args: argparse.Namespace, parts: int, command_line: str,
-           machine: dict, started: float) -> list[Path]:
+def _write(
+    part: str,
+    records: list[dict],
+    args: argparse.Namespace,
+    parts: int,
+    command_line: str,
+    machine: dict,
+    started: float,
+) -> list[Path]:
     platform = next((r["platform"] for r in records if r.get("platform")), "cpu")
     platform = "gpu" if platform in ("gpu", "cuda") else platform
-    stem = f"{part}_{platform}" + ("_quick" if args.quick else "") + ("_" + args.dtype if args.dtype != "float32" else "")
+    stem = (
+        f"{part}_{platform}" + ("_quick" if args.quick else "") + ("_" + args.dtype if args.dtype != "float32" else "")
+    )
     if args.name:
         stem = f"{args.name}_{part}" if parts > 1 else args.name
     for record in records:
@@ -300,7 +429,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         cache = os.environ.get("FLAXCAM_CACHE")
         os.environ["FLAXCAM_CACHE"] = cache or str(weights_dir / "cache")  # the workers' converted weights
         try:
-            parts = {"all": ("peers", "scaling"), "peers": ("peers",), "scaling": ("scaling",), "cpu-gap": ("cpu_gap",)}[command]
+            parts = {
+                "all": ("peers", "scaling"),
+                "peers": ("peers",),
+                "scaling": ("scaling",),
+                "cpu-gap": ("cpu_gap",),
+            }[command]
             for part in parts:  # each part's files are written as soon as it is done
                 if part == "peers":
                     records = run_peers(args, weights_dir)

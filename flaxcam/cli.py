@@ -349,3 +349,34 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command("bench")
+def bench_command(
+    model: Annotated[Optional[str], typer.Option(help="A registered model (resnet50, small_cnn, ...: random weights) or your own as package.module:factory (returns (model, variables) for linen, or an nnx.Module). Default: the pretrained EfficientNet-Lite0.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (flaxcam train writes one) or a torchvision ResNet checkpoint (.pth).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="all, or comma-separated names (default: every method with about one forward pass per image).")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the model's, else the last spatial one).")] = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8,64,256.")] = "1,8",
+    size: Annotated[Optional[str], typer.Option(help="Image size H,W (default: the model's input size, else 224,224).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    devices: Annotated[str, typer.Option(help="N or all: shard each batch over N devices (on a CPU, N emulated devices).")] = "all",
+    rounds: Annotated[int, typer.Option(help="Timed rounds, interleaved across candidates (median and best reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per candidate before timing (the first compiles).")] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for bench_<platform>.jsonl, .md and .png.")] = None,
+    profile: Annotated[Optional[Path], typer.Option(help="Folder for one jax.profiler trace per method; adds the forward / backward / method / post-processing split.")] = None,
+    peers: Annotated[bool, typer.Option(help="Also time pytorch-grad-cam, torchcam and captum on the same torchvision model (parity extra).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU cores for the worker processes (default: all).")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Masked images per forward pass of the score-based methods.")] = 32,
+    method_options: Annotated[Optional[str], typer.Option(help='Method options as JSON, e.g. \'{"num_samples": 8}\' (each to the methods that have it).')] = None,
+) -> None:
+    """Benchmark explanation speed on your model and hardware: images/s, ratio to the forward pass,
+    compile time, latency, peak memory, per method and batch size (see docs/bench.md)."""
+    from flaxcam.bench.command import command_line, run
+
+    options = {"model": model, "weights": weights, "methods": methods, "layer": layer, "batch": batch, "size": size,
+               "dtype": dtype, "devices": devices, "rounds": rounds, "warmup": warmup, "out": out, "profile": profile,
+               "peers": peers, "threads": threads, "chunk_size": chunk_size, "method_options": method_options}
+    arguments = {("batches" if k == "batch" else k): v for k, v in options.items()}
+    arguments["method_options"] = json.loads(method_options) if method_options else None
+    run(**arguments, command=command_line(options))

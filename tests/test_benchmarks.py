@@ -8,7 +8,8 @@ import json
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import report
+from flaxcam.bench import report
+from flaxcam.bench.command import EXPENSIVE_METHODS
 
 
 def _rows(path):
@@ -17,12 +18,39 @@ def _rows(path):
 
 @pytest.mark.slow
 def test_command_writes_records_tables_and_charts(tmp_path):
-    written = bench.main([
-        "--models", "small_cnn", "--methods", "cam", "gradcam", "fullgrad", "no_such_method", "--size", "32", "40",
-        "--batch", "3", "--rounds", "1", "--no-peers",
-        "--scaling-model", "small_cnn", "--batches", "1", "2", "--sizes", "32x40", "--devices", "1", "2",
-        "--device-batch", "2", "--out", str(tmp_path),
-    ])
+    written = bench.main(
+        [
+            "--models",
+            "small_cnn",
+            "--methods",
+            "cam",
+            "gradcam",
+            "fullgrad",
+            "no_such_method",
+            "--size",
+            "32",
+            "40",
+            "--batch",
+            "3",
+            "--rounds",
+            "1",
+            "--no-peers",
+            "--scaling-model",
+            "small_cnn",
+            "--batches",
+            "1",
+            "2",
+            "--sizes",
+            "32x40",
+            "--devices",
+            "1",
+            "2",
+            "--device-batch",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert sorted(p.name for p in written) == sorted(
         f"{part}_cpu.{ext}" for part in ("peers", "scaling") for ext in ("jsonl", "md", "png")
     )
@@ -35,7 +63,9 @@ def test_command_writes_records_tables_and_charts(tmp_path):
         assert r["model"] == "small_cnn" and r["batch"] == 3 and r["size"] == [32, 40] and r["rounds"] == 1
         assert r["images_per_s"] == pytest.approx(3 / r["median_s"], rel=1e-3)
         assert r["threads"] >= 1 and len(r["loadavg_start"]) == 3 and r["machine"]["versions"]["jax"]
-        assert r["env"]["MALLOC_MMAP_MAX_"] == "0" and r["worker_malloc_env"]["MALLOC_ARENA_MAX"] == "1"  # --allocator tuned
+        assert (
+            r["env"]["MALLOC_MMAP_MAX_"] == "0" and r["worker_malloc_env"]["MALLOC_ARENA_MAX"] == "1"
+        )  # --allocator tuned
     assert ok[0]["ratio_to_own_forward"] == 1.0
     errors = {r["method"]: r for r in peers if r["status"] == "error"}
     assert "valid names are" in errors["no_such_method"]["error"]  # recorded, the rest still ran
@@ -57,18 +87,27 @@ def test_command_writes_records_tables_and_charts(tmp_path):
 
 
 def _record(worker, library, method, rate, batch=4):
-    return {"status": "ok", "worker": worker, "library": library, "method": method, "batch": batch, "images_per_s": rate}
+    return {
+        "status": "ok",
+        "worker": worker,
+        "library": library,
+        "method": method,
+        "batch": batch,
+        "images_per_s": rate,
+    }
 
 
 def test_ratios_use_each_librarys_own_forward_pass():
-    records = report.add_ratios([
-        _record("flaxcam", "flaxcam", "forward", 20.0),
-        _record("flaxcam", "flaxcam", "gradcam", 18.0),
-        _record("torch", "torch", "forward", 30.0),
-        _record("torch", "pytorch-grad-cam", "gradcam", 6.0),
-        _record("torch", "captum", "gradcam", 27.0),
-        _record("torch", "torch", "forward", 10.0, batch=8),  # another batch: not a reference for batch 4
-    ])
+    records = report.add_ratios(
+        [
+            _record("flaxcam", "flaxcam", "forward", 20.0),
+            _record("flaxcam", "flaxcam", "gradcam", 18.0),
+            _record("torch", "torch", "forward", 30.0),
+            _record("torch", "pytorch-grad-cam", "gradcam", 6.0),
+            _record("torch", "captum", "gradcam", 27.0),
+            _record("torch", "torch", "forward", 10.0, batch=8),  # another batch: not a reference for batch 4
+        ]
+    )
     by_key = {(r["library"], r["method"], r["batch"]): r for r in records}
     assert by_key[("flaxcam", "gradcam", 4)]["ratio_to_own_forward"] == 0.9
     assert by_key[("pytorch-grad-cam", "gradcam", 4)]["ratio_to_own_forward"] == 0.2
@@ -97,7 +136,7 @@ def test_default_methods_are_the_registry_without_the_costly_ones():
     defaults = bench.registry_methods()
     assert {"cam", "gradcam", "gradcam++", "hirescam", "layercam"} <= set(defaults)
     assert not any(flaxcam.METHODS[m].batched for m in defaults)
-    expected = [m for m in flaxcam.METHODS if not flaxcam.METHODS[m].batched and m not in bench.EXPENSIVE_METHODS]
+    expected = [m for m in flaxcam.METHODS if not flaxcam.METHODS[m].batched and m not in EXPENSIVE_METHODS]
     assert defaults == expected
 
 
@@ -112,8 +151,27 @@ def test_allocator_settings_reach_every_worker_env_unless_default():
 
 @pytest.mark.slow
 def test_peers_on_split_cpu_devices_shard_the_forward_pass_too(tmp_path):
-    bench.main(["peers", "--models", "small_cnn", "--methods", "gradcam", "--size", "32", "40", "--batch", "4",
-                "--rounds", "1", "--no-peers", "--cpu-devices", "2", "--out", str(tmp_path)])
+    bench.main(
+        [
+            "peers",
+            "--models",
+            "small_cnn",
+            "--methods",
+            "gradcam",
+            "--size",
+            "32",
+            "40",
+            "--batch",
+            "4",
+            "--rounds",
+            "1",
+            "--no-peers",
+            "--cpu-devices",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     ok = [r for r in _rows(tmp_path / "peers_cpu.jsonl") if r["status"] == "ok"]
     assert [r["method"] for r in ok] == ["forward", "gradcam"]
     assert all(r["devices"] == 2 and "device_count=2" in r["env"]["XLA_FLAGS"] for r in ok)

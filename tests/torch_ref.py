@@ -1,8 +1,7 @@
-"""Import helpers for the PyTorch reference libraries (parity extra only; flaxcam never imports torch).
+"""The PyTorch reference helpers for the tests (parity extra only; flaxcam never imports torch).
 
-PyPI's torchvision wheel fails to import beside the CPU-only torch build because its C++ extension
-registers ``torchvision::nms``/``qnms`` fake kernels for operators that do not exist without CUDA
-libraries. Defining the two operator schemas first is enough for the models and for grad-cam.
+The helpers live in :mod:`flaxcam.bench.torch_ref` (the benchmarks use them too); this module re-exports
+them and adds the pytest-specific :func:`require_torch`.
 """
 
 from __future__ import annotations
@@ -11,22 +10,9 @@ import os
 
 import pytest
 
-_LIBRARY = None
+from flaxcam.bench.torch_ref import define_torchvision_schemas, import_torchvision, torchvision_resnet
 
-
-def define_torchvision_schemas():
-    """Make PyPI's torchvision importable beside the CPU-only torch build (see the module docstring)."""
-    global _LIBRARY
-    import torch
-
-    if _LIBRARY is None:
-        try:
-            torch.ops.torchvision.nms  # present when torchvision's extension can load
-            _LIBRARY = "native"
-        except (AttributeError, RuntimeError):
-            _LIBRARY = torch.library.Library("torchvision", "DEF")
-            _LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+__all__ = ["define_torchvision_schemas", "import_torchvision", "require_torch", "torchvision_resnet"]
 
 
 def require_torch():

@@ -1,6 +1,6 @@
 """XLA CPU: ResNet's 3x3 convolutions in four formulations, against torch's (oneDNN) on the same shapes.
 
-    python -m benchmarks.conv3x3 [--batch 16] [--rounds 7]
+    python -m benchmarks.probes.conv3x3 [--batch 16] [--rounds 7]
 
 Each 3x3 stride-1 convolution shape of ResNet-50 (batch 16, 224x224 input) is timed as
 ``lax.conv_general_dilated`` with HWIO and with OIHW kernels, as an im2col matrix product (the nine
@@ -9,7 +9,7 @@ row offsets of a width-only im2col (K = 3C); and, when torch is installed, as to
 no grad) with the same thread count, in a separate process (in one process, the second library's thread
 pool slows the first one down). Median ms of interleaved rounds. The library keeps XLA's
 convolution for 3x3 kernels: none of the reformulations beat it (see benchmarks/README.md). Run with
-the benchmark's allocator settings (``benchmarks.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic,
+the benchmark's allocator settings (``flaxcam.bench.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic,
 not page faults.
 """
 
@@ -53,7 +53,10 @@ def row_dots(x: jax.Array, w: jax.Array) -> jax.Array:
     height, width = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     rows = jnp.concatenate([padded[:, :, j : j + width] for j in range(3)], axis=-1)  # (N, H + 2, W, 3C)
-    return sum(jnp.einsum("nhwk,kd->nhwd", rows[:, i : i + height], w[i].reshape(-1, w.shape[-1])) for i in range(3))
+    first, second, third = (
+        jnp.einsum("nhwk,kd->nhwd", rows[:, i : i + height], w[i].reshape(-1, w.shape[-1])) for i in range(3)
+    )
+    return first + second + third
 
 
 FORMS = {"XLA conv (HWIO)": conv_hwio, "XLA conv (OIHW)": conv_oihw, "im2col dot": im2col, "3 row dots": row_dots}
@@ -85,7 +88,7 @@ def _print_torch_times(batch: int, rounds: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.conv3x3", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probes.conv3x3", description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the torch subprocess
@@ -96,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with_torch = importlib.util.find_spec("torch") is not None
     rng = np.random.default_rng(0)
-    print(f"batch {args.batch}, {args.rounds} interleaved rounds (median ms), {threads} thread(s), "
-          f"load {os.getloadavg()[0]:.1f}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}")
+    print(
+        f"batch {args.batch}, {args.rounds} interleaved rounds (median ms), {threads} thread(s), "
+        f"load {os.getloadavg()[0]:.1f}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
+    )
     names = list(FORMS) + (["torch Conv2d (NCHW)"] if with_torch else [])
     print("| size | channels | " + " | ".join(names) + " | max rel. difference of the dot forms |")
     print("|---|---|" + "---|" * len(names) + "---|")
@@ -105,12 +110,24 @@ def main(argv: list[str] | None = None) -> None:
     torch_ms = {}
     if with_torch:  # first, in its own process
         output = subprocess.run(
-            [sys.executable, "-m", "benchmarks.conv3x3", "--torch-only", "--batch", str(args.batch), "--rounds", str(args.rounds)],
-            check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.probes.conv3x3",
+                "--torch-only",
+                "--batch",
+                str(args.batch),
+                "--rounds",
+                str(args.rounds),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
         ).stdout
         for line in output.splitlines():
-            size, channels, ms = line.split()
-            torch_ms[(int(size), int(channels))] = float(ms)
+            size_text, channels_text, ms = line.split()
+            torch_ms[(int(size_text), int(channels_text))] = float(ms)
     for size, channels in SHAPES:
         x = rng.standard_normal((args.batch, size, size, channels), dtype=np.float32)
         w = rng.standard_normal((3, 3, channels, channels), dtype=np.float32) / np.sqrt(9 * channels)

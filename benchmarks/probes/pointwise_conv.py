@@ -1,12 +1,12 @@
 """XLA CPU: 1x1 convolution as ``lax.conv_general_dilated`` vs as a matrix product (``pointwise_conv``).
 
-    python -m benchmarks.pointwise_conv [--batch 16] [--rounds 7]
+    python -m benchmarks.probes.pointwise_conv [--batch 16] [--rounds 7]
 
 ResNet-50's and EfficientNet-Lite0's 1x1 layer shapes at 224x224; prints the median ms per call of
 each form (interleaved rounds), their ratio and relative difference. flaxcam's models use the matrix
 product (:func:`flaxcam.models.layers.pointwise_conv`). Run it with the benchmark's allocator settings
-(``benchmarks.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic rather than page faults, e.g.
-``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776 python -m benchmarks.pointwise_conv``.
+(``flaxcam.bench.runner.TUNED_ALLOCATOR_ENV``) to time the arithmetic rather than page faults, e.g.
+``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776 python -m benchmarks.probes.pointwise_conv``.
 """
 
 from __future__ import annotations
@@ -52,15 +52,19 @@ def _seconds(fn, *args) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.pointwise_conv", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.probes.pointwise_conv", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     conv = jax.jit(_conv, static_argnums=2)
     matmul = jax.jit(pointwise_conv, static_argnums=2)
-    print(f"batch {args.batch}, {args.rounds} interleaved rounds (median), {os.cpu_count()} CPU(s), "
-          f"load {os.getloadavg()[0]:.1f}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}")
+    print(
+        f"batch {args.batch}, {args.rounds} interleaved rounds (median), {os.cpu_count()} CPU(s), "
+        f"load {os.getloadavg()[0]:.1f}, MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
+    )
     print("| layer | size | in → out | stride | conv (ms) | matmul (ms) | conv / matmul | max rel. difference |")
     print("|---|---|---|---|---|---|---|---|")
     for name, size, cin, cout, stride in SHAPES:
@@ -73,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
             t_conv.append(_seconds(conv, x, kernel, stride))
             t_matmul.append(_seconds(matmul, x, kernel, stride))
         c, m = float(np.median(t_conv)), float(np.median(t_matmul))
-        print(f"| {name} | {size}x{size} | {cin} → {cout} | {stride} | {c * 1e3:.1f} | {m * 1e3:.1f} | {c / m:.2f}× | {difference:.1e} |",
-              flush=True)
+        print(
+            f"| {name} | {size}x{size} | {cin} → {cout} | {stride} | {c * 1e3:.1f} | {m * 1e3:.1f} | {c / m:.2f}× | {difference:.1e} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

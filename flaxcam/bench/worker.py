@@ -1,13 +1,13 @@
 """A benchmark worker: one process that builds timing candidates for one library and runs them on request.
 
-The driver (:mod:`benchmarks.runner`) starts one worker per library and configuration — flaxcam in one
+The driver (:mod:`flaxcam.bench.runner`) starts one worker per library and configuration — flaxcam in one
 process, the PyTorch peers in another, each with its own environment (``XLA_FLAGS``, CPU affinity,
 thread count) — and asks them, round by round and in turn, to run one candidate each. Keeping the
 libraries in separate processes stops one library's thread pool from slowing the other down (on this
 machine torch's backward pass through depthwise convolutions ran 50× slower with 2 threads after XLA's
 thread pool had run in the same process) and lets every configuration set its own ``XLA_FLAGS``.
 
-Protocol: the worker is started as ``python -m benchmarks.worker SPEC_JSON``; it answers on its original
+Protocol: the worker is started as ``python -m flaxcam.bench.worker SPEC_JSON``; it answers on its original
 stdout (the library's own prints go to stderr) one JSON line per request read from stdin:
 
 * at start: ``{"ready": true, "candidates": [...], "errors": {...}, "info": {...}}``;
@@ -15,6 +15,8 @@ stdout (the library's own prints go to stderr) one JSON line per request read fr
 * ``{"op": "memory", "key": K}`` → ``{"peak_rss_bytes", "base_rss_bytes", "device_peak_bytes"}``: the
   host peak resident set while the candidate runs once (the kernel's peak counter is reset first) and
   the device's ``peak_bytes_in_use`` on accelerators (a high-water mark since the process started);
+* ``{"op": "profile", "key": K, "dir": D}`` → ``{"files": [...]}``: one call recorded by
+  ``jax.profiler.trace(D)`` (flaxcam workers);
 * ``{"op": "quit"}``.
 
 A candidate that fails while being built or warmed up is reported under ``errors`` (its message) and
@@ -33,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 #: The peers' classes for each method (pytorch-grad-cam 1.5.7, torchcam 0.5, captum 0.9).
-PYTORCH_GRAD_CAM = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "layercam": "LayerCAM"}
+PYTORCH_GRAD_CAM = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+}
 TORCHCAM = {"gradcam": "GradCAM", "gradcam++": "GradCAMpp", "layercam": "LayerCAM"}
 CAPTUM = {"gradcam": "LayerGradCam"}
 
@@ -43,11 +50,11 @@ def candidate_key(library: str, method: str, batch: int) -> str:
     return f"{library} {method}@{batch}"
 
 
-def _images(batch: int, size: tuple[int, int], seed: int):
+def _images(batch: int, size: tuple[int, int], seed: int, channels: int = 3):
     """The same standard-normal NCHW float32 images in every worker (numpy only)."""
     import numpy as np
 
-    return np.random.default_rng(seed).standard_normal((batch, 3, *size)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal((batch, channels, *size)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,70 +95,181 @@ def _peak_rss_bytes() -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _flax_model(spec: dict[str, Any]):
-    """``(model, variables, layer)`` of the spec's architecture: the shared weights file when given."""
-    import jax.numpy as jnp
+def score_for(method: str) -> str:
+    """The target score a method is timed with: the softmax probability for the methods that read
+    higher derivatives (those of a ReLU network's logit vanish, and XLA would skip the work), else the
+    logit."""
+    import flaxcam
 
-    from flaxcam import models
+    higher = {"hvp", "second_derivatives"} & set(flaxcam.METHODS[method].inputs)
+    return "softmax" if higher else "logit"
 
-    dtype = jnp.dtype(spec["dtype"])
-    name = spec["model"]
-    if name.startswith("resnet") and spec.get("weights"):
-        model, variables = models.load_torchvision_resnet(spec["weights"], dtype=dtype)
-        return model, variables, "layer4"
-    if name == "efficientnet_lite0":
-        _, variables, meta = models.pretrained_efficientnet_lite0()
-        return models.efficientnet_lite0(num_classes=1000, dtype=dtype), variables, meta["target_layer"]
-    model = models.create_model(name, dtype=dtype)
-    variables = models.init_variables(model, (1, *spec["size"], 3), seed=spec.get("seed", 0))
-    return model, variables, None  # the default layer: the last spatial one
+
+def _devices(requested: int | None) -> list:
+    """The first ``requested`` devices (all when None); a clear error when there are fewer."""
+    import jax
+
+    devices = jax.devices()
+    if requested is None:
+        return devices
+    if requested > len(devices):
+        raise ValueError(f"{requested} devices requested, {len(devices)} {devices[0].platform} device(s) available")
+    return devices[:requested]
+
+
+def _layer_shape(loaded, images, layer: str | None) -> tuple[str | None, tuple[int, ...] | None]:
+    """The explained layer's name and output shape (the last spatial layer when ``layer`` is None);
+    shape None where the model's layers cannot be listed (counted as unknown, never fatal)."""
+    import flaxcam
+
+    list_layers: Callable[..., list] = flaxcam.list_layers  # (nnx_model, images) or (linen_model, variables, images)
+    try:
+        if loaded.api == "nnx":
+            layers = list_layers(loaded.model, images)
+        else:
+            layers = flaxcam.list_layers(loaded.model, loaded.variables, images)
+    except Exception:
+        return layer, None
+    spatial = [info for info in layers if info.is_spatial]
+    chosen = (
+        next((info for info in layers if info.name == layer), None) if layer else (spatial[-1] if spatial else None)
+    )
+    return (chosen.name, tuple(chosen.shape)) if chosen else (layer, None)
+
+
+def options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``method`` accepts (``METHODS[method].options``)."""
+    import flaxcam
+
+    return {key: value for key, value in options.items() if key in flaxcam.METHODS[method].options}
+
+
+def _explainer(
+    loaded, method: str, layer: str | None, chunk_size: int, devices: list, method_options: dict[str, Any] | None = None
+) -> Callable:
+    """``images -> maps`` through :func:`flaxcam.explain` (FullGrad-like methods take no layer; each
+    method gets the ``method_options`` it has)."""
+    import flaxcam
+
+    method_layer = None if flaxcam.METHODS[method].bias_layers else layer
+    options: dict[str, Any] = {
+        "method": method,
+        "layer": method_layer,
+        "chunk_size": chunk_size,
+        "score": score_for(method),
+        "method_options": options_for(method, method_options or {}),
+    }
+    if loaded.api == "nnx":  # explain(nnx_model, images, ...): no variables argument
+        return lambda images: flaxcam.explain(loaded.model, images, **options, devices=devices).maps
+    return lambda images: flaxcam.explain(loaded.model, loaded.variables, images, **options, devices=devices).maps
+
+
+def _postprocess(size: tuple[int, int]) -> Callable:
+    """explain's post-processing of raw maps ``(B, T, h, w)``, jitted alone: ReLU, min-max, resize to
+    ``size``, min-max again."""
+    import jax
+
+    from flaxcam import ops
+
+    return jax.jit(lambda raw: ops.minmax_normalize(ops.resize_maps(ops.minmax_normalize(jax.nn.relu(raw)), size)))
 
 
 def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str, str], dict]:
-    """Forward-only and every requested method for each batch size, on device-resident inputs."""
+    """Forward-only and every requested method for each batch size, on device-resident inputs; with
+    ``spec["split"]`` also the pieces the time split is computed from: ``forward+backward`` (Grad-CAM,
+    whose method is a channel mean and a weighted sum) and ``postprocess`` (explain's post-processing
+    of maps at the layer's resolution, jitted alone)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     import flaxcam
+    from flaxcam.bench.models import load
 
-    model, variables, layer = _flax_model(spec)
+    loaded = load(spec)
+    size = loaded.input_size
+    devices = _devices(spec.get("devices"))
     # Several (e.g. emulated CPU) devices: the forward pass is sharded over the batch like explain's.
-    mesh = Mesh(np.asarray(jax.devices()), ("batch",))
-    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-    forward = jax.jit(lambda v, x: model.apply(v, x))
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    if loaded.api == "nnx":
+        from flax import nnx
+
+        graphdef, state = nnx.split(loaded.model)
+        variables = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        forward = jax.jit(lambda v, x: nnx.merge(graphdef, v)(x))
+    else:
+        variables = jax.device_put(loaded.variables, NamedSharding(mesh, PartitionSpec()))
+        forward = jax.jit(lambda v, x: loaded.model.apply(v, x))
+    input_dtype = jnp.dtype(spec.get("dtype", "float32")) if loaded.dtype_applied == "inputs" else jnp.float32
+    chunk_size = spec.get("chunk_size", 32)
     candidates: dict[str, Callable] = {}
     errors: dict[str, str] = {}
-    for batch in spec["batches"]:
-        sharding = NamedSharding(mesh, PartitionSpec("batch" if batch % len(jax.devices()) == 0 else None))
-        images = jax.device_put(_images(batch, tuple(spec["size"]), spec.get("seed", 0)).transpose(0, 2, 3, 1), sharding)
+    methods: dict[str, dict[str, Any]] = {}
+    probe_images = jnp.zeros((1, *size, loaded.channels), input_dtype)
+    layer, layer_shape = _layer_shape(loaded, probe_images, loaded.layer)
+    channels = int(layer_shape[-1]) if layer_shape else None
+    layer_hw = tuple(layer_shape[1:3]) if layer_shape and len(layer_shape) == 4 else size
+
+    def place(batch: int, seed: int):
+        sharding = NamedSharding(mesh, PartitionSpec("batch" if batch % len(devices) == 0 else None))
+        host = _images(batch, size, seed, loaded.channels).transpose(0, 2, 3, 1)
+        return jax.device_put(host.astype(input_dtype), sharding)
+
+    for name in spec["methods"]:
+        if name in flaxcam.METHODS:
+            method = flaxcam.METHODS[name]
+            own = options_for(name, spec.get("method_options") or {})
+            methods[name] = {
+                "needs_gradients": method.needs_gradients,
+                "score": score_for(name),
+                "options": own,
+                "forward_passes": method.forward_passes(channels, own) if channels else None,
+            }
+    batches = list(spec["batches"])
+    if any(info["forward_passes"] for info in methods.values()) and chunk_size not in batches:
+        batches.append(chunk_size)  # the score-based methods' floor: forward passes of chunk-sized batches
+    for batch in batches:
+        images = place(batch, spec.get("seed", 0))
         candidates[candidate_key("flaxcam", "forward", batch)] = lambda images=images: forward(variables, images)
-        for method in spec["methods"]:
-            if method not in flaxcam.METHODS:
-                errors[candidate_key("flaxcam", method, batch)] = (
-                    f"unknown method {method!r}: valid names are {', '.join(flaxcam.METHODS)}"
-                )
+        if batch not in spec["batches"]:
+            continue
+        for name in spec["methods"]:
+            key = candidate_key("flaxcam", name, batch)
+            if name not in flaxcam.METHODS:
+                errors[key] = f"unknown method {name!r}: valid names are {', '.join(flaxcam.METHODS)}"
                 continue
-            # FullGrad-like methods read every biased layer and take no layer=
-            method_layer = None if flaxcam.METHODS[method].bias_layers else layer
-            candidates[candidate_key("flaxcam", method, batch)] = (
-                lambda images=images, method=method, method_layer=method_layer: flaxcam.explain(
-                    model, variables, images, method=method, layer=method_layer, chunk_size=spec.get("chunk_size", 32)
-                ).maps
+            run = _explainer(loaded, name, layer, chunk_size, devices, spec.get("method_options"))
+            candidates[key] = lambda images=images, run=run: run(images)
+        if spec.get("split"):
+            probe = _explainer(loaded, "gradcam", layer, chunk_size, devices)
+            candidates[candidate_key("flaxcam", "forward+backward", batch)] = lambda images=images, probe=probe: probe(
+                images
             )
+            raw = jax.device_put(np.random.default_rng(1).standard_normal((batch, 1, *layer_hw)).astype(np.float32))
+            post = _postprocess(size)
+            candidates[candidate_key("flaxcam", "postprocess", batch)] = lambda raw=raw, post=post: post(raw)
     if spec.get("preprocess"):
         _add_preprocessing(candidates, spec, forward, variables)
-    device = jax.devices()[0]
+    device = devices[0]
     info = {
         "platform": device.platform,
         "device": device.device_kind,
-        "devices": len(jax.devices()),
+        "devices": len(devices),
         "layer": layer or "default (last spatial)",
+        "layer_channels": channels,
+        "size": list(size),
+        "api": loaded.api,
+        "dtype_applied": loaded.dtype_applied,
+        "chunk_size": chunk_size,
+        "methods": methods,
     }
     return candidates, errors, info
 
 
-def _add_preprocessing(candidates: dict[str, Callable], spec: dict[str, Any], forward: Callable, variables: Any) -> None:
+def _add_preprocessing(
+    candidates: dict[str, Callable], spec: dict[str, Any], forward: Callable, variables: Any
+) -> None:
     """Forward passes that start from uint8 images on the host: normalized with NumPy then copied
     (``forward+host_preprocess``), or copied as uint8 and normalized inside the jitted step
     (``forward+fused_preprocess``)."""
@@ -195,9 +313,9 @@ def _flax_device_peak() -> int | None:
 
 
 def _import_torch(threads: int):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import torch
-    from torch_ref import define_torchvision_schemas
+
+    from flaxcam.bench.torch_ref import define_torchvision_schemas
 
     define_torchvision_schemas()
     torch.set_num_threads(threads)
@@ -206,41 +324,16 @@ def _import_torch(threads: int):
 
 def _torch_model(torch, spec: dict[str, Any]):
     """``(model, target_layer_module)`` on the same weights as the flaxcam worker."""
-    name = spec["model"]
-    if name.startswith("resnet"):
-        import torchvision
+    from flaxcam.bench.torch_ref import TORCHVISION_RESNETS, efficientnet_lite0_reference, torchvision_resnet
 
-        model = getattr(torchvision.models, name)()
-        model.load_state_dict(torch.load(spec["weights"], weights_only=True))
-        return model.eval(), model.layer4
+    name = spec.get("model") or "efficientnet_lite0"
+    if spec.get("weights"):  # the torchvision checkpoint the flaxcam worker reads too
+        model = torchvision_resnet(spec["weights"], name if name in TORCHVISION_RESNETS else None)
+        return model, model.layer4
     if name == "efficientnet_lite0":
-        import efficientnet_lite_pytorch
-
-        from flaxcam.models.pretrained import efficientnet_lite0_weights_path
-
-        reference = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
-        reference.load_state_dict(torch.load(efficientnet_lite0_weights_path(), weights_only=True))
-
-        class Wrapped(torch.nn.Module):
-            """The reference's modules with the activated head (flaxcam's ``head`` layer) as one module,
-            as in tests/parity/test_efficientnet_parity.py (same logits as the reference)."""
-
-            def __init__(self, ref):
-                super().__init__()
-                self.stem = torch.nn.Sequential(ref._conv_stem, ref._bn0, torch.nn.ReLU6())
-                self.blocks = ref._blocks
-                self.head = torch.nn.Sequential(ref._conv_head, ref._bn1, torch.nn.ReLU6())
-                self.fc = ref._fc
-
-            def forward(self, x):
-                x = self.stem(x)
-                for block in self.blocks:
-                    x = block(x)
-                return self.fc(self.head(x).mean(dim=(2, 3)))
-
-        model = Wrapped(reference).eval()
+        model = efficientnet_lite0_reference()
         return model, model.head
-    raise ValueError(f"no PyTorch peer for model {name!r}: peers run on resnet18, resnet50, efficientnet_lite0")
+    raise ValueError(f"no PyTorch peer for model {name!r}: peers run on torchvision ResNets and efficientnet_lite0")
 
 
 def torch_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str, str], dict]:
@@ -275,7 +368,9 @@ def torch_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[st
                 import pytorch_grad_cam
 
                 cam = getattr(pytorch_grad_cam, PYTORCH_GRAD_CAM[method])(model=model, target_layers=[target_layer])
-                candidates[candidate_key("pytorch-grad-cam", method, batch)] = lambda cam=cam, images=images: cam(images, None)
+                candidates[candidate_key("pytorch-grad-cam", method, batch)] = lambda cam=cam, images=images: cam(
+                    images, None
+                )
             if "torchcam" in libraries and method in TORCHCAM:
                 from torchcam import methods as torchcam_methods
 
@@ -324,7 +419,7 @@ def _warm_up(candidates: dict[str, Callable], block: Callable, warmup: int, erro
                 block(candidates[key]())
                 if index == 0:
                     first[key] = time.perf_counter() - start
-        except Exception as err:  # noqa: BLE001 (a peer without this method, out of memory, ...: recorded, not fatal)
+        except Exception as err:
             errors[key] = f"{type(err).__name__}: {err}".strip()[:500]
             del candidates[key]
             print(traceback.format_exc(), file=sys.stderr)
@@ -359,13 +454,19 @@ def serve(spec: dict[str, Any], requests, answer: Callable[[dict], None]) -> Non
             start = time.perf_counter()
             block(fn())
             answer({"seconds": time.perf_counter() - start})
+        elif request["op"] == "profile":  # one call under jax.profiler (TensorBoard / Perfetto)
+            import jax
+
+            with jax.profiler.trace(request["dir"]):
+                block(fn())
+            answer({"files": sorted(str(p) for p in Path(request["dir"]).rglob("*") if p.is_file())})
         elif request["op"] == "memory":
             base = (_status_kib("VmRSS") or 0) * 1024
             _reset_peak_rss()
             block(fn())
             answer({"peak_rss_bytes": _peak_rss_bytes(), "base_rss_bytes": base, "device_peak_bytes": device_peak()})
         else:
-            answer({"error": f"unknown op {request['op']!r}: valid ops are run, memory, quit"})
+            answer({"error": f"unknown op {request['op']!r}: valid ops are run, memory, profile, quit"})
 
 
 def main() -> None:
@@ -379,7 +480,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     try:
         serve(spec, sys.stdin, answer)
-    except Exception as err:  # noqa: BLE001 (reported to the driver, which records it)
+    except Exception as err:
         traceback.print_exc()
         answer({"fatal": f"{type(err).__name__}: {err}"[:1000]})
         sys.exit(1)

@@ -1,6 +1,6 @@
 """XLA CPU: depthwise convolution as a grouped convolution vs as k*k shifted multiply-adds.
 
-    python -m benchmarks.depthwise_conv
+    python -m benchmarks.probes.depthwise_conv
 
 EfficientNet-Lite0's depthwise layer shapes at 224x224, batch 16; prints ms per call of each form and
 their relative difference (the library uses the shifted form, ``depthwise_conv_same``).
@@ -18,7 +18,15 @@ from jax import lax
 from flaxcam.models.efficientnet import depthwise_conv_same
 
 # (spatial size, channels, kernel, stride) of EfficientNet-Lite0's depthwise convolutions at 224x224.
-SHAPES = [(112, 32, 3, 1), (112, 96, 3, 2), (56, 144, 3, 1), (28, 240, 5, 1), (14, 480, 3, 1), (14, 672, 5, 1), (7, 1152, 5, 1)]
+SHAPES = [
+    (112, 32, 3, 1),
+    (112, 96, 3, 2),
+    (56, 144, 3, 1),
+    (28, 240, 5, 1),
+    (14, 480, 3, 1),
+    (14, 672, 5, 1),
+    (7, 1152, 5, 1),
+]
 
 
 def _grouped(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -37,7 +45,9 @@ def _time(fn, *args, repeats: int = 5) -> float:
 
 def main(batch: int = 16) -> None:
     rng = np.random.default_rng(0)
-    print("| size | channels | kernel | stride | grouped conv (ms) | shifted sum (ms) | speedup | max rel. difference |")
+    print(
+        "| size | channels | kernel | stride | grouped conv (ms) | shifted sum (ms) | speedup | max rel. difference |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for size, channels, kernel_size, stride in SHAPES:
         x = jnp.asarray(rng.random((batch, size, size, channels), dtype=np.float32))

@@ -1,6 +1,6 @@
 """XLA CPU convolution time against spatial size: a probe for the CPU backend gap.
 
-    python -m benchmarks.xla_small_conv
+    python -m benchmarks.probes.xla_small_conv
 
 Times one 3x3 convolution (batch 16, NHWC/HWIO, SAME padding) at the channel counts and spatial sizes
 of ResNet stages. On jax 0.10.2's CPU backend a 512->512 conv on 2x2 maps took longer than on 7x7 maps
@@ -25,7 +25,7 @@ def best_ms(fn, *args, repeats: int = 5) -> float:
     return min(times) * 1e3
 
 
-def main() -> None:
+def main(batch: int = 16) -> None:
     conv = jax.jit(
         lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     )
@@ -33,8 +33,8 @@ def main() -> None:
     print("| channels | spatial | GFLOP | ms | GFLOP/s |\n|---|---|---|---|---|")
     for channels, spatial in [(512, 2), (512, 4), (512, 7), (64, 16), (64, 56)]:
         w = jax.device_put(rng.standard_normal((3, 3, channels, channels)).astype(np.float32))
-        x = jax.device_put(rng.standard_normal((16, spatial, spatial, channels)).astype(np.float32))
-        gflop = 16 * spatial * spatial * channels * channels * 9 * 2 / 1e9
+        x = jax.device_put(rng.standard_normal((batch, spatial, spatial, channels)).astype(np.float32))
+        gflop = batch * spatial * spatial * channels * channels * 9 * 2 / 1e9
         ms = best_ms(conv, x, w)
         print(f"| {channels} | {spatial}x{spatial} | {gflop:.2f} | {ms:.1f} | {gflop / ms * 1e3:.1f} |")
 

@@ -1,0 +1,159 @@
+"""The model a benchmark runs: where it comes from (a JSON-able spec) and how a worker builds it.
+
+Four sources, in the order they are tried:
+
+* ``factory="package.module:function"`` — any user model: the function (called without arguments)
+  returns ``(model, variables)`` for a linen module, optionally ``(model, variables, meta)`` with
+  ``meta["input_size"] = (H, W)`` / ``meta["channels"]``, or an ``nnx.Module``;
+* ``weights=PATH`` — a flaxcam bundle (``flaxcam train`` writes one) or a torchvision ResNet checkpoint
+  (``.pth`` / ``.pt``, read without torch);
+* ``name`` — a registered reference model (:data:`flaxcam.models.MODELS`, seeded random weights:
+  speed does not depend on their values);
+* nothing (or ``name="efficientnet_lite0"``) — the pretrained default, EfficientNet-Lite0 on ImageNet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+#: Suffixes of a torchvision checkpoint (everything else given as weights is read as a flaxcam bundle).
+TORCH_SUFFIXES = (".pth", ".pt")
+DEFAULT_SIZE = (224, 224)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to time. ``api`` is ``"linen"`` (``model.apply(variables, x)``) or ``"nnx"``
+    (``model(x)``; ``variables`` is None). ``dtype_applied`` says where ``--dtype`` went: ``"module"``
+    (the module's own ``dtype`` field: its computation) or ``"inputs"`` (the images only)."""
+
+    model: Any
+    variables: Any
+    api: str
+    layer: str | None
+    input_size: tuple[int, int]
+    channels: int
+    dtype_applied: str
+
+
+def describe(name: str | None = None, weights: str | None = None, factory: str | None = None) -> str:
+    """A short label of the model for tables and file records."""
+    if factory:
+        return factory
+    if weights:
+        return Path(weights).name
+    return name or "efficientnet_lite0"
+
+
+def check_source(name: str | None, weights: str | None, factory: str | None) -> None:
+    """Reject a bad model source before any worker starts (one clear message each)."""
+    if sum(value is not None for value in (name, weights, factory)) > 1 and not (name and weights):
+        raise ValueError("give one model: --model NAME, --model package.module:factory or --weights PATH")
+    if factory is not None:
+        module, _, function = factory.partition(":")
+        if not module or not function or not all(part.isidentifier() for part in [*module.split("."), function]):
+            raise ValueError(f"--model {factory!r}: a user model is written package.module:function")
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file")
+    if name is not None and factory is None:
+        from flaxcam.models import MODELS
+
+        if name not in MODELS:
+            raise ValueError(
+                f"unknown model {name!r}: registered models are {', '.join(sorted(MODELS))}, "
+                "or give package.module:factory"
+            )
+
+
+def import_factory(target: str) -> Callable[[], Any]:
+    """The function named by ``"package.module:function"``."""
+    module_name, _, function_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, function_name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no function {function_name!r}") from None
+
+
+def _with_dtype(model: Any, dtype: Any) -> tuple[Any, str]:
+    """The linen ``model`` computing in ``dtype`` when it has a ``dtype`` field, else unchanged."""
+    import jax.numpy as jnp
+
+    if jnp.dtype(dtype) == jnp.float32:
+        return model, "module"
+    if "dtype" in getattr(model, "__dataclass_fields__", {}):
+        return model.clone(dtype=dtype), "module"
+    return model, "inputs"
+
+
+def _is_nnx(model: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(model, nnx.Module)
+
+
+def load(spec: Mapping[str, Any]) -> LoadedModel:
+    """Build the model of a worker spec (keys ``model``, ``weights``, ``factory``, ``layer``, ``size``,
+    ``dtype``, ``seed``)."""
+    import jax.numpy as jnp
+
+    from flaxcam import models
+
+    dtype = jnp.dtype(spec.get("dtype", "float32"))
+    size = tuple(spec["size"]) if spec.get("size") else None
+    layer = spec.get("layer")
+    if spec.get("factory"):
+        result = import_factory(spec["factory"])()
+        if _is_nnx(result):
+            if hasattr(result, "eval"):
+                result.eval()  # inference: BatchNorm statistics, no dropout
+            return LoadedModel(result, None, "nnx", layer, size or DEFAULT_SIZE, 3, "inputs")
+        if not isinstance(result, tuple) or len(result) not in (2, 3):
+            raise ValueError(
+                f"{spec['factory']} must return (model, variables), (model, variables, meta) or an nnx.Module; "
+                f"it returned {type(result).__name__}"
+            )
+        model, variables = result[0], result[1]
+        meta = dict(result[2]) if len(result) == 3 else {}
+        model, applied = _with_dtype(model, dtype)
+        return LoadedModel(
+            model,
+            variables,
+            "linen",
+            layer or meta.get("target_layer"),
+            size or tuple(meta.get("input_size", DEFAULT_SIZE)),
+            int(meta.get("channels", 3)),
+            applied,
+        )
+    weights = spec.get("weights")
+    if weights and Path(weights).suffix in TORCH_SUFFIXES:
+        model, variables = models.load_torchvision_resnet(weights, dtype=dtype)
+        return LoadedModel(model, variables, "linen", layer or "layer4", size or DEFAULT_SIZE, 3, "module")
+    if weights:
+        model, variables, meta = models.load_bundle(weights)
+        model, applied = _with_dtype(model, dtype)
+        meta = dict(meta or {})
+        return LoadedModel(
+            model,
+            variables,
+            "linen",
+            layer or meta.get("target_layer"),
+            size or tuple(meta.get("input_size", DEFAULT_SIZE)),
+            3,
+            applied,
+        )
+    name = spec.get("model") or "efficientnet_lite0"
+    if name == "efficientnet_lite0":
+        _, variables, meta = models.pretrained_efficientnet_lite0()
+        model = models.efficientnet_lite0(num_classes=1000, dtype=dtype)
+        return LoadedModel(
+            model, variables, "linen", layer or meta["target_layer"], size or tuple(meta["input_size"]), 3, "module"
+        )
+    model = models.create_model(name, dtype=dtype)
+    size = size or DEFAULT_SIZE
+    variables = models.init_variables(model, (1, *size, 3), seed=spec.get("seed", 0))
+    return LoadedModel(model, variables, "linen", layer, size, 3, "module")
