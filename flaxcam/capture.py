@@ -291,7 +291,7 @@ class NNXModel:
     call_kwargs: tuple = ()
 
     def _merged(self, state: Any) -> nnx.Module:
-        return nnx.merge(self.graphdef, state)
+        return nnx.merge(self.graphdef, state, copy=True)  # fresh Variables at the current trace level
 
     def apply(self, variables: Any, images: Array) -> Any:
         return self._merged(variables)(images, **dict(self.call_kwargs))
@@ -448,6 +448,8 @@ def _canonical_dtype(leaf: Any) -> np.dtype:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None:  # a Python scalar
         return jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jax.dtypes.extended):  # PRNG keys (an NNX model's RngState)
+        return dtype
     return jax.dtypes.canonicalize_dtype(dtype)
 
 

@@ -128,7 +128,8 @@ def explain(
       devices: devices to shard the batch over (default: all local devices).
       mesh, batch_axis: a user ``jax.sharding.Mesh`` instead: the batch is sharded over its
         ``batch_axis`` (default its first axis); variables already sharded over the mesh (e.g. kernels
-        over a ``model`` axis) stay as they are, other leaves are replicated.
+        over a ``model`` axis) stay as they are, other leaves are replicated. Inside
+        ``with jax.set_mesh(mesh)`` that mesh is the default.
       eigen_smooth: reduce each method's per-channel contributions by their first principal
         component instead of their sum (pytorch-grad-cam's ``eigen_smooth``; deterministic sign).
       key: PRNG key of the stochastic methods (default ``jax.random.key(0)``): same key, same maps.
@@ -169,13 +170,9 @@ def explain(
         aug_smooth=aug_smooth and _aug_smooth_allowed(targets),
     )
     batch = images.shape[0]
-    config, _ = fn.configure(variables, images)
-    if callable(targets):
-        target_data = None
-    else:
-        planned_output = _output_shape(fn, variables, images)
-        spec, target_data = resolve_targets(targets, top_k, batch, planned_output, score)
-        config = _with_targets(config, spec)
+    planned = fn.plan(variables, images)
+    spec, target_data = resolve_targets(targets, top_k, batch, planned.output_shape, score)
+    config = fn.step_config(planned, spec)
 
     mesh, batch_axis = _mesh(mesh, batch_axis, devices)
     padded = bucket_size(batch, mesh.shape[batch_axis])
@@ -211,25 +208,10 @@ def _aug_smooth_allowed(targets: Any) -> bool:
     return True
 
 
-def _output_shape(fn: Any, variables: Any, images: Any) -> tuple[int, ...]:
-    from flaxcam.plan import _plan
-    from flaxcam.probe import shape_key
-
-    spec = jax.ShapeDtypeStruct(tuple(images.shape), images.dtype)
-    return _plan(fn, shape_key(variables), spec, variables).output_shape
-
-
-def _with_targets(config: Any, spec: Any) -> Any:
-    import dataclasses
-
-    if config.method.score_transform is not None and (spec.kind not in ("argmax", "classes", "top_k") or spec.score != "logit"):
-        raise ValueError(f"{config.method.name} needs class targets scored by their logit (score='logit')")
-    return dataclasses.replace(config, target_spec=spec)
-
-
 def _mesh(mesh: Mesh | None, batch_axis: str | None, devices: Sequence[jax.Device] | None) -> tuple[Mesh, str]:
     """The mesh the batch is sharded over and its batch axis: the caller's ``mesh`` (batch axis
-    ``batch_axis``, default its first axis), else a 1-D mesh over ``devices`` (default: all local)."""
+    ``batch_axis``, default its first axis), else the context mesh (``jax.set_mesh``), else a 1-D mesh
+    over ``devices`` (default: all local)."""
     if mesh is not None:
         if devices is not None:
             raise ValueError("pass either mesh= or devices=, not both")
@@ -237,6 +219,8 @@ def _mesh(mesh: Mesh | None, batch_axis: str | None, devices: Sequence[jax.Devic
         if axis not in mesh.axis_names:
             raise ValueError(f"batch_axis {axis!r} is not an axis of the mesh; its axes: {list(mesh.axis_names)}")
         return mesh, axis
+    if devices is None and not jax.sharding.get_abstract_mesh().empty:  # inside `with jax.set_mesh(mesh)`
+        return _mesh(jax.sharding.get_mesh(), batch_axis, None)
     if batch_axis is not None:
         raise ValueError("batch_axis= names an axis of mesh=; pass mesh= too")
     devices = list(devices) if devices is not None else jax.local_devices()

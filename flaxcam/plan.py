@@ -107,19 +107,25 @@ class Explainer:
 
     def configure(self, variables: Any, images: Any, targets: Any = None) -> tuple[StepConfig, dict | None]:
         """The static step configuration and the target data for a batch (host work, cached on shapes)."""
-        spec = jax.ShapeDtypeStruct(tuple(images.shape), images.dtype)
-        planned = _plan(self, shape_key(variables), spec, _concrete(variables))
+        planned = self.plan(variables, images)
         target_spec, target_data = self._targets(targets, images.shape[0], planned.output_shape)
+        return self.step_config(planned, target_spec), target_data
+
+    def plan(self, variables: Any, images: Any) -> _Planned:
+        """Layers, CAM head, FullGrad layers and output shape for these input and variables shapes."""
+        spec = jax.ShapeDtypeStruct(tuple(images.shape), images.dtype)
+        return _plan(self, shape_key(variables), spec, _concrete(variables))
+
+    def step_config(self, planned: _Planned, target_spec: TargetSpec) -> StepConfig:
         if self.method.score_transform is not None and (
             target_spec.kind not in ("argmax", "classes", "top_k") or target_spec.score != "logit"
         ):
             raise ValueError(f"{self.method.name} needs class targets scored by their logit (score='logit')")
-        config = StepConfig(
+        return StepConfig(
             self.model, self.method, planned.layers, planned.head, planned.head_features, target_spec,
             self.output_fn, self.eigen_smooth, self.chunk_size, self.aug_smooth, self.reshape,
             self.method_options, planned.biased,
         )
-        return config, target_data
 
     def _targets(self, targets: Any, batch: int, output_shape: tuple[int, ...]) -> tuple[TargetSpec, dict | None]:
         kind = self.targets_kind

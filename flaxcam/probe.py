@@ -199,7 +199,7 @@ def _scores_of(model: Any, variables: Any, layers: tuple[str, ...], score_fn: Sc
 
 
 def _zero_deltas(model: Any, variables: Any, images: Array, layers: tuple[str, ...]) -> tuple[Array, ...]:
-    shapes = jax.eval_shape(lambda: model.forward(variables, images, layers)[1])
+    shapes = jax.eval_shape(lambda v, x: model.forward(v, x, layers)[1], variables, images)
     return tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
 
 
@@ -208,7 +208,8 @@ def _per_target_vjp(vjp_fn: Callable, scores: Array) -> Any:
     Images are independent (inference mode), so the gradient of ``scores[:, t].sum()`` holds every
     image's own gradient."""
     num_targets = scores.shape[1]
-    cotangents = jnp.broadcast_to(jnp.eye(num_targets, dtype=scores.dtype)[:, None, :], (num_targets, *scores.shape))
+    # one-hot rows times ones_like(scores): the cotangents carry the scores' sharding (explicit meshes)
+    cotangents = jnp.eye(num_targets, dtype=scores.dtype)[:, None, :] * jnp.ones_like(scores)[None]
     pulled = jax.vmap(vjp_fn)(cotangents)
     return jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 0, 1), pulled)
 

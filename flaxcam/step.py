@@ -158,7 +158,20 @@ def _contributions(
         over_targets = jax.vmap(lambda kw: method.fn(**kw, **options), in_axes=(axes,), axis_size=num_targets)
         return over_targets(image_inputs)
 
-    return jax.vmap(per_image)(inputs)
+    return jax.vmap(per_image)(_batch_sharded_like(inputs, activations))
+
+
+def _batch_sharded_like(values: Any, reference: Array) -> Any:
+    """Under a mesh with explicit axes, give every array the batch sharding of ``reference`` (vmap over
+    the batch needs one sharding of the mapped axis); a no-op otherwise (automatic sharding)."""
+    spec = getattr(jax.typeof(reference).sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return values
+    batch_spec = jax.sharding.PartitionSpec(spec[0])
+    return jax.tree_util.tree_map(
+        lambda value: value if jax.typeof(value).sharding.spec[:1] == (spec[0],) else jax.sharding.reshard(value, batch_spec),
+        values,
+    )
 
 
 def _fixed_targets(config: StepConfig, chosen: Array, target_data: dict | None) -> tuple[TargetSpec, dict]:
