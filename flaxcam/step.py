@@ -202,9 +202,7 @@ def _ablation_scorer(
     spec, data = _fixed_targets(config, chosen, target_data)
 
     def ablate(delta: Array, image_index: Array) -> Array:
-        output, _, _ = forward_at_layers(
-            config.model, variables, images[image_index], (layer,), (delta,)
-        )
+        output, _, _ = config.model.forward(variables, images[image_index], (layer,), (delta,))
         output = config.output_fn(output)
         return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
 
