@@ -100,6 +100,16 @@ def _shortcut(x: jax.Array, downsample: nnx.List | None) -> jax.Array:
     return x if downsample is None else downsample[1](downsample[0](x))
 
 
+class Stage(nnx.List):
+    """One stage (``layer1`` .. ``layer4``): its blocks as items ``0``, ``1``, ... called in order (a
+    callable list, so the stage itself is a layer, as in the linen model)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self:
+            x = block(x)
+        return x
+
+
 class ResNet(nnx.Module):
     """A torchvision-structured ResNet (NNX): ``model(x)`` maps NHWC images to logits."""
 
@@ -115,7 +125,7 @@ class ResNet(nnx.Module):
             for j in range(num_blocks):
                 blocks.append(block_cls(cin, 64 * 2**i, (1 if i == 0 else 2) if j == 0 else 1, rngs=rngs))
                 cin = 64 * 2**i * block_cls.expansion
-            setattr(self, f"layer{i + 1}", nnx.List(blocks))
+            setattr(self, f"layer{i + 1}", Stage(blocks))
         self.num_stages = len(stage_sizes)
         self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
 
@@ -123,8 +133,7 @@ class ResNet(nnx.Module):
         x = nnx.relu(self.bn1(self.conv1(x)))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i in range(self.num_stages):
-            for block in getattr(self, f"layer{i + 1}"):
-                x = block(x)
+            x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(global_pool(x, self.pooling))
 
 
