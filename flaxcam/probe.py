@@ -1,134 +1,104 @@
-"""Activations and gradients at a named layer of any Flax linen model, with no edits to the model.
+"""Activations and gradients at named layers of any Flax model (linen or NNX), with no edits to it.
 
-A *layer* is any submodule whose ``__call__`` returns an array; its name is the module path joined with
-dots, e.g. ``"layer4"``, ``"layer3.1"`` or ``"layer3.1.conv2"`` for flaxcam's ResNets, ``"Conv_0"`` for an
-auto-named submodule of a user's ``nn.compact`` module.
-
-How it works: :func:`flax.linen.intercept_methods` wraps every submodule call during ``model.apply``.
-At the target layer the interceptor records the output ``A`` and returns ``A + delta`` where ``delta`` is
-a zero array that we differentiate with respect to. ``d score / d delta`` at ``delta = 0`` is exactly
+A *layer* is any submodule whose ``__call__`` returns an array: for linen, its module path joined with
+dots (``"layer4"``, ``"layer3.1.conv2"``, ``"Conv_0"``); for NNX, its attribute path (``"layer4"``,
+``"blocks.3.conv"``). :mod:`flaxcam.capture` runs the model with a *tap* at the layer that records its
+output ``A`` and returns ``A + delta`` for a zero ``delta``: ``d score / d delta`` at ``delta = 0`` is
 ``d score / d A``, and because parameters and inputs are closed over (never differentiated), JAX's
 autodiff only transposes the operations *after* the layer: the backward pass costs the part of the
 network between the layer and the output, nothing before it.
+
+Every function here is pure (usable under ``jit``, ``vmap``, ``scan``) and returns a named result.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from flaxcam import ops
+from flaxcam.capture import (
+    BiasLayer,
+    LayerError,
+    LayerInfo,
+    as_model,
+    is_nnx,
+    layer_name,
+    shape_key,
+)
 
 Array = jax.Array
 OutputFn = Callable[[Any], Array]
+ScoreFn = Callable[[Array], tuple[Array, Any]]
+
+__all__ = [
+    "BiasLayer", "Diagonals", "HessianProbe", "InputGradients", "LayerError", "LayerInfo", "Probe",
+    "bias_layers", "default_output_fn", "derivative_diagonals", "effective_bias", "forward_at_layer",
+    "forward_at_layers", "input_and_layer_gradients", "layer_name", "list_layers", "probe", "probe_hessian",
+    "resolve_layer", "shape_key",
+]
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-    """One callable submodule of a model: dotted name, module class name and output shape."""
+class Probe(NamedTuple):
+    """Model output and what the methods read at the layer(s): ``activations`` ``(B, h, w, C)`` and
+    ``gradients`` ``(B, T, h, w, C)`` of the ``(B, T)`` target ``scores`` (per-layer tuples when several
+    layers are probed); ``chosen`` is what the score function returned beside the scores (the labels)."""
 
-    name: str
-    module_type: str
-    shape: tuple[int, ...]
-
-    @property
-    def is_spatial(self) -> bool:
-        """True for ``(batch, height, width, channels)`` outputs, the ones a CAM can be computed on."""
-        return len(self.shape) == 4
+    logits: Array
+    activations: Any
+    gradients: Any
+    scores: Array
+    chosen: Any
 
 
-class LayerError(ValueError):
-    """A layer name that the model does not have, or a layer that cannot be used for the request."""
+class HessianProbe(NamedTuple):
+    """:class:`Probe` plus ``hvps``: per layer, the Hessian of each target score times the activations."""
+
+    logits: Array
+    activations: tuple[Array, ...]
+    gradients: tuple[Array, ...]
+    hvps: tuple[Array, ...]
+    scores: Array
+    chosen: Any
 
 
-def layer_name(path: tuple[str, ...]) -> str:
-    """The dotted name of a module path: ``("layer3", "1") -> "layer3.1"``."""
-    return ".".join(path)
+class Diagonals(NamedTuple):
+    """Per layer, the diagonals of the 2nd and 3rd derivatives of each target score ``(B, T, h, w, C)``."""
+
+    second: tuple[Array, ...]
+    third: tuple[Array, ...]
 
 
-def _apply(model: nn.Module, variables: Mapping[str, Any], images: Array, apply_kwargs: tuple) -> Any:
-    return model.apply(variables, images, **dict(apply_kwargs))
+class InputGradients(NamedTuple):
+    """Target scores and their gradients w.r.t. the input ``(B, T, H, W, C)`` and each layer's output."""
+
+    logits: Array
+    scores: Array
+    chosen: Any
+    input_gradients: Array
+    layer_gradients: tuple[Array, ...]
 
 
-def list_layers(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    images: Array | jax.ShapeDtypeStruct,
-    apply_kwargs: tuple = (),
-) -> list[LayerInfo]:
-    """Every submodule called during ``model.apply``, in the order the calls *return*.
+def list_layers(model: Any, variables: Any, images: Any = None, apply_kwargs: tuple = ()) -> list[LayerInfo]:
+    """Every submodule called during a forward pass, in the order the calls *return*.
 
-    ``variables`` may also be its :func:`shape_key`. Runs on shapes only (``jax.eval_shape``): no computation. Modules whose output is not a single array
-    are listed with shape ``()``. A module called several times is listed once per call.
+    ``list_layers(linen_model, variables, images)`` or ``list_layers(nnx_model, images)`` (the NNX
+    model's own state is used). ``variables`` may also be its :func:`shape_key`. Runs on shapes only
+    (``jax.eval_shape``): no computation. Modules whose output is not a single array are listed with
+    shape ``()``. A module called several times is listed once per call.
     """
+    if images is None:
+        if not is_nnx(model):
+            raise TypeError("list_layers(model, variables, images) for a linen model; list_layers(model, images) for NNX")
+        from flax import nnx
+
+        variables, images = nnx.state(model), variables
     spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
-    return list(_list_layers_impl(model, shape_key(variables), spec, apply_kwargs))
-
-
-def shape_key(variables: Mapping[str, Any] | _ShapeKey) -> _ShapeKey:
-    """A hashable key for the structure and shapes of a variables tree (for caching traces); a key is
-    returned as is. Reads each leaf's ``shape`` and ``dtype`` (canonicalized as JAX would, e.g. float64
-    to float32 without x64), without building arrays: cheap enough to run on every ``explain`` call."""
-    if isinstance(variables, _ShapeKey):
-        return variables
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    return _ShapeKey(treedef, tuple((tuple(np.shape(leaf)), _canonical_dtype(leaf)) for leaf in leaves))
-
-
-def _canonical_dtype(leaf: Any) -> np.dtype:
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is None:  # a Python scalar
-        return jnp.result_type(leaf)
-    return jax.dtypes.canonicalize_dtype(dtype)
-
-
-class _ShapeKey:
-    """Hash a variables tree by its structure, shapes and dtypes so that traces can be cached; ``tree``
-    is the matching tree of ``jax.ShapeDtypeStruct`` (built on first use)."""
-
-    def __init__(self, treedef: Any, shapes: tuple):
-        self.treedef = treedef
-        self.key = (treedef, shapes)
-        self._shapes = shapes
-        self._tree = None
-
-    @property
-    def tree(self) -> Any:
-        if self._tree is None:
-            self._tree = self.treedef.unflatten([jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self._shapes])
-        return self._tree
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ShapeKey) and self.key == other.key
-
-
-@functools.lru_cache(maxsize=64)
-def _list_layers_impl(model, variables_key: _ShapeKey, spec, apply_kwargs) -> tuple[LayerInfo, ...]:
-    records: list[LayerInfo] = []
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        path = tuple(context.module.path)
-        if context.method_name == "__call__" and path:
-            shape = tuple(out.shape) if hasattr(out, "shape") else ()
-            records.append(LayerInfo(layer_name(path), type(context.module).__name__, shape))
-        return out
-
-    def run(variables, images):
-        with nn.intercept_methods(record):
-            return _apply(model, variables, images, apply_kwargs)
-
-    jax.eval_shape(run, variables_key.tree, spec)
-    return tuple(records)
+    return list(as_model(model, apply_kwargs).list_layers(shape_key(variables), spec))
 
 
 def _format_names(layers: list[LayerInfo], spatial_only: bool) -> str:
@@ -152,6 +122,7 @@ def resolve_layer(layers: list[LayerInfo], name: str | None, spatial_only: bool 
         raise LayerError(
             f"unknown layer {name!r}. Layers with spatial outputs (usable targets): "
             f"{_format_names(layers, spatial_only=True)}"
+            + ("" if spatial_only else f"; all layers: {_format_names(layers, spatial_only=False)}")
         )
     if len(matches) > 1:
         raise LayerError(f"layer {name!r} is called {len(matches)} times in one forward pass; pick a module called once")
@@ -165,8 +136,8 @@ def resolve_layer(layers: list[LayerInfo], name: str | None, spatial_only: bool 
 
 
 def forward_at_layers(
-    model: nn.Module,
-    variables: Mapping[str, Any],
+    model: Any,
+    variables: Any,
     images: Array,
     layers: tuple[str, ...],
     deltas: tuple[Array, ...] | None = None,
@@ -183,38 +154,12 @@ def forward_at_layers(
     computed once, a loop that evaluates only the network after the layer lets XLA drop the part
     before it as dead code.
     """
-    paths = {tuple(layer.split(".")) if layer else (): i for i, layer in enumerate(layers)}
-    head_path = tuple(record_inputs_of.split(".")) if record_inputs_of else None
-    captured: dict[int, Array] = {}
-    head_input: list[Array] = []
-
-    def intercept(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        path = tuple(context.module.path)
-        if head_path is not None and path == head_path:
-            head_input.append(args[0])
-        out = next_fun(*args, **kwargs)
-        index = paths.get(path)
-        if index is not None:
-            captured[index] = out
-            if replacements is not None and replacements[index] is not None:
-                out = replacements[index]
-            if deltas is not None:
-                out = out + deltas[index]
-        return out
-
-    with nn.intercept_methods(intercept):
-        output = _apply(model, variables, images, apply_kwargs)
-    missing = [layers[i] for i in range(len(layers)) if i not in captured]
-    if missing:
-        raise LayerError(f"layer(s) {missing} were not called during the forward pass")
-    return output, tuple(captured[i] for i in range(len(layers))), head_input[0] if head_input else None
+    return as_model(model, apply_kwargs).forward(variables, images, tuple(layers), deltas, record_inputs_of, replacements)
 
 
 def forward_at_layer(
-    model: nn.Module,
-    variables: Mapping[str, Any],
+    model: Any,
+    variables: Any,
     images: Array,
     layer: str,
     delta: Array | None = None,
@@ -239,75 +184,13 @@ def default_output_fn(output: Any) -> Array:
     return output
 
 
-def probe(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    images: Array,
-    layers: str | tuple[str, ...],
-    score_fn: Callable[[Array], tuple[Array, Any]],
-    *,
-    apply_kwargs: tuple = (),
-    output_fn: OutputFn = default_output_fn,
-    with_gradients: bool = True,
-) -> tuple[Array, Any, Any, Array, Any]:
-    """Logits, activations at ``layers`` and d(target scores)/d(activations), for a batch, from one
-    forward pass.
+def _scores_of(model: Any, variables: Any, layers: tuple[str, ...], score_fn: ScoreFn, output_fn: OutputFn) -> Callable:
+    """``scores_of(inputs, deltas, replacements=None) -> (scores (B, T), (logits, activations, aux))``:
+    the target scores of ``inputs`` with ``deltas`` added at ``layers`` — the one function every
+    derivative below differentiates."""
 
-    ``score_fn(logits) -> (scores, aux)`` returns the ``(batch, T)`` target scores (T targets per image)
-    and anything else to return (e.g. the chosen class indices). Images are independent (inference
-    mode), so the gradient of ``scores[:, t].sum()`` holds every image's own gradient; the T targets are
-    handled by ``vmap`` over T cotangents of one linearization.
-
-    Returns ``(logits, activations, gradients, scores, aux)``: activations ``(B, h, w, C)`` and
-    gradients ``(B, T, h, w, C)`` (``None`` when ``with_gradients`` is False) — or tuples of them, one
-    per layer, when ``layers`` is a tuple.
-    """
-    single = isinstance(layers, str)
-    names = (layers,) if single else tuple(layers)
-
-    def unwrap(values):
-        return values[0] if single and values is not None else values
-
-    if not with_gradients:
-        output, activations, _ = forward_at_layers(model, variables, images, names, None, apply_kwargs)
-        logits = output_fn(output)
-        scores, aux = score_fn(logits)
-        return logits, unwrap(activations), None, scores, aux
-
-    def scores_of(deltas):
-        output, activations, _ = forward_at_layers(model, variables, images, names, deltas, apply_kwargs)
-        logits = output_fn(output)
-        scores, aux = score_fn(logits)
-        return scores, (logits, activations, aux)
-
-    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, names, None, apply_kwargs)[1])
-    deltas = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
-    scores, vjp_fn, (logits, activations, aux) = jax.vjp(scores_of, deltas, has_aux=True)
-    num_targets = scores.shape[1]
-    cotangents = jnp.broadcast_to(
-        jnp.eye(num_targets, dtype=scores.dtype)[:, None, :], (num_targets, *scores.shape)
-    )
-    (gradients,) = jax.vmap(vjp_fn)(cotangents)  # per layer (T, B, h, w, C)
-    gradients = tuple(jnp.moveaxis(g, 0, 1) for g in gradients)
-    return logits, unwrap(activations), unwrap(gradients), scores, aux
-
-
-# ---------------------------------------------------------------------------------------------------
-# Higher-order and whole-model derivatives (ShapleyCAM, exact Grad-CAM++, FullGrad)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _per_target_vjp(vjp_fn: Callable, scores: Array) -> Any:
-    """Pull back the T one-hot cotangents of ``(B, T)`` scores; results get the target axis at 1."""
-    num_targets = scores.shape[1]
-    cotangents = jnp.broadcast_to(jnp.eye(num_targets, dtype=scores.dtype)[:, None, :], (num_targets, *scores.shape))
-    pulled = jax.vmap(vjp_fn)(cotangents)
-    return jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 0, 1), pulled)
-
-
-def _scores_of_deltas(model, variables, images, names, score_fn, apply_kwargs, output_fn) -> Callable:
-    def scores_of(deltas):
-        output, activations, _ = forward_at_layers(model, variables, images, names, deltas, apply_kwargs)
+    def scores_of(inputs: Array, deltas: tuple[Array, ...] | None, replacements: tuple | None = None):
+        output, activations, _ = model.forward(variables, inputs, layers, deltas, None, replacements)
         logits = output_fn(output)
         scores, aux = score_fn(logits)
         return scores, (logits, activations, aux)
@@ -315,16 +198,74 @@ def _scores_of_deltas(model, variables, images, names, score_fn, apply_kwargs, o
     return scores_of
 
 
-def probe_hessian(
-    model: nn.Module,
-    variables: Mapping[str, Any],
+def _zero_deltas(model: Any, variables: Any, images: Array, layers: tuple[str, ...]) -> tuple[Array, ...]:
+    shapes = jax.eval_shape(lambda v, x: model.forward(v, x, layers)[1], variables, images)
+    return tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
+
+
+def _per_target_vjp(vjp_fn: Callable, scores: Array) -> Any:
+    """Pull back the T one-hot cotangents of ``(B, T)`` scores; results get the target axis at 1.
+    Images are independent (inference mode), so the gradient of ``scores[:, t].sum()`` holds every
+    image's own gradient."""
+    num_targets = scores.shape[1]
+    # one-hot rows times ones_like(scores): the cotangents carry the scores' sharding (explicit meshes)
+    cotangents = jnp.eye(num_targets, dtype=scores.dtype)[:, None, :] * jnp.ones_like(scores)[None]
+    pulled = jax.vmap(vjp_fn)(cotangents)
+    return jax.tree_util.tree_map(lambda g: jnp.moveaxis(g, 0, 1), pulled)
+
+
+def probe(
+    model: Any,
+    variables: Any,
     images: Array,
-    layers: tuple[str, ...],
-    score_fn: Callable[[Array], tuple[Array, Any]],
+    layers: str | tuple[str, ...],
+    score_fn: ScoreFn,
     *,
     apply_kwargs: tuple = (),
     output_fn: OutputFn = default_output_fn,
-) -> tuple[Array, tuple[Array, ...], tuple[Array, ...], tuple[Array, ...], Array, Any]:
+    with_gradients: bool = True,
+) -> Probe:
+    """Logits, activations at ``layers`` and d(target scores)/d(activations), for a batch, from one
+    forward pass.
+
+    ``score_fn(logits) -> (scores, aux)`` returns the ``(batch, T)`` target scores (T targets per image)
+    and anything else to return (e.g. the chosen class indices); the T targets are handled by ``vmap``
+    over T cotangents of one linearization. Activations are ``(B, h, w, C)``, gradients
+    ``(B, T, h, w, C)`` (``None`` when ``with_gradients`` is False) — or tuples of them, one per layer,
+    when ``layers`` is a tuple.
+    """
+    model = as_model(model, apply_kwargs)
+    single = isinstance(layers, str)
+    names = (layers,) if single else tuple(layers)
+    scores_of = _scores_of(model, variables, names, score_fn, output_fn)
+
+    def unwrap(values):
+        return values[0] if single and values is not None else values
+
+    if not with_gradients:
+        scores, (logits, activations, aux) = scores_of(images, None)
+        return Probe(logits, unwrap(activations), None, scores, aux)
+    deltas = _zero_deltas(model, variables, images, names)
+    scores, vjp_fn, (logits, activations, aux) = jax.vjp(lambda d: scores_of(images, d), deltas, has_aux=True)
+    (gradients,) = _per_target_vjp(vjp_fn, scores)
+    return Probe(logits, unwrap(activations), unwrap(tuple(gradients)), scores, aux)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Higher-order and whole-model derivatives (ShapleyCAM, exact Grad-CAM++, FullGrad)
+# ---------------------------------------------------------------------------------------------------
+
+
+def probe_hessian(
+    model: Any,
+    variables: Any,
+    images: Array,
+    layers: tuple[str, ...],
+    score_fn: ScoreFn,
+    *,
+    apply_kwargs: tuple = (),
+    output_fn: OutputFn = default_output_fn,
+) -> HessianProbe:
     r"""Like :func:`probe`, plus the Hessian-vector product of each target score with the activations.
 
     For layer ``l`` with activations :math:`A` and target score :math:`s`:
@@ -332,17 +273,14 @@ def probe_hessian(
     derivative: everything after the layer, other target layers included, depends on it). Computed
     forward-over-reverse, ``jax.jvp`` of the per-target gradient in the direction ``A``: one extra
     linearization per layer, no Hessian is materialized.
-
-    Returns ``(logits, activations, gradients, hvps, scores, aux)``, the last three per-layer tuples of
-    ``(B, h, w, C)`` / ``(B, T, h, w, C)`` arrays.
     """
-    scores_of = _scores_of_deltas(model, variables, images, layers, score_fn, apply_kwargs, output_fn)
-    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, layers, None, apply_kwargs)[1])
-    zeros = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
-    scores, (logits, activations, aux) = scores_of(zeros)
+    model = as_model(model, apply_kwargs)
+    scores_of = _scores_of(model, variables, tuple(layers), score_fn, output_fn)
+    zeros = _zero_deltas(model, variables, images, tuple(layers))
+    scores, (logits, activations, aux) = scores_of(images, zeros)
 
     def gradients_of(deltas):
-        values, vjp_fn, _ = jax.vjp(scores_of, deltas, has_aux=True)
+        values, vjp_fn, _ = jax.vjp(lambda d: scores_of(images, d), deltas, has_aux=True)
         return _per_target_vjp(vjp_fn, values)[0]  # per layer (B, T, h, w, C)
 
     gradients, hvps = [], []
@@ -351,20 +289,20 @@ def probe_hessian(
         layer_gradients, layer_hvps = jax.jvp(gradients_of, (zeros,), (direction,))
         gradients.append(layer_gradients[index])
         hvps.append(layer_hvps[index])
-    return logits, activations, tuple(gradients), tuple(hvps), scores, aux
+    return HessianProbe(logits, activations, tuple(gradients), tuple(hvps), scores, aux)
 
 
 def derivative_diagonals(
-    model: nn.Module,
-    variables: Mapping[str, Any],
+    model: Any,
+    variables: Any,
     images: Array,
     layers: tuple[str, ...],
-    score_fn: Callable[[Array], tuple[Array, Any]],
+    score_fn: ScoreFn,
     *,
     apply_kwargs: tuple = (),
     output_fn: OutputFn = default_output_fn,
     chunk_size: int = 32,
-) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+) -> Diagonals:
     r"""The diagonals of the second and third derivatives of each target score w.r.t. each layer's
     activations: :math:`\partial^2 s / \partial A_i^2` and :math:`\partial^3 s / \partial A_i^3` for
     every element ``i`` of ``A`` ``(h, w, C)``.
@@ -374,16 +312,18 @@ def derivative_diagonals(
     exact way to get a Hessian's diagonal for a general network, so the cost is **one pass per
     element of the layer**, ``n = h·w·C`` passes (e.g. 25 088 at a ResNet's ``layer4`` for a 224×224
     input), each a third-order jvp of the network after the layer (up to 8 streams of its forward
-    computation, fewer where XLA merges the identical ones). Images are independent, so direction ``e_i`` is applied to every image at once and
-    every target score comes out of the same pass: the count is per batch, not per image or target.
-    The passes run on device, ``chunk_size`` directions at a time (vmapped, in a ``lax.map``), so
-    memory is bounded by ``chunk_size × batch`` tangent copies of the activations after the layer.
-
-    Returns ``(second, third)``: per-layer tuples of ``(B, T, h, w, C)`` arrays.
+    computation, fewer where XLA merges the identical ones). Images are independent, so direction
+    ``e_i`` is applied to every image at once and every target score comes out of the same pass: the
+    count is per batch, not per image or target. The passes run on device, ``chunk_size`` directions at
+    a time (:func:`flaxcam.ops.chunked_map`), so memory is bounded by ``chunk_size × batch`` tangent
+    copies of the activations after the layer.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _, activations, _ = forward_at_layers(model, variables, images, layers, None, apply_kwargs)
+    model = as_model(model, apply_kwargs)
+    layers = tuple(layers)
+    scores_of = _scores_of(model, variables, layers, score_fn, output_fn)
+    _, activations, _ = model.forward(variables, images, layers)
     seconds, thirds = [], []
     for index in range(len(layers)):
         # the layer's output is computed once, above; each pass evaluates the network after it
@@ -391,13 +331,12 @@ def derivative_diagonals(
 
         def scores_at(delta: Array, index: int = index, replacements: tuple = replacements) -> Array:
             deltas = tuple(delta if i == index else jnp.zeros_like(a) for i, a in enumerate(activations))
-            output, _, _ = forward_at_layers(model, variables, images, layers, deltas, apply_kwargs, replacements=replacements)
-            return score_fn(output_fn(output))[0]  # (B, T)
+            return scores_of(images, deltas, replacements)[0]  # (B, T)
 
         second, third = _diagonals_of(scores_at, activations[index], chunk_size)
         seconds.append(second)
         thirds.append(third)
-    return tuple(seconds), tuple(thirds)
+    return Diagonals(tuple(seconds), tuple(thirds))
 
 
 def _diagonals_of(scores_at: Callable[[Array], Array], activations: Array, chunk_size: int) -> tuple[Array, Array]:
@@ -414,110 +353,52 @@ def _diagonals_of(scores_at: Callable[[Array], Array], activations: Array, chunk
         second = lambda t: jax.jvp(first, (t,), (one,))[1]
         return jax.jvp(second, (jnp.zeros((), activations.dtype),), (one,))  # (d²s/dt², d³s/dt³) at 0
 
-    chunks = -(-size // chunk_size)
-    elements = jnp.minimum(jnp.arange(chunks * chunk_size), size - 1).reshape(chunks, chunk_size)
-    second, third = jax.lax.map(jax.vmap(second_and_third), elements)  # (chunks, chunk, B, T)
+    second, third = ops.chunked_map(jax.vmap(second_and_third), size, chunk_size)  # (n, B, T)
 
     def arrange(values: Array) -> Array:
-        values = values.reshape(chunks * chunk_size, batch, -1)[:size]  # (n, B, T)
         return jnp.moveaxis(values, 0, -1).reshape(batch, values.shape[-1], *element_shape)
 
     return arrange(second), arrange(third)
 
 
-@dataclasses.dataclass(frozen=True)
-class BiasLayer:
-    """A convolution or BatchNorm with a bias (what FullGrad reads): dotted name, kind
-    (``"Conv"`` or ``"BatchNorm"``) and, for BatchNorm, its epsilon."""
-
-    name: str
-    kind: str
-    epsilon: float = 0.0
-
-
-def bias_layers(
-    model: nn.Module, variables: Mapping[str, Any], images: Array | jax.ShapeDtypeStruct, apply_kwargs: tuple = ()
-) -> tuple[BiasLayer, ...]:
-    """Every ``nn.Conv`` and ``nn.BatchNorm`` with a bias and a ``(B, h, w, C)`` output, in call order —
+def bias_layers(model: Any, variables: Any, images: Array | jax.ShapeDtypeStruct, apply_kwargs: tuple = ()) -> tuple[BiasLayer, ...]:
+    """Every convolution and BatchNorm with a bias and a ``(B, h, w, C)`` output, in call order —
     pytorch-grad-cam's FullGrad takes every ``Conv2d`` / ``BatchNorm2d`` whose bias is not None.
     Shapes only (``jax.eval_shape``; ``variables`` may be its :func:`shape_key`); a module called more
     than once is an error (its gradient would mix the calls)."""
     spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
-    return _bias_layers_impl(model, shape_key(variables), spec, apply_kwargs)
+    return as_model(model, apply_kwargs).bias_layers(shape_key(variables), spec)
 
 
-@functools.lru_cache(maxsize=64)
-def _bias_layers_impl(model, variables_key: _ShapeKey, spec, apply_kwargs) -> tuple[BiasLayer, ...]:
-    found: list[BiasLayer] = []
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module = context.module
-        if context.method_name == "__call__" and getattr(out, "ndim", 0) == 4 and module.path:
-            name = layer_name(tuple(module.path))
-            if isinstance(module, nn.Conv) and module.use_bias:
-                found.append(BiasLayer(name, "Conv"))
-            elif isinstance(module, nn.BatchNorm) and module.use_bias:
-                found.append(BiasLayer(name, "BatchNorm", float(module.epsilon)))
-        return out
-
-    def run(variables, images):
-        with nn.intercept_methods(record):
-            return _apply(model, variables, images, apply_kwargs)
-
-    jax.eval_shape(run, variables_key.tree, spec)
-    names = [layer.name for layer in found]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise LayerError(f"FullGrad needs each biased layer called once per forward pass; called several times: {repeated}")
-    return tuple(found)
-
-
-def _subtree(variables: Mapping[str, Any], collection: str, name: str) -> Mapping[str, Any]:
-    node: Any = variables[collection]
-    for part in name.split("."):
-        node = node[part]
-    return node
-
-
-def effective_bias(variables: Mapping[str, Any], layer: BiasLayer) -> Array:
+def effective_bias(variables: Any, layer: BiasLayer, model: Any = None) -> Array:
     r"""The bias a layer adds to its output ``(C,)``. A convolution's ``bias``; for a BatchNorm in
     inference mode, :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`, the part that
     does not scale with the input: :math:`\beta - \mu \gamma / \sqrt{\sigma^2 + \epsilon}`
-    (FullGrad's definition, from the paper's reference implementation)."""
-    params = _subtree(variables, "params", layer.name)
-    if layer.kind == "Conv":
-        return params["bias"]
-    stats = _subtree(variables, "batch_stats", layer.name)
-    scale = params.get("scale", jnp.ones_like(stats["mean"]))
-    return params["bias"] - stats["mean"] * scale / jnp.sqrt(stats["var"] + layer.epsilon)
+    (FullGrad's definition, from the paper's reference implementation). ``model`` is needed for NNX
+    (the state is read through the model's graph); linen variables are read by path."""
+    if model is None:
+        from flaxcam.capture import LinenModel
+
+        return LinenModel(None).effective_bias(variables, layer)  # type: ignore[arg-type]
+    return as_model(model).effective_bias(variables, layer)
 
 
 def input_and_layer_gradients(
-    model: nn.Module,
-    variables: Mapping[str, Any],
+    model: Any,
+    variables: Any,
     images: Array,
     layers: tuple[str, ...],
-    score_fn: Callable[[Array], tuple[Array, Any]],
+    score_fn: ScoreFn,
     *,
     apply_kwargs: tuple = (),
     output_fn: OutputFn = default_output_fn,
-) -> tuple[Array, Array, Any, Array, tuple[Array, ...]]:
+) -> InputGradients:
     """The gradients of the target scores w.r.t. the input images and the outputs of ``layers``, from
-    one forward and one backward pass (per target).
-
-    Returns ``(logits, scores, aux, input_gradients (B, T, H, W, C), layer_gradients)``, the last a
-    per-layer tuple of ``(B, T, h, w, C)``.
-    """
-    shapes = jax.eval_shape(lambda: forward_at_layers(model, variables, images, layers, None, apply_kwargs)[1])
-    zeros = tuple(jnp.zeros(shape.shape, shape.dtype) for shape in shapes)
-
-    def scores_of(inputs, deltas):
-        output, _, _ = forward_at_layers(model, variables, inputs, layers, deltas, apply_kwargs)
-        logits = output_fn(output)
-        scores, aux = score_fn(logits)
-        return scores, (logits, aux)
-
-    scores, vjp_fn, (logits, aux) = jax.vjp(scores_of, images, zeros, has_aux=True)
+    one forward and one backward pass (per target)."""
+    model = as_model(model, apply_kwargs)
+    layers = tuple(layers)
+    scores_of = _scores_of(model, variables, layers, score_fn, output_fn)
+    zeros = _zero_deltas(model, variables, images, layers)
+    scores, vjp_fn, (logits, _, aux) = jax.vjp(scores_of, images, zeros, has_aux=True)
     input_gradients, layer_gradients = _per_target_vjp(vjp_fn, scores)
-    return logits, scores, aux, input_gradients, tuple(layer_gradients)
+    return InputGradients(logits, scores, aux, input_gradients, tuple(layer_gradients))

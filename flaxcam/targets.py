@@ -10,7 +10,9 @@ targets are objects passed as ``targets=``:
 * :class:`Segmentation` — the sum of a class's logits over a mask of a ``(B, H, W, K)`` segmentation
   output (``SemanticSegmentationTarget``);
 * :class:`Embedding` — the cosine similarity of a ``(B, D)`` embedding with concept vectors
-  (``SimilarityToConceptTarget``).
+  (``SimilarityToConceptTarget``);
+* a callable ``scores(output) -> (B,)`` or ``(B, T)`` — any score of the model output, traced inside the
+  step (pytorch-grad-cam's callable targets); map ``t`` of an image explains column ``t``.
 
 Target data (classes, masks, concepts) travels into the jitted step as arrays with a leading batch
 axis; the kind of target is static.
@@ -19,6 +21,7 @@ axis; the kind of target is static.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -33,9 +36,10 @@ class TargetSpec:
     """How targets are chosen (static). ``kind``: ``"argmax"``, ``"classes"``, ``"top_k"``,
     ``"binary"``, ``"segmentation"`` or ``"embedding"``; ``count``: targets per image (T)."""
 
-    kind: Literal["argmax", "classes", "top_k", "binary", "segmentation", "embedding"]
+    kind: Literal["argmax", "classes", "top_k", "binary", "segmentation", "embedding", "custom"]
     count: int = 1
     score: Literal["logit", "softmax"] = "logit"
+    fn: Callable[[Array], Array] | None = None  # the "custom" kind's score function
 
     @property
     def chosen_from_output(self) -> bool:
@@ -71,19 +75,29 @@ class Embedding:
     concepts: Any
 
 
-def _per_image(values: Any, batch: int, trailing: int, name: str) -> np.ndarray:
+def _traced(values: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(values))
+
+
+def _xp(values: Any) -> Any:
+    """NumPy for host data (validated, contiguous), jax.numpy for traced data (inside a jitted step)."""
+    return jnp if _traced(values) else np
+
+
+def _per_image(values: Any, batch: int, trailing: int, name: str) -> Any:
     """Broadcast ``values`` to ``(B, T, *trailing_dims)`` where ``trailing`` counts the data dims."""
-    array = np.asarray(values)
+    xp = _xp(values)
+    array = xp.asarray(values)
     if array.ndim == trailing:  # one value for every image, one target
-        array = np.broadcast_to(array, (batch, 1, *array.shape))
+        array = xp.broadcast_to(array, (batch, 1, *array.shape))
     elif array.ndim == trailing + 1:
         if trailing and array.shape[0] != batch:  # (T, ...) shared by all images
-            array = np.broadcast_to(array, (batch, *array.shape))
+            array = xp.broadcast_to(array, (batch, *array.shape))
         else:  # (B, ...)
             array = array[:, None]
     if array.ndim != trailing + 2 or array.shape[0] != batch:
-        raise ValueError(f"{name} has shape {np.asarray(values).shape}; expected one per image for {batch} images")
-    return np.ascontiguousarray(array)
+        raise ValueError(f"{name} has shape {tuple(np.shape(values))}; expected one per image for {batch} images")
+    return np.ascontiguousarray(array) if xp is np else array
 
 
 def resolve_targets(
@@ -98,6 +112,8 @@ def resolve_targets(
     For classifiers ``targets`` may be ``None`` (argmax), one int (that class for every image), ``B``
     ints (one class per image) or a ``(B, T)`` array. Returns ``(spec, data)``; ``data`` maps names to
     arrays with a leading batch axis (``None`` when the targets come from the output alone).
+    Traced target arrays (inside a jitted step) are reshaped the same way; only their values are not
+    checked (that needs the host).
     """
     if score not in ("logit", "softmax"):
         raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
@@ -105,6 +121,8 @@ def resolve_targets(
         raise ValueError("pass either targets= or top_k=, not both")
     if isinstance(targets, (Binary, Segmentation, Embedding)):
         return _resolve_object(targets, batch_size, output_shape)
+    if callable(targets):
+        return _resolve_custom(targets, batch_size, output_shape), None
     if len(output_shape) != 2:
         raise ValueError(
             f"class targets need (batch, classes) logits but the model output has shape {output_shape}; "
@@ -117,23 +135,41 @@ def resolve_targets(
         return TargetSpec("top_k", int(top_k), score), None
     if targets is None:
         return TargetSpec("argmax", 1, score), None
-    classes = np.asarray(targets)
+    xp = _xp(targets)
+    classes = xp.asarray(targets)
     if not np.issubdtype(classes.dtype, np.integer):
         raise ValueError(f"targets must be integer class indices, got dtype {classes.dtype}")
     if classes.ndim == 0:
-        classes = np.full((batch_size, 1), int(classes))
+        classes = xp.broadcast_to(classes, (batch_size, 1))
     elif classes.ndim == 1:
         classes = classes[:, None]
     if classes.ndim != 2 or classes.shape[0] != batch_size:
         raise ValueError(
             f"targets must be an int, {batch_size} ints (one per image) or a ({batch_size}, T) array; "
-            f"got shape {np.asarray(targets).shape}"
+            f"got shape {tuple(np.shape(targets))}"
         )
     _check_classes(classes, num_classes)
     return TargetSpec("classes", classes.shape[1], score), {"classes": classes.astype(np.int32)}
 
 
-def _check_classes(classes: np.ndarray, num_classes: int) -> None:
+def _resolve_custom(fn: Callable[[Array], Array], batch: int, output_shape: tuple[int, ...]) -> TargetSpec:
+    """The spec of a callable target: ``fn(output)`` must give ``(B,)`` or ``(B, T)`` scores."""
+    try:
+        scores = jax.eval_shape(fn, jax.ShapeDtypeStruct((batch, *output_shape[1:]), jnp.float32))
+    except Exception as error:
+        raise ValueError(f"the targets callable failed on a model output of shape {output_shape}: {error}") from error
+    shape = tuple(getattr(scores, "shape", ()))
+    if len(shape) not in (1, 2) or shape[0] != batch:
+        raise ValueError(
+            f"a targets callable must return (B,) or (B, T) scores for a (B, ...) model output; for output "
+            f"shape {output_shape} it returned {shape}"
+        )
+    return TargetSpec("custom", 1 if len(shape) == 1 else shape[1], fn=fn)
+
+
+def _check_classes(classes: Any, num_classes: int) -> None:
+    if _traced(classes):
+        return
     bad = (classes < 0) | (classes >= num_classes)
     if bad.any():
         raise ValueError(f"target classes must be in [0, {num_classes}); got {sorted(set(classes[bad].tolist()))[:10]}")
@@ -144,28 +180,29 @@ def _resolve_object(target: Any, batch: int, output_shape: tuple[int, ...]) -> t
         if len(output_shape) not in (1, 2) or (len(output_shape) == 2 and output_shape[1] != 1):
             raise ValueError(f"Binary targets need one logit per image, (B,) or (B, 1); the output has shape {output_shape}")
         category = _per_image(target.category, batch, 0, "Binary.category").astype(np.int32)
-        if not np.isin(category, (0, 1)).all():
+        if not _traced(category) and not np.isin(category, (0, 1)).all():
             raise ValueError("Binary.category must be 0 or 1")
         return TargetSpec("binary", 1), {"classes": category}
     if isinstance(target, Segmentation):
         if len(output_shape) != 4:
             raise ValueError(f"Segmentation targets need a (B, H, W, K) output; the model output has shape {output_shape}")
         classes = _per_image(target.classes, batch, 0, "Segmentation.classes").astype(np.int32)
-        masks = np.asarray(target.masks, np.float32)
+        xp = _xp(target.masks)
+        masks = xp.asarray(target.masks, np.float32)
         if masks.ndim == 2:
-            masks = np.broadcast_to(masks, (batch, *masks.shape))
+            masks = xp.broadcast_to(masks, (batch, *masks.shape))
         masks = _per_image(masks, batch, 2, "Segmentation.masks") if masks.ndim == 3 else masks
         if masks.ndim != 4 or masks.shape[0] != batch or masks.shape[2:] != tuple(output_shape[1:3]):
             raise ValueError(
                 f"Segmentation.masks must be (H, W), (B, H, W) or (B, T, H, W) at the output's resolution "
-                f"{tuple(output_shape[1:3])}; got {np.asarray(target.masks).shape}"
+                f"{tuple(output_shape[1:3])}; got {tuple(np.shape(target.masks))}"
             )
-        masks = np.broadcast_to(masks, (batch, classes.shape[1], *masks.shape[2:])) if masks.shape[1] == 1 else masks
+        masks = xp.broadcast_to(masks, (batch, classes.shape[1], *masks.shape[2:])) if masks.shape[1] == 1 else masks
         if masks.shape[1] != classes.shape[1]:
             raise ValueError(f"{classes.shape[1]} classes per image but {masks.shape[1]} masks per image")
         _check_classes(classes, output_shape[-1])
-        return TargetSpec("segmentation", classes.shape[1]), {"classes": classes, "masks": np.ascontiguousarray(masks)}
-    concepts = np.asarray(target.concepts, np.float32)
+        return TargetSpec("segmentation", classes.shape[1]), {"classes": classes, "masks": masks if xp is jnp else np.ascontiguousarray(masks)}
+    concepts = _xp(target.concepts).asarray(target.concepts, np.float32)
     if len(output_shape) != 2:
         raise ValueError(f"Embedding targets need a (B, D) output; the model output has shape {output_shape}")
     concepts = _per_image(concepts, batch, 1, "Embedding.concepts")
@@ -200,6 +237,10 @@ def target_scores(spec: TargetSpec, output: Array, data: dict[str, Array] | None
         chosen = select_classes(spec, output, classes)
         scored = jax.nn.softmax(output, axis=-1) if spec.score == "softmax" else output
         return class_scores(scored, chosen), chosen
+    if spec.kind == "custom":
+        scores = spec.fn(output)
+        scores = scores.reshape(scores.shape[0], -1)
+        return scores, jnp.broadcast_to(jnp.arange(scores.shape[1], dtype=jnp.int32), scores.shape)
     if spec.kind == "binary":
         logit = output.reshape(output.shape[0], 1)
         return jnp.where(classes == 1, logit, -logit), classes

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import flaxcam
-from flaxcam import pipeline
+from flaxcam import pipeline, plan, step
 from flaxcam.probe import LayerError, forward_at_layer, probe
 from flaxcam.targets import class_scores, select_classes, TargetSpec
 
@@ -188,26 +188,26 @@ def test_ragged_batches_reuse_one_program(user_net):
     model, variables, images = user_net
     images = jnp.concatenate([images, images])  # 10 images
     flaxcam.explain(model, variables, images[:5], method="gradcam", layer="mid")  # bucket 8
-    before = pipeline.TRACE_COUNT
+    before = step.TRACE_COUNT
     results = [flaxcam.explain(model, variables, images[:n], method="gradcam", layer="mid") for n in (6, 7, 8, 5)]
-    assert pipeline.TRACE_COUNT == before, "a ragged batch size compiled a new program"
+    assert step.TRACE_COUNT == before, "a ragged batch size compiled a new program"
     assert [r.maps.shape[0] for r in results] == [6, 7, 8, 5]
     flaxcam.explain(model, variables, images[:9], method="gradcam", layer="mid")  # bucket 16: one new trace
-    assert pipeline.TRACE_COUNT == before + 1
+    assert step.TRACE_COUNT == before + 1
 
 
 def test_repeated_calls_trace_the_model_for_shapes_only_once(user_net):
     """Per-call host work stays small: the layer listing (an eval_shape trace of the whole model) is
     cached by the variables' structure and shapes, and new weights of the same shapes reuse it."""
-    from flaxcam import probe as probe_module
+    from flaxcam import capture
 
     model, variables, images = user_net
     flaxcam.explain(model, variables, images, method="cam", layer="top")
-    misses = probe_module._list_layers_impl.cache_info().misses
+    misses = capture._linen_layers.cache_info().misses
     other_weights = jax.tree_util.tree_map(lambda p: np.asarray(p) * 2.0, variables)  # NumPy leaves, same shapes
     flaxcam.explain(model, other_weights, images, method="cam", layer="top")
     flaxcam.explain(model, variables, images, method="gradcam", layer="mid")
-    assert probe_module._list_layers_impl.cache_info().misses == misses
+    assert capture._linen_layers.cache_info().misses == misses
 
 
 def test_shape_key_canonicalizes_dtypes_and_tells_structures_apart():
@@ -228,10 +228,9 @@ def test_shape_key_canonicalizes_dtypes_and_tells_structures_apart():
 def test_variables_already_on_the_one_device_are_not_copied_again():
     device = jax.devices()[0]
     mesh = jax.sharding.Mesh(np.asarray([device]), ("batch",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     on_device = {"w": jnp.ones(3)}
-    assert pipeline._replicated_variables(on_device, [device], replicated) is on_device
-    from_host = pipeline._replicated_variables({"w": np.ones(3, np.float32)}, [device], replicated)
+    assert pipeline._placed_variables(on_device, mesh) is on_device
+    from_host = pipeline._placed_variables({"w": np.ones(3, np.float32)}, mesh)
     assert isinstance(from_host["w"], jax.Array) and from_host["w"].sharding.device_set == {device}
 
 
@@ -386,8 +385,8 @@ def test_cam_head_check_runs_once_per_architecture(user_net):
     """Rebuilding the variables dict (as a training loop does) must not repeat the head check."""
     model, variables, images = user_net
     flaxcam.explain(model, dict(variables), images, method="cam")
-    checks = len(pipeline._HEAD_FEATURES)
+    checks = len(plan._HEAD_FEATURES)
     shifted = jax.tree_util.tree_map(lambda p: p * 1.01, variables)  # new weights, same structure
     flaxcam.explain(model, shifted, images, method="cam")
     flaxcam.explain(model, dict(variables), images, method="cam")
-    assert len(pipeline._HEAD_FEATURES) == checks
+    assert len(plan._HEAD_FEATURES) == checks

@@ -540,8 +540,8 @@ def _stream(
         targets = np.maximum(np.asarray(batch.labels), 0) if manifest["target"] == "label" else None
         explanation = flaxcam.explain(
             model, variables, batch.images, method=manifest["method"], layer=manifest["layer"], targets=targets,
-            devices=devices, **explain_kwargs,
-        )
+            devices=devices, image_ids=np.maximum(np.asarray(batch.indices), 0), **explain_kwargs,
+        )  # noise keyed by source index: one image, one map, whatever batch or resume
         masks = getattr(batch, "masks", None)
         summary = stats_lib.summarize(
             explanation.maps[:, 0],

@@ -3,8 +3,12 @@
 Every random draw is a pure function of the PRNG key and of *where* it is used (image, sample,
 channel), :func:`standard_normal_at`: the same key gives the same maps whatever the batch size, the
 chunk size or the device count, and a test can rebuild the exact draws to feed them to a reference
-implementation. :func:`flaxcam.explain` gives layer ``i`` of a call the key
-``jax.random.fold_in(key, i)``; image ``b`` of the batch uses ``jax.random.fold_in(layer_key, b)``.
+implementation. The step gives layer ``i`` of a call the key ``jax.random.fold_in(key, i)``, and image
+``b`` the key ``jax.random.fold_in(layer_key, image_ids[b])`` where ``image_ids`` are the images' ids
+(default: their positions ``0 .. B-1`` in the call): pass each image's index in its data set and one
+image gets one map whatever batch, position, device count or resume. The batched noise methods receive
+these ``(B,)`` per-image keys as ``key``; the per-image ones (RandomCAM) ``fold_in(image_key, t)`` for
+target ``t``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ def smoothgradcam_plusplus(
 
     Args: activations ``(B, h, w, C)`` of the clean images, images ``(B, H, W, c)``,
     ``probe_at(noisy_images) -> (activations (B, h, w, C), gradients (B, T, h, w, C))`` for the same
-    targets, ``key`` (image ``b``, sample ``m`` draws ``std * standard_normal_at(key, (b, m), (H, W, c))``).
+    targets, ``key`` the ``(B,)`` per-image keys (image ``b``, sample ``m`` draws
+    ``std * standard_normal_at(key[b], (m,), (H, W, c))``).
     Returns: contributions ``(B, T, h, w, C)``.
 
     Reference: Omeiza et al. "Smooth Grad-CAM++: An Enhanced Inference Level Visualization Technique for
@@ -60,10 +65,9 @@ def smoothgradcam_plusplus(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    batch = images.shape[0]
 
     def noisy_probe(sample: Array) -> tuple[Array, Array]:
-        noise = jax.vmap(lambda b: standard_normal_at(key, (b, sample), images.shape[1:]))(jnp.arange(batch))
+        noise = jax.vmap(lambda image_key: standard_normal_at(image_key, (sample,), images.shape[1:]))(key)
         return probe_at(images + std * noise.astype(images.dtype))
 
     shapes = jax.eval_shape(noisy_probe, jnp.int32(0))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxcam.methods.noise import standard_normal_at
+from flaxcam.ops import chunked_map
 
 Array = jax.Array
 
@@ -54,18 +55,6 @@ def half_pixel_matrix(out_size: int, in_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def chunked_rows(rows: int, chunk_size: int, score_rows: Callable[[Array], Array]) -> Array:
-    """``score_rows(row_index) -> (n, T)`` evaluated for rows ``0 .. rows - 1``, at most ``chunk_size``
-    rows per call (one forward pass of ``n <= chunk_size`` images), sequentially on device with
-    ``lax.map``: peak memory is that of one chunk. The rows are split into ``ceil(rows / chunk_size)``
-    equal chunks, the last padded by repeating the last row (so 10 rows with ``chunk_size=32`` cost 10
-    forward passes, not 32). Returns ``(rows, T)``."""
-    chunks = -(-rows // chunk_size)
-    size = -(-rows // chunks)
-    indices = jnp.minimum(jnp.arange(chunks * size), rows - 1).reshape(chunks, size)
-    return jax.lax.map(score_rows, indices).reshape(chunks * size, -1)[:rows]
-
-
 def _channel_mask_scores(
     activations: Array, images: Array, score: Callable[[Array, Array], Array], channels: Array, chunk_size: int
 ) -> Array:
@@ -87,7 +76,7 @@ def _channel_mask_scores(
         masks = (upsampled - low) / (high - low + 1e-8)
         return score(images[image_index] * masks[..., None], image_index)  # (n, T)
 
-    return chunked_rows(batch * count, chunk_size, chunk_scores).reshape(batch, count, -1)
+    return chunked_map(chunk_scores, batch * count, chunk_size).reshape(batch, count, -1)
 
 
 def scorecam(
@@ -190,7 +179,7 @@ def _sampled_mask_weights(
         inputs = jax.vmap(masked_input)(images[image_index], masks, image_index, sample, channel)
         return score(inputs, image_index)
 
-    scores = chunked_rows(batch * num_samples * channels, chunk_size, chunk_scores)
+    scores = chunked_map(chunk_scores, batch * num_samples * channels, chunk_size)
     mean = scores.reshape(batch, num_samples, channels, -1).mean(axis=1)  # (B, C, T)
     return jax.nn.softmax(mean, axis=1).transpose(0, 2, 1)
 
@@ -216,8 +205,9 @@ def sscam(
     Unlike :func:`scorecam` (pytorch-grad-cam's convention), the mask is normalized at the layer's
     resolution and upsampled with half-pixel centres (:func:`torchcam_masks`), as in torchcam.
     Cost: ``num_samples × C`` forward passes per image, in chunks of ``chunk_size``; the noise of row
-    (image ``b``, sample ``m``, channel ``k``) is ``std * standard_normal_at(key, (b, m, k), (H, W))``,
-    drawn inside its chunk (never ``N × C × H × W`` at once).
+    (image ``b``, sample ``m``, channel ``k``) is ``std * standard_normal_at(key[b], (m, k), (H, W))``
+    with ``key`` the ``(B,)`` per-image keys (so an image's noise does not depend on its batch
+    position), drawn inside its chunk (never ``N × C × H × W`` at once).
 
     Returns: contributions ``(B, T, h, w, C)``.
 
@@ -226,7 +216,7 @@ def sscam(
     """
 
     def noisy(image: Array, mask: Array, b: Array, m: Array, k: Array) -> Array:
-        noise = std * standard_normal_at(key, (b, m, k), mask.shape).astype(mask.dtype)
+        noise = std * standard_normal_at(key[b], (m, k), mask.shape).astype(mask.dtype)
         return (mask + noise)[..., None] * image
 
     weights = _sampled_mask_weights(activations, images, score, num_samples, chunk_size, noisy)
@@ -292,19 +282,16 @@ def ablationcam(
     batch, _, _, channels = activations.shape
     minimum = jnp.min(activations, axis=(1, 2, 3))
     value = jnp.where(minimum == 0, 0.0, minimum - 1e7)  # (B,)
-    total = batch * channels
-    chunks = -(-total // chunk_size)
-    indices = jnp.arange(chunks * chunk_size).reshape(chunks, chunk_size)
 
     def chunk_scores(index: Array) -> Array:
-        image_index = jnp.minimum(index // channels, batch - 1)
+        image_index = index // channels
         channel = index % channels
         selected = activations[image_index]  # (n, h, w, C)
         hit = (jnp.arange(channels)[None, :] == channel[:, None])[:, None, None, :]
         delta = jnp.where(hit, value[image_index][:, None, None, None] - selected, 0.0)
         return ablate(delta, image_index)  # (n, T)
 
-    ablated = jax.lax.map(chunk_scores, indices).reshape(chunks * chunk_size, -1)[:total]
+    ablated = chunked_map(chunk_scores, batch * channels, chunk_size)
     ablated = ablated.reshape(batch, channels, -1).transpose(0, 2, 1)  # (B, T, C)
     weights = (scores[:, :, None] - ablated) / scores[:, :, None]
     return activations[:, None] * weights[:, :, None, None, :]

