@@ -29,6 +29,7 @@ import numpy as np
 from flaxcam.audit import store
 from flaxcam.audit.query import connect
 from flaxcam.audit.stats import CORNERS
+from flaxcam.files import atomic_write_text
 
 #: Statistics the ranking compares; ``off_gt_share`` is ``1 - gt_share`` (only with ground truth).
 RANKED_STATS = ("border_share", *(f"corner_{c}_share" for c in CORNERS), "off_gt_share")
@@ -426,5 +427,5 @@ def write_report(
         + f"<script>{_JS}</script></body></html>"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    store._atomic_write(out, lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
+    atomic_write_text(out, document)
     return out
