@@ -439,3 +439,71 @@ def test_files_written_get_the_usual_permissions(tmp_path, model_and_variables, 
     written = [tmp_path / "b.msgpack", out / store.MANIFEST, report,
                *store.part_files(out, "part"), *store.part_files(out, "errors")]
     assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {path.name: "0o644" for path in written}
+
+
+# --------------------------------------------------------------------------- several processes (jax.distributed)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_distributed(out: Path, count: int, processes: int = 2) -> list[subprocess.CompletedProcess]:
+    """``processes`` local processes of one audit (CPU, coordinator on 127.0.0.1), run to the end."""
+    port = _free_port()
+    started = [
+        subprocess.Popen([sys.executable, str(SCRIPT), "distributed", str(out), str(count), str(port), str(processes), str(i)],
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(processes)
+    ]
+    try:
+        outputs = [process.communicate(timeout=2 * SUBPROCESS_TIMEOUT - 30) for process in started]
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(started, outputs)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * SUBPROCESS_TIMEOUT)
+def test_two_processes_refuse_together_when_one_cannot_lock(tmp_path):
+    """With the lock of process 1 held elsewhere, both processes of a two-process audit refuse (process
+    0, which got its own lock, included) and write nothing; no process waits for the other forever."""
+    from flaxcam.audit.lock import FolderLock
+
+    out = tmp_path / "two"
+    out.mkdir()
+    with FolderLock(out, process=1):
+        refused = run_distributed(out, 100)
+    assert all(result.returncode != 0 for result in refused), [r.stderr[-1500:] for r in refused]
+    assert f"is in use by another audit (PID {os.getpid()} on host" in refused[1].stderr
+    assert "process(es) 1 of this run could not lock it" in refused[0].stderr
+    assert not store.part_files(out) and not (out / store.MANIFEST).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * SUBPROCESS_TIMEOUT)
+def test_two_processes_write_one_audit_equal_to_one_process(tmp_path, model_and_variables):
+    """Two processes (``jax.distributed``) write one audit, each its own shard into its own parts
+    (``part-p00000-*``, ``part-p00001-*``: no name is written by both), equal row for row to a
+    one-process audit."""
+    count = 100
+    out = tmp_path / "two"
+    results = run_distributed(out, count)
+    assert all(result.returncode == 0 for result in results), [r.stderr[-1500:] for r in results]
+    assert_exactly_once(out, count)
+    assert {path.name.split("-")[1] for path in store.part_files(out, "part")} == {"p00000", "p00001"}
+    for path in [*store.part_files(out, "part"), *store.part_files(out, "errors")]:
+        shard = audit.shard_indices(count, int(path.name.split("-")[1][1:]), 2)
+        assert set(store.part_indices(path).tolist()) <= set(shard.tolist())
+
+    model, variables = model_and_variables
+    audit.run(audit_helpers.make_source(count), model, variables, tmp_path / "one", batch_size=64, **KW)
+    two, one = store.read_rows(out).to_pydict(), store.read_rows(tmp_path / "one").to_pydict()
+    for name in ("index", "id", "pred", "target", "topk_classes", "box_x0", "box_y0", "box_x1", "box_y1"):
+        assert two[name] == one[name], name
+    np.testing.assert_allclose(store.decode_low_res(two["low_res"], (16, 16)),
+                               store.decode_low_res(one["low_res"], (16, 16)), atol=1e-3)

@@ -324,13 +324,20 @@ def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def _shorten(value: Any, width: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    if len(text) <= width:
+        return text
+    return repr(value[: width - 3] + "…") if isinstance(value, str) else text[: width - 1] + "…"
 
 
 def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-    """``"name: stored -> current; ..."`` for every resume field that differs."""
+    """``"name: stored -> current; ..."`` for every resume field that differs (a fingerprint by its
+    first 12 hex digits)."""
     names = [name for name in _RESUME_FIELDS if stored.get(name) != current.get(name)]
-    return "; ".join(f"{name}: {_shorten(stored.get(name))} -> {_shorten(current.get(name))}" for name in names)
+    width = {"model_fingerprint": 15}
+    return "; ".join(
+        f"{name}: {_shorten(stored.get(name), width.get(name, 60))} -> {_shorten(current.get(name), width.get(name, 60))}"
+        for name in names
+    )
 
 
 _START_OVER = "use another --out folder, or resume=False (--no-resume) to discard it and start over"
