@@ -27,7 +27,7 @@ def temporary_pattern(name: str) -> str:
     return f".{name}.*.tmp"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(handle)`` on a new temporary file next to ``path``, then rename it to ``path``.
 
     The file ends up with mode ``0o666 & ~umask``. On any error (a full disk, a removed folder, an

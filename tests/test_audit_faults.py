@@ -184,7 +184,7 @@ def test_cli_on_a_real_file_size_limit_then_rerun(tmp_path, bundle):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "flaxcam.cli", "audit", f"folder:{folder}", "--out", str(out),
                "--weights", str(bundle), "--batch-size", "4"]
-    limited = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+    limited = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
                              preexec_fn=_limit_file_size(1024))
     assert limited.returncode == 2, limited.stderr[-3000:]
     error_lines = [line for line in limited.stderr.splitlines() if line.startswith("error:")]
@@ -255,7 +255,7 @@ def test_second_concurrent_audit_refuses_naming_the_holder(tmp_path):
     try:
         wait_until_held(first, out)
         second = subprocess.run([sys.executable, str(SCRIPT), "run", str(out), str(count)], env=ENV,
-                                capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+                                capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False)
     finally:
         Path(f"{out}.release").touch()
         first_rc = first.wait(timeout=SUBPROCESS_TIMEOUT)
@@ -507,3 +507,17 @@ def test_two_processes_write_one_audit_equal_to_one_process(tmp_path, model_and_
         assert two[name] == one[name], name
     np.testing.assert_allclose(store.decode_low_res(two["low_res"], (16, 16)),
                                store.decode_low_res(one["low_res"], (16, 16)), atol=1e-3)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    from flaxcam.files import atomic_write, atomic_write_text
+
+    path = atomic_write_text(tmp_path / "a.json", "old")
+
+    def fail_halfway(handle) -> None:
+        handle.write(b"half of the new cont")
+        raise ENOSPC
+
+    with pytest.raises(OSError, match="No space left on device"):
+        atomic_write(path, fail_halfway)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from flaxcam.audit.errors import AuditLockedError, AuditWriteError
 
@@ -53,7 +53,7 @@ class FolderLock:
         self.taken_over: dict[str, Any] | None = None
         self._fd: int | None = None
 
-    def acquire(self) -> FolderLock:
+    def acquire(self) -> Self:
         """Take the lock or raise :class:`AuditLockedError` naming the holder's PID and host."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -94,7 +94,7 @@ class FolderLock:
         finally:
             os.close(fd)  # closing the last descriptor releases the flock
 
-    def __enter__(self) -> FolderLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc_info: object) -> None:
