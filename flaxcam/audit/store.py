@@ -163,7 +163,9 @@ def done_indices(audit_dir: str | os.PathLike) -> np.ndarray:
     chunks = [part_indices(path) for path in [*part_files(audit_dir, "part"), *part_files(audit_dir, "errors")]]
     if not chunks:
         return np.zeros(0, np.int64)
-    return np.unique(np.concatenate(chunks).astype(np.int64))
+    # sort + neighbour test: NumPy 2.4's np.unique takes ~10 s on 1.2M int64 indices, this ~0.05 s
+    indices = np.sort(np.concatenate(chunks).astype(np.int64))
+    return indices[np.concatenate(([True], indices[1:] != indices[:-1]))]
 
 
 def rows_table(rows: Mapping[str, Any]) -> pa.Table:
