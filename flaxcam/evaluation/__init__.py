@@ -31,6 +31,13 @@ from flaxcam.evaluation.coherency import (
     pearson_coherency,
 )
 from flaxcam.evaluation.common import SCORES, target_scores
+from flaxcam.evaluation.leaderboard import (
+    Leaderboard,
+    bootstrap_interval,
+    evaluate,
+    read_scores,
+    write_leaderboard,
+)
 from flaxcam.evaluation.perturbation import (
     BASELINES,
     Curves,
@@ -60,16 +67,19 @@ __all__ = [
     "METRICS",
     "SCORES",
     "Curves",
+    "Leaderboard",
     "Metric",
     "adcc",
     "arcc",
     "average_drop",
     "baseline_images",
+    "bootstrap_interval",
     "coherency",
     "complexity",
     "confidence_change",
     "deletion_insertion",
     "drop_in_confidence",
+    "evaluate",
     "explainer",
     "gaussian_blur",
     "get_metrics",
@@ -80,8 +90,10 @@ __all__ = [
     "pearson_coherency",
     "perturbation_counts",
     "randomize_layers",
+    "read_scores",
     "road",
     "road_average",
     "road_combined",
     "target_scores",
+    "write_leaderboard",
 ]

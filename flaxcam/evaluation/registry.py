@@ -90,7 +90,7 @@ def _deletion(batch: Batch) -> dict[str, Array]:
 def _road(batch: Batch) -> dict[str, Array]:
     changes = road.road(*batch.args, percentiles=batch.option("percentiles", road.DEFAULT_PERCENTILES),
                         score=batch.option("score", "softmax"), chunk_size=batch.option("chunk_size", 32),
-                        key=batch.option("key", None))
+                        noise=batch.option("noise", 0.01), key=batch.option("key", None))
     morf, lerf = changes["morf"].mean(axis=0), changes["lerf"].mean(axis=0)
     return {"road_morf": morf, "road_lerf": lerf, "road_combined": (lerf - morf) / 2}
 
@@ -112,7 +112,7 @@ def _randomization(batch: Batch) -> dict[str, Array]:
     _needs(batch, "fresh", "randomization")
     cascade = batch.option("cascade", None)
     if not cascade:
-        cascade = [max(batch.variables["params"])]
+        cascade = [list(batch.variables["params"])[-1]]  # the last-defined layer: the classifier head
     rho = sanity.model_randomization(batch.explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images,
                                      batch.targets)
     return {"randomization_rank_correlation": rho[0]}
