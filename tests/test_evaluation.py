@@ -271,3 +271,21 @@ def test_bad_inputs_have_clear_errors(setup):
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['rod'\]; valid: all, confidence, deletion_insertion, road"):
         evaluation.get_metrics("road,rod")
     assert [m.name for m in evaluation.get_metrics("all")] == list(evaluation.METRICS)
+
+
+def test_registry_adcc_and_randomization_equal_the_functions(setup):
+    """The leaderboard's ADCC and randomization columns are the library functions on the same batch."""
+    apply_fn, variables, images, _, targets = setup
+    from flaxcam.evaluation.registry import Batch
+
+    model = small_cnn(num_classes=5, features=(4, 8), dtype=jnp.float64)
+    fresh = init_variables(model, (1, H, W, 3), seed=7)
+    explain_fn = evaluation.explainer(model, "gradcam", layer="conv2")
+    maps = explain_fn(variables, images, targets)
+    batch = Batch(apply_fn, variables, jnp.asarray(images), maps, jnp.asarray(targets), explain_fn, fresh, {})
+    columns = evaluation.METRICS["adcc"].compute(batch)
+    direct = evaluation.adcc(lambda x, t: explain_fn(variables, x, t), apply_fn, variables, images, maps, targets)
+    for name in ("adcc", "coherency", "complexity"):
+        np.testing.assert_allclose(columns[name], direct[name], rtol=1e-9)
+    rho = evaluation.METRICS["randomization"].compute(batch)["randomization_rank_correlation"]
+    np.testing.assert_allclose(rho, evaluation.model_randomization(explain_fn, variables, fresh, ["fc"], images, targets)[0])

@@ -13,9 +13,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from flaxcam.evaluation import coherency as coherency_lib
-from flaxcam.evaluation import perturbation, road, sanity
+from flaxcam.evaluation.coherency import adcc
 from flaxcam.evaluation.common import ApplyFn, Array
+from flaxcam.evaluation.perturbation import deletion_insertion, masked_scores
+from flaxcam.evaluation.road import DEFAULT_PERCENTILES, road
+from flaxcam.evaluation.sanity import model_randomization
 
 ExplainFn = Callable[[Any, Array, Array], Array]  # (variables, images, targets) -> maps (B, H, W)
 
@@ -72,7 +74,7 @@ class Metric:
 
 def _confidence(batch: Batch) -> dict[str, Array]:
     score = batch.option("score", "softmax")
-    original, masked = perturbation.masked_scores(*batch.args, score=score)
+    original, masked = masked_scores(*batch.args, score=score)
     drop = jnp.maximum(original - masked, 0.0)
     relative = jnp.where(original > 0, drop / (original + 1e-7), jnp.nan)
     return {"confidence_change": masked - original, "drop_in_confidence": drop,
@@ -80,7 +82,7 @@ def _confidence(batch: Batch) -> dict[str, Array]:
 
 
 def _deletion(batch: Batch) -> dict[str, Array]:
-    curves = perturbation.deletion_insertion(
+    curves = deletion_insertion(
         *batch.args, steps=batch.option("steps", 20), baseline=batch.option("baseline", "zeros"),
         score=batch.option("score", "softmax"), chunk_size=batch.option("chunk_size", 32))
     return {"deletion_auc": curves.deletion_auc, "insertion_auc": curves.insertion_auc,
@@ -88,7 +90,7 @@ def _deletion(batch: Batch) -> dict[str, Array]:
 
 
 def _road(batch: Batch) -> dict[str, Array]:
-    changes = road.road(*batch.args, percentiles=batch.option("percentiles", road.DEFAULT_PERCENTILES),
+    changes = road(*batch.args, percentiles=batch.option("percentiles", DEFAULT_PERCENTILES),
                         score=batch.option("score", "softmax"), chunk_size=batch.option("chunk_size", 32),
                         noise=batch.option("noise", 0.01), key=batch.option("key", None))
     morf, lerf = changes["morf"].mean(axis=0), changes["lerf"].mean(axis=0)
@@ -103,7 +105,7 @@ def _needs(batch: Batch, what: str, metric: str) -> None:
 def _adcc(batch: Batch) -> dict[str, Array]:
     _needs(batch, "explain_fn", "adcc")
     explain_fn = lambda images, targets: batch.explain_fn(batch.variables, images, targets)
-    values = coherency_lib.adcc(explain_fn, *batch.args, score=batch.option("score", "softmax"))
+    values = adcc(explain_fn, *batch.args, score=batch.option("score", "softmax"))
     return {"adcc": values["adcc"], "coherency": values["coherency"], "complexity": values["complexity"]}
 
 
@@ -113,7 +115,7 @@ def _randomization(batch: Batch) -> dict[str, Array]:
     cascade = batch.option("cascade", None)
     if not cascade:
         cascade = [list(batch.variables["params"])[-1]]  # the last-defined layer: the classifier head
-    rho = sanity.model_randomization(batch.explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images,
+    rho = model_randomization(batch.explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images,
                                      batch.targets)
     return {"randomization_rank_correlation": rho[0]}
 
