@@ -20,15 +20,13 @@ import numpy as np
 
 from experiments import common
 from flaxcam import metrics
+from flaxcam.evaluation import randomize_layers
 from flaxcam.models import init_variables
 
 
 def randomized(variables: dict, fresh: dict, layers: Sequence[str]) -> dict:
     """``variables`` with the parameters of ``layers`` replaced by those of ``fresh`` (a new initialization)."""
-    params = dict(variables["params"])
-    for layer in layers:
-        params[layer] = fresh["params"][layer]
-    return {**variables, "params": params}
+    return randomize_layers(variables, fresh, layers)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

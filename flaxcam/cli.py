@@ -347,6 +347,36 @@ def train_command(
     typer.echo(f"trained {result.steps} steps ({summary}) -> {result.bundle}")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    source: Annotated[str, typer.Argument(help="folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH")],
+    out: Annotated[Path, typer.Option(help="Output directory (Parquet scores, leaderboard.html); rerun to resume.")],
+    model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) or a torchvision ResNet checkpoint (.pth).")] = None,
+    methods: Annotated[str, typer.Option(help=f"all, or a comma-separated list of: {METHOD_NAMES}.")] = "gradcam",
+    metrics: Annotated[str, typer.Option(help="all, or a comma-separated list of: confidence, deletion_insertion, road, adcc, randomization.")] = "all",
+    layer: Annotated[Optional[str], typer.Option(help="Target layer of the layer-based methods (default: the last spatial layer).")] = None,
+    target: Annotated[str, typer.Option(help="Class explained and scored: predicted | label.")] = "predicted",
+    batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 8,
+    steps: Annotated[int, typer.Option(help="Deletion / insertion steps.")] = 20,
+    baseline: Annotated[str, typer.Option(help="Deletion / insertion baseline: zeros | mean | blur.")] = "zeros",
+    score: Annotated[str, typer.Option(help="Score of the target class: softmax | logit.")] = "softmax",
+    chunk_size: Annotated[int, typer.Option(help="Perturbed images per forward pass (bounds memory).")] = 32,
+    resume: Annotated[bool, typer.Option(help="Resume an evaluation in --out (--no-resume starts over).")] = True,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many remaining images now.")] = None,
+) -> None:
+    """Explain every image of SOURCE with each method, score each faithfulness metric, write a leaderboard."""
+    from flaxcam import evaluation
+
+    loaded_model, variables, meta = _load_model(model, weights)
+    board = evaluation.evaluate(
+        source, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), methods=methods, metrics=metrics,
+        layer=layer, target=target, batch_size=batch_size, resume=resume, limit=limit, progress=True,
+        options={"steps": steps, "baseline": baseline, "score": score, "chunk_size": chunk_size},
+    )
+    typer.echo(f"{board.images} images ({board.errors} unreadable) -> {board.html}")
+
+
 def main() -> None:
     """Console entry point."""
     try:
