@@ -68,8 +68,10 @@ __all__ = [
     "box_area",
     "box_iou",
     "boxes",
+    "check_rule",
     "component_labels",
     "empty_boxes",
+    "native_shape",
     "resolution_threshold",
     "rule_cuts",
 ]
@@ -206,6 +208,20 @@ def resolution_threshold(map_shape: tuple[int, int]) -> float:
     return max(DEFAULT_THRESHOLD, 1.0 - (1.0 - DEFAULT_THRESHOLD) * cells / PAPER_MAP_SIZE)
 
 
+def check_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`BOX_RULES`, else a ValueError listing the valid rules."""
+    if not isinstance(rule, str) or rule not in BOX_RULES:
+        raise ValueError(f"unknown box rule {rule!r}; valid rules: {', '.join(BOX_RULES)}")
+    return rule
+
+
+def native_shape(low_res) -> tuple[int, int]:
+    """The native ``(h, w)`` of an explanation's ``low_res`` maps (``(..., h, w)``, or a tuple of them when
+    several layers were fused: the finest), the ``map_shape`` of :func:`boxes`."""
+    arrays = low_res if isinstance(low_res, (tuple, list)) else (low_res,)
+    return max((tuple(int(v) for v in jnp.shape(a)[-2:]) for a in arrays), key=lambda hw: hw[0] * hw[1])
+
+
 def auto_rule(map_shape: tuple[int, int]) -> str:
     """The rule ``"auto"`` uses for maps of native resolution ``map_shape`` (:data:`AUTO_RULES`)."""
     cells = min(int(map_shape[0]), int(map_shape[1]))
@@ -284,8 +300,7 @@ def rule_cuts(
 
 def _resolve_rule(shape: tuple[int, ...], rule: str, map_shape, energy_share) -> tuple[str, tuple[int, int]]:
     """Check a rule and its options on the host; ``"auto"`` becomes the rule it stands for."""
-    if not isinstance(rule, str) or rule not in BOX_RULES:
-        raise ValueError(f"unknown box rule {rule!r}; valid rules: {', '.join(BOX_RULES)}")
+    check_rule(rule)
     native = tuple(int(v) for v in (shape[-2:] if map_shape is None else map_shape))
     if len(native) != 2 or min(native) < 1:
         raise ValueError(f"map_shape must be the maps' native (h, w), got {map_shape!r}")
