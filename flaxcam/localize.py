@@ -43,8 +43,9 @@ DEFAULT_THRESHOLD = 0.2
 #: 14x14 maps at 224x224 inputs.
 PAPER_MAP_SIZE = 14
 
-#: Share of a map's (positive) mass that the ``"energy"`` rule's region holds.
-DEFAULT_ENERGY_SHARE = 0.5
+#: Share of a map's (positive) mass that the ``"energy"`` rule's region holds: the best of 0.3, 0.5, 0.7
+#: on the development split of ``experiments/real_photo_boxes.py`` (docs/localization.md).
+DEFAULT_ENERGY_SHARE = 0.7
 
 #: Bins of the ``"otsu"`` rule's histogram (scikit-image's ``threshold_otsu`` default).
 OTSU_BINS = 256
@@ -53,10 +54,11 @@ OTSU_BINS = 256
 BOX_RULES = ("paper", "resolution", "otsu", "energy", "auto")
 
 #: ``"auto"``: the rule used for maps whose native resolution (cells along the shorter side) is at most
-#: the key, first match; chosen on the development split of ``experiments/real_photo_boxes.py`` (7x7
-#: maps of EfficientNet-Lite0 at 224) and kept at the paper's rule for maps at least as fine as the
-#: paper's (the digits canvases' 16x16 maps), see docs/localization.md.
-AUTO_RULES: tuple[tuple[float, str], ...] = ((PAPER_MAP_SIZE - 1, "resolution"), (float("inf"), "paper"))
+#: the key, first match. For maps coarser than the paper's, the best rule on the development split of
+#: ``experiments/real_photo_boxes.py`` (EfficientNet-Lite0's 7x7 maps at 224: the energy rule at 0.7);
+#: for maps at least as fine as the paper's 14x14, the paper's rule (digits canvases: 16x16 maps), see
+#: docs/localization.md.
+AUTO_RULES: tuple[tuple[float, str], ...] = ((PAPER_MAP_SIZE - 1, "energy"), (float("inf"), "paper"))
 
 __all__ = [
     "AUTO_RULES",
