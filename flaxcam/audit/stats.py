@@ -170,7 +170,7 @@ def foreground_on_grid(maps: Array, low_res: Array, grid: tuple[int, int], thres
     """The box rule's foreground ``m >= cut`` (:func:`flaxcam.localize.rule_cuts`; the 20% rule's cut is
     ``threshold · max(m)``), and ``max(m) > 0``, of each map on ``grid``: ``maps`` itself when ``grid`` is
     its size, else ``low_res`` upsampled to ``grid`` (bilinear + min-max)."""
-    native = tuple(low_res.shape[-2:])
+    native = tuple((maps if low_res is None else low_res).shape[-2:])
     if grid != tuple(maps.shape[-2:]):
         maps = ops.minmax_normalize(ops.resize_maps(low_res, grid))
     peak = jnp.max(maps, axis=(-2, -1), keepdims=True)
