@@ -17,6 +17,7 @@ METHOD_NAMES = (
     "smoothgradcam++, sscam, xgradcam"
 )
 _METHOD_HELP = f"Explanation method, one of: {METHOD_NAMES}."
+_BOX_RULE_HELP = "Box rule: paper (20% of the max, --threshold), resolution, otsu, energy, auto (docs/localization.md)."
 
 app = typer.Typer(
     help="flaxcam: class activation maps for JAX/Flax models.", no_args_is_help=True, add_completion=False
@@ -80,6 +81,7 @@ def run_explain(
     threshold: float = 0.2,
     labels: Sequence[int | None] | None = None,
     progress: bool | None = None,
+    box_rule: str = "paper",
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Explain image files and write one seed-style figure per image (and a JSON summary).
 
@@ -94,6 +96,7 @@ def run_explain(
     from flaxcam import colormap, localize, viz
     from flaxcam.imageio import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessing, read_image
 
+    localize.check_rule(box_rule)
     model, variables, meta = _load_model(model_name, weights)
     size = tuple(meta.get("input_size", (224, 224)))
     preprocessing = Preprocessing(
@@ -127,7 +130,7 @@ def run_explain(
             resized, inputs = preprocessing(chunk_images)
             explanation = flaxcam.explain(model, variables, inputs, method=method, layer=layer, top_k=k)
             first = explanation.maps[:, 0]
-            boxes = localize.boxes(first, threshold=threshold)
+            boxes = localize.boxes(first, threshold=threshold, rule=box_rule, map_shape=localize.native_shape(explanation.low_res))
             overlays = colormap.overlay(jax.numpy.asarray(resized), first, alpha=alpha)
             host = jax.device_get(
                 {"probabilities": explanation.probabilities, "targets": explanation.targets, "boxes": boxes, "overlays": overlays}
@@ -192,6 +195,7 @@ def explain_command(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write a JSON summary here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 16,
     threshold: Annotated[float, typer.Option(help="Box threshold, a fraction of each map's maximum.")] = 0.2,
+    box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
 ) -> None:
     """Explain IMAGES: one figure per image (input + top-3, preprocessed, overlay with box)."""
     records, errors = run_explain(
@@ -205,6 +209,7 @@ def explain_command(
         json_path=json_path,
         batch_size=batch_size,
         threshold=threshold,
+        box_rule=box_rule,
     )
     for record in records:
         target = record["target"]
@@ -239,6 +244,7 @@ def audit_command(
     resume: Annotated[bool, typer.Option(help="Resume an existing audit in --out (--no-resume starts over).")] = True,
     limit: Annotated[Optional[int], typer.Option(help="Audit at most this many remaining images now.")] = None,
     workers: Annotated[int, typer.Option(help="grain reader processes (0: a thread).")] = 0,
+    box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
 ) -> None:
     """Audit every image of SOURCE: predictions, boxes, attention statistics and maps, in Parquet."""
     from flaxcam import audit
@@ -249,7 +255,7 @@ def audit_command(
         result = audit.run(
             source, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
             batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
-            class_names=meta.get("class_names"),
+            box_rule=box_rule, class_names=meta.get("class_names"),
             model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
         )
     except AuditError as error:  # disk full, folder in use, other settings: one line, nothing lost

@@ -27,6 +27,7 @@ import numpy as np
 
 import flaxcam
 from flaxcam._optional import require
+from flaxcam import localize
 from flaxcam.audit import stats as stats_lib
 from flaxcam.audit import store
 from flaxcam.audit.errors import AuditError, AuditLockedError, AuditSettingsError
@@ -57,6 +58,7 @@ _RESUME_FIELDS = (
     "threshold",
     "box_resolution",
     "class_names",
+    "box_rule",
 )
 
 
@@ -437,6 +439,7 @@ def run(
     border: float = stats_lib.DEFAULT_BORDER,
     corner: float = stats_lib.DEFAULT_CORNER,
     box_resolution: int | None = 64,
+    box_rule: str = "paper",
     rows_per_part: int = 4096,
     worker_count: int = 0,
     read_threads: int = 1,
@@ -467,6 +470,7 @@ def run(
       class_names: names of the model's classes (default: the source's).
       threshold: the box rule's fraction of the map maximum (0.2, the CAM paper's).
       border, corner: band width and corner side (fractions of the image) of the attention statistics.
+      box_rule: the box rule, one of :data:`flaxcam.localize.BOX_RULES` (``"paper"``: ``threshold``).
       box_resolution: the box is computed on the map upsampled to at most this many pixels on its longer
         side, then scaled to input pixels (``None``: at the input resolution, exact but costly for large
         inputs; inputs no larger than this are always exact).
@@ -543,6 +547,7 @@ def run(
             "border": float(border),
             "corner": float(corner),
             "box_resolution": box_resolution,
+            "box_rule": localize.check_rule(box_rule),
             "box_grid": list(stats_lib.box_grid((height, width), box_resolution)),
             "batch_size": batch_size,
             "process_count": process_count,
@@ -666,6 +671,7 @@ def _stream(
             corner=float(corner),
             with_masks=masks is not None,
             box_resolution=manifest["box_resolution"],
+            box_rule=manifest.get("box_rule", "paper"),
         )
         for leaf in jax.tree_util.tree_leaves(summary):
             leaf.copy_to_host_async()

@@ -166,13 +166,16 @@ def boxes_from_low_res(low_res: Array, input_size: tuple[int, int], grid: tuple[
     return rounded.astype(jnp.int32)
 
 
-def foreground_on_grid(maps: Array, low_res: Array, grid: tuple[int, int], threshold) -> Array:
-    """The 20% rule's foreground ``m >= threshold · max(m)`` (and ``max(m) > 0``) of each map on ``grid``:
-    ``maps`` itself when ``grid`` is its size, else ``low_res`` upsampled to ``grid`` (bilinear + min-max)."""
+def foreground_on_grid(maps: Array, low_res: Array, grid: tuple[int, int], threshold, rule: str = "paper") -> Array:
+    """The box rule's foreground ``m >= cut`` (:func:`flaxcam.localize.rule_cuts`; the 20% rule's cut is
+    ``threshold · max(m)``), and ``max(m) > 0``, of each map on ``grid``: ``maps`` itself when ``grid`` is
+    its size, else ``low_res`` upsampled to ``grid`` (bilinear + min-max)."""
+    native = tuple((maps if low_res is None else low_res).shape[-2:])
     if grid != tuple(maps.shape[-2:]):
         maps = ops.minmax_normalize(ops.resize_maps(low_res, grid))
     peak = jnp.max(maps, axis=(-2, -1), keepdims=True)
-    return (maps >= threshold * peak) & (peak > 0)
+    cuts = localize.rule_cuts(maps, rule, threshold=threshold, map_shape=native)
+    return (maps >= cuts[..., None, None]) & (peak > 0)
 
 
 def largest_component_boxes(foreground: np.ndarray) -> np.ndarray:
@@ -227,7 +230,7 @@ def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(b).any(axis=1), np.nan, iou).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "border", "corner", "with_masks", "box_resolution"))
+@functools.partial(jax.jit, static_argnames=("top_k", "border", "corner", "with_masks", "box_resolution", "box_rule"))
 def summarize(
     maps: Array,
     low_res: Array,
@@ -242,6 +245,7 @@ def summarize(
     corner: float,
     with_masks: bool,
     box_resolution: int | None = None,
+    box_rule: str = "paper",
 ) -> dict[str, Array]:
     """Everything the audit computes on device for a batch, in one call: top-k classes and probabilities,
     the prediction, the target's probability, the 20% rule's foreground ``box_mask`` on the box grid
@@ -264,7 +268,7 @@ def summarize(
         prob=top_probs[:, 0],
         target=targets.astype(jnp.int32),
         target_prob=jnp.take_along_axis(probabilities, targets[:, None].astype(jnp.int32), axis=1)[:, 0],
-        box_mask=foreground_on_grid(maps, low_res, grid, threshold),
+        box_mask=foreground_on_grid(maps, low_res, grid, threshold, box_rule),
         low_res=low_res.astype(jnp.float16),
     )
     return out

@@ -18,6 +18,7 @@ methods can target by name: ``layer4`` (ResNets), ``block5_conv3`` (VGG16), ``co
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
     "TinyViT",
     "TokenGrid",
     "VGG",
+    "atrous",
     "create_model",
     "efficientnet_lite0",
     "fcn_resnet18",
@@ -109,6 +111,23 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model {name!r}: valid names are {', '.join(sorted(MODELS))}") from None
     return constructor(**kwargs)
+
+
+def atrous(model: nn.Module) -> nn.Module:
+    """The same model (same parameters) with its last stride-2 stage at stride 1 and the spatial kernels
+    after it dilated by 2 — "atrous" inference (Chen et al., "DeepLab", TPAMI 2018; Holschneider et al.'s
+    algorithme à trous): maps at output stride 16 instead of 32, e.g. 14x14 instead of 7x7 at 224x224.
+
+    Raises:
+        ValueError: the model has no atrous option (only :class:`EfficientNetLite` and :class:`ResNet` do).
+    """
+    names = {field.name for field in dataclasses.fields(model)}
+    if "atrous" not in names:
+        raise ValueError(
+            f"{type(model).__name__} cannot give finer maps by atrous inference: only EfficientNetLite "
+            "(efficientnet_lite0) and ResNet (resnet18/34/50) models have the atrous option"
+        )
+    return model.clone(atrous=True)
 
 
 def init_variables(

@@ -129,27 +129,29 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def depthwise_conv_same(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def depthwise_conv_same(x: jax.Array, kernel: jax.Array, stride: int, dilation: int = 1) -> jax.Array:
     r"""Depthwise convolution with "SAME" padding as a sum of ``k*k`` shifted, per-channel scaled copies.
 
-    :math:`y[b, i, j, c] = \sum_{u, v} x_p[b, s i + u, s j + v, c] \, K[u, v, 0, c]` with :math:`x_p` the
-    padded input: the same result as ``lax.conv_general_dilated(..., feature_group_count=C)`` (equal up
+    :math:`y[b, i, j, c] = \sum_{u, v} x_p[b, s i + d u, s j + d v, c] \, K[u, v, 0, c]` with :math:`x_p` the
+    input padded for the dilated kernel's extent :math:`d (k - 1) + 1` (dilation ``d``, "atrous"): the same result as ``lax.conv_general_dilated(..., feature_group_count=C)`` (equal up
     to float rounding, tested), but XLA's CPU backend runs grouped convolutions with one group per channel
     through a slow generic path, while this form fuses into one elementwise loop (5-32x faster per layer
     on a 2-core CPU, ``python -m benchmarks.depthwise_conv``). ``x`` is ``(B, H, W, C)``, ``kernel`` ``(k, k, 1, C)``.
     """
     size = kernel.shape[0]
+    extent = dilation * (size - 1) + 1
     height, width = x.shape[1], x.shape[2]
-    pad_h, pad_w = _same_padding(height, size, stride), _same_padding(width, size, stride)
+    pad_h, pad_w = _same_padding(height, extent, stride), _same_padding(width, extent, stride)
     padded = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
     out_h, out_w = -(-height // stride), -(-width // stride)
     total = None
     for u in range(size):
         for v in range(size):
+            du, dv = dilation * u, dilation * v
             window = lax.slice(
                 padded,
-                (0, u, v, 0),
-                (padded.shape[0], u + stride * (out_h - 1) + 1, v + stride * (out_w - 1) + 1, padded.shape[3]),
+                (0, du, dv, 0),
+                (padded.shape[0], du + stride * (out_h - 1) + 1, dv + stride * (out_w - 1) + 1, padded.shape[3]),
                 (1, stride, stride, 1),
             )
             term = window * kernel[u, v, 0, :]
@@ -164,13 +166,14 @@ class DepthwiseConv(nn.Module):
     kernel_size: int
     strides: int
     dtype: Dtype = jnp.float32
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the depthwise convolution to NHWC ``x``."""
         channels = x.shape[-1]
         kernel = self.param("kernel", _CONV_INIT, (self.kernel_size, self.kernel_size, 1, channels), jnp.float32)
-        return depthwise_conv_same(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+        return depthwise_conv_same(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.dilation)
 
 
 class Stem(nn.Module):
@@ -205,6 +208,7 @@ class MBConvBlock(nn.Module):
     ``_expand_conv``/``_bn0`` (1x1 to ``input_filters * expand_ratio``, only when ``expand_ratio != 1``),
     ``_depthwise_conv``/``_bn1`` (``kernel_size``, ``stride``), ``_project_conv``/``_bn2`` (1x1, linear);
     ReLU6 after the first two; identity shortcut when ``stride == 1`` and input and output channels match.
+    ``dilation``: the depthwise convolution's dilation (2 in the blocks after an atrous stage's stride).
     """
 
     input_filters: int
@@ -214,6 +218,7 @@ class MBConvBlock(nn.Module):
     expand_ratio: int
     drop_connect_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, inputs: jax.Array, train: bool = False) -> jax.Array:
@@ -223,7 +228,7 @@ class MBConvBlock(nn.Module):
         if self.expand_ratio != 1:
             x = _conv(hidden, 1, 1, self.dtype, "_expand_conv")(x)
             x = nn.relu6(_batch_norm(train, self.dtype, "_bn0")(x))
-        x = DepthwiseConv(self.kernel_size, self.stride, self.dtype, name="_depthwise_conv")(x)
+        x = DepthwiseConv(self.kernel_size, self.stride, self.dtype, self.dilation, name="_depthwise_conv")(x)
         x = nn.relu6(_batch_norm(train, self.dtype, "_bn1")(x))
         x = _conv(self.output_filters, 1, 1, self.dtype, "_project_conv")(x)
         x = _batch_norm(train, self.dtype, "_bn2")(x)
@@ -236,28 +241,47 @@ class MBConvBlock(nn.Module):
         return x
 
 
+def atrous_stage(blocks_args: tuple[BlockArgs, ...]) -> int:
+    """Index of the last stage whose first block has stride 2 (the one ``atrous=True`` runs at stride 1)."""
+    strided = [i for i, args in enumerate(blocks_args) if args.stride == 2]
+    if not strided:
+        raise ValueError("atrous=True needs a stage with stride 2; these blocks have none")
+    return strided[-1]
+
+
 class Blocks(nn.Module):
-    """The MBConv blocks of every stage in order, as children ``"0"``, ``"1"``, ... (torch's ``_blocks``)."""
+    """The MBConv blocks of every stage in order, as children ``"0"``, ``"1"``, ... (torch's ``_blocks``).
+
+    ``atrous=True``: the last stride-2 stage runs at stride 1 and every later depthwise convolution is
+    dilated by 2 (the "atrous" algorithm; same parameters), doubling the output resolution.
+    """
 
     blocks_args: tuple[BlockArgs, ...] = LITE0_BLOCKS
     drop_connect_rate: float = 0.2
     dtype: Dtype = jnp.float32
+    atrous: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply every block to NHWC ``x``."""
         total = sum(args.num_repeat for args in self.blocks_args)
+        dilated_from = atrous_stage(self.blocks_args) if self.atrous else len(self.blocks_args)
         index = 0
-        for args in self.blocks_args:
+        for stage, args in enumerate(self.blocks_args):
             for repeat in range(args.num_repeat):
+                stride = args.stride if repeat == 0 else 1
+                # The block that loses its stride keeps dilation 1: its kernel still reads neighbouring
+                # input pixels; every spatial kernel after it reads every other pixel of the finer grid.
+                after_stride = stage > dilated_from or (stage == dilated_from and repeat > 0)
                 x = MBConvBlock(
                     input_filters=args.input_filters if repeat == 0 else args.output_filters,
                     output_filters=args.output_filters,
                     kernel_size=args.kernel_size,
-                    stride=args.stride if repeat == 0 else 1,
+                    stride=1 if stage == dilated_from and repeat == 0 else stride,
                     expand_ratio=args.expand_ratio,
                     drop_connect_rate=self.drop_connect_rate * index / total,
                     dtype=self.dtype,
+                    dilation=2 if after_stride else 1,
                     name=str(index),
                 )(x, train)
                 index += 1
@@ -275,6 +299,10 @@ class EfficientNetLite(nn.Module):
         dropout_rate: dropout before ``_fc`` in training mode with a ``"dropout"`` PRNG stream.
         drop_connect_rate: stochastic depth rate of the last block (block ``i``: ``rate * i / count``).
         dtype: computation dtype (parameters stay float32).
+        atrous: run the last stride-2 stage at stride 1 with the later depthwise convolutions dilated by 2
+            (same parameters): output stride 16 instead of 32, 14x14 maps at 224x224. The à trous
+            identity holds: the atrous ``head`` output at odd rows and columns, ``[:, 1::2, 1::2]``, equals
+            the standard model's (TensorFlow "SAME" padding centres a stride-2 output on input ``2i + 1``).
     """
 
     num_classes: int = 1000
@@ -285,6 +313,7 @@ class EfficientNetLite(nn.Module):
     dropout_rate: float = 0.2
     drop_connect_rate: float = 0.2
     dtype: Dtype = jnp.float32
+    atrous: bool = False
 
     def __post_init__(self) -> None:
         """Validate ``pooling`` as soon as the model is constructed."""
@@ -300,7 +329,7 @@ class EfficientNetLite(nn.Module):
         """
         x = jnp.asarray(x, self.dtype)
         x = Stem(self.stem_features, self.dtype, name="stem")(x, train)
-        x = Blocks(self.blocks_args, self.drop_connect_rate, self.dtype, name="_blocks")(x, train)
+        x = Blocks(self.blocks_args, self.drop_connect_rate, self.dtype, self.atrous, name="_blocks")(x, train)
         x = Head(self.head_features, self.dtype, name="head")(x, train)
         x = global_pool(x, self.pooling)
         if train and self.dropout_rate > 0 and self.has_rng("dropout"):

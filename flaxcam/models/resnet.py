@@ -62,7 +62,7 @@ def _batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
-def _conv(features: int, kernel: int, strides: int, padding: int, dtype: Dtype, name: str) -> nn.Module:
+def _conv(features: int, kernel: int, strides: int, padding: int, dtype: Dtype, name: str, dilation: int = 1) -> nn.Module:
     if kernel == 1 and padding == 0:
         # 1x1 convs as matrix products: same parameters, faster on XLA's CPU backend (flaxcam.models.layers).
         return PointwiseConv(features, strides=strides, dtype=dtype, kernel_init=_CONV_INIT, name=name)
@@ -72,6 +72,7 @@ def _conv(features: int, kernel: int, strides: int, padding: int, dtype: Dtype, 
         (kernel, kernel),
         strides=(strides, strides),
         padding=((padding, padding), (padding, padding)),
+        kernel_dilation=(dilation, dilation),
         use_bias=False,
         dtype=dtype,
         kernel_init=_CONV_INIT,
@@ -99,6 +100,9 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: Dtype = jnp.float32
+    #: Dilation of ``conv1`` and of ``conv2`` (2 in an atrous stage: ``conv1`` keeps 1 in the stage's first block).
+    first_dilation: int = 1
+    dilation: int = 1
 
     #: Output channels are ``features * expansion``.
     expansion = 1
@@ -108,9 +112,9 @@ class BasicBlock(nn.Module):
         """Apply the block to NHWC ``x``."""
         out_features = self.features * self.expansion
         identity = x
-        y = _conv(self.features, 3, self.strides, 1, self.dtype, "conv1")(x)
+        y = _conv(self.features, 3, self.strides, self.first_dilation, self.dtype, "conv1", self.first_dilation)(x)
         y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
-        y = _conv(self.features, 3, 1, 1, self.dtype, "conv2")(y)
+        y = _conv(self.features, 3, 1, self.dilation, self.dtype, "conv2", self.dilation)(y)
         y = _batch_norm(train, self.dtype, "bn2")(y)
         if self.strides != 1 or x.shape[-1] != out_features:
             identity = Downsample(out_features, self.strides, self.dtype, name="downsample")(x, train)
@@ -123,6 +127,9 @@ class Bottleneck(nn.Module):
     features: int
     strides: int = 1
     dtype: Dtype = jnp.float32
+    #: Dilation of ``conv2`` (2 in an atrous stage, 1 in its first block); ``dilation`` is unused (1x1 convs).
+    first_dilation: int = 1
+    dilation: int = 1
 
     #: Output channels are ``features * expansion``.
     expansion = 4
@@ -134,7 +141,7 @@ class Bottleneck(nn.Module):
         identity = x
         y = _conv(self.features, 1, 1, 0, self.dtype, "conv1")(x)
         y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
-        y = _conv(self.features, 3, self.strides, 1, self.dtype, "conv2")(y)
+        y = _conv(self.features, 3, self.strides, self.first_dilation, self.dtype, "conv2", self.first_dilation)(y)
         y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
         y = _conv(out_features, 1, 1, 0, self.dtype, "conv3")(y)
         y = _batch_norm(train, self.dtype, "bn3")(y)
@@ -147,6 +154,7 @@ class ResNetStage(nn.Module):
     """One stage (``layer1`` .. ``layer4``): ``num_blocks`` blocks named ``"0"``, ``"1"``, ...
 
     The first block carries the stage's stride (and a ``downsample`` shortcut where needed).
+    ``atrous=True``: the stride becomes 1 and every 3x3 conv after it is dilated by 2 (same parameters).
     """
 
     block_cls: type[nn.Module]
@@ -154,13 +162,16 @@ class ResNetStage(nn.Module):
     features: int
     strides: int = 1
     dtype: Dtype = jnp.float32
+    atrous: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the stage's blocks in order."""
+        dilation = 2 if self.atrous else 1
         for i in range(self.num_blocks):
-            strides = self.strides if i == 0 else 1
-            x = self.block_cls(self.features, strides, self.dtype, name=str(i))(x, train)
+            strides = 1 if self.atrous or i > 0 else self.strides
+            first = 1 if i == 0 else dilation
+            x = self.block_cls(self.features, strides, self.dtype, first, dilation, name=str(i))(x, train)
         return x
 
 
@@ -173,6 +184,11 @@ class ResNet(nn.Module):
         num_classes: width of the ``fc`` classifier.
         pooling: global pooling before ``fc``, ``"avg"`` (GAP) or ``"max"`` (GMP).
         dtype: computation dtype (parameters stay float32).
+        atrous: run ``layer4`` at stride 1 with its 3x3 convs after the stride dilated by 2 (same
+            parameters; torchvision's ``replace_stride_with_dilation=[False, False, True]``, except that a
+            ``BasicBlock``'s ``conv2`` is dilated too): output stride 16, 14x14 maps at 224x224. The à trous
+            identity holds: the atrous ``layer4`` output at even rows and columns, ``[:, ::2, ::2]``,
+            equals the standard model's (symmetric padding centres a stride-2 output on input ``2i``).
     """
 
     stage_sizes: Sequence[int]
@@ -180,6 +196,7 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     pooling: str = "avg"
     dtype: Dtype = jnp.float32
+    atrous: bool = False
 
     def __post_init__(self) -> None:
         """Validate ``pooling`` as soon as the model is constructed."""
@@ -205,6 +222,7 @@ class ResNet(nn.Module):
                 64 * 2**i,
                 strides=1 if i == 0 else 2,
                 dtype=self.dtype,
+                atrous=self.atrous and i == len(self.stage_sizes) - 1,
                 name=f"layer{i + 1}",
             )(x, train)
         x = global_pool(x, self.pooling)

@@ -1,0 +1,86 @@
+"""``--box-rule`` in ``flaxcam explain`` and the audit: the rule reaches the boxes and the resume settings."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import audit_helpers
+import flaxcam
+from flaxcam import audit, localize, models
+from flaxcam.audit import store
+from flaxcam.cli import app
+from flaxcam.imageio import Preprocessing, read_image
+
+SIZE = (32, 32)
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "model.msgpack"
+    kwargs = {"num_classes": 4, "features": [8, 16]}
+    model = models.create_model("small_cnn", **kwargs)
+    variables = models.init_variables(model, (1, *SIZE, 3), seed=3)
+    meta = {"input_size": list(SIZE), "mean": list(MEAN), "std": list(STD), "class_names": ["a", "b", "c", "d"]}
+    models.save_bundle(path, model_name="small_cnn", model_kwargs=kwargs, variables=variables, meta=meta)
+    return path, model, variables
+
+
+def test_explain_box_rule_reaches_the_boxes(tmp_path, bundle):
+    path, model, variables = bundle
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(3):
+        file = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(file)  # input size: no rescaling
+        files.append(file)
+    _, inputs = Preprocessing(SIZE, MEAN, STD)([read_image(f) for f in files])
+    explanation = flaxcam.explain(model, variables, inputs, method="cam", top_k=1)
+    for rule in ("otsu", "auto"):
+        summary = tmp_path / f"{rule}.json"
+        result = CliRunner().invoke(
+            app, ["explain", *map(str, files), "--weights", str(path), "--method", "cam", "--top-k", "1",
+                  "--box-rule", rule, "--out", str(tmp_path / rule), "--json", str(summary)],
+        )
+        assert result.exit_code == 0, result.output
+        expected = localize.boxes(explanation.maps[:, 0], rule=rule, map_shape=explanation.low_res.shape[-2:])
+        assert [r["box"] for r in json.loads(summary.read_text())["images"]] == np.asarray(expected).tolist()
+
+
+def test_explain_unknown_box_rule_lists_the_rules(tmp_path, bundle):
+    path, _, _ = bundle
+    file = tmp_path / "img.png"
+    Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(file)
+    result = CliRunner().invoke(app, ["explain", str(file), "--weights", str(path), "--box-rule", "tight", "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    message = result.output + str(result.exception)
+    assert "unknown box rule 'tight'" in message and "paper, resolution, otsu, energy, auto" in message
+
+
+def test_audit_box_rule_is_recorded_used_and_part_of_the_resume_settings(tmp_path):
+    source = audit_helpers.make_source(24, bad=False)
+    model, variables = audit_helpers.make_model()
+    kwargs = {"preprocessing": audit_helpers.PREPROCESSING, "batch_size": 8, "progress": False, "box_resolution": None}
+    audit.run(source, model, variables, tmp_path / "otsu", box_rule="otsu", **kwargs)
+    assert store.read_manifest(tmp_path / "otsu")["box_rule"] == "otsu"
+    rows = store.read_rows(tmp_path / "otsu").to_pydict()
+    order = np.argsort(rows["index"])
+    got = np.stack([np.asarray(rows[k])[order] for k in ("box_x0", "box_y0", "box_x1", "box_y1")], axis=1)
+
+    images = np.stack([source[i].image for i in range(24)])
+    _, inputs = audit_helpers.PREPROCESSING(list(images))
+    explanation = flaxcam.explain(model, variables, inputs, method="cam")
+    expected = localize.boxes(explanation.maps[:, 0], rule="otsu", map_shape=explanation.low_res.shape[-2:])
+    np.testing.assert_array_equal(got, np.asarray(expected))
+    assert not np.array_equal(np.asarray(expected), np.asarray(localize.boxes(explanation.maps[:, 0])))
+
+    with pytest.raises(ValueError, match="box_rule"):
+        audit.run(source, model, variables, tmp_path / "otsu", box_rule="paper", **kwargs)
+    with pytest.raises(ValueError, match="valid rules"):
+        audit.run(source, model, variables, tmp_path / "bad", box_rule="tight", **kwargs)
