@@ -17,6 +17,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam import ops
+from flaxcam.errors import check_explain_arguments, check_layer_outputs
 from flaxcam.methods import Method, first_component_projection, get_method, kernel_pca_projection
 from flaxcam.probe import (
     BiasLayer,
@@ -595,6 +596,7 @@ def explain(
     sharded over ``devices`` along the batch axis.
     """
     images = _as_images(images)
+    check_explain_arguments(images, layer, devices)
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     output_fn = output_fn or default_output_fn
     chosen_method = get_method(method)
@@ -614,6 +616,7 @@ def explain(
             )
         requested = []
     layer_infos = [resolve_layer(layers, name, spatial_only=reshape is None) for name in requested]
+    check_layer_outputs(layer_infos, images.shape)
     if reshape is not None:
         if chosen_method.name == "ablationcam":
             raise ValueError("ablationcam does not support reshape= yet (it ablates channels of the layer output)")
