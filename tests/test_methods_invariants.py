@@ -10,6 +10,8 @@ check (NaN or infinite pixels are refused, naming the images).
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +163,21 @@ def test_ablationcam_zero_target_score_uses_the_absolute_drop(small):
     contributions = ablationcam(activations, scores, ablate, chunk_size=5)
     expected = np.asarray(activations)[:, None] * (0.0 - ablated)[None, None, None, None, :]
     np.testing.assert_allclose(np.asarray(contributions), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "images_shape, kwargs, message",
+    [
+        ((2, 3, HEIGHT, WIDTH), {}, "look channels-first (B, C, H, W)"),
+        ((1, 1, 1, 3), {}, "too small for layer 'conv2': its output has shape (1, 0, 0, 8)"),
+        ((1, HEIGHT, WIDTH, 3), {"layer": 123}, "layer= must be a layer name"),
+        ((1, HEIGHT, WIDTH, 3), {"devices": []}, "devices= is empty"),
+    ],
+    ids=["channels-first", "smaller-than-receptive-field", "layer-123", "no-devices"],
+)
+def test_explain_refuses_bad_arguments_with_a_clear_error(small, images_shape, kwargs, message):
+    from flaxcam.errors import UserError
+
+    model, variables = small
+    with pytest.raises(UserError, match=re.escape(message)):
+        flaxcam.explain(model, variables, np.ones(images_shape, np.float32), **kwargs)
