@@ -11,11 +11,12 @@ to write its summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -517,12 +518,13 @@ def audit_command(
     prepare_output_dir(out, "--out")
     loaded_model, variables, meta = _load_model(model, weights, class_names)
     top_k = check_top_k(top_k, len(meta["class_names"]))
-    result = audit.run(
-        spec, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
-        batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
-        class_names=meta["class_names"],
-        model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
-    )
+    with _naming_the_manifest(out):
+        result = audit.run(
+            spec, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
+            batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
+            class_names=meta["class_names"],
+            model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
+        )
     state = "complete" if result.complete else "incomplete"
     typer.echo(
         f"{out}: {result.rows} images, {result.errors} unreadable, of {result.total} ({state}); this run: "
@@ -533,6 +535,15 @@ def audit_command(
 def _check_audit_dir(audit_dir: Path) -> None:
     if not audit_dir.is_dir():
         raise UserError(f"{audit_dir}: no such audit folder (run `flaxcam audit SOURCE --out {audit_dir}` first)")
+
+
+@contextlib.contextmanager
+def _naming_the_manifest(audit_dir: Path) -> Iterator[None]:
+    """A JSON error while reading an audit is its manifest's: name the file."""
+    try:
+        yield
+    except json.JSONDecodeError as error:
+        raise UserError(f"{audit_dir / 'manifest.json'}: corrupt, not valid JSON ({error})") from None
 
 
 @app.command("report")
@@ -549,7 +560,8 @@ def report_command(
     _check_audit_dir(audit_dir)
     check_output_file(out if out is not None else audit_dir / "report.html", "--out")
     try:
-        written = write_report(audit_dir, out, gallery_size=gallery_size)
+        with _naming_the_manifest(audit_dir):
+            written = write_report(audit_dir, out, gallery_size=gallery_size)
     except duckdb.Error as error:  # e.g. a truncated or corrupt Parquet part
         raise UserError(f"{audit_dir}: cannot read the audit: {_first_line(error)}") from None
     typer.echo(str(written))
@@ -574,7 +586,8 @@ def query_command(
         raise UserError('empty SQL query; e.g. "SELECT count(*) FROM audit"')
     _check_audit_dir(audit_dir)
     try:
-        columns, rows = query(audit_dir, sql)
+        with _naming_the_manifest(audit_dir):
+            columns, rows = query(audit_dir, sql)
     except duckdb.Error as error:
         raise UserError(f"query failed: {_first_line(error)}") from None
     typer.echo(format_table(columns, rows))
