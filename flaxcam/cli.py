@@ -553,9 +553,9 @@ def report_command(
     gallery_size: Annotated[int, typer.Option(min=1, help="Images per gallery.")] = 12,
 ) -> None:
     """Write one self-contained HTML report of an audit (classes ranked by unusual attention)."""
-    from flaxcam.audit.report import write_report
-
     import duckdb
+
+    from flaxcam.audit.report import write_report
 
     _check_audit_dir(audit_dir)
     check_output_file(out if out is not None else audit_dir / "report.html", "--out")

@@ -86,7 +86,7 @@ def _devices_in_subprocess(*arguments: str, env_extra: dict | None = None) -> st
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("XLA_FLAGS", None)
     env.update(env_extra or {})
-    completed = subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, env=env, timeout=300)
+    completed = subprocess.run([sys.executable, "-c", code, *arguments], check=False, capture_output=True, text=True, env=env, timeout=300)
     assert completed.returncode == 0, completed.stderr
     return completed.stdout.strip()
 

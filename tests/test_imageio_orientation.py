@@ -52,7 +52,7 @@ def test_read_image_applies_exif_orientation_6(tmp_path):
     with Image.open(path) as raw:  # the stored pixels really are sideways
         assert raw.size == (HEIGHT, WIDTH)
     _assert_upright(read_image(path))
-    image, size = read_image_with_size(path)
+    _, size = read_image_with_size(path)
     assert size == (HEIGHT, WIDTH)  # the upright frame
     reduced, size = read_image_with_size(path, draft_size=(12, 6))  # the fast JPEG path too
     assert size == (HEIGHT, WIDTH) and reduced.shape[0] > reduced.shape[1]
