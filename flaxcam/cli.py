@@ -1,59 +1,306 @@
-"""The ``flaxcam`` command line (typer)."""
+"""The ``flaxcam`` command line (typer).
+
+Errors: every user error (a bad argument, an unreadable or unwritable path, a corrupt file, a
+setting that does not fit the model) ends the command with ONE line ``error: ...`` on stderr and exit
+status 2, never a traceback. One mechanism does it for every subcommand: :class:`_OneLineErrors` runs
+the typer app without click's standalone handling and prints :data:`USER_ERRORS` (flaxcam's
+:class:`~flaxcam.errors.UserError`, any ``ValueError`` or ``OSError``, click's usage errors) as that
+line. Outputs (``--out``, ``--json``) are checked before any work, so a long run never ends by failing
+to write its summary.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
-# Listed here so that `--help` does not import JAX; tests/test_cli.py checks it against flaxcam.METHODS.
-METHOD_NAMES = (
-    "ablationcam, cam, eigencam, eigengradcam, faster_scorecam, finercam, fullgrad, gradcam, gradcam++, "
-    "gradcam++exact, gradcam_elementwise, hirescam, iscam, kpcacam, layercam, randomcam, scorecam, shapleycam, "
-    "smoothgradcam++, sscam, xgradcam"
-)
+try:  # typer >= 0.24 carries its own copy of click: its exceptions are the ones raised
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover -- older typer runs on click itself
+    from click import exceptions as click_exceptions
+
+from flaxcam.errors import UserError
+from flaxcam.methods import METHODS
+
+#: The registered methods, as listed in ``--help`` and checked before any model is loaded.
+METHOD_NAMES = ", ".join(sorted(METHODS))
 _METHOD_HELP = f"Explanation method, one of: {METHOD_NAMES}."
 _BOX_RULE_HELP = "Box rule: paper (20% of the max, --threshold), resolution, otsu, energy, auto (docs/localization.md)."
 
+#: Exceptions that are the user's to fix: printed as one ``error:`` line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, click_exceptions.ClickException)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line (its lines joined by ``"; "``)."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "unknown error"
+
+
+def _user_error_message(error: BaseException) -> str:
+    if isinstance(error, click_exceptions.ClickException):
+        return one_line(error.format_message())
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in str(error):
+        return one_line(f"{error.filename}: {error.strerror or error}")
+    return one_line(str(error) or type(error).__name__)
+
+
+class _OneLineErrors(TyperGroup):
+    """The app's click group: user errors become one ``error: ...`` line on stderr with exit status 2.
+
+    Overrides ``main`` (what the console script and typer's ``CliRunner`` both call): the commands run
+    without click's standalone handling, and this method prints and exits instead."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as error:  # `flaxcam` alone: the help, as click shows it
+            error.show()
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(130)
+        except USER_ERRORS as error:
+            typer.echo(f"error: {_user_error_message(error)}", err=True)
+            sys.exit(2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
-    help="flaxcam: class activation maps for JAX/Flax models.", no_args_is_help=True, add_completion=False
+    cls=_OneLineErrors,
+    help="flaxcam: class activation maps for JAX/Flax models.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from flaxcam import __version__
+
+        typer.echo(f"flaxcam {__version__}")
+        raise typer.Exit()
+
+
+def default_cpu_devices() -> int:
+    """The number of CPU cores this process may use (one XLA CPU device per core by default)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_cpu_devices(count: int | None) -> bool:
+    """Split the host CPU into ``count`` XLA devices (default: one per core), so that ``explain`` and
+    ``audit`` shard their batches over the cores (``benchmarks/results/peers_cpu_2dev.md``: the setting
+    that put flaxcam ahead of torchcam on ResNet-50 on CPU). GPUs and TPUs are unaffected: the CPU
+    devices are only used when no accelerator is present. Must run before JAX creates its backends;
+    returns False (and changes nothing) when they already exist, or when the ``jax_num_cpu_devices``
+    setting or ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` was already chosen."""
+    import jax
+    from jax._src import xla_bridge
+
+    if count is None:
+        count = default_cpu_devices()
+    if count < 1:
+        raise UserError(f"--cpu-devices must be >= 1, got {count}")
+    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    if jax.config.jax_num_cpu_devices not in (-1, count):  # chosen by the user's own code or environment
+        return False
+    jax.config.update("jax_num_cpu_devices", count)
+    return True
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    cpu_devices: Annotated[
+        Optional[int],
+        typer.Option(
+            "--cpu-devices",
+            min=1,
+            help="On a machine without GPU/TPU: split the CPU into this many XLA devices that share each batch "
+            "(default: one per core; 1 turns it off).",
+        ),
+    ] = None,
+) -> None:
     """flaxcam: class activation maps (CAM, Grad-CAM, ...) for JAX/Flax models."""
+    configure_cpu_devices(cpu_devices)
 
 
 def _say(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _load_model(model_name: str | None, weights: Path | None):
-    """(model, variables, meta): a flaxcam bundle, a torchvision ResNet checkpoint, the pretrained
-    default (EfficientNet-Lite0, ImageNet) or a registry model with random weights."""
+def _check_method(value: str) -> str:
+    """Typer callback: ``--method`` must be a registered method (checked before any model loads)."""
+    if value not in METHODS:
+        raise typer.BadParameter(f"unknown method {value!r}; valid methods: {METHOD_NAMES}")
+    return value
+
+
+def source_spec(text: str) -> str:
+    """A data source argument as :func:`flaxcam.data.open_source` reads it: ``KIND:PATH`` as given, a
+    plain directory path as ``folder:PATH``, a ``.npz`` file as ``npz:PATH``."""
+    from flaxcam.data.sources import SOURCE_KINDS
+
+    kind, sep, _ = text.partition(":")
+    if sep and kind in SOURCE_KINDS:
+        return text
+    path = Path(text)
+    if path.is_dir():
+        return f"folder:{text}"
+    if path.suffix.lower() == ".npz" and path.is_file():
+        return f"npz:{text}"
+    raise UserError(
+        f"unknown source {text!r}: expected an image folder (class subfolders), a .npz file, or one of "
+        "folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT], npz:PATH"
+    )
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create and delete a file in ``folder`` (``os.access`` says yes to root even on a read-only mount)."""
+    fd, name = tempfile.mkstemp(prefix=".flaxcam-write-check-", dir=folder)
+    os.close(fd)
+    os.unlink(name)
+
+
+def prepare_output_dir(path: Path, option: str) -> Path:
+    """Create the output folder ``path`` (of command-line option ``option``) and check that it can be
+    written, before any work; a :class:`UserError` says why not."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _probe_writable(path)
+    except OSError as error:
+        raise UserError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
+    return path
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """Check, before any work, that the file ``path`` (of option ``option``) can be written: not a
+    folder, its folder creatable and writable. ``-`` (standard output) and None pass."""
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _probe_writable(parent)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as error:
+        raise UserError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names from a text file, one per line (blank lines at the end ignored)."""
+    try:
+        names = path.read_text("utf-8").rstrip("\n").split("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--class-names {path}: cannot read ({error})") from None
+    names = [name.strip() for name in names]
+    if not any(names):
+        raise UserError(f"--class-names {path}: no class names (expected one per line)")
+    return names
+
+
+def num_outputs(model: Any, variables: Any, size: Sequence[int]) -> int:
+    """The number of classes (logits) a model outputs for ``(1, H, W, 3)`` inputs (shapes only)."""
+    import jax
+    import numpy as np
+
+    return int(jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, *size, 3), np.float32)).shape[-1])
+
+
+def resolve_class_names(
+    stored: Sequence[str] | None, count: int, file: Path | None, where: str, imagenet_default: bool = False
+) -> list[str]:
+    """The class names of a model with ``count`` outputs: from ``file`` (``--class-names``) if given,
+    else those stored with the model (``where`` names it), else the ImageNet names for a 1000-class
+    torchvision checkpoint (``imagenet_default``), else ``class_0, class_1, ...``. A count that does not
+    match the model is a :class:`UserError`."""
+    if file is not None:
+        names = read_class_names(file)
+        if len(names) != count:
+            raise UserError(f"--class-names {file} has {len(names)} class names but the model ({where}) has {count} classes")
+        return names
+    if stored:
+        names = [str(name) for name in stored]
+        if len(names) != count:
+            raise UserError(
+                f"{where} has {len(names)} class names but its model has {count} outputs; "
+                "fix the bundle or give --class-names FILE (one name per line)"
+            )
+        return names
+    if imagenet_default and count == 1000:
+        from flaxcam import models
+
+        return list(models.imagenet_class_names())
+    return [f"class_{i}" for i in range(count)]
+
+
+def _load_model(model_name: str | None, weights: Path | None, class_names: Path | None = None):
+    """(model, variables, meta): a flaxcam bundle, a torchvision ResNet checkpoint (``.pth``, ``.pt``,
+    ``.safetensors``), the pretrained default (EfficientNet-Lite0, ImageNet) or a registry model with
+    random weights. ``meta["class_names"]`` always matches the model's outputs (see
+    :func:`resolve_class_names`)."""
     from flaxcam import models
 
+    imagenet_default = False
     if weights is not None:
-        if Path(weights).suffix in (".pth", ".pt"):  # a torchvision ResNet checkpoint, read without torch
+        where = f"--weights {weights}"
+        if not Path(weights).is_file():
+            raise UserError(f"{where}: not a file")
+        if Path(weights).suffix in (".pth", ".pt", ".safetensors"):  # a torchvision ResNet, read without torch
             model, variables = models.load_torchvision_resnet(weights)
-            meta = {"input_size": [224, 224], "class_names": list(models.imagenet_class_names())}
-            return model, variables, meta
-        model, variables, meta = models.load_bundle(weights)
-        return model, variables, dict(meta or {})
-    if model_name is None or model_name == "efficientnet_lite0":
-        model, variables, meta = models.pretrained_efficientnet_lite0()
-        return model, variables, dict(meta)
-    if model_name not in models.MODELS:
-        raise typer.BadParameter(f"unknown model {model_name!r}; models: {', '.join(sorted(models.MODELS))}")
-    model = models.create_model(model_name)
-    _say(f"warning: {model_name} with RANDOM weights (no --weights given): the maps are not meaningful")
-    variables = models.init_variables(model, (1, 224, 224, 3))
-    return model, variables, {"input_size": [224, 224]}
+            meta: dict[str, Any] = {"input_size": [224, 224]}
+            imagenet_default = True
+        else:
+            model, variables, bundle_meta = models.load_bundle(weights)
+            meta = dict(bundle_meta or {})
+            models.check_variables(model, variables, (1, *meta.get("input_size", (224, 224)), 3), where)
+    elif model_name is None or model_name == "efficientnet_lite0":
+        model, variables, pretrained_meta = models.pretrained_efficientnet_lite0()
+        meta, where = dict(pretrained_meta), "the pretrained EfficientNet-Lite0"
+    else:
+        if model_name not in models.MODELS:
+            raise typer.BadParameter(f"unknown model {model_name!r}; models: {', '.join(sorted(models.MODELS))}")
+        model = models.create_model(model_name)
+        _say(f"warning: {model_name} with RANDOM weights (no --weights given): the maps are not meaningful")
+        variables = models.init_variables(model, (1, 224, 224, 3))
+        meta, where = {"input_size": [224, 224]}, f"model {model_name}"
+    size = tuple(int(v) for v in meta.get("input_size", (224, 224)))
+    count = num_outputs(model, variables, size)
+    meta["class_names"] = resolve_class_names(meta.get("class_names"), count, class_names, where, imagenet_default)
+    return model, variables, meta
+
+
+def check_top_k(top_k: int | None, num_classes: int, default: int = 3) -> int:
+    """``--top-k``: None → ``min(default, number of classes)``; a given value must be in [1, number of
+    classes]."""
+    if top_k is None:
+        return min(default, num_classes)
+    if not 1 <= top_k <= num_classes:
+        raise UserError(f"--top-k {top_k} is out of range: the model has {num_classes} classes (1 <= k <= {num_classes})")
+    return top_k
 
 
 def _unique_figure_path(out: Path, stem: str, method: str, taken: set[Path]) -> Path:
@@ -73,7 +320,7 @@ def run_explain(
     weights: Path | None = None,
     method: str = "gradcam",
     layer: str | None = None,
-    top_k: int = 3,
+    top_k: int | None = None,
     out: Path = Path("flaxcam_out"),
     json_path: Path | None = None,
     batch_size: int = 16,
@@ -81,12 +328,15 @@ def run_explain(
     threshold: float = 0.2,
     labels: Sequence[int | None] | None = None,
     progress: bool | None = None,
+    class_names: Path | None = None,
     box_rule: str = "paper",
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Explain image files and write one seed-style figure per image (and a JSON summary).
+    """Explain image files and write one seed-style figure per image (and a JSON summary; ``json_path``
+    ``-`` writes it to standard output).
 
     Returns ``(records, errors)``; unreadable files are reported in ``errors`` and skipped, the others
-    are still processed. ``labels`` optionally gives each image's true class for the figure.
+    are still processed. ``labels`` optionally gives each image's true class for the figure;
+    ``class_names`` a file of class names (one per line) for the model's outputs.
     """
     import jax
     import numpy as np
@@ -97,21 +347,25 @@ def run_explain(
     from flaxcam.imageio import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessing, read_image
 
     localize.check_rule(box_rule)
-    model, variables, meta = _load_model(model_name, weights)
+    _check_method(method)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    prepare_output_dir(out, "--out")
+    check_output_file(json_path, "--json")
+    model, variables, meta = _load_model(model_name, weights, class_names)
     size = tuple(meta.get("input_size", (224, 224)))
     preprocessing = Preprocessing(
         size=(int(size[0]), int(size[1])),
         mean=tuple(meta.get("mean", IMAGENET_MEAN)),
         std=tuple(meta.get("std", IMAGENET_STD)),
     )
-    out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     taken: set[Path] = set()
     show_progress = len(images) > batch_size if progress is None else progress
     labels = list(labels) if labels is not None else [None] * len(images)
-    num_classes = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, *size, 3), np.float32)).shape[-1]
-    k = max(1, min(top_k, num_classes))
+    class_names_of_model = meta["class_names"]
+    k = check_top_k(top_k, len(class_names_of_model))  # default: 3, or every class of a smaller model
 
     with tqdm(total=len(images), desc=f"explain ({method})", unit="img", disable=not show_progress) as bar:
         for start in range(0, len(images), batch_size):
@@ -135,7 +389,6 @@ def run_explain(
             host = jax.device_get(
                 {"probabilities": explanation.probabilities, "targets": explanation.targets, "boxes": boxes, "overlays": overlays}
             )
-            class_names = meta.get("class_names") or [str(i) for i in range(host["probabilities"].shape[1])]
             for i, path in enumerate(chunk_paths):
                 original = chunk_images[i]
                 scale = np.array([original.shape[1] / size[1], original.shape[0] / size[0]] * 2)
@@ -143,13 +396,13 @@ def run_explain(
                 box = [int(round(v)) for v in (box_input * scale)]
                 probabilities = host["probabilities"][i]
                 top = [
-                    {"class": int(c), "name": class_names[int(c)], "probability": float(probabilities[int(c)])}
+                    {"class": int(c), "name": class_names_of_model[int(c)], "probability": float(probabilities[int(c)])}
                     for c in host["targets"][i]
                 ]
                 figure = viz.seed_figure(
                     original,
                     probabilities,
-                    class_names,
+                    class_names_of_model,
                     true_label=chunk_labels[i],
                     preprocessed=inputs[i],
                     overlay=host["overlays"][i],
@@ -172,9 +425,19 @@ def run_explain(
             bar.update(len(images[start : start + batch_size]))
 
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"images": records, "errors": errors}, indent=2))
+        summary = json.dumps({"images": records, "errors": errors}, indent=2)
+        if str(json_path) == "-":
+            typer.echo(summary)
+        else:
+            json_path.write_text(summary)
     return records, errors
+
+
+_WEIGHTS_HELP = (
+    "A flaxcam bundle (.msgpack, e.g. from `make demo` or `flaxcam train`) or a torchvision ResNet checkpoint "
+    "(.pth, .pt or .safetensors; any number of classes)."
+)
+_CLASS_NAMES_HELP = "Text file of class names, one per line, in the model's output order (default: the weights' own)."
 
 
 @app.command("explain")
@@ -184,17 +447,17 @@ def explain_command(
         Optional[str],
         typer.Option(help="Default: efficientnet_lite0 with ImageNet weights. Another registry name runs random weights."),
     ] = None,
-    weights: Annotated[
-        Optional[Path],
-        typer.Option(help="A flaxcam bundle (.msgpack, e.g. from `make demo`) or a torchvision ResNet checkpoint (.pth)."),
-    ] = None,
-    method: Annotated[str, typer.Option(help=_METHOD_HELP)] = "gradcam",
+    weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names", help=_CLASS_NAMES_HELP)] = None,
+    method: Annotated[str, typer.Option(help=_METHOD_HELP, callback=_check_method)] = "gradcam",
     layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image; maps for each.")] = 3,
+    top_k: Annotated[
+        Optional[int], typer.Option("--top-k", min=1, help="Classes listed per image; maps for each (default 3).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("flaxcam_out"),
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write a JSON summary here.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 16,
-    threshold: Annotated[float, typer.Option(help="Box threshold, a fraction of each map's maximum.")] = 0.2,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write a JSON summary here (- : standard output).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per jitted call.")] = 16,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Box threshold, a fraction of each map's maximum.")] = 0.2,
     box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
 ) -> None:
     """Explain IMAGES: one figure per image (input + top-3, preprocessed, overlay with box)."""
@@ -209,11 +472,14 @@ def explain_command(
         json_path=json_path,
         batch_size=batch_size,
         threshold=threshold,
+        class_names=class_names,
         box_rule=box_rule,
     )
+    to_stdout = json_path is not None and str(json_path) == "-"  # keep standard output pure JSON
     for record in records:
         target = record["target"]
-        typer.echo(f"{record['file']}: {target['name']} (p={target['probability']:.3f}) box={record['box']} -> {record['figure']}")
+        line = f"{record['file']}: {target['name']} (p={target['probability']:.3f}) box={record['box']} -> {record['figure']}"
+        typer.echo(line, err=to_stdout)
     if errors:
         _say(f"{len(errors)} of {len(images)} file(s) could not be read")
         raise typer.Exit(code=1)
@@ -232,35 +498,43 @@ def _preprocessing_of(meta: dict[str, Any]):
 
 @app.command("audit")
 def audit_command(
-    source: Annotated[str, typer.Argument(help="folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH")],
+    source: Annotated[
+        str, typer.Argument(help="An image folder (class subfolders), a .npz file, or folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH")
+    ],
     out: Annotated[Path, typer.Option(help="Audit directory (Parquet parts + manifest); rerun to resume.")],
     model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) or a torchvision ResNet checkpoint (.pth).")] = None,
-    method: Annotated[str, typer.Option(help=_METHOD_HELP)] = "cam",
+    weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names", help=_CLASS_NAMES_HELP)] = None,
+    method: Annotated[str, typer.Option(help=_METHOD_HELP, callback=_check_method)] = "cam",
     layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 64,
-    top_k: Annotated[int, typer.Option("--top-k", help="Classes recorded per image.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per jitted call.")] = 64,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Classes recorded per image (default 3).")] = None,
     target: Annotated[str, typer.Option(help="Class explained: predicted | label.")] = "predicted",
     resume: Annotated[bool, typer.Option(help="Resume an existing audit in --out (--no-resume starts over).")] = True,
-    limit: Annotated[Optional[int], typer.Option(help="Audit at most this many remaining images now.")] = None,
-    workers: Annotated[int, typer.Option(help="grain reader processes (0: a thread).")] = 0,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Audit at most this many remaining images now.")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="grain reader processes (0: a thread).")] = 0,
     box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
 ) -> None:
     """Audit every image of SOURCE: predictions, boxes, attention statistics and maps, in Parquet."""
     from flaxcam import audit
     from flaxcam.audit.errors import AuditError
 
-    loaded_model, variables, meta = _load_model(model, weights)
+    if target not in ("predicted", "label"):
+        raise typer.BadParameter(f"--target {target!r}: expected predicted or label")
+    spec = source_spec(source)
+    prepare_output_dir(out, "--out")
+    loaded_model, variables, meta = _load_model(model, weights, class_names)
+    top_k = check_top_k(top_k, len(meta["class_names"]))
     try:
-        result = audit.run(
-            source, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
-            batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
-            box_rule=box_rule, class_names=meta.get("class_names"),
-            model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
-        )
+        with _naming_the_manifest(out):
+            result = audit.run(
+                spec, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
+                batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
+                box_rule=box_rule, class_names=meta["class_names"],
+                model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
+            )
     except AuditError as error:  # disk full, folder in use, other settings: one line, nothing lost
-        _say(f"error: {error}")
-        raise typer.Exit(code=2) from None
+        raise UserError(str(error)) from None
     state = "complete" if result.complete else "incomplete"
     typer.echo(
         f"{out}: {result.rows} images, {result.errors} unreadable, of {result.total} ({state}); this run: "
@@ -268,16 +542,44 @@ def audit_command(
     )
 
 
+def _check_audit_dir(audit_dir: Path) -> None:
+    if not audit_dir.is_dir():
+        raise UserError(f"{audit_dir}: no such audit folder (run `flaxcam audit SOURCE --out {audit_dir}` first)")
+
+
+@contextlib.contextmanager
+def _naming_the_manifest(audit_dir: Path) -> Iterator[None]:
+    """A JSON error while reading an audit is its manifest's: name the file."""
+    try:
+        yield
+    except json.JSONDecodeError as error:
+        raise UserError(f"{audit_dir / 'manifest.json'}: corrupt, not valid JSON ({error})") from None
+
+
 @app.command("report")
 def report_command(
     audit_dir: Annotated[Path, typer.Argument(help="An audit directory written by `flaxcam audit`.")],
     out: Annotated[Optional[Path], typer.Option(help="HTML file (default AUDIT_DIR/report.html).")] = None,
-    gallery_size: Annotated[int, typer.Option(help="Images per gallery.")] = 12,
+    gallery_size: Annotated[int, typer.Option(min=1, help="Images per gallery.")] = 12,
 ) -> None:
     """Write one self-contained HTML report of an audit (classes ranked by unusual attention)."""
+    import duckdb
+
     from flaxcam.audit.report import write_report
 
-    typer.echo(str(write_report(audit_dir, out, gallery_size=gallery_size)))
+    _check_audit_dir(audit_dir)
+    check_output_file(out if out is not None else audit_dir / "report.html", "--out")
+    try:
+        with _naming_the_manifest(audit_dir):
+            written = write_report(audit_dir, out, gallery_size=gallery_size)
+    except duckdb.Error as error:  # e.g. a truncated or corrupt Parquet part
+        raise UserError(f"{audit_dir}: cannot read the audit: {_first_line(error)}") from None
+    typer.echo(str(written))
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of a DuckDB error (the rest repeats the SQL with a caret)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @app.command("query")
@@ -293,14 +595,52 @@ def query_command(
 
     from flaxcam.audit.query import format_table, query
 
+    if not sql.strip():
+        raise UserError('empty SQL query; e.g. "SELECT count(*) FROM audit"')
+    _check_audit_dir(audit_dir)
     try:
-        columns, rows = query(audit_dir, sql, allow_files=allow_files)
+        with _naming_the_manifest(audit_dir):
+            columns, rows = query(audit_dir, sql, allow_files=allow_files)
     except duckdb.PermissionException as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ValueError(f"query failed: {first_line} (only the audit's own files can be read; --allow-files lifts this)") from None
+        raise UserError(f"query failed: {_first_line(error)} (only the audit's own files can be read; --allow-files lifts this)") from None
     except duckdb.Error as error:
-        raise ValueError(f"query failed: {error}") from None
+        raise UserError(f"query failed: {_first_line(error)}") from None
     typer.echo(format_table(columns, rows))
+
+
+@app.command("layers")
+def layers_command(
+    model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
+    size: Annotated[Optional[str], typer.Option(help="Input size H,W (default: the model's own, else 224,224).")] = None,
+    spatial: Annotated[bool, typer.Option("--spatial", help="Only layers with (batch, height, width, channels) outputs.")] = False,
+) -> None:
+    """List the model's layers (the names `--layer` takes) with their output shapes for one image."""
+    import jax
+    import numpy as np
+
+    import flaxcam
+
+    loaded_model, variables, meta = _load_model(model, weights)
+    height, width = _parse_size(size) if size is not None else tuple(int(v) for v in meta.get("input_size", (224, 224)))
+    layers = flaxcam.list_layers(loaded_model, variables, jax.ShapeDtypeStruct((1, height, width, 3), np.float32))
+    shown = [info for info in layers if info.is_spatial or not spatial]
+    width_name = max((len(info.name) for info in shown), default=5)
+    width_type = max((len(info.module_type) for info in shown), default=4)
+    typer.echo(f"{'layer':<{width_name}}  {'type':<{width_type}}  output shape")
+    for info in shown:
+        typer.echo(f"{info.name:<{width_name}}  {info.module_type:<{width_type}}  {tuple(info.shape)}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """``"H,W"`` → ``(H, W)``, both positive."""
+    try:
+        height, width = (int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--size {text!r}: expected H,W such as 224,224") from None
+    if height < 1 or width < 1:
+        raise typer.BadParameter(f"--size {text!r}: both sizes must be >= 1")
+    return height, width
 
 
 @app.command("train")
@@ -328,12 +668,17 @@ def train_command(
     The final bundle OUT/model.msgpack loads straight into `flaxcam explain --weights`."""
     from flaxcam.train import TrainConfig, train
 
-    values: dict[str, Any] = json.loads(config.read_text()) if config is not None else {}
+    try:
+        values: dict[str, Any] = json.loads(config.read_text()) if config is not None else {}
+    except json.JSONDecodeError as error:
+        raise UserError(f"--config {config}: not valid JSON ({error})") from None
+    source = source_spec(source)
+    val = source_spec(val) if val is not None else None
     overrides = {
         "model": model,
         "model_kwargs": json.loads(model_kwargs) if model_kwargs is not None else None,
         "pooling": pooling,
-        "input_size": [int(v) for v in size.split(",")] if size is not None else None,
+        "input_size": list(_parse_size(size)) if size is not None else None,
         "epochs": epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
@@ -384,16 +729,10 @@ def evaluate_command(
 
 
 def main() -> None:
-    """Console entry point."""
-    try:
-        app()
-    except (ValueError, FileNotFoundError) as error:  # user errors: bad layer, method, targets, paths
-        _say(f"error: {error}")
-        sys.exit(2)
+    """Console entry point (user errors: one ``error:`` line, exit status 2; see :class:`_OneLineErrors`)."""
+    app()
 
 
-if __name__ == "__main__":
-    main()
 
 
 @app.command("bench")
@@ -425,3 +764,7 @@ def bench_command(
     arguments = {("batches" if k == "batch" else k): v for k, v in options.items()}
     arguments["method_options"] = json.loads(method_options) if method_options else None
     run(**arguments, command=command_line(options))
+
+
+if __name__ == "__main__":
+    main()

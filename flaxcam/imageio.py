@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
+from typing import IO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: EXIF tag of the orientation (1: as stored; 2-8: mirrored and / or rotated; 5-8 swap width and height).
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageReadError(ValueError):
@@ -24,18 +29,44 @@ def read_image(
     return read_image_with_size(path, max_pixels=max_pixels, draft_size=draft_size)[0]
 
 
+def read_image_bytes(
+    data: bytes, *, name: str = "<bytes>", max_pixels: int | None = None, draft_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decode an encoded image (the bytes of a PNG, JPEG, ... file) exactly as :func:`read_image` reads
+    a file; ``name`` stands for the file in error messages."""
+    return read_image_with_size(io.BytesIO(data), max_pixels=max_pixels, draft_size=draft_size, name=name)[0]
+
+
+def oriented(image: Image.Image) -> Image.Image:
+    """``image`` turned upright as its EXIF orientation tag says (a camera held sideways stores the
+    pixels unrotated with Orientation 6 or 8); the image itself when it has no such tag or it is 1."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def read_image_with_size(
-    path: str | os.PathLike, *, max_pixels: int | None = None, draft_size: tuple[int, int] | None = None
+    path: str | os.PathLike | IO[bytes],
+    *,
+    max_pixels: int | None = None,
+    draft_size: tuple[int, int] | None = None,
+    name: str | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Read ``path`` as an ``(H, W, 3)`` uint8 RGB array; also return the ``(height, width)`` stored in
-    the file (larger than the array's when a JPEG was decoded at reduced scale).
+    the file (larger than the array's when a JPEG was decoded at reduced scale), both in the upright
+    frame.
+
+    Every image that flaxcam reads from a file (the command line, every data source, the audit report)
+    comes through here. The EXIF orientation is applied (:func:`oriented`, Pillow's
+    ``ImageOps.exif_transpose``): a JPEG from a phone held upright, stored sideways with Orientation 6,
+    is explained, boxed and shown upright, and its size is the rotated one.
 
     Conversions: grayscale, bilevel, palette, CMYK, YCbCr and LAB images become RGB; images with an
     alpha channel (RGBA, LA, palette with transparency) are composited on black (``rgb * alpha / 255``);
     16-bit and 32-bit integer images are scaled to 8 bits (by 65535 when any value exceeds 255, else
-    taken as 8-bit values; 48-bit RGB PNGs keep their high byte, as Pillow reads them); float images (mode F) are scaled by 255 when their maximum is at most 1,
-    else taken as 8-bit values and clipped. Multi-frame files give their
-    first frame.
+    taken as 8-bit values; 48-bit RGB PNGs keep their high byte, as Pillow reads them); float images
+    (mode F) are scaled by 255 when their maximum is at most 1, else taken as 8-bit values and clipped;
+    a float image with a NaN or infinite pixel is refused. Multi-frame files give their first frame.
 
     Size guard: an image with more than ``max_pixels`` pixels (default: Pillow's
     ``Image.MAX_IMAGE_PIXELS``, about 89 million) is not decoded at full size. A JPEG is decoded at a
@@ -51,8 +82,9 @@ def read_image_with_size(
     Raises :class:`ImageReadError` for a missing, unreadable, truncated or oversized file.
     """
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    source, path = path, path if name is None else name  # error messages name the file (or ``name``)
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             file_size = (image.height, image.width)
             pixels = image.width * image.height
             if limit is not None and pixels > limit:
@@ -72,7 +104,10 @@ def read_image_with_size(
             elif draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", (int(draft_size[1]), int(draft_size[0])))
             image.load()
-            return pil_to_rgb(image), file_size
+            upright = oriented(image)
+            if upright is not image and upright.size != image.size:  # rotated by 90 degrees
+                file_size = file_size[::-1]
+            return pil_to_rgb(upright), file_size
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -94,7 +129,10 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
         image = image.convert("RGBA")
     if image.mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        values = np.asarray(image, dtype=np.float32)
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise ValueError(f"float image with {bad} NaN or infinite pixel(s)")
         return as_rgb_uint8(np.clip(values if values.max(initial=0.0) <= 1.0 else values / 255.0, 0.0, 1.0))
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "RGBA", "LA", "L", "1"):
         return as_rgb_uint8(np.asarray(image))

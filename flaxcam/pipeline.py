@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam.capture import is_nnx
+from flaxcam.errors import check_explain_arguments
 from flaxcam.plan import explainer
 from flaxcam.probe import OutputFn
 from flaxcam.step import Explanation, explain_step
@@ -163,6 +164,7 @@ def explain(
     elif images is None:
         raise TypeError("explain(model, variables, images, ...) for a linen model (explain(model, images) is for NNX)")
     images = _as_images(images)
+    check_explain_arguments(images, layer, devices)
     fn = explainer(
         model, method=method, layer=layer, targets=targets if callable(targets) else None, top_k=top_k, score=score,
         head=head, apply_kwargs=apply_kwargs, output_fn=output_fn, reshape=reshape, method_options=method_options,

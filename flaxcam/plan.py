@@ -23,6 +23,7 @@ from flax import nnx
 
 from flaxcam.capture import LayerError, LayerInfo, NNXModel, as_model, is_nnx, training_mode_modules
 from flaxcam.methods import Method, get_method
+from flaxcam.errors import check_layer_outputs
 from flaxcam.probe import OutputFn, default_output_fn, forward_at_layer, resolve_layer, shape_key
 from flaxcam.step import Explanation, StepConfig, explain_step
 from flaxcam.targets import Binary, Embedding, Segmentation, TargetSpec, resolve_targets
@@ -180,6 +181,7 @@ def _plan(explainer: Explainer, variables_key: Any, spec: jax.ShapeDtypeStruct, 
     if method.bias_layers:
         requested = []
     layer_infos = [resolve_layer(layers, name, spatial_only=explainer.reshape is None) for name in requested]
+    check_layer_outputs(layer_infos, spec.shape)
     if explainer.reshape is not None:
         for info in layer_infos:
             grid = jax.eval_shape(explainer.reshape, jax.ShapeDtypeStruct(info.shape, spec.dtype))

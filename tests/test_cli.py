@@ -82,12 +82,12 @@ def test_explain_command_errors_are_clear(tmp_path, bundle):
     good, _ = _write_images(tmp_path)
     runner = CliRunner()
     result = runner.invoke(app, ["explain", str(good[0]), "--weights", str(path), "--layer", "nope", "--out", str(tmp_path)])
-    assert result.exit_code != 0
-    assert "unknown layer 'nope'" in str(result.exception) and "conv2" in str(result.exception)
+    assert result.exit_code == 2
+    assert "unknown layer 'nope'" in result.stderr and "conv2" in result.stderr
     result = runner.invoke(app, ["explain", str(good[0]), "--model", "resnet99", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "unknown model 'resnet99'" in result.output and "resnet50" in result.output
+    assert result.exit_code == 2 and "unknown model 'resnet99'" in result.output and "resnet50" in result.output
     result = runner.invoke(app, ["explain", str(good[0]), "--weights", str(tmp_path / "missing.msgpack")])
-    assert result.exit_code != 0 and "missing.msgpack" in str(result.exception)
+    assert result.exit_code == 2 and "missing.msgpack" in result.stderr
 
 
 def test_read_image_converts_modes(tmp_path):

@@ -156,10 +156,19 @@ class _ReadBatch:
 
 def _normalized(batch: Batch, preprocessing: Preprocessing) -> Batch:
     """Batch of uint8 images → model inputs (exactly ``preprocessing.normalize(resize(image))``);
-    zeros on invalid rows."""
+    zeros on invalid rows. A row whose inputs are not all finite (e.g. a preprocessing ``std`` of 0)
+    becomes invalid with a recorded error, never a row of NaN inputs."""
     images = preprocessing.normalize(batch.images.astype(np.float32) / 255.0)
-    images[~batch.valid] = 0.0
-    return dataclasses.replace(batch, images=images)
+    non_finite = batch.valid & ~np.isfinite(images).all(axis=tuple(range(1, images.ndim)))
+    errors, valid = batch.errors, batch.valid
+    if non_finite.any():
+        valid = batch.valid & ~non_finite
+        errors = errors + [
+            (int(batch.indices[i]), batch.ids[i], f"{batch.ids[i]}: NaN or infinite model input after preprocessing {preprocessing}")
+            for i in np.flatnonzero(non_finite)
+        ]
+    images[~valid] = 0.0
+    return dataclasses.replace(batch, images=images, valid=valid, errors=errors)
 
 
 def _absl_flags_ready() -> None:

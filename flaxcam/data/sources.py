@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from flaxcam._optional import require
 from flaxcam.imageio import (
     ImageReadError,
     as_rgb_uint8,
-    pil_to_rgb,
+    read_image_bytes,
     read_image_with_size,
 )
 
@@ -502,9 +501,7 @@ class TfdsSource:
         try:
             value = example[self.image_key]
             if isinstance(value, (bytes, bytearray)):
-                with Image.open(io.BytesIO(value)) as image:
-                    image.load()
-                    rgb = pil_to_rgb(image)
+                rgb = read_image_bytes(bytes(value), name=record_id)
             else:
                 rgb = as_rgb_uint8(np.asarray(value))
         except (OSError, ValueError, TypeError, SyntaxError, EOFError, MemoryError) as error:

@@ -55,6 +55,26 @@ def half_pixel_matrix(out_size: int, in_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
+def channel_softmax(scores: Array, axis: int) -> Array:
+    """Softmax of the masked-input scores over channels, safe for any scores.
+
+    Two guards the reference libraries (pytorch-grad-cam, torchcam: a plain ``softmax``) do not have:
+
+    * a non-finite score (a masked or noisy input whose forward pass overflowed, e.g. SS-CAM with a
+      huge ``std``) becomes the lowest / highest finite value (NaN and -inf: lowest; +inf: highest), so
+      it gets weight 0 (or the whole weight) instead of turning every weight into NaN;
+    * the scores are materialized (``lax.optimization_barrier``) before the softmax: otherwise XLA may
+      fuse the maximum and the differences ``x - max`` from separately rounded evaluations of the
+      scores, and for scores of magnitude above about 1e9 the rounding difference alone overflows
+      ``exp`` (inf / inf = NaN under ``jit``, not eagerly).
+
+    For finite scores the result is ``jax.nn.softmax(scores, axis)`` exactly.
+    """
+    finfo = jnp.finfo(scores.dtype)
+    scores = jnp.nan_to_num(scores, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
+    return jax.nn.softmax(jax.lax.optimization_barrier(scores), axis=axis)
+
+
 def _channel_mask_scores(
     activations: Array, images: Array, score: Callable[[Array, Array], Array], channels: Array, chunk_size: int
 ) -> Array:
@@ -105,7 +125,7 @@ def scorecam(
     batch, _, _, channels = activations.shape
     every_channel = jnp.broadcast_to(jnp.arange(channels), (batch, channels))
     scores = _channel_mask_scores(activations, images, score, every_channel, chunk_size)  # (B, C, T)
-    weights = jax.nn.softmax(scores, axis=1).transpose(0, 2, 1)  # (B, T, C)
+    weights = channel_softmax(scores, axis=1).transpose(0, 2, 1)  # (B, T, C)
     return activations[:, None] * weights[:, :, None, None, :]
 
 
@@ -138,7 +158,7 @@ def faster_scorecam(
     count = min(top_channels, channels)
     _, selected = jax.lax.top_k(jnp.var(activations, axis=(1, 2)), count)  # (B, N)
     scores = _channel_mask_scores(activations, images, score, selected, chunk_size)  # (B, N, T)
-    selected_weights = jax.nn.softmax(scores, axis=1).transpose(0, 2, 1)  # (B, T, N)
+    selected_weights = channel_softmax(scores, axis=1).transpose(0, 2, 1)  # (B, T, N)
     weights = jnp.zeros((batch, scores.shape[2], channels), selected_weights.dtype)
     weights = jax.vmap(lambda w, s, i: w.at[:, i].set(s))(weights, selected_weights, selected)
     return activations[:, None] * weights[:, :, None, None, :]
@@ -181,7 +201,7 @@ def _sampled_mask_weights(
 
     scores = chunked_map(chunk_scores, batch * num_samples * channels, chunk_size)
     mean = scores.reshape(batch, num_samples, channels, -1).mean(axis=1)  # (B, C, T)
-    return jax.nn.softmax(mean, axis=1).transpose(0, 2, 1)
+    return channel_softmax(mean, axis=1).transpose(0, 2, 1)
 
 
 def sscam(
@@ -268,8 +288,10 @@ def ablationcam(
 
     The ablation value ``v`` is 0 when the image's activations have minimum 0 (post-ReLU layers, the
     paper's setting), else ``min(A) - 1e7`` as in pytorch-grad-cam (which, for that case, lowers the
-    value again for every channel of a batch; flaxcam uses one value). Cost: ``C`` forward passes per
-    image (all targets share them), in chunks of ``chunk_size``.
+    value again for every channel of a batch; flaxcam uses one value). Where the target score
+    :math:`y^c` is exactly 0 the weight is the absolute drop :math:`y^c - y^c_{A_k \to v}` (the
+    relative drop is undefined; pytorch-grad-cam divides anyway and returns a NaN map). Cost: ``C``
+    forward passes per image (all targets share them), in chunks of ``chunk_size``.
 
     Args: activations ``(B, h, w, C)``, scores ``(B, T)`` of the unablated images,
     ``ablate(delta, image_index)`` giving the ``(n, T)`` target scores of the images ``image_index``
@@ -293,5 +315,6 @@ def ablationcam(
 
     ablated = chunked_map(chunk_scores, batch * channels, chunk_size)
     ablated = ablated.reshape(batch, channels, -1).transpose(0, 2, 1)  # (B, T, C)
-    weights = (scores[:, :, None] - ablated) / scores[:, :, None]
+    original = scores[:, :, None]
+    weights = (original - ablated) / jnp.where(original == 0, 1.0, original)  # a zero score: the absolute drop
     return activations[:, None] * weights[:, :, None, None, :]

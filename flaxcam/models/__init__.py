@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from flaxcam.models.convert import load_torchvision_resnet
 from flaxcam.models.efficientnet import EfficientNetLite, efficientnet_lite0, load_efficientnet_lite0
-from flaxcam.models.io import load_bundle, save_bundle
+from flaxcam.models.io import check_variables, load_bundle, save_bundle
 from flaxcam.models.resnet import (
     POOLINGS,
     BasicBlock,
@@ -72,6 +72,7 @@ __all__ = [
     "global_pool",
     "imagenet_class_names",
     "init_variables",
+    "check_variables",
     "load_bundle",
     "load_efficientnet_lite0",
     "load_torch_state_dict",

@@ -199,7 +199,8 @@ def load_torchvision_resnet(
     Args:
         state_dict: ``model.state_dict()`` of a torchvision ResNet; values are numpy arrays or torch
             tensors (anything with ``.detach().cpu().numpy()``) — or the path of a checkpoint file
-            (``.pth``, zip or legacy format), read safely without torch. torch is never imported here.
+            (``.pth``, zip or legacy format, or ``.safetensors``), read safely without torch. torch is never
+            imported here.
         pooling: the flax model's global pooling, ``"avg"`` (torchvision's) or ``"max"``.
         dtype: the flax model's computation dtype (the converted parameters are float32).
 

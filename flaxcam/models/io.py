@@ -24,7 +24,7 @@ from flax import serialization
 
 from flaxcam.files import atomic_write_bytes
 
-__all__ = ["load_bundle", "save_bundle"]
+__all__ = ["check_variables", "load_bundle", "save_bundle"]
 
 _FIELDS = ("model_name", "model_kwargs", "meta", "variables")
 
@@ -126,3 +126,38 @@ def load_bundle(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
         raise ValueError(f"{path}: cannot rebuild model {payload['model_name']!r}: {err}") from err
     meta = _lists_to_tuples(payload["meta"] or {})
     return model, payload["variables"], meta
+
+
+def check_variables(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: tuple[int, ...], where: str = "the variables"
+) -> None:
+    """Check that ``variables`` fit ``model`` (the same collections, names and shapes as
+    ``model.init`` gives for inputs of ``input_shape``; shapes only, nothing is computed).
+
+    Raises:
+        ValueError: listing the missing, unexpected and mis-shaped variables (at most 5 of each), e.g.
+        for a bundle whose ``model_kwargs`` say 16 channels where its weights have 8.
+    """
+    from flax import traverse_util
+
+    try:
+        expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(input_shape, jax.numpy.float32)))
+    except Exception as err:  # noqa: BLE001 -- any failure to build the model is the bundle's fault
+        raise ValueError(f"{where}: cannot build the model for inputs of shape {input_shape}: {err}") from None
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(_to_storable_tree(expected)).items()}
+    try:
+        have = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(_to_storable_tree(variables)).items()}
+    except (AttributeError, TypeError) as err:
+        raise ValueError(f"{where}: malformed variables ({err})") from None
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    mismatched = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if mismatched:
+            parts.append("shape mismatch " + ", ".join(f"{k}: {have[k]} (model wants {want[k]})" for k in mismatched[:5]))
+        raise ValueError(f"{where}: the variables do not match the model its kwargs build ({'; '.join(parts)})")

@@ -393,7 +393,8 @@ def _is_state_dict(obj: Any) -> bool:
 def load_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Read a PyTorch ``state_dict`` file without torch: ``{key: numpy array}`` in the file's order.
 
-    A checkpoint dict wrapping the state dict under ``"state_dict"`` or ``"model"`` (training
+    A ``.safetensors`` file (recognized by its header, whatever its name) is read by
+    :func:`flaxcam.models.safetensors_reader.load_safetensors`, with the same checks. A checkpoint dict wrapping the state dict under ``"state_dict"`` or ``"model"`` (training
     checkpoints) is unwrapped. Nothing from the file is executed (see the module docstring).
 
     Raises:
@@ -401,6 +402,13 @@ def load_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]
         UnsafeCheckpointError: the pickle names a refused global, e.g. ``os.system`` (a ``ValueError``).
         CheckpointError: truncated, corrupt, unknown format, or not a state dict (a ``ValueError``).
     """
+    from flaxcam.models.safetensors_reader import is_safetensors, load_safetensors
+
+    if Path(path).suffix == ".safetensors" or is_safetensors(path):
+        state_dict = load_safetensors(path)
+        if not state_dict:
+            raise CheckpointError(f"{path}: the safetensors file holds no tensors")
+        return state_dict
     obj = load_torch_checkpoint(path)
     if not _is_state_dict(obj) and isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
