@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flaxcam.methods.registry import register
+
 Array = jax.Array
 
 
@@ -61,6 +63,7 @@ def first_component_projection(contributions: Array) -> Array:
     return (jnp.where(agreement < 0, -projection, projection)).reshape(height, width)
 
 
+@register("eigencam", reduction="projection")
 def eigencam(activations: Array) -> Array:
     r"""EigenCAM: the first principal component of the activations (class-agnostic, no gradients).
 
@@ -75,6 +78,7 @@ def eigencam(activations: Array) -> Array:
     return activations
 
 
+@register("eigengradcam", reduction="projection")
 def eigengradcam(activations: Array, gradients: Array) -> Array:
     r"""EigenGradCAM: the first principal component of gradient × activation (class-discriminative).
 
@@ -110,6 +114,7 @@ def kernel_pca_projection(contributions: Array, gamma: float | None = None, coef
     return jnp.where(agreement < 0, -projection, projection).reshape(height, width)
 
 
+@register("kpcacam", reduction="kernel_projection")
 def kpcacam(activations: Array) -> Array:
     r"""KPCA-CAM: the first *kernel* principal component of the activations (no gradients).
 

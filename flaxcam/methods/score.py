@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxcam.methods.noise import standard_normal_at
+from flaxcam.methods.registry import register
 
 Array = jax.Array
 
@@ -90,6 +91,7 @@ def _channel_mask_scores(
     return chunked_rows(batch * count, chunk_size, chunk_scores).reshape(batch, count, -1)
 
 
+@register("scorecam", batched=True, passes=lambda c, o: c)
 def scorecam(
     activations: Array,
     images: Array,
@@ -120,6 +122,7 @@ def scorecam(
     return activations[:, None] * weights[:, :, None, None, :]
 
 
+@register("faster_scorecam", batched=True, passes=lambda c, o: min(c, o["top_channels"]))
 def faster_scorecam(
     activations: Array,
     images: Array,
@@ -195,6 +198,7 @@ def _sampled_mask_weights(
     return jax.nn.softmax(mean, axis=1).transpose(0, 2, 1)
 
 
+@register("sscam", batched=True, passes=lambda c, o: c * o["num_samples"])
 def sscam(
     activations: Array,
     images: Array,
@@ -233,6 +237,7 @@ def sscam(
     return activations[:, None] * weights[:, :, None, None, :]
 
 
+@register("iscam", batched=True, passes=lambda c, o: c * o["num_samples"])
 def iscam(
     activations: Array,
     images: Array,
@@ -265,6 +270,7 @@ def iscam(
     return activations[:, None] * weights[:, :, None, None, :]
 
 
+@register("ablationcam", batched=True, passes=lambda c, o: c)
 def ablationcam(
     activations: Array,
     scores: Array,
