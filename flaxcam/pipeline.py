@@ -569,7 +569,8 @@ def explain(
       targets: ``None`` (each image's top class), one class for all, one class per image, a
         ``(B, T)`` array of classes, or a :class:`flaxcam.targets.Binary`, ``Segmentation`` or
         ``Embedding`` target for other kinds of output.
-      score: for class targets, explain the ``"logit"`` (default) or the ``"softmax"`` probability.
+      score: for class targets, explain the ``"logit"`` (default), the ``"softmax"`` probability or
+        the ``"rest"`` score (logit minus cross-entropy, :func:`flaxcam.targets.rest_scores`).
       reshape: turns a non-spatial layer output into ``(B, h, w, C)`` — e.g. a ViT's ``(B, 1 + hw, D)``
         tokens without the class token — applied to activations and gradients alike (pytorch-grad-cam's
         ``reshape_transform``); pass a module-level function so it is hashed once.

@@ -18,6 +18,7 @@ from flaxcam.methods.eigen import (
     kernel_pca_projection,
     kpcacam,
 )
+from flaxcam.methods.fem import fem
 from flaxcam.methods.finer import finer_target_scores, finercam
 from flaxcam.methods.fullgrad import fullgrad
 from flaxcam.methods.gradient import (
@@ -43,6 +44,7 @@ __all__ = [
     "eigencam",
     "eigengradcam",
     "faster_scorecam",
+    "fem",
     "finer_target_scores",
     "finercam",
     "first_component_projection",
