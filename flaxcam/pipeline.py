@@ -17,7 +17,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam import ops
-from flaxcam.methods import Method, first_component_projection, get_method, kernel_pca_projection
+from flaxcam.methods import LAYER_FUSIONS, REDUCTIONS, Method, get_method
 from flaxcam.probe import (
     BiasLayer,
     LayerError,
@@ -210,12 +210,11 @@ def _input_prober(
 
 
 def _reduce(contributions: Array, reduction: str) -> Array:
-    """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum, first principal
-    component or first kernel principal component."""
+    """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum or a projection
+    (:data:`flaxcam.methods.REDUCTIONS`)."""
     if reduction == "sum":
         return jnp.sum(contributions, axis=-1)
-    project = kernel_pca_projection if reduction == "kernel_projection" else first_component_projection
-    return jax.vmap(jax.vmap(project))(contributions)
+    return jax.vmap(jax.vmap(REDUCTIONS[reduction]))(contributions)
 
 
 #: pytorch-grad-cam's default test-time augmentation for ``aug_smooth``: horizontal flip × input
@@ -278,7 +277,7 @@ def _run(
         upsampled.append(ops.resize_maps(low_res, images.shape[1:3]))
     single = len(config.layers) == 1
     return {
-        "maps": ops.minmax_normalize(sum(upsampled) / len(upsampled)),
+        "maps": LAYER_FUSIONS[method.layer_fusion](upsampled),
         "low_res": lows[0] if single else tuple(lows),
         "raw": raws[0] if single else tuple(raws),
         "logits": logits,

@@ -16,7 +16,7 @@ from flaxcam.methods import registry
 from flaxcam.methods.registry import INPUTS, METHODS, register
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup  # noqa: E402
+from test_explain import UserNet, _setup
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from flaxcam.methods.eigen import (
     first_component_projection,
     kernel_pca_projection,
     kpcacam,
+    segeigencam,
+    sign_corrected_projection,
 )
 from flaxcam.methods.fem import fem
 from flaxcam.methods.finer import finer_target_scores, finercam
@@ -32,11 +34,22 @@ from flaxcam.methods.gradient import (
     xgradcam,
 )
 from flaxcam.methods.noise import smoothgradcam_plusplus, standard_normal_at
+from flaxcam.methods.refine import LAYER_FUSIONS, refinecam
 from flaxcam.methods.registry import INPUTS, METHODS, Method, get_method, register
 from flaxcam.methods.score import ablationcam, faster_scorecam, iscam, scorecam, sscam
 
+#: ``Method.reduction`` → the per-image, per-target function turning ``(h, w, C)`` contributions into an
+#: ``(h, w)`` map (``"sum"``, the channel sum, is done by the pipeline).
+REDUCTIONS = {
+    "projection": first_component_projection,
+    "signed_projection": sign_corrected_projection,
+    "kernel_projection": kernel_pca_projection,
+}
+
 __all__ = [
     "INPUTS",
+    "LAYER_FUSIONS",
+    "REDUCTIONS",
     "ablationcam",
     "METHODS",
     "Method",
@@ -61,8 +74,11 @@ __all__ = [
     "kpcacam",
     "layercam",
     "randomcam",
+    "refinecam",
     "scorecam",
+    "segeigencam",
     "shapleycam",
+    "sign_corrected_projection",
     "smoothgradcam_plusplus",
     "sscam",
     "standard_normal_at",

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_cam_parity import FLOAT64_SEEDS, TARGETS, _make_pair, _record_raw_maps  # noqa: E402
+from test_cam_parity import FLOAT64_SEEDS, TARGETS, _make_pair, _record_raw_maps
 
-import flaxcam  # noqa: E402
+import flaxcam
 
 pytestmark = pytest.mark.parity
 
@@ -74,3 +74,105 @@ def test_shapleycam_with_the_rest_target_equals_pytorch_grad_cam(resnet18_pair, 
     # the ReST score's Hessian term is not zero: ShapleyCAM differs from Grad-CAM of the same score
     plain = flaxcam.explain(model, variables, nhwc, method="gradcam", layer=layer, targets=TARGETS, score="rest")
     assert np.abs(np.asarray(plain.low_res) - np.asarray(ours.low_res)).max() > 0.05
+
+
+def test_refinecam_equals_pytorch_grad_cam(resnet18_pair):
+    """pytorch-grad-cam's RefineCAM (base Grad-CAM++) over layer3 and layer4: the product of the
+    per-layer input-resolution maps."""
+    from pytorch_grad_cam import RefineCAM
+
+    _, reference, model, variables, images, nhwc = resnet18_pair
+    cam = RefineCAM(model=reference, target_layers=[reference.layer3, reference.layer4])
+    ref_up = cam(input_tensor=images, targets=_targets())
+    for base in cam.base_cam_per_layer:
+        base.activations_and_grads.release()
+    layers = ["layer3", "layer4"]
+    ours = flaxcam.explain(model, variables, nhwc, method="refinecam", layer=layers, targets=TARGETS)
+    assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
+    assert (ref_up.reshape(4, -1).std(axis=1) > 0.05).all()
+    # per layer, RefineCAM is Grad-CAM++; the product fusion differs from the mean of the same maps
+    plus = flaxcam.explain(model, variables, nhwc, method="gradcam++", layer=layers, targets=TARGETS)
+    for ours_low, plus_low in zip(ours.low_res, plus.low_res):
+        np.testing.assert_array_equal(np.asarray(ours_low), np.asarray(plus_low))
+    assert np.abs(np.asarray(plus.maps) - np.asarray(ours.maps)).max() > 0.05
+
+
+SEGMENTATION_CLASSES = [0, 1, 2, 3]
+
+
+def _fcn_pair(torch, reference, variables, float64: bool):
+    """pytorch-grad-cam's segmentation setting on the ResNet-18 pair: the trunk (``layer4``'s output)
+    → a 1x1 conv to 4 classes → bilinear upsampling to the input (``F.interpolate``,
+    ``align_corners=False``), and flaxcam's :func:`flaxcam.models.fcn_resnet18` with the same weights."""
+    import torch.nn.functional as F
+
+    from flaxcam.models.segmentation import fcn_resnet18
+
+    classifier = torch.nn.Conv2d(512, len(SEGMENTATION_CLASSES), 1)
+    with torch.no_grad():
+        classifier.weight.copy_(0.05 * torch.randn(classifier.weight.shape, generator=torch.Generator().manual_seed(5)))
+    classifier = classifier.double() if float64 else classifier
+
+    class TorchFCN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.classifier = reference, classifier
+
+        def forward(self, x):
+            r, size = self.backbone, x.shape[-2:]
+            x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+            features = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+            return F.interpolate(self.classifier(features), size=size, mode="bilinear", align_corners=False)
+
+    torch_fcn = TorchFCN().eval()
+    params = {name: value for name, value in variables["params"].items() if name != "fc"}
+    dtype = np.float64 if float64 else np.float32
+    fcn_variables = {
+        "params": {
+            "backbone": params,
+            "classifier": {
+                "kernel": classifier.weight.detach().numpy().transpose(2, 3, 1, 0).astype(dtype),
+                "bias": classifier.bias.detach().numpy().astype(dtype),
+            },
+        },
+        "batch_stats": {"backbone": variables["batch_stats"]},
+    }
+    return torch_fcn, fcn_resnet18(num_classes=len(SEGMENTATION_CLASSES), dtype=dtype), fcn_variables
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_segeigencam_on_a_segmentation_model_equals_pytorch_grad_cam(resnet18_pair, layer):
+    from pytorch_grad_cam import SegEigenCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from flaxcam.targets import Segmentation
+
+    torch, reference, _, variables, images, nhwc = resnet18_pair
+    float64 = images.dtype == torch.float64
+    torch_fcn, fcn, fcn_variables = _fcn_pair(torch, reference, variables, float64)
+    height, width = images.shape[-2:]
+    masks = np.zeros((4, height, width), np.float32)
+    for index in range(4):  # a different region per image
+        masks[index, 8 * index: 8 * index + 48, 10 * index: 10 * index + 64] = 1
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            np.asarray(fcn.apply(fcn_variables, nhwc)), torch_fcn(images).numpy().transpose(0, 2, 3, 1), atol=1e-4
+        )
+    targets = [SemanticSegmentationTarget(c, m) for c, m in zip(SEGMENTATION_CLASSES, masks)]
+    with SegEigenCAM(model=torch_fcn, target_layers=[getattr(reference, layer)]) as cam:
+        raw_maps = _record_raw_maps(cam)
+        ref_up = cam(input_tensor=images, targets=targets)
+        ref_low = scale_cam_image(np.maximum(raw_maps[0], 0))
+    ours = flaxcam.explain(
+        fcn, fcn_variables, nhwc, method="segeigencam", layer=f"backbone.{layer}",
+        targets=Segmentation(SEGMENTATION_CLASSES, masks),
+    )
+    assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
+    assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
+    scale = np.abs(raw_maps[0]).max(axis=(1, 2))
+    assert (np.abs(np.asarray(ours.raw)[:, 0] - raw_maps[0]).max(axis=(1, 2)) <= 1e-4 * scale).all()
+    # the gradient weighting matters: EigenCAM of the activations alone differs
+    eigen = flaxcam.explain(fcn, fcn_variables, nhwc, method="eigencam", layer=f"backbone.{layer}",
+                            targets=Segmentation(SEGMENTATION_CLASSES, masks))
+    assert np.abs(np.asarray(eigen.low_res) - np.asarray(ours.low_res)).max() > 0.05
