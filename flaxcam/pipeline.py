@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam import ops
 from flaxcam.methods import LAYER_FUSIONS, REDUCTIONS, Method, get_method
+from flaxcam.methods.guided import GuidedModel
 from flaxcam.probe import (
     BiasLayer,
     LayerError,
@@ -302,7 +303,7 @@ def _run_bias_layers(
     """FullGrad: gradients w.r.t. the input and every biased layer from one backward pass, the method's
     map at the input resolution (per image and target), then normalization."""
     logits, scores, chosen, input_gradients, layer_gradients = input_and_layer_gradients(
-        config.model,
+        GuidedModel(config.model) if config.method.guided else config.model,
         variables,
         images,
         tuple(layer.name for layer in config.biased),
@@ -316,7 +317,8 @@ def _run_bias_layers(
             raise LayerError(f"layer {layer.name!r}: bias of shape {bias.shape} does not match its output {gradient.shape[2:]}")
 
     def per_target(image: Array, input_gradient: Array, gradients: tuple[Array, ...]) -> Array:
-        return config.method.fn(images=image, input_gradients=input_gradient, bias_gradients=gradients, biases=biases)
+        available = {"images": image, "input_gradients": input_gradient, "bias_gradients": gradients, "biases": biases}
+        return config.method.fn(**{name: available[name] for name in config.method.inputs})
 
     per_image = jax.vmap(per_target, in_axes=(None, 0, 0))  # over the T targets
     raw = jax.vmap(per_image)(images, input_gradients, layer_gradients)  # (B, T, H, W)
@@ -666,7 +668,7 @@ def explain(
         aug_smooth,
         reshape,
         options,
-        bias_layers(model, variables_key, images, kwargs) if chosen_method.bias_layers else (),
+        bias_layers(model, variables_key, images, kwargs) if "bias_gradients" in chosen_method.inputs else (),
     )
     if "key" in chosen_method.inputs:
         key = jax.random.key(0) if key is None else key
@@ -679,5 +681,5 @@ def explain(
         out = jax.tree_util.tree_map(lambda value: value[:batch], out)
     names = config.layers[0] if len(config.layers) == 1 else config.layers
     if chosen_method.bias_layers:
-        names = "input+biases"
+        names = "input+biases" if "bias_gradients" in chosen_method.inputs else "input"
     return Explanation(**out, method=chosen_method.name, layer=names)

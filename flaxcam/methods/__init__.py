@@ -33,6 +33,7 @@ from flaxcam.methods.gradient import (
     shapleycam,
     xgradcam,
 )
+from flaxcam.methods.guided import GuidedModel, guided_backprop, guided_relu, guided_relus
 from flaxcam.methods.noise import smoothgradcam_plusplus, standard_normal_at
 from flaxcam.methods.refine import LAYER_FUSIONS, refinecam
 from flaxcam.methods.registry import INPUTS, METHODS, Method, get_method, register
@@ -68,6 +69,10 @@ __all__ = [
     "gradcam_elementwise",
     "gradcam_plusplus",
     "gradcam_plusplus_exact",
+    "GuidedModel",
+    "guided_backprop",
+    "guided_relu",
+    "guided_relus",
     "hirescam",
     "iscam",
     "kernel_pca_projection",

@@ -54,6 +54,8 @@ class Method:
     #: given (the score-based methods' cost; None for methods that run the batch about once)
     passes: Callable[[int, Mapping[str, Any]], int] | None = None
     layer_fusion: str = "mean"
+    #: the gradients are taken with every ReLU backpropagating as a guided ReLU (guided backpropagation)
+    guided: bool = False
 
     def forward_passes(self, channels: int, options: Mapping[str, Any] | None = None) -> int | None:
         """Forward passes per image at a layer of ``channels`` channels with these options (defaults

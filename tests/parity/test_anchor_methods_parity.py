@@ -176,3 +176,52 @@ def test_segeigencam_on_a_segmentation_model_equals_pytorch_grad_cam(resnet18_pa
     eigen = flaxcam.explain(fcn, fcn_variables, nhwc, method="eigencam", layer=f"backbone.{layer}",
                             targets=Segmentation(SEGMENTATION_CLASSES, masks))
     assert np.abs(np.asarray(eigen.low_res) - np.asarray(ours.low_res)).max() > 0.05
+
+
+def _reference_guided_gradients(reference, images, classes=TARGETS) -> np.ndarray:
+    """pytorch-grad-cam's GuidedBackpropReLUModel, one image at a time (it explains image 0): (B, H, W, 3)."""
+    from pytorch_grad_cam import GuidedBackpropReLUModel
+
+    guided = GuidedBackpropReLUModel(model=reference, device="cpu")
+    return np.stack([guided(images[i: i + 1].clone(), target_category=c) for i, c in enumerate(classes)])
+
+
+def test_guided_backprop_and_guided_gradcam_equal_pytorch_grad_cam(resnet18_pair):
+    """flaxcam's model is not edited: its ReLUs (function calls) are rewritten in the traced program."""
+    import copy
+
+    from pytorch_grad_cam import GradCAM
+
+    from flaxcam.guided import guided_gradcam, guided_gradients
+
+    _, reference, model, variables, images, nhwc = resnet18_pair
+    reference = copy.deepcopy(reference)  # the reference swaps its ReLU modules (and back, not in place)
+    ref = _reference_guided_gradients(reference, images)
+    ours, chosen = guided_gradients(model, variables, nhwc, targets=TARGETS)
+    ours = np.asarray(ours)[:, 0]
+    assert ours.shape == ref.shape == (4, *nhwc.shape[1:])
+    np.testing.assert_array_equal(np.asarray(chosen)[:, 0], TARGETS)
+    scale = np.abs(ref).max(axis=(1, 2, 3))
+    assert (np.abs(ours - ref).max(axis=(1, 2, 3)) <= 1e-4 * scale).all()
+    # guided, not plain: the ordinary input gradient differs
+    from flaxcam.probe import input_and_layer_gradients
+    from flaxcam.targets import TargetSpec, target_scores
+
+    spec, data = TargetSpec("classes", 1), {"classes": np.asarray(TARGETS, np.int32)[:, None]}
+    plain = np.asarray(input_and_layer_gradients(model, variables, nhwc, (), lambda o: target_scores(spec, o, data))[3])[:, 0]
+    assert (np.abs(plain - ref).max(axis=(1, 2, 3)) > 0.1 * scale).all()
+
+    # Guided Grad-CAM: pytorch-grad-cam's example, cam_mask * gb, with the Grad-CAM map at layer4
+    with GradCAM(model=reference, target_layers=[reference.layer4]) as cam:
+        ref_cam = cam(input_tensor=images, targets=_targets())
+    ref_guided_cam = ref_cam[..., None] * ref
+    ours_guided_cam = np.asarray(guided_gradcam(model, variables, nhwc, layer="layer4", targets=TARGETS))[:, 0]
+    assert (np.abs(ours_guided_cam - ref_guided_cam).max(axis=(1, 2, 3)) <= 1e-3 * scale).all()
+
+    # the registered method: the largest absolute guided gradient over channels, normalized
+    explanation = flaxcam.explain(model, variables, nhwc, method="guided_backprop", targets=TARGETS)
+    assert explanation.layer == "input"
+    magnitude = np.abs(ref).max(axis=-1)
+    expected = (magnitude - magnitude.min(axis=(1, 2), keepdims=True))
+    expected = expected / (1e-7 + expected.max(axis=(1, 2), keepdims=True))
+    assert np.abs(np.asarray(explanation.maps)[:, 0] - expected).max() <= 1e-3
