@@ -12,9 +12,9 @@ import typer
 
 # Listed here so that `--help` does not import JAX; tests/test_cli.py checks it against flaxcam.METHODS.
 METHOD_NAMES = (
-    "ablationcam, cam, eigencam, eigengradcam, faster_scorecam, fem, finercam, fullgrad, gradcam, gradcam++, "
-    "gradcam++exact, gradcam_elementwise, guided_backprop, hirescam, iscam, kpcacam, layercam, randomcam, "
-    "refinecam, scorecam, segeigencam, shapleycam, smoothgradcam++, sscam, xgradcam"
+    "ablationcam, cam, dff, eigencam, eigengradcam, faster_scorecam, fem, finercam, fullgrad, gradcam, "
+    "gradcam++, gradcam++exact, gradcam_elementwise, guided_backprop, hirescam, iscam, kpcacam, layercam, "
+    "randomcam, refinecam, scorecam, segeigencam, shapleycam, smoothgradcam++, sscam, xgradcam"
 )
 _METHOD_HELP = f"Explanation method, one of: {METHOD_NAMES}."
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flaxcam.methods.baseline import randomcam
 from flaxcam.methods.cam import cam
+from flaxcam.methods.dff import dff
 from flaxcam.methods.eigen import (
     eigencam,
     eigengradcam,
@@ -55,6 +56,7 @@ __all__ = [
     "METHODS",
     "Method",
     "cam",
+    "dff",
     "eigencam",
     "eigengradcam",
     "faster_scorecam",

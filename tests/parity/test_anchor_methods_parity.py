@@ -225,3 +225,55 @@ def test_guided_backprop_and_guided_gradcam_equal_pytorch_grad_cam(resnet18_pair
     expected = (magnitude - magnitude.min(axis=(1, 2), keepdims=True))
     expected = expected / (1e-7 + expected.max(axis=(1, 2), keepdims=True))
     assert np.abs(np.asarray(explanation.maps)[:, 0] - expected).max() <= 1e-3
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_deep_feature_factorization_equals_pytorch_grad_cam(resnet18_pair, layer):
+    """Same NMF (scikit-learn's coordinate descent from its random init, seed 0) on device: the same
+    objective, the same concepts up to their order (matched by the correlation of their heatmaps),
+    the same input-resolution heatmaps and the same head scores of the concepts."""
+    import itertools
+
+    from pytorch_grad_cam import DeepFeatureFactorization
+
+    from flaxcam.dff import deep_feature_factorization
+
+    torch, reference, model, variables, images, nhwc = resnet18_pair
+    components = 4
+    head = lambda concepts: reference.fc(concepts.to(images.dtype))
+    factorization = DeepFeatureFactorization(
+        reference, getattr(reference, layer), computation_on_concepts=head if layer == "layer4" else None
+    )
+    with torch.no_grad():
+        result = factorization(images, n_components=components)
+    factorization.activations_and_grads.release()
+    ref_concepts, ref_heatmaps = result[0], np.stack(result[1])  # (C, k), (B, k, H, W)
+    ours = deep_feature_factorization(
+        model, variables, nhwc, layer=layer, n_components=components, head="fc" if layer == "layer4" else None
+    )
+    ours_heatmaps = np.asarray(ours.heatmaps)
+    flat = lambda maps: maps.transpose(1, 0, 2, 3).reshape(components, -1)
+    correlation = np.corrcoef(flat(ours_heatmaps), flat(ref_heatmaps))[:components, components:]
+    order = max(itertools.permutations(range(components)), key=lambda p: sum(correlation[i, p[i]] for i in range(components)))
+    assert min(correlation[i, order[i]] for i in range(components)) > 0.999
+    assert np.abs(ours_heatmaps - ref_heatmaps[:, list(order)]).max() <= 1e-3
+    concepts = np.asarray(ours.concepts)
+    np.testing.assert_allclose(concepts, ref_concepts[:, list(order)], atol=1e-3 * np.abs(ref_concepts).max())
+    # the objective of each factorization, on the same shifted activation matrix
+    activations = {}
+    hook = getattr(reference, layer).register_forward_hook(lambda m, i, o: activations.update(a=o.detach().numpy()))
+    with torch.no_grad():
+        reference(images)
+    hook.remove()
+    matrix = activations["a"].transpose(1, 0, 2, 3).reshape(concepts.shape[0], -1)
+    offset = matrix.min(axis=1, keepdims=True)
+    objective = float(ours.objective)
+    from pytorch_grad_cam.feature_factorization.deep_feature_factorization import (
+        dff as reference_dff,
+    )
+
+    ref_w, ref_h = reference_dff(activations["a"].copy(), n_components=components)
+    ref_objective = 0.5 * np.sum((matrix - offset - (ref_w - offset) @ ref_h.transpose(1, 0, 2, 3).reshape(components, -1)) ** 2)
+    assert abs(objective - ref_objective) <= 1e-3 * ref_objective
+    if layer == "layer4":
+        np.testing.assert_allclose(np.asarray(ours.scores), result[2][list(order)], atol=1e-3 * np.abs(result[2]).max())
