@@ -17,6 +17,8 @@ from flaxcam.methods.dff import nmf, nmf_initialization, nmf_objective, nmf_upda
 from flaxcam.viz import factorization_figure, factorization_overlay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
 from test_explain import UserNet, _setup
 
 
@@ -47,7 +49,7 @@ def test_nmf_updates_equal_the_float64_numpy_transcription_and_descend():
             np.testing.assert_allclose(coefficients, Ht.T, rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(violation, expected, rtol=1e-10)
             objectives.append(float(nmf_objective(matrix, basis, coefficients)))
-        assert all(b <= a + 1e-12 for a, b in zip(objectives, objectives[1:]))
+        assert all(b <= a + 1e-12 for a, b in itertools.pairwise(objectives))
         assert (basis >= 0).all() and (coefficients >= 0).all()
         result = nmf(jnp.asarray(matrix), 3, seed=0)
         assert 5 < int(result.iterations) <= 200

@@ -34,7 +34,12 @@ from flaxcam.methods.gradient import (
     shapleycam,
     xgradcam,
 )
-from flaxcam.methods.guided import GuidedModel, guided_backprop, guided_relu, guided_relus
+from flaxcam.methods.guided import (
+    GuidedModel,
+    guided_backprop,
+    guided_relu,
+    guided_relus,
+)
 from flaxcam.methods.noise import smoothgradcam_plusplus, standard_normal_at
 from flaxcam.methods.refine import LAYER_FUSIONS, refinecam
 from flaxcam.methods.registry import INPUTS, METHODS, Method, get_method, register
@@ -51,10 +56,11 @@ REDUCTIONS = {
 __all__ = [
     "INPUTS",
     "LAYER_FUSIONS",
-    "REDUCTIONS",
-    "ablationcam",
     "METHODS",
+    "REDUCTIONS",
+    "GuidedModel",
     "Method",
+    "ablationcam",
     "cam",
     "dff",
     "eigencam",
@@ -66,12 +72,10 @@ __all__ = [
     "first_component_projection",
     "fullgrad",
     "get_method",
-    "register",
     "gradcam",
     "gradcam_elementwise",
     "gradcam_plusplus",
     "gradcam_plusplus_exact",
-    "GuidedModel",
     "guided_backprop",
     "guided_relu",
     "guided_relus",
@@ -82,6 +86,7 @@ __all__ = [
     "layercam",
     "randomcam",
     "refinecam",
+    "register",
     "scorecam",
     "segeigencam",
     "shapleycam",
