@@ -14,7 +14,7 @@ import typer
 METHOD_NAMES = (
     "ablationcam, cam, dff, eigencam, eigengradcam, faster_scorecam, fem, finercam, fullgrad, gradcam, "
     "gradcam++, gradcam++exact, gradcam_elementwise, guided_backprop, hirescam, iscam, kpcacam, layercam, "
-    "randomcam, refinecam, scorecam, segeigencam, shapleycam, smoothgradcam++, sscam, xgradcam"
+    "randomcam, refinecam, scorecam, segeigencam, sess, shapleycam, smoothgradcam++, sscam, xgradcam"
 )
 _METHOD_HELP = f"Explanation method, one of: {METHOD_NAMES}."
 

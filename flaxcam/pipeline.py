@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flaxcam import ops
 from flaxcam.methods import LAYER_FUSIONS, REDUCTIONS, Method, get_method
 from flaxcam.methods.guided import GuidedModel
+from flaxcam.volumes import check_volumetric
 from flaxcam.probe import (
     BiasLayer,
     LayerError,
@@ -120,6 +121,10 @@ def _contributions(
             "key": key,
             "probe_at": _input_prober(config, variables, layer, chosen, target_data),
         }
+        if "softmax_score" in method.inputs:  # meta-methods (SESS): class probabilities, base-method maps
+            available["softmax_score"] = _input_scorer(config, variables, chosen, target_data, "softmax")
+        if "explain_at" in method.inputs:
+            available["explain_at"] = _base_explainer(config, variables, chosen, target_data)
         options = dict(config.method_options)
         if "chunk_size" in inspect.signature(method.fn).parameters:
             options["chunk_size"] = config.chunk_size
@@ -160,16 +165,34 @@ def _fixed_targets(config: _StepConfig, chosen: Array, target_data: dict | None)
     return spec, {**(target_data or {}), "classes": chosen}
 
 
-def _input_scorer(config: _StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
+def _input_scorer(
+    config: _StepConfig, variables: Any, chosen: Array, target_data: dict | None, score: str | None = None
+) -> Callable:
     """``score(new_images, image_index) -> (n, T)``: the targets of images ``image_index`` evaluated on
-    new inputs (e.g. masked copies)."""
+    new inputs (e.g. masked copies); class targets scored by ``score`` (``"softmax"``, ...) if given."""
     spec, data = _fixed_targets(config, chosen, target_data)
+    if score is not None and spec.kind == "classes":
+        spec = TargetSpec("classes", spec.count, score)
 
     def score(new_images: Array, image_index: Array) -> Array:
         output = config.output_fn(config.model.apply(variables, new_images, **dict(config.apply_kwargs)))
         return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
 
     return score
+
+
+def _base_explainer(config: _StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
+    """``explain_at(new_images, image_index) -> (n, T, H', W')``: the maps of the meta-method's ``base``
+    method (option) for new inputs (e.g. patches) with the targets of images ``image_index``."""
+    spec, data = _fixed_targets(config, chosen, target_data)
+    base_name = {**config.method.options, **dict(config.method_options)}["base"]
+
+    def explain_at(new_images: Array, image_index: Array) -> Array:
+        base = dataclasses.replace(config, method=get_method(base_name), method_options=(), target_spec=spec)
+        selected = {name: value[image_index] for name, value in data.items()}
+        return _run(base, variables, new_images, lambda out: target_scores(spec, out, selected), None, selected)["maps"]
+
+    return explain_at
 
 
 def _ablation_scorer(
@@ -271,14 +294,14 @@ def _run(
             config.layers[index], scores, per_target,
         )
         reduction = "projection" if config.eigen_smooth and method.reduction == "sum" else method.reduction
-        raw = _reduce(contributions, reduction)  # (B, T, h, w)
-        low_res = ops.minmax_normalize(jax.nn.relu(raw))
+        raw = _reduce(contributions, reduction)  # (B, T, h, w) or volumes (B, T, d, h, w)
+        low_res = ops.minmax_normalize(jax.nn.relu(raw), spatial=images.ndim - 2)
         raws.append(raw)
         lows.append(low_res)
-        upsampled.append(ops.resize_maps(low_res, images.shape[1:3]))
+        upsampled.append(ops.resize_maps(low_res, images.shape[1:-1]))
     single = len(config.layers) == 1
     return {
-        "maps": LAYER_FUSIONS[method.layer_fusion](upsampled),
+        "maps": LAYER_FUSIONS[method.layer_fusion](upsampled, spatial=images.ndim - 2),
         "low_res": lows[0] if single else tuple(lows),
         "raw": raws[0] if single else tuple(raws),
         "logits": logits,
@@ -516,10 +539,10 @@ def _check_method_options(method: Method, options: Mapping[str, Any] | None) -> 
 def _as_images(images: Any) -> Array | np.ndarray:
     if not hasattr(images, "ndim"):
         images = np.asarray(images)
-    if images.ndim != 4:
+    if images.ndim not in (4, 5):
         raise ValueError(
-            f"images must be a (batch, height, width, channels) array, got shape {tuple(images.shape)}; "
-            "add a batch axis for a single image"
+            f"images must be a (batch, height, width, channels) array (or (batch, depth, height, width, "
+            f"channels) volumes), got shape {tuple(images.shape)}; add a batch axis for a single image"
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(
@@ -616,6 +639,7 @@ def explain(
             )
         requested = []
     layer_infos = [resolve_layer(layers, name, spatial_only=reshape is None) for name in requested]
+    check_volumetric(chosen_method, layer_infos, images, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
     if reshape is not None:
         if chosen_method.name == "ablationcam":
             raise ValueError("ablationcam does not support reshape= yet (it ablates channels of the layer output)")

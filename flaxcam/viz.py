@@ -286,3 +286,29 @@ def factorization_figure(image, concepts, index: int = 0, labels: Sequence[str] 
             )
         axes[j + 2].set_title(title, fontsize=8)
     return figure
+
+
+def volume_figure(volume, cam, slices: int = 4, axis: int = 0, title: str | None = None) -> Figure:
+    """A volume and its map as ``slices`` evenly spaced slices along ``axis`` (0: depth): the slice of
+    the volume on top, with the map overlaid below. ``volume`` ``(D, H, W)`` or ``(D, H, W, C)`` (the
+    first channel is shown), ``cam`` ``(D, H, W)`` in [0, 1] (``Explanation.maps[b, t]`` of a 3-D
+    network)."""
+    volume = np.asarray(volume, np.float32)
+    volume = volume[..., 0] if volume.ndim == 4 else volume
+    cam = np.asarray(cam, np.float32)
+    if volume.shape != cam.shape:
+        raise ValueError(f"volume {volume.shape} and map {cam.shape} must have the same (D, H, W) shape")
+    indices = np.linspace(0, volume.shape[axis] - 1, slices).round().astype(int)
+    low, high = float(volume.min()), float(volume.max())
+    gray = (volume - low) / (high - low + 1e-12)
+    figure = Figure(figsize=(2.2 * slices, 4.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, slices, squeeze=False)
+    for column, index in enumerate(indices):
+        image_slice = np.take(gray, index, axis=axis)
+        _show(axes[0, column], image_slice)
+        axes[0, column].set_title(f"slice {index}", fontsize=8)
+        _show(axes[1, column], _overlay_from_map(np.repeat(image_slice[..., None], 3, axis=-1), np.take(cam, index, axis=axis)))
+    if title:
+        figure.suptitle(title)
+    return figure

@@ -44,6 +44,7 @@ from flaxcam.methods.noise import smoothgradcam_plusplus, standard_normal_at
 from flaxcam.methods.refine import LAYER_FUSIONS, refinecam
 from flaxcam.methods.registry import INPUTS, METHODS, Method, get_method, register
 from flaxcam.methods.score import ablationcam, faster_scorecam, iscam, scorecam, sscam
+from flaxcam.methods.sess import sess
 
 #: ``Method.reduction`` → the per-image, per-target function turning ``(h, w, C)`` contributions into an
 #: ``(h, w)`` map (``"sum"``, the channel sum, is done by the pipeline).
@@ -89,6 +90,7 @@ __all__ = [
     "register",
     "scorecam",
     "segeigencam",
+    "sess",
     "shapleycam",
     "sign_corrected_projection",
     "smoothgradcam_plusplus",

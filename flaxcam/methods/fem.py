@@ -10,7 +10,7 @@ from flaxcam.methods.registry import register
 Array = jax.Array
 
 
-@register("fem")
+@register("fem", volumetric=True)
 def fem(activations: Array, k: float = 2.0) -> Array:
     r"""FEM (Feature Explanation Method): a channel's weight is the fraction of its positions whose
     activation exceeds the channel's mean by more than ``k`` standard deviations.

@@ -17,7 +17,7 @@ from flaxcam.methods.registry import register
 Array = jax.Array
 
 
-@register("gradcam")
+@register("gradcam", volumetric=True)
 def gradcam(activations: Array, gradients: Array) -> Array:
     r"""Grad-CAM: channels weighted by their spatially averaged gradient.
 
@@ -28,10 +28,10 @@ def gradcam(activations: Array, gradients: Array) -> Array:
     Reference: Selvaraju et al. "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
     Localization", ICCV 2017 (arXiv:1610.02391).
     """
-    return activations * jnp.mean(gradients, axis=(0, 1))
+    return activations * jnp.mean(gradients, axis=tuple(range(gradients.ndim - 1)))  # (h, w) or (d, h, w)
 
 
-@register("hirescam")
+@register("hirescam", volumetric=True)
 def hirescam(activations: Array, gradients: Array) -> Array:
     r"""HiResCAM: element-wise gradient × activation (no spatial averaging).
 
@@ -75,7 +75,7 @@ def xgradcam(activations: Array, gradients: Array) -> Array:
     return activations * weights
 
 
-@register("layercam")
+@register("layercam", volumetric=True)
 def layercam(activations: Array, gradients: Array) -> Array:
     r"""LayerCAM: each activation weighted by its own positive gradient.
 

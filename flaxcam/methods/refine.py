@@ -6,6 +6,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from flaxcam import ops
 from flaxcam.methods.gradient import gradcam_plusplus
@@ -14,21 +15,25 @@ from flaxcam.methods.registry import register
 Array = jax.Array
 
 
-def mean_fusion(upsampled: Sequence[Array]) -> Array:
+def mean_fusion(upsampled: Sequence[Array], spatial: int = 2) -> Array:
     r"""pytorch-grad-cam's multi-layer aggregation: the mean of the per-layer maps (each normalized at
-    its layer and upsampled to the input), normalized again: :math:`N\big(\frac1L \sum_l U(M_l)\big)`."""
-    return ops.minmax_normalize(sum(upsampled) / len(upsampled))
+    its layer, upsampled to the input and clipped at 0), normalized again:
+    :math:`N\big(\frac1L \sum_l \max(U(M_l), 0)\big)`. (Bilinear upsampling never goes below 0; the
+    cubic-spline zoom of volumes can, and pytorch-grad-cam clips it.)"""
+    return ops.minmax_normalize(sum(jnp.maximum(m, 0) for m in upsampled) / len(upsampled), spatial=spatial)
 
 
-def product_fusion(upsampled: Sequence[Array]) -> Array:
+def product_fusion(upsampled: Sequence[Array], spatial: int = 2) -> Array:
     r"""RefineCAM's fusion: the product of the per-layer maps, each normalized again at the input
     resolution, then normalized: :math:`N\big(\prod_l N(U(M_l))\big)` with :math:`N` the per-map
     min-max normalization (``ops.minmax_normalize``). A region survives only where every layer agrees,
     which removes the noise of early layers' maps."""
-    return ops.minmax_normalize(functools.reduce(lambda a, b: a * b, (ops.minmax_normalize(m) for m in upsampled)))
+    normalized = (ops.minmax_normalize(m, spatial=spatial) for m in upsampled)
+    return ops.minmax_normalize(functools.reduce(lambda a, b: a * b, normalized), spatial=spatial)
 
 
-#: ``Method.layer_fusion`` → the function fusing the per-layer upsampled maps ``[(B, T, H, W)]``.
+#: ``Method.layer_fusion`` → the function fusing the per-layer upsampled maps ``[(B, T, H, W)]`` (or
+#: volumes ``(B, T, D, H, W)`` with ``spatial=3``).
 LAYER_FUSIONS = {"mean": mean_fusion, "product": product_fusion}
 
 

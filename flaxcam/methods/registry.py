@@ -23,9 +23,13 @@ from typing import Any
 #: activations), ``second_derivatives`` / ``third_derivatives`` (diagonals of the 2nd / 3rd derivative).
 #: FullGrad's (per image and target): ``images`` ``(H, W, 3)``, ``input_gradients`` ``(H, W, 3)``,
 #: ``bias_gradients`` and ``biases`` (tuples over every biased conv / BatchNorm of the model).
+#: Meta-methods (batched): ``softmax_score(images, image_index)`` (``score`` with class targets scored by
+#: their softmax probability) and ``explain_at(images, image_index)`` (the normalized ``(n, T, H', W')``
+#: maps of the method named by the ``base`` option for new inputs, e.g. patches).
 INPUTS = (
     "activations", "gradients", "class_weights", "key", "images", "scores", "score", "ablate", "probe_at",
     "hvp", "second_derivatives", "third_derivatives", "input_gradients", "bias_gradients", "biases",
+    "softmax_score", "explain_at",
 )
 
 #: Parameters the pipeline passes itself (never user options).
@@ -56,6 +60,8 @@ class Method:
     layer_fusion: str = "mean"
     #: the gradients are taken with every ReLU backpropagating as a guided ReLU (guided backpropagation)
     guided: bool = False
+    #: the method also explains 5-D ``(B, D, H, W, C)`` layers of 3-D networks (volumes, video)
+    volumetric: bool = False
 
     def forward_passes(self, channels: int, options: Mapping[str, Any] | None = None) -> int | None:
         """Forward passes per image at a layer of ``channels`` channels with these options (defaults

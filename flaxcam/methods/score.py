@@ -8,6 +8,7 @@ passes run on device in chunks of ``chunk_size`` images, so peak memory is bound
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,16 +56,35 @@ def half_pixel_matrix(out_size: int, in_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def chunked_rows(rows: int, chunk_size: int, score_rows: Callable[[Array], Array]) -> Array:
+def chunked_rows(
+    rows: int,
+    chunk_size: int,
+    score_rows: Callable[[Array], Any],
+    fold: tuple[Any, Callable[[Any, Array, Array, Any], Any]] | None = None,
+) -> Any:
     """``score_rows(row_index) -> (n, T)`` evaluated for rows ``0 .. rows - 1``, at most ``chunk_size``
     rows per call (one forward pass of ``n <= chunk_size`` images), sequentially on device with
     ``lax.map``: peak memory is that of one chunk. The rows are split into ``ceil(rows / chunk_size)``
     equal chunks, the last padded by repeating the last row (so 10 rows with ``chunk_size=32`` cost 10
-    forward passes, not 32). Returns ``(rows, T)``."""
+    forward passes, not 32). Returns ``(rows, T)``.
+
+    With ``fold=(initial, combine)`` the chunks' results are not stacked but folded into an
+    accumulator, ``carry = combine(carry, row_index, valid, values)`` (``valid`` is False for the
+    padding rows), with ``lax.scan``: memory of one chunk plus the accumulator. Returns the final
+    accumulator."""
     chunks = -(-rows // chunk_size)
     size = -(-rows // chunks)
-    indices = jnp.minimum(jnp.arange(chunks * size), rows - 1).reshape(chunks, size)
-    return jax.lax.map(score_rows, indices).reshape(chunks * size, -1)[:rows]
+    positions = jnp.arange(chunks * size).reshape(chunks, size)
+    indices = jnp.minimum(positions, rows - 1)
+    if fold is None:
+        return jax.lax.map(score_rows, indices).reshape(chunks * size, -1)[:rows]
+    initial, combine = fold
+
+    def step(carry: Any, chunk: tuple[Array, Array]) -> tuple[Any, None]:
+        index, position = chunk
+        return combine(carry, index, position < rows, score_rows(index)), None
+
+    return jax.lax.scan(step, initial, (indices, positions))[0]
 
 
 def _channel_mask_scores(

@@ -277,3 +277,33 @@ def test_deep_feature_factorization_equals_pytorch_grad_cam(resnet18_pair, layer
     assert abs(objective - ref_objective) <= 1e-3 * ref_objective
     if layer == "layer4":
         np.testing.assert_allclose(np.asarray(ours.scores), result[2][list(order)], atol=1e-3 * np.abs(result[2]).max())
+
+
+@pytest.mark.parametrize(
+    ("layer", "options"),
+    [
+        ("layer4", {"num_scales": 3}),
+    ],
+    ids=["gradcam-defaults"],
+)
+def test_sess_equals_pytorch_grad_cam(resnet18_pair, layer, options):
+    """Every patch of every image in one chunked, jitted loop vs pytorch-grad-cam's per-image loop."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam import SESS
+
+    _, reference, model, variables, images, nhwc = resnet18_pair
+    base = {"gradcam": "GradCAM", "hirescam": "HiResCAM"}[options.get("base", "gradcam")]
+    reference_options = {key: value for key, value in options.items() if key != "base"}
+    with SESS(
+        model=reference, target_layers=[getattr(reference, layer)], base_method=getattr(pytorch_grad_cam, base),
+        **reference_options,
+    ) as cam:
+        ref = cam(input_tensor=images, targets=_targets())
+    ours = flaxcam.explain(
+        model, variables, nhwc, method="sess", layer=layer, targets=TARGETS, method_options=options, chunk_size=16
+    )
+    assert np.abs(np.asarray(ours.maps)[:, 0] - ref).max() <= 1e-3
+    assert (ref.reshape(4, -1).std(axis=1) > 0.05).all()
+    # the patches matter: the base method on the whole image differs
+    plain = flaxcam.explain(model, variables, nhwc, method=options.get("base", "gradcam"), layer=layer, targets=TARGETS)
+    assert np.abs(np.asarray(plain.maps)[:, 0] - ref).max() > 0.05
