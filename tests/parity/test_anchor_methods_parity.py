@@ -283,15 +283,22 @@ def test_deep_feature_factorization_equals_pytorch_grad_cam(resnet18_pair, layer
     ("layer", "options"),
     [
         ("layer4", {"num_scales": 3}),
+        ("layer3", {"base": "hirescam", "num_scales": 3, "step_size": 64, "pre_filter_ratio": 0.25, "pool": "max"}),
     ],
-    ids=["gradcam-defaults"],
+    ids=["gradcam-defaults", "hirescam-overlapping-prefiltered-max"],
 )
 def test_sess_equals_pytorch_grad_cam(resnet18_pair, layer, options):
-    """Every patch of every image in one chunked, jitted loop vs pytorch-grad-cam's per-image loop."""
+    """Every patch of every image in one chunked, jitted loop vs pytorch-grad-cam's per-image loop.
+
+    The second setting runs on the float64 pair only: in float32 the patches cut by flaxcam's bilinear
+    matrices differ from torchvision's antialiased resize by up to 5.3e-5 (measured), and at layer3 one
+    patch of image 0 (seed 0) sits within that of a ReLU / max-pool tie: its HiResCAM map moves by 9.4e-3."""
     import pytorch_grad_cam
     from pytorch_grad_cam import SESS
 
-    _, reference, model, variables, images, nhwc = resnet18_pair
+    torch, reference, model, variables, images, nhwc = resnet18_pair
+    if layer == "layer3" and images.dtype != torch.float64:
+        pytest.skip("float32 patches are within rounding of a ReLU / max-pool tie here; compared in float64")
     base = {"gradcam": "GradCAM", "hirescam": "HiResCAM"}[options.get("base", "gradcam")]
     reference_options = {key: value for key, value in options.items() if key != "base"}
     with SESS(
