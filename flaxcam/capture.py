@@ -43,8 +43,9 @@ class LayerInfo:
 
     @property
     def is_spatial(self) -> bool:
-        """True for ``(batch, height, width, channels)`` outputs, the ones a CAM can be computed on."""
-        return len(self.shape) == 4
+        """True for ``(batch, height, width, channels)`` outputs, the ones a CAM can be computed on, and
+        ``(batch, depth, height, width, channels)`` outputs of 3-D networks."""
+        return len(self.shape) in (4, 5)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,10 +58,10 @@ def bucket_size(batch: int, multiple_of: int = 1) -> int:
 def _as_images(images: Any) -> Array | np.ndarray:
     if not hasattr(images, "ndim"):
         images = np.asarray(images)
-    if images.ndim != 4:
+    if images.ndim not in (4, 5):
         raise ValueError(
-            f"images must be a (batch, height, width, channels) array, got shape {tuple(images.shape)}; "
-            "add a batch axis for a single image"
+            f"images must be a (batch, height, width, channels) array (or (batch, depth, height, width, "
+            f"channels) volumes), got shape {tuple(images.shape)}; add a batch axis for a single image"
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(
@@ -119,7 +119,8 @@ def explain(
         ``(B, T)`` array of classes, or a :class:`flaxcam.targets.Binary`, ``Segmentation`` or
         ``Embedding`` target for other kinds of output, or a callable ``scores(output) -> (B,)`` or
         ``(B, T)`` (any score of the model output, traced in the step).
-      score: for class targets, explain the ``"logit"`` (default) or the ``"softmax"`` probability.
+      score: for class targets, explain the ``"logit"`` (default), the ``"softmax"`` probability or
+        the ``"rest"`` score (logit minus cross-entropy, :func:`flaxcam.targets.rest_scores`).
       reshape: turns a non-spatial layer output into ``(B, h, w, C)`` — e.g. a ViT's ``(B, 1 + hw, D)``
         tokens without the class token — applied to activations and gradients alike (pytorch-grad-cam's
         ``reshape_transform``); pass a module-level function so it is hashed once.

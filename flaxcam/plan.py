@@ -24,6 +24,7 @@ from flax import nnx
 from flaxcam.capture import LayerError, LayerInfo, NNXModel, as_model, is_nnx, training_mode_modules
 from flaxcam.methods import Method, get_method
 from flaxcam.errors import check_layer_outputs
+from flaxcam.volumes import check_volumetric
 from flaxcam.probe import OutputFn, default_output_fn, forward_at_layer, resolve_layer, shape_key
 from flaxcam.step import Explanation, StepConfig, explain_step
 from flaxcam.targets import Binary, Embedding, Segmentation, TargetSpec, resolve_targets
@@ -182,6 +183,7 @@ def _plan(explainer: Explainer, variables_key: Any, spec: jax.ShapeDtypeStruct, 
         requested = []
     layer_infos = [resolve_layer(layers, name, spatial_only=explainer.reshape is None) for name in requested]
     check_layer_outputs(layer_infos, spec.shape)
+    check_volumetric(method, layer_infos, spec, aug_smooth=explainer.aug_smooth, eigen_smooth=explainer.eigen_smooth)
     if explainer.reshape is not None:
         for info in layer_infos:
             grid = jax.eval_shape(explainer.reshape, jax.ShapeDtypeStruct(info.shape, spec.dtype))
@@ -198,7 +200,7 @@ def _plan(explainer: Explainer, variables_key: Any, spec: jax.ShapeDtypeStruct, 
             example = model.example_variables(spec)
         for info in layer_infos:
             head_name, head_features = _find_head(model, example, layers, info, explainer.head, spec)
-    biased = model.bias_layers(variables_key, spec) if method.bias_layers else ()
+    biased = model.bias_layers(variables_key, spec) if "bias_gradients" in method.inputs else ()
     planned = _Planned(tuple(info.name for info in layer_infos), head_name, head_features, biased, tuple(output.shape))
     _PLANS[cache_key] = planned
     return planned

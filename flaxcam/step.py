@@ -19,7 +19,8 @@ from flax import struct
 
 from flaxcam import ops
 from flaxcam.capture import BiasLayer, LayerError
-from flaxcam.methods import Method, first_component_projection, kernel_pca_projection
+from flaxcam.methods import LAYER_FUSIONS, REDUCTIONS, Method, get_method
+from flaxcam.methods.guided import GuidedAdapter
 from flaxcam.probe import (
     OutputFn,
     derivative_diagonals,
@@ -87,7 +88,7 @@ class StepConfig:
     @property
     def layer_names(self) -> str | tuple[str, ...]:
         if self.method.bias_layers:
-            return "input+biases"
+            return "input+biases" if "bias_gradients" in self.method.inputs else "input"
         return self.layers[0] if len(self.layers) == 1 else self.layers
 
 
@@ -128,6 +129,10 @@ def _contributions(
             "key": key,
             "probe_at": _input_prober(config, variables, layer, chosen, target_data),
         }
+        if "softmax_score" in method.inputs:  # meta-methods (SESS): class probabilities, base-method maps
+            available["softmax_score"] = _input_scorer(config, variables, chosen, target_data, "softmax")
+        if "explain_at" in method.inputs:
+            available["explain_at"] = _base_explainer(config, variables, chosen, target_data)
         options = dict(config.method_options)
         if "chunk_size" in inspect.signature(method.fn).parameters:
             options["chunk_size"] = config.chunk_size
@@ -182,16 +187,34 @@ def _fixed_targets(config: StepConfig, chosen: Array, target_data: dict | None) 
     return spec, {**(target_data or {}), "classes": chosen}
 
 
-def _input_scorer(config: StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
+def _input_scorer(
+    config: StepConfig, variables: Any, chosen: Array, target_data: dict | None, score: str | None = None
+) -> Callable:
     """``score(new_images, image_index) -> (n, T)``: the targets of images ``image_index`` evaluated on
-    new inputs (e.g. masked copies)."""
+    new inputs (e.g. masked copies); class targets scored by ``score`` (``"softmax"``, ...) if given."""
     spec, data = _fixed_targets(config, chosen, target_data)
+    if score is not None and spec.kind == "classes":
+        spec = TargetSpec("classes", spec.count, score)
 
     def score(new_images: Array, image_index: Array) -> Array:
         output = config.output_fn(config.model.apply(variables, new_images))
         return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
 
     return score
+
+
+def _base_explainer(config: StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
+    """``explain_at(new_images, image_index) -> (n, T, H', W')``: the maps of the meta-method's ``base``
+    method (option) for new inputs (e.g. patches) with the targets of images ``image_index``."""
+    spec, data = _fixed_targets(config, chosen, target_data)
+    base_name = {**config.method.options, **dict(config.method_options)}["base"]
+
+    def explain_at(new_images: Array, image_index: Array) -> Array:
+        base = dataclasses.replace(config, method=get_method(base_name), method_options=(), target_spec=spec)
+        selected = {name: value[image_index] for name, value in data.items()}
+        return _run(base, variables, new_images, lambda out: target_scores(spec, out, selected), None, selected)["maps"]
+
+    return explain_at
 
 
 def _ablation_scorer(
@@ -231,12 +254,11 @@ def _input_prober(
 
 
 def _reduce(contributions: Array, reduction: str) -> Array:
-    """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum, first principal
-    component or first kernel principal component."""
+    """``(B, T, h, w, C)`` contributions → ``(B, T, h, w)`` maps: channel sum or a projection
+    (:data:`flaxcam.methods.REDUCTIONS`)."""
     if reduction == "sum":
         return jnp.sum(contributions, axis=-1)
-    project = kernel_pca_projection if reduction == "kernel_projection" else first_component_projection
-    return jax.vmap(jax.vmap(project))(contributions)
+    return jax.vmap(jax.vmap(REDUCTIONS[reduction]))(contributions)
 
 
 #: pytorch-grad-cam's default test-time augmentation for ``aug_smooth``: horizontal flip × input
@@ -293,14 +315,14 @@ def _run(
             config.layers[index], scores, per_target,
         )
         reduction = "projection" if config.eigen_smooth and method.reduction == "sum" else method.reduction
-        raw = _reduce(contributions, reduction)  # (B, T, h, w)
-        low_res = ops.minmax_normalize(jax.nn.relu(raw))
+        raw = _reduce(contributions, reduction)  # (B, T, h, w) or volumes (B, T, d, h, w)
+        low_res = ops.minmax_normalize(jax.nn.relu(raw), spatial=images.ndim - 2)
         raws.append(raw)
         lows.append(low_res)
-        upsampled.append(ops.resize_maps(low_res, images.shape[1:3]))
+        upsampled.append(ops.resize_maps(low_res, images.shape[1:-1]))
     single = len(config.layers) == 1
     return {
-        "maps": ops.minmax_normalize(sum(upsampled) / len(upsampled)),
+        "maps": LAYER_FUSIONS[method.layer_fusion](upsampled, spatial=images.ndim - 2),
         "low_res": lows[0] if single else tuple(lows),
         "raw": raws[0] if single else tuple(raws),
         "logits": logits,
@@ -325,7 +347,7 @@ def _run_bias_layers(
     """FullGrad: gradients w.r.t. the input and every biased layer from one backward pass, the method's
     map at the input resolution (per image and target), then normalization."""
     logits, scores, chosen, input_gradients, layer_gradients = input_and_layer_gradients(
-        config.model,
+        GuidedAdapter(config.model) if config.method.guided else config.model,
         variables,
         images,
         tuple(layer.name for layer in config.biased),
@@ -338,7 +360,8 @@ def _run_bias_layers(
             raise LayerError(f"layer {layer.name!r}: bias of shape {bias.shape} does not match its output {gradient.shape[2:]}")
 
     def per_target(image: Array, input_gradient: Array, gradients: tuple[Array, ...]) -> Array:
-        return config.method.fn(images=image, input_gradients=input_gradient, bias_gradients=gradients, biases=biases)
+        available = {"images": image, "input_gradients": input_gradient, "bias_gradients": gradients, "biases": biases}
+        return config.method.fn(**{name: available[name] for name in config.method.inputs})
 
     per_image = jax.vmap(per_target, in_axes=(None, 0, 0))  # over the T targets
     raw = jax.vmap(per_image)(images, input_gradients, layer_gradients)  # (B, T, H, W)

@@ -3,7 +3,8 @@
 A target turns the model output into target scores ``(B, T)`` (T maps per image) and an int label per
 score. Classifier targets (the default) take ``(B, K)`` logits: the top-scoring class, explicit classes
 per image or the top-k classes, scored by their logit (pytorch-grad-cam's ``ClassifierOutputTarget``)
-or their softmax probability (``score="softmax"``, its ``ClassifierOutputSoftmaxTarget``). The other
+or their softmax probability (``score="softmax"``, its ``ClassifierOutputSoftmaxTarget``) or the ReST
+score, logit minus cross-entropy (``score="rest"``, its ``ClassifierOutputReST``). The other
 targets are objects passed as ``targets=``:
 
 * :class:`Binary` — a single-logit binary classifier (``BinaryClassifierOutputTarget``);
@@ -38,7 +39,7 @@ class TargetSpec:
 
     kind: Literal["argmax", "classes", "top_k", "binary", "segmentation", "embedding", "custom"]
     count: int = 1
-    score: Literal["logit", "softmax"] = "logit"
+    score: Literal["logit", "softmax", "rest"] = "logit"
     fn: Callable[[Array], Array] | None = None  # the "custom" kind's score function
 
     @property
@@ -115,8 +116,8 @@ def resolve_targets(
     Traced target arrays (inside a jitted step) are reshaped the same way; only their values are not
     checked (that needs the host).
     """
-    if score not in ("logit", "softmax"):
-        raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
+    if score not in CLASS_SCORES:
+        raise ValueError(f"score must be one of {', '.join(map(repr, CLASS_SCORES))}, got {score!r}")
     if targets is not None and top_k is not None:
         raise ValueError("pass either targets= or top_k=, not both")
     if isinstance(targets, (Binary, Segmentation, Embedding)):
@@ -225,6 +226,28 @@ def select_classes(spec: TargetSpec, logits: Array, classes: Array | None) -> Ar
     return classes
 
 
+def rest_scores(logits: Array) -> Array:
+    r"""The ReST score of every class ``(B, K)``: the logit minus the cross-entropy of that class,
+
+    .. math:: y^c - \mathrm{CE}(y, c) = y^c - \big(\log \textstyle\sum_j e^{y^j} - y^c\big)
+              = 2 y^c - \log \textstyle\sum_j e^{y^j}
+
+    (pytorch-grad-cam's ``ClassifierOutputReST``; the default score of ShapleyCAM in Cai, "CAMs as
+    Shapley Value-based Explainers", 2025, arXiv:2501.06261: the pre- and post-softmax information
+    together, so that the explanation also counts what lowers the other classes).
+    """
+    return 2 * logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+#: How a class target's score is read from ``(B, K)`` logits (``explain(score=...)``): every class's
+#: logit, softmax probability or ReST score.
+CLASS_SCORES = {
+    "logit": lambda logits: logits,
+    "softmax": lambda logits: jax.nn.softmax(logits, axis=-1),
+    "rest": rest_scores,
+}
+
+
 def class_scores(logits: Array, classes: Array) -> Array:
     """``scores[b, t] = logits[b, classes[b, t]]``: the logit of each target class."""
     return jnp.take_along_axis(logits, classes, axis=1)
@@ -235,8 +258,7 @@ def target_scores(spec: TargetSpec, output: Array, data: dict[str, Array] | None
     classes = None if data is None else data.get("classes")
     if spec.kind in ("argmax", "classes", "top_k"):
         chosen = select_classes(spec, output, classes)
-        scored = jax.nn.softmax(output, axis=-1) if spec.score == "softmax" else output
-        return class_scores(scored, chosen), chosen
+        return class_scores(CLASS_SCORES[spec.score](output), chosen), chosen
     if spec.kind == "custom":
         scores = spec.fn(output)
         scores = scores.reshape(scores.shape[0], -1)

@@ -228,9 +228,87 @@ def save_figure(fig: Figure, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if fig.canvas is None or not hasattr(fig.canvas, "print_figure"):
         FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=fig.dpi if fig.dpi >= 100 else 100)
+    fig.savefig(path, format="png", dpi=max(fig.dpi, 100))
     # A figure built here has no pyplot manager; one made with pyplot is released from pyplot's registry.
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None:
         pyplot.close(fig)
     return path
+
+
+def factorization_overlay(image, heatmaps, colors: np.ndarray | None = None, image_weight: float = 0.5) -> np.ndarray:
+    """Deep Feature Factorization's concept image (pytorch-grad-cam's ``show_factorization_on_image``):
+    each pixel takes the colour of its strongest concept, as bright as that concept's heatmap value,
+    blended with the image. ``image`` ``(H, W, 3)`` (uint8 or [0, 1]); ``heatmaps`` ``(k, H, W)`` in
+    [0, 1] (``Concepts.heatmaps[b]``); ``colors`` ``(k, 3)`` in [0, 1] (default: matplotlib's
+    ``gist_rainbow`` at ``i / k``, as the reference). Returns ``(H, W, 3)`` uint8."""
+    from matplotlib import colormaps
+
+    base = _as_display_image(image, "image").astype(np.float32)
+    base = base / 255.0 if base.max() > 1.0 else base
+    heatmaps = np.clip(np.asarray(heatmaps, np.float32), 0.0, 1.0)
+    count = heatmaps.shape[0]
+    if colors is None:
+        colors = np.asarray([colormaps["gist_rainbow"](i / count)[:3] for i in range(count)], np.float32)
+    strongest = heatmaps.argmax(axis=0)
+    # a colour at HSV brightness v: the colour scaled so that its largest component is v
+    unit = np.asarray(colors, np.float32) / np.maximum(np.asarray(colors, np.float32).max(axis=1, keepdims=True), 1e-8)
+    value = np.take_along_axis(heatmaps, strongest[None], axis=0)[0]
+    mask = unit[strongest] * value[..., None]
+    return np.uint8(np.clip(base[..., :3] * image_weight + mask * (1 - image_weight), 0, 1) * 255)
+
+
+def factorization_figure(image, concepts, index: int = 0, labels: Sequence[str] | None = None, top_k: int = 2) -> Figure:
+    """The concept figure of image ``index`` of a :func:`flaxcam.dff.deep_feature_factorization`
+    result: the image, its :func:`factorization_overlay` and, per concept, its heatmap, titled with
+    the head's top ``top_k`` classes for that concept (softmax over the concept's scores) when the
+    factorization was scored by a head."""
+    heatmaps = np.asarray(concepts.heatmaps[index])
+    count = heatmaps.shape[0]
+    figure = Figure(figsize=(2.4 * (count + 2), 2.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, count + 2)
+    _show(axes[0], _as_display_image(image, "image"))
+    axes[0].set_title("image")
+    _show(axes[1], factorization_overlay(image, heatmaps))
+    axes[1].set_title("concepts")
+    scores = None if concepts.scores is None else np.asarray(concepts.scores, np.float64)
+    for j in range(count):
+        axes[j + 2].imshow(heatmaps[j], cmap="viridis", vmin=0, vmax=1)
+        axes[j + 2].axis("off")
+        title = f"concept {j}"
+        if scores is not None:
+            probabilities = np.exp(scores[j] - scores[j].max())
+            probabilities /= probabilities.sum()
+            best = np.argsort(-probabilities)[:top_k]
+            title += "\n" + "\n".join(
+                f"{labels[c] if labels is not None else c}: {probabilities[c]:.2f}" for c in best
+            )
+        axes[j + 2].set_title(title, fontsize=8)
+    return figure
+
+
+def volume_figure(volume, cam, slices: int = 4, axis: int = 0, title: str | None = None) -> Figure:
+    """A volume and its map as ``slices`` evenly spaced slices along ``axis`` (0: depth): the slice of
+    the volume on top, with the map overlaid below. ``volume`` ``(D, H, W)`` or ``(D, H, W, C)`` (the
+    first channel is shown), ``cam`` ``(D, H, W)`` in [0, 1] (``Explanation.maps[b, t]`` of a 3-D
+    network)."""
+    volume = np.asarray(volume, np.float32)
+    volume = volume[..., 0] if volume.ndim == 4 else volume
+    cam = np.asarray(cam, np.float32)
+    if volume.shape != cam.shape:
+        raise ValueError(f"volume {volume.shape} and map {cam.shape} must have the same (D, H, W) shape")
+    indices = np.linspace(0, volume.shape[axis] - 1, slices).round().astype(int)
+    low, high = float(volume.min()), float(volume.max())
+    gray = (volume - low) / (high - low + 1e-12)
+    figure = Figure(figsize=(2.2 * slices, 4.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, slices, squeeze=False)
+    for column, index in enumerate(indices):
+        image_slice = np.take(gray, index, axis=axis)
+        _show(axes[0, column], image_slice)
+        axes[0, column].set_title(f"slice {index}", fontsize=8)
+        _show(axes[1, column], _overlay_from_map(np.repeat(image_slice[..., None], 3, axis=-1), np.take(cam, index, axis=axis)))
+    if title:
+        figure.suptitle(title)
+    return figure

@@ -181,5 +181,5 @@ def test_target_errors():
         flaxcam.explain(head, variables, images, layer="backbone", targets=Binary(1))
     with pytest.raises(ValueError, match="concept vectors have 3 dims but the embedding has 4"):
         flaxcam.explain(head, variables, images, layer="backbone", targets=Embedding(np.ones(3)))
-    with pytest.raises(ValueError, match="score must be 'logit' or 'softmax'"):
+    with pytest.raises(ValueError, match="score must be one of 'logit', 'softmax', 'rest'"):
         flaxcam.explain(head, variables, images, layer="backbone", score="prob")

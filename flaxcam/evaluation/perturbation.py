@@ -14,7 +14,7 @@ insertion curves.
 
 All are batched and jitted; the deletion / insertion curves of ``B`` images and ``S`` steps are one
 compiled program that scores the perturbed inputs in chunks of ``chunk_size`` (memory bounded by the
-chunk, :func:`flaxcam.methods.score.chunked_rows`).
+chunk, :func:`flaxcam.ops.chunked_map`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from flaxcam.evaluation.common import (
     check_score,
     target_scores,
 )
-from flaxcam.methods.score import chunked_rows
+from flaxcam.ops import chunked_map
 
 BASELINES = ("zeros", "mean", "blur")
 
@@ -208,7 +208,7 @@ def deletion_insertion_impl(
         perturbed = perturbed.reshape(-1, height, width, channels)
         return target_scores(apply_fn, variables, perturbed, targets[image_index], score)[:, None]
 
-    rows = chunked_rows(batch * per_image, chunk_size, score_rows).reshape(batch, per_image)
+    rows = chunked_map(score_rows, batch * per_image, chunk_size).reshape(batch, per_image)
     deletion = jnp.concatenate([original[:, None], rows[:, : points - 1]], axis=1)
     insertion = jnp.concatenate([rows[:, points - 2 : points - 1], rows[:, points - 1 :], original[:, None]], axis=1)
     fractions = jnp.asarray(counts / pixels, original.dtype)

@@ -45,7 +45,7 @@ from flaxcam.evaluation.common import (
     check_score,
     target_scores,
 )
-from flaxcam.methods.score import chunked_rows
+from flaxcam.ops import chunked_map
 
 #: pytorch-grad-cam's percentiles for the averaged and combined ROAD scores.
 DEFAULT_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -134,7 +134,7 @@ def road_impl(
         imputed = imputed + noise * removed[..., None] * draws
         return target_scores(apply_fn, variables, imputed, targets[image_index], score)[:, None]
 
-    scores = chunked_rows(count * batch, chunk_size, score_rows).reshape(len(orders), percentiles.shape[0], batch)
+    scores = chunked_map(score_rows, count * batch, chunk_size).reshape(len(orders), percentiles.shape[0], batch)
     return scores - original
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import jax
 
+from flaxcam.methods.registry import register
+
 Array = jax.Array
 
 
+@register("randomcam")
 def randomcam(activations: Array, key: Array) -> Array:
     r"""RandomCAM: channel weights drawn uniformly from [-1, 1].
 

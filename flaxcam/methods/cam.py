@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import jax
 
+from flaxcam.methods.registry import register
+
 Array = jax.Array
 
 
+@register("cam")
 def cam(activations: Array, class_weights: Array) -> Array:
     r"""Class activation map of one image and one class, as per-channel contributions ``(h, w, C)``.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flaxcam.methods.registry import register
+
 Array = jax.Array
 
 
@@ -61,6 +63,16 @@ def first_component_projection(contributions: Array) -> Array:
     return (jnp.where(agreement < 0, -projection, projection)).reshape(height, width)
 
 
+def sign_corrected_projection(contributions: Array) -> Array:
+    r"""The first principal component of ``(h, w, C)`` (:func:`first_component_projection`), signed so
+    that its largest magnitude is positive: :math:`P \leftarrow -P` when :math:`|\min P| > |\max P|`
+    (Seg-Eigen-CAM's sign correction, eq. 13; pytorch-grad-cam's
+    ``get_2d_projection_with_sign_correction``)."""
+    projection = first_component_projection(contributions)
+    return jnp.where(jnp.abs(jnp.min(projection)) > jnp.abs(jnp.max(projection)), -projection, projection)
+
+
+@register("eigencam", reduction="projection")
 def eigencam(activations: Array) -> Array:
     r"""EigenCAM: the first principal component of the activations (class-agnostic, no gradients).
 
@@ -75,6 +87,7 @@ def eigencam(activations: Array) -> Array:
     return activations
 
 
+@register("eigengradcam", reduction="projection")
 def eigengradcam(activations: Array, gradients: Array) -> Array:
     r"""EigenGradCAM: the first principal component of gradient × activation (class-discriminative).
 
@@ -110,6 +123,7 @@ def kernel_pca_projection(contributions: Array, gamma: float | None = None, coef
     return jnp.where(agreement < 0, -projection, projection).reshape(height, width)
 
 
+@register("kpcacam", reduction="kernel_projection")
 def kpcacam(activations: Array) -> Array:
     r"""KPCA-CAM: the first *kernel* principal component of the activations (no gradients).
 
@@ -119,3 +133,21 @@ def kpcacam(activations: Array) -> Array:
     Kernel PCA", 2024 (arXiv:2410.00267); pytorch-grad-cam's ``KPCA_CAM``.
     """
     return activations
+
+
+@register("segeigencam", reduction="signed_projection")
+def segeigencam(activations: Array, gradients: Array) -> Array:
+    r"""Seg-Eigen-CAM: the first principal component of :math:`|g| \odot A`, sign-corrected.
+
+    .. math:: M = \pm \operatorname{reshape}(X v_1), \quad X = |g| \odot A - \overline{|g| \odot A}
+              \text{ (per channel)}, \quad \pm: \ |\min M| \le |\max M|
+
+    The absolute gradient weighs each position (pixel-wise importance, both signs of the gradient) and
+    the map's sign is chosen so that its largest magnitude is positive
+    (:func:`sign_corrected_projection`). Made for segmentation models with
+    :class:`flaxcam.targets.Segmentation` targets; works with any target.
+
+    Reference: Chung, Ying. "Seg-Eigen-CAM: Eigen-Value-Based Visual Explanations for Semantic
+    Segmentation Models", Applied Sciences 15(13) 7562, 2025; pytorch-grad-cam's ``SegEigenCAM``.
+    """
+    return jnp.abs(gradients) * activations

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxcam.methods.gradient import gradcam
+from flaxcam.methods.registry import register
 
 Array = jax.Array
 
@@ -41,6 +42,7 @@ def finer_target_scores(
     return numerator / (jnp.sum(weights, axis=-1) + 1e-9)
 
 
+@register("finercam", score_transform=finer_target_scores)
 def finercam(activations: Array, gradients: Array) -> Array:
     r"""FinerCAM: Grad-CAM of :func:`finer_target_scores` — the target class's logit minus those of the
     3 classes most similar to it, weighted by their probabilities — which keeps the regions that tell

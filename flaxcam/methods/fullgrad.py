@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxcam import ops
+from flaxcam.methods.registry import register
 
 Array = jax.Array
 
@@ -15,6 +16,7 @@ def _normalized_channel_sum(values: Array) -> Array:
     return jnp.sum(ops.minmax_normalize(jnp.moveaxis(values, -1, 0)), axis=0)
 
 
+@register("fullgrad", reduction="none", bias_layers=True)
 def fullgrad(images: Array, input_gradients: Array, bias_gradients: tuple[Array, ...], biases: tuple[Array, ...]) -> Array:
     r"""FullGrad saliency of one image and one target, at the input resolution ``(H, W)``.
 

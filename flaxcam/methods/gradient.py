@@ -12,9 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flaxcam.methods.registry import register
+
 Array = jax.Array
 
 
+@register("gradcam", volumetric=True)
 def gradcam(activations: Array, gradients: Array) -> Array:
     r"""Grad-CAM: channels weighted by their spatially averaged gradient.
 
@@ -25,9 +28,10 @@ def gradcam(activations: Array, gradients: Array) -> Array:
     Reference: Selvaraju et al. "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
     Localization", ICCV 2017 (arXiv:1610.02391).
     """
-    return activations * jnp.mean(gradients, axis=(0, 1))
+    return activations * jnp.mean(gradients, axis=tuple(range(gradients.ndim - 1)))  # (h, w) or (d, h, w)
 
 
+@register("hirescam", volumetric=True)
 def hirescam(activations: Array, gradients: Array) -> Array:
     r"""HiResCAM: element-wise gradient × activation (no spatial averaging).
 
@@ -42,6 +46,7 @@ def hirescam(activations: Array, gradients: Array) -> Array:
     return gradients * activations
 
 
+@register("gradcam_elementwise")
 def gradcam_elementwise(activations: Array, gradients: Array) -> Array:
     r"""Grad-CAM element-wise: the ReLU of each gradient × activation term before the channel sum.
 
@@ -53,6 +58,7 @@ def gradcam_elementwise(activations: Array, gradients: Array) -> Array:
     return jax.nn.relu(gradients * activations)
 
 
+@register("xgradcam")
 def xgradcam(activations: Array, gradients: Array) -> Array:
     r"""XGrad-CAM: channel weights are activation-weighted gradients.
 
@@ -69,6 +75,7 @@ def xgradcam(activations: Array, gradients: Array) -> Array:
     return activations * weights
 
 
+@register("layercam", volumetric=True)
 def layercam(activations: Array, gradients: Array) -> Array:
     r"""LayerCAM: each activation weighted by its own positive gradient.
 
@@ -80,6 +87,7 @@ def layercam(activations: Array, gradients: Array) -> Array:
     return jax.nn.relu(gradients) * activations
 
 
+@register("gradcam++")
 def gradcam_plusplus(activations: Array, gradients: Array, eps: float = 1e-6) -> Array:
     r"""Grad-CAM++ with the closed form for an exponential score (pytorch-grad-cam's formula).
 
@@ -105,6 +113,7 @@ def gradcam_plusplus(activations: Array, gradients: Array, eps: float = 1e-6) ->
     return activations * weights
 
 
+@register("gradcam++exact")
 def gradcam_plusplus_exact(
     activations: Array, gradients: Array, second_derivatives: Array, third_derivatives: Array
 ) -> Array:
@@ -144,6 +153,7 @@ def gradcam_plusplus_exact(
     return activations * weights
 
 
+@register("shapleycam")
 def shapleycam(activations: Array, gradients: Array, hvp: Array) -> Array:
     r"""ShapleyCAM: channel weights from the gradient and the Hessian-vector product with the activations.
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from flaxcam.methods.registry import register
+
 Array = jax.Array
 
 
@@ -29,6 +31,7 @@ def standard_normal_at(key: Array, indices: tuple[int | Array, ...], shape: tupl
     return jax.random.normal(key, shape, jnp.float32)
 
 
+@register("smoothgradcam++", batched=True)
 def smoothgradcam_plusplus(
     activations: Array,
     images: Array,

@@ -8,6 +8,7 @@ passes run on device in chunks of ``chunk_size`` images, so peak memory is bound
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import numpy as np
 
 from flaxcam.methods.noise import standard_normal_at
 from flaxcam.ops import chunked_map
+from flaxcam.methods.registry import register
 
 Array = jax.Array
 
@@ -99,6 +101,7 @@ def _channel_mask_scores(
     return chunked_map(chunk_scores, batch * count, chunk_size).reshape(batch, count, -1)
 
 
+@register("scorecam", batched=True, passes=lambda c, o: c)
 def scorecam(
     activations: Array,
     images: Array,
@@ -129,6 +132,7 @@ def scorecam(
     return activations[:, None] * weights[:, :, None, None, :]
 
 
+@register("faster_scorecam", batched=True, passes=lambda c, o: min(c, o["top_channels"]))
 def faster_scorecam(
     activations: Array,
     images: Array,
@@ -204,6 +208,7 @@ def _sampled_mask_weights(
     return channel_softmax(mean, axis=1).transpose(0, 2, 1)
 
 
+@register("sscam", batched=True, passes=lambda c, o: c * o["num_samples"])
 def sscam(
     activations: Array,
     images: Array,
@@ -243,6 +248,7 @@ def sscam(
     return activations[:, None] * weights[:, :, None, None, :]
 
 
+@register("iscam", batched=True, passes=lambda c, o: c * o["num_samples"])
 def iscam(
     activations: Array,
     images: Array,
@@ -275,6 +281,7 @@ def iscam(
     return activations[:, None] * weights[:, :, None, None, :]
 
 
+@register("ablationcam", batched=True, passes=lambda c, o: c)
 def ablationcam(
     activations: Array,
     scores: Array,
