@@ -27,7 +27,7 @@ from flaxcam.errors import check_layer_outputs
 from flaxcam.volumes import check_volumetric
 from flaxcam.probe import OutputFn, default_output_fn, forward_at_layer, resolve_layer, shape_key
 from flaxcam.step import Explanation, StepConfig, explain_step
-from flaxcam.targets import Binary, Embedding, Segmentation, TargetSpec, resolve_targets
+from flaxcam.targets import CLASS_SCORES, Binary, Embedding, Segmentation, TargetSpec, resolve_targets
 
 Array = jax.Array
 
@@ -315,8 +315,8 @@ def explainer(
     options = check_method_options(chosen, method_options)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if score not in ("logit", "softmax"):
-        raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
+    if score not in CLASS_SCORES:
+        raise ValueError(f"score must be one of {', '.join(map(repr, CLASS_SCORES))}, got {score!r}")
     if targets is not None and top_k is not None:
         raise ValueError("pass either targets= or top_k=, not both")
     check_nnx_eval_mode(model)
