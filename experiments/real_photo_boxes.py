@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             r = rules[label]["held_out"]
             print(f"   {label:12s} held-out IoU>=0.5 {r.get('iou>=0.5', float('nan')):.3f}  mean IoU {r.get('mean_iou', float('nan')):.3f}  "
                   f"pointing {r.get('pointing_game', float('nan')):.3f}   photos IoU>=0.5 {photo_rules[label]['photos']['iou>=0.5_all']:.2f}", flush=True)
+        common.write_json(out / "real_photo_boxes.json", results)  # after every source: partial results survive
         if source.name == "cam@224":
             panels_source = {"explained": explained, "photo": photo_explained, "photo_gt": photo_gt, "inputs_size": source.input_size}
 
