@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -200,7 +199,7 @@ def rule_boxes(maps: np.ndarray, native: tuple[int, int], kwargs: dict[str, Any]
 
 def scores(iou: np.ndarray, points: np.ndarray, correct: np.ndarray) -> dict[str, float]:
     """IoU >= 0.5, mean IoU and pointing game over correctly classified objects and over all images."""
-    out: dict[str, float] = {"images": int(len(iou)), "correct": int(correct.sum())}
+    out: dict[str, float] = {"images": len(iou), "correct": int(correct.sum())}
     if correct.any():
         out.update({"iou>=0.5": float((iou[correct] >= 0.5).mean()), "mean_iou": float(iou[correct].mean()),
                     "pointing_game": float(points[correct].mean())})
@@ -354,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             r = rules[label]["held_out"]
             print(f"   {label:12s} held-out IoU>=0.5 {r.get('iou>=0.5', float('nan')):.3f}  mean IoU {r.get('mean_iou', float('nan')):.3f}  "
                   f"pointing {r.get('pointing_game', float('nan')):.3f}   photos IoU>=0.5 {photo_rules[label]['photos']['iou>=0.5_all']:.2f}", flush=True)
+        common.write_json(out / "real_photo_boxes.json", results)  # after every source: partial results survive
         if source.name == "cam@224":
             panels_source = {"explained": explained, "photo": photo_explained, "photo_gt": photo_gt, "inputs_size": source.input_size}
 
@@ -395,8 +395,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
                          + f" | {default['rules']['paper'][g].get('pointing_game', float('nan')):.2f} |")
     if "digits" in results:
         d = results["digits"]
-        lines += ["", f"Digits canvases ({len(d['rules']['paper']) and d['rules']['paper']['test']['images']} test canvases, "
-                  f"{d['native'][0]}x{d['native'][1]} maps, accuracy {d['accuracy']:.3f}), GAP CAM, all canvases / correctly classified:", "",
+        title = (f"Digits canvases ({d['rules']['paper']['test']['images']} test canvases, {d['native'][0]}x{d['native'][1]} maps, "
+                 f"accuracy {d['accuracy']:.3f}), GAP CAM, all canvases / correctly classified:")
+        lines += ["", title, "",
                   "| rule | IoU>=0.5 (all) | IoU>=0.5 (correct) | mean IoU (all) | pointing (all) |", "|---|---|---|---|---|"]
         for label in localize.BOX_RULES:
             t = d["rules"][label]["test"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
+import audit_helpers
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import audit_helpers
 import flaxcam
 from flaxcam import audit, localize, models
 from flaxcam.audit import store
