@@ -263,7 +263,7 @@ def test_error_messages(user_net):
         flaxcam.explain(model, variables, images, layer="nope")
     with pytest.raises(LayerError, match=r"outputs shape .* not \(batch, height, width, channels\).*top"):
         flaxcam.explain(model, variables, images, layer="head")
-    with pytest.raises(ValueError, match=r"unknown method 'gradcamm'; available: cam, gradcam, .*layercam"):
+    with pytest.raises(ValueError, match=r"unknown method 'gradcamm'; available: ablationcam, cam, .*gradcam, .*layercam"):
         flaxcam.explain(model, variables, images, method="gradcamm")
     with pytest.raises(LayerError, match=r"CAM needs the layer that feeds global pooling.*12 channels.*'top'"):
         flaxcam.explain(model, variables, images, method="cam", layer="mid")

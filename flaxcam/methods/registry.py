@@ -118,4 +118,4 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
