@@ -242,14 +242,19 @@ def audit_command(
 ) -> None:
     """Audit every image of SOURCE: predictions, boxes, attention statistics and maps, in Parquet."""
     from flaxcam import audit
+    from flaxcam.audit.errors import AuditError
 
     loaded_model, variables, meta = _load_model(model, weights)
-    result = audit.run(
-        source, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
-        batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
-        class_names=meta.get("class_names"),
-        model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
-    )
+    try:
+        result = audit.run(
+            source, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
+            batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
+            class_names=meta.get("class_names"),
+            model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
+        )
+    except AuditError as error:  # disk full, folder in use, other settings: one line, nothing lost
+        _say(f"error: {error}")
+        raise typer.Exit(code=2) from None
     state = "complete" if result.complete else "incomplete"
     typer.echo(
         f"{out}: {result.rows} images, {result.errors} unreadable, of {result.total} ({state}); this run: "
@@ -273,6 +278,7 @@ def report_command(
 def query_command(
     audit_dir: Annotated[Path, typer.Argument(help="An audit directory written by `flaxcam audit`.")],
     sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views `audit`, `errors` and the table `classes`.")],
+    allow_files: Annotated[bool, typer.Option("--allow-files", help="Let the SQL read and write other files (off: only the audit's parts).")] = False,
 ) -> None:
     """Run SQL over an audit, e.g. "SELECT label, avg(corner_max_share) FROM audit GROUP BY 1"."""
     import duckdb
@@ -280,7 +286,10 @@ def query_command(
     from flaxcam.audit.query import format_table, query
 
     try:
-        columns, rows = query(audit_dir, sql)
+        columns, rows = query(audit_dir, sql, allow_files=allow_files)
+    except duckdb.PermissionException as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ValueError(f"query failed: {first_line} (only the audit's own files can be read; --allow-files lifts this)") from None
     except duckdb.Error as error:
         raise ValueError(f"query failed: {error}") from None
     typer.echo(format_table(columns, rows))

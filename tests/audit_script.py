@@ -1,6 +1,9 @@
 """Subprocess entry of the audit tests: ``python tests/audit_script.py MODE OUT COUNT``.
 
 * ``run``: audit COUNT generated images into OUT, slowly (a pause per batch) so a test can kill it.
+* ``hold`` (with a 4th argument PARTS): batches of 32, 64 rows per part; once PARTS parts are written,
+  create ``OUT.held`` and wait (before the next batch) until ``OUT.release`` exists: the fault-injection
+  tests kill it there or start a second audit.
 * ``devices``: audit COUNT images on all (emulated) devices into OUT.
 """
 
@@ -21,6 +24,19 @@ model, variables = audit_helpers.make_model()
 common = {"preprocessing": audit_helpers.PREPROCESSING, "batch_size": 64, "progress": False}
 if mode == "run":
     audit.run(source, model, variables, out, rows_per_part=64, on_batch=lambda done: time.sleep(0.05), **common)
+elif mode == "hold":
+    from flaxcam.audit import store
+
+    parts, held, release = int(sys.argv[4]), Path(f"{out}.held"), Path(f"{out}.release")
+
+    def hold(done: int) -> None:
+        if len(store.part_files(out, "part")) >= parts and not release.exists():
+            held.touch()
+            while not release.exists():
+                time.sleep(0.05)
+
+    common["batch_size"] = 32
+    audit.run(source, model, variables, out, rows_per_part=64, on_batch=hold, **common)
 elif mode == "devices":
     assert len(jax.local_devices()) == 4, jax.local_devices()
     audit.run(source, model, variables, out, rows_per_part=100, **common)

@@ -29,6 +29,7 @@ import numpy as np
 from flaxcam.audit import store
 from flaxcam.audit.query import connect
 from flaxcam.audit.stats import CORNERS
+from flaxcam.files import atomic_write_text
 
 #: Statistics the ranking compares; ``off_gt_share`` is ``1 - gt_share`` (only with ground truth).
 RANKED_STATS = ("border_share", *(f"corner_{c}_share" for c in CORNERS), "off_gt_share")
@@ -155,14 +156,14 @@ def _overlays(images01: np.ndarray, maps: np.ndarray, boxes: np.ndarray, alpha: 
 class _Images:
     """Re-reads images from the audited source (the manifest's spec, or a source passed in)."""
 
-    def __init__(self, manifest: dict[str, Any], source: Any | None):
+    def __init__(self, manifest: dict[str, Any], source: Any | None, audit_dir: Path):
         self.note = ""
         self.source = source
         if source is None and manifest.get("source_spec"):
             try:
                 from flaxcam.data import open_source
 
-                self.source = open_source(manifest["source_spec"])
+                self.source = open_source(manifest["source_spec"], exclude=[audit_dir])  # as the audit read it
             except Exception as error:  # the report is still useful without the images
                 self.note = f"images not shown: cannot open source {manifest['source_spec']!r} ({error})"
         elif source is None:
@@ -308,7 +309,7 @@ def write_report(
         confusion = connection.execute(
             "SELECT label, pred, count(*) FROM audit WHERE label >= 0 GROUP BY 1, 2"
         ).fetchall()
-        images = _Images(manifest, source)
+        images = _Images(manifest, source, audit_dir)
         shape = tuple(manifest.get("low_res_shape") or (0, 0))
         mean_maps = _class_mean_maps(audit_dir, shape, stats["classes"]) if total_rows else {}
         has_gt = bool(np.any(np.isfinite(stats.get("mean_off_gt_share", np.zeros(0)))))
@@ -426,5 +427,5 @@ def write_report(
         + f"<script>{_JS}</script></body></html>"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    store._atomic_write(out, lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
+    atomic_write_text(out, document)
     return out

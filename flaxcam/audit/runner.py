@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import json
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ import pyarrow as pa
 import flaxcam
 from flaxcam.audit import stats as stats_lib
 from flaxcam.audit import store
+from flaxcam.audit.errors import AuditError, AuditLockedError, AuditSettingsError
+from flaxcam.audit.lock import FolderLock
 from flaxcam.imageio import Preprocessing
 from flaxcam.localize import DEFAULT_THRESHOLD
 
@@ -47,6 +51,7 @@ _RESUME_FIELDS = (
     "corner",
     "threshold",
     "box_resolution",
+    "class_names",
 )
 
 
@@ -132,12 +137,17 @@ class _Prefetcher:
 
 
 class _PartWriter:
-    """Background thread that turns fetched batch results into rows and writes part files atomically."""
+    """Background thread that turns fetched batch results into rows and writes part files atomically.
 
-    def __init__(self, out_dir: Path, process: int, rows_per_part: int, depth: int = 4):
+    A failure in the thread (a full disk: :class:`AuditWriteError`) is kept and raised in the main
+    thread by the next :meth:`put` or by :meth:`close`; later batches are dropped, never waited on.
+    Every part carries ``metadata`` (the run's settings) in its Parquet key-value metadata."""
+
+    def __init__(self, out_dir: Path, process: int, rows_per_part: int, metadata: Mapping[str, str], depth: int = 4):
         self.out_dir = out_dir
         self.process = process
         self.rows_per_part = rows_per_part
+        self.metadata = dict(metadata)
         self.sequence = store.next_sequence(out_dir, process)
         self.parts_written: list[str] = []
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -153,35 +163,40 @@ class _PartWriter:
         self._raise_if_failed()
         self._queue.put((batch, summary, errors))
 
-    def close(self) -> None:
+    def close(self, *, raise_error: bool = True) -> None:
+        """Write what is pending, stop the thread and (``raise_error``) raise its failure, if any."""
         self._queue.put(None)
         self._thread.join()
-        self._raise_if_failed()
+        if raise_error:
+            self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing audit parts to {self.out_dir} failed: {self._error}") from self._error
+        if self._error is None:
+            return
+        if isinstance(self._error, AuditError):
+            raise self._error
+        raise RuntimeError(f"writing audit parts to {self.out_dir} failed: {self._error}") from self._error
 
     def _loop(self) -> None:
-        try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    self._flush()
-                    return
-                batch, summary, errors = item
-                columns = _host_columns(batch, summary, self.process)
-                if columns is not None and len(columns["index"]):
-                    self._columns.append(columns)
-                    self._pending_rows += len(columns["index"])
-                self._errors.extend(errors)
-                if self._pending_rows >= self.rows_per_part or len(self._errors) >= self.rows_per_part:
-                    self._flush()
-        except BaseException as error:
-            self._error = error
-            while True:  # keep draining so the producer never blocks on a dead writer
-                if self._queue.get() is None:
-                    return
+        # One loop, one end marker: after a failure, items are dropped until the marker from close().
+        while True:
+            item = self._queue.get()
+            if self._error is None:
+                try:
+                    self._flush() if item is None else self._add(*item)
+                except BaseException as error:  # raised in the main thread by put() / close()
+                    self._error = error
+            if item is None:
+                return
+
+    def _add(self, batch: _BatchMeta, summary: Mapping[str, np.ndarray], errors: list[tuple[int, str, str]]) -> None:
+        columns = _host_columns(batch, summary, self.process)
+        if columns is not None and len(columns["index"]):
+            self._columns.append(columns)
+            self._pending_rows += len(columns["index"])
+        self._errors.extend(errors)
+        if self._pending_rows >= self.rows_per_part or len(self._errors) >= self.rows_per_part:
+            self._flush()
 
     def _next_path(self, kind: str) -> Path:
         path = self.out_dir / store.part_name(kind, self.process, self.sequence)
@@ -193,12 +208,14 @@ class _PartWriter:
         # between the two writes only re-does the rows.
         if self._errors:
             path = self._next_path("errors")
-            store.write_part(path, store.errors_table(self._errors, self.process))
+            store.write_part(path, store.errors_table(self._errors, self.process), self.metadata)
             self.parts_written.append(path.name)
             self._errors = []
         if self._columns:
             path = self._next_path("part")
-            store.write_part(path, _rows_to_table(self._columns))
+            shape = list(self._columns[0]["low_res"].shape[1:])
+            metadata = {**self.metadata, store.LOW_RES_SHAPE_KEY: store.canonical_json(shape)}
+            store.write_part(path, _rows_to_table(self._columns), metadata)
             self.parts_written.append(path.name)
             self._columns = []
             self._pending_rows = 0
@@ -285,22 +302,72 @@ def _host_columns(batch: _BatchMeta, summary: Mapping[str, np.ndarray], process:
     return columns
 
 
-def _open(source: Any) -> tuple[Any, str | None]:
+def _open(source: Any, out_dir: Path) -> tuple[Any, str | None]:
+    """The source (from a spec or as given), never reading ``out_dir`` as data (a ``folder:`` source
+    containing the output folder)."""
     if isinstance(source, (str, os.PathLike)):
         from flaxcam.data import open_source
 
-        return open_source(str(source)), str(source)
+        return open_source(str(source), exclude=[out_dir]), str(source)
+    excluding = getattr(source, "excluding", None)
+    if callable(excluding):
+        source = excluding(out_dir)
     return source, getattr(source, "spec", None)
 
 
-def _check_resumable(existing: Mapping[str, Any], manifest: Mapping[str, Any], out_dir: Path) -> None:
-    differing = [name for name in _RESUME_FIELDS if existing.get(name) != manifest.get(name)]
-    if differing:
-        details = "; ".join(f"{name}: {existing.get(name)!r} -> {manifest.get(name)!r}" for name in differing)
-        raise ValueError(
-            f"{out_dir} holds an audit with different settings ({details}); use another --out directory, "
-            "or resume=False (--no-resume) to discard it and start over"
+def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that must match for a run to add rows to an existing audit: :data:`_RESUME_FIELDS`
+    of the manifest, as they read back from JSON. Stored in every part's metadata
+    (:data:`store.SETTINGS_KEY`) and checked against each part on resume."""
+    return json.loads(store.canonical_json({name: manifest.get(name) for name in _RESUME_FIELDS}))
+
+
+def _shorten(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """``"name: stored -> current; ..."`` for every resume field that differs."""
+    names = [name for name in _RESUME_FIELDS if stored.get(name) != current.get(name)]
+    return "; ".join(f"{name}: {_shorten(stored.get(name))} -> {_shorten(current.get(name))}" for name in names)
+
+
+_START_OVER = "use another --out folder, or resume=False (--no-resume) to discard it and start over"
+
+
+def _check_parts(out_dir: Path, settings: Mapping[str, Any]) -> list[int] | None:
+    """Refuse (:class:`AuditSettingsError`) if any part or errors part in ``out_dir`` was written with
+    other settings than ``settings`` (or with none recorded); returns the parts' ``low_res_shape``."""
+    expected = store.canonical_json(settings)
+    paths = [*store.part_files(out_dir, "part"), *store.part_files(out_dir, "errors")]
+    foreign: dict[str, list[str]] = {}
+    low_res_shape = None
+    for path in paths:
+        metadata = store.part_metadata(path)
+        recorded = metadata.get(store.SETTINGS_KEY)
+        if recorded != expected:
+            foreign.setdefault(recorded or "", []).append(path.name)
+        elif low_res_shape is None and store.LOW_RES_SHAPE_KEY in metadata:
+            low_res_shape = json.loads(metadata[store.LOW_RES_SHAPE_KEY])
+    if foreign:
+        count = sum(len(names) for names in foreign.values())
+        recorded, names = next(iter(foreign.items()))
+        why = (f"other settings ({_differences(json.loads(recorded), settings)})" if recorded
+               else "no recorded settings (an older flaxcam)")
+        raise AuditSettingsError(
+            f"{out_dir}: {count} of {len(paths)} parts were written with {why}, e.g. {names[0]}; {_START_OVER}"
         )
+    return low_res_shape
+
+
+def _check_manifest(previous: Mapping[str, Any], settings: Mapping[str, Any], out_dir: Path, has_parts: bool) -> None:
+    """Refuse if the manifest's settings differ from this run's (the parts were checked already)."""
+    differing = _differences(settings_of(previous), settings)
+    if differing:
+        hint = (f"its parts match this run: delete {out_dir / store.MANIFEST} to rebuild it from them"
+                if has_parts else _START_OVER)
+        raise AuditSettingsError(f"{out_dir} holds an audit with different settings ({differing}); {hint}")
 
 
 def _clear(out_dir: Path) -> None:
@@ -313,6 +380,29 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _lock(out_dir: Path, process: int, process_count: int) -> FolderLock:
+    """This process's lock on ``out_dir`` (:mod:`flaxcam.audit.lock`); with several processes, all of
+    them learn whether every one got its lock, and all refuse together if one did not."""
+    lock = FolderLock(out_dir, process)
+    failure: AuditLockedError | None = None
+    try:
+        lock.acquire()
+    except AuditLockedError as error:
+        failure = error
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        locked = np.asarray(multihost_utils.process_allgather(np.int32(failure is None))).reshape(-1)
+        if failure is None and not locked.all():
+            lock.release()
+            failed = ", ".join(str(i) for i in np.flatnonzero(locked == 0))
+            failure = AuditLockedError(f"{out_dir} is in use by another audit (process(es) {failed} of this run "
+                                       "could not lock it; see their messages)")
+    if failure is not None:
+        raise failure
+    return lock
 
 
 def run(
@@ -394,86 +484,99 @@ def run(
     for reserved in ("method", "layer", "targets", "top_k", "devices"):
         if reserved in explain_kwargs:
             raise ValueError(f"pass {reserved!r} to run() itself, not in explain_kwargs")
-    source, spec = _open(source)
+    if method not in flaxcam.METHODS:
+        raise ValueError(f"unknown method {method!r}; methods: {', '.join(sorted(flaxcam.METHODS))}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
     process, process_count = jax.process_index(), jax.process_count()
-    devices = list(devices) if devices is not None else jax.local_devices()
+    lock = _lock(out_dir, process, process_count)  # before any other work: a second audit refuses at once
+    try:
+        source, spec = _open(source, out_dir)
+        devices = list(devices) if devices is not None else jax.local_devices()
 
-    height, width = preprocessing.size
-    dummy = np.zeros((1, height, width, 3), np.float32)
-    apply_kwargs = tuple(sorted((explain_kwargs.get("apply_kwargs") or {}).items()))
-    layers = flaxcam.list_layers(model, variables, dummy, apply_kwargs)
-    from flaxcam.probe import resolve_layer
+        height, width = preprocessing.size
+        dummy = np.zeros((1, height, width, 3), np.float32)
+        apply_kwargs = tuple(sorted((explain_kwargs.get("apply_kwargs") or {}).items()))
+        layers = flaxcam.list_layers(model, variables, dummy, apply_kwargs)
+        from flaxcam.probe import resolve_layer
 
-    layer_info = resolve_layer(layers, layer, spatial_only=explain_kwargs.get("reshape") is None)
-    output = jax.eval_shape(lambda v, x: model.apply(v, x, **dict(apply_kwargs)), variables, dummy)
-    output_fn = explain_kwargs.get("output_fn")
-    num_classes = int((output_fn(output) if output_fn else output).shape[-1])
-    k = max(1, min(int(top_k), num_classes))
-    names = list(class_names) if class_names is not None else list(getattr(source, "class_names", ()) or ())
-    if not names:
-        names = [str(i) for i in range(num_classes)]
-    total = len(source)
-    manifest: dict[str, Any] = {
-        "schema_version": store.SCHEMA_VERSION,
-        "flaxcam_version": flaxcam.__version__,
-        "model": type(model).__name__,
-        "model_repr": repr(model)[:4000],
-        "model_info": dict(model_info or {}),
-        "model_fingerprint": model_fingerprint(variables),
-        "num_classes": num_classes,
-        "method": flaxcam.METHODS[method].name if method in flaxcam.METHODS else method,
-        "layer": layer_info.name,
-        "source_spec": spec,
-        "source_type": type(source).__name__,
-        "source_length": total,
-        "class_names": names,
-        "preprocessing": {"size": [height, width], "mean": list(preprocessing.mean), "std": list(preprocessing.std)},
-        "top_k": k,
-        "target": target,
-        "threshold": float(threshold),
-        "border": float(border),
-        "corner": float(corner),
-        "box_resolution": box_resolution,
-        "box_grid": list(stats_lib.box_grid((height, width), box_resolution)),
-        "batch_size": batch_size,
-        "process_count": process_count,
-        "status": "running",
-    }
-    if method not in flaxcam.METHODS:
-        raise ValueError(f"unknown method {method!r}; methods: {', '.join(sorted(flaxcam.METHODS))}")
+        layer_info = resolve_layer(layers, layer, spatial_only=explain_kwargs.get("reshape") is None)
+        output = jax.eval_shape(lambda v, x: model.apply(v, x, **dict(apply_kwargs)), variables, dummy)
+        output_fn = explain_kwargs.get("output_fn")
+        num_classes = int((output_fn(output) if output_fn else output).shape[-1])
+        k = max(1, min(int(top_k), num_classes))
+        names = list(class_names) if class_names is not None else list(getattr(source, "class_names", ()) or ())
+        if not names:
+            names = [str(i) for i in range(num_classes)]
+        total = len(source)
+        manifest: dict[str, Any] = {
+            "schema_version": store.SCHEMA_VERSION,
+            "flaxcam_version": flaxcam.__version__,
+            "model": type(model).__name__,
+            "model_repr": repr(model)[:4000],
+            "model_info": dict(model_info or {}),
+            "model_fingerprint": model_fingerprint(variables),
+            "num_classes": num_classes,
+            "method": flaxcam.METHODS[method].name if method in flaxcam.METHODS else method,
+            "layer": layer_info.name,
+            "source_spec": spec,
+            "source_type": type(source).__name__,
+            "source_length": total,
+            "class_names": names,
+            "preprocessing": {"size": [height, width], "mean": list(preprocessing.mean), "std": list(preprocessing.std)},
+            "top_k": k,
+            "target": target,
+            "threshold": float(threshold),
+            "border": float(border),
+            "corner": float(corner),
+            "box_resolution": box_resolution,
+            "box_grid": list(stats_lib.box_grid((height, width), box_resolution)),
+            "batch_size": batch_size,
+            "process_count": process_count,
+            "status": "running",
+        }
+        settings = settings_of(manifest)
 
-    manifest_path = out_dir / store.MANIFEST
-    if manifest_path.exists():
-        if resume:
-            _check_resumable(store.read_manifest(out_dir), manifest, out_dir)
-        elif process == 0:
+        manifest_path = out_dir / store.MANIFEST
+        if not resume and process == 0:
             _clear(out_dir)
-    _barrier("flaxcam-audit-start")
-    if process == 0:
-        store.remove_stale_temporaries(out_dir)
-    done = store.done_indices(out_dir)
-    remaining = np.setdiff1d(shard_indices(total, process, process_count), done, assume_unique=True)
-    if limit is not None:
-        remaining = remaining[: max(0, int(limit))]
+        _barrier("flaxcam-audit-start")
+        store.remove_stale_temporaries(out_dir, process)
+        # Resume only onto this run's own settings: every part is checked (a lost or foreign manifest
+        # cannot make a run adopt other rows), then the manifest; a lost manifest is rebuilt below.
+        low_res_shape = _check_parts(out_dir, settings)
+        previous = store.read_manifest(out_dir) if manifest_path.exists() else {}
+        if previous:
+            has_parts = bool(store.part_files(out_dir, "part") or store.part_files(out_dir, "errors"))
+            _check_manifest(previous, settings, out_dir, has_parts=has_parts)
+        if process == 0:
+            repaired = store.remove_duplicate_indices(out_dir)
+            if repaired:
+                warnings.warn(f"{out_dir}: removed indices recorded twice from {len(repaired)} part(s) "
+                              f"({', '.join(f'{name}: {count}' for name, count in sorted(repaired.items()))})", stacklevel=2)
+        _barrier("flaxcam-audit-checked")
+        done = store.done_indices(out_dir)
+        remaining = np.setdiff1d(shard_indices(total, process, process_count), done, assume_unique=True)
+        if limit is not None:
+            remaining = remaining[: max(0, int(limit))]
 
-    previous = store.read_manifest(out_dir) if manifest_path.exists() else {}
-    if process == 0 and (len(remaining) or previous.get("status") != "complete"):
-        manifest["low_res_shape"] = previous.get("low_res_shape")
-        store.write_json(manifest_path, {**manifest, **_counts(out_dir, total)})
-    if len(remaining) == 0:
+        if process == 0 and (len(remaining) or previous.get("status") != "complete"):
+            manifest["low_res_shape"] = previous.get("low_res_shape") or low_res_shape
+            store.write_json(manifest_path, {**manifest, **_counts(out_dir, total)})
+        if len(remaining) == 0:
+            _barrier("flaxcam-audit-end")
+            return _finish(out_dir, manifest, total, 0, start_time, process)
+
+        processed = _stream(
+            source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs,
+            batch_size=batch_size, k=k, threshold=threshold, border=border, corner=corner, process=process,
+            rows_per_part=rows_per_part, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch, progress=progress, on_batch=on_batch,
+        )
         _barrier("flaxcam-audit-end")
-        return _finish(out_dir, manifest, total, 0, start_time, process)
-
-    processed = _stream(
-        source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs,
-        batch_size=batch_size, k=k, threshold=threshold, border=border, corner=corner, process=process,
-        rows_per_part=rows_per_part, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch, progress=progress, on_batch=on_batch,
-    )
-    _barrier("flaxcam-audit-end")
-    return _finish(out_dir, manifest, total, processed, start_time, process)
+        return _finish(out_dir, manifest, total, processed, start_time, process)
+    finally:
+        lock.release()
 
 
 def _counts(out_dir: Path, total: int) -> dict[str, Any]:
@@ -526,7 +629,7 @@ def _stream(
             read_threads=read_threads, prefetch=max(1, read_threads),
         )), prefetch
     )
-    writer = _PartWriter(out_dir, process, rows_per_part)
+    writer = _PartWriter(out_dir, process, rows_per_part, {store.SETTINGS_KEY: store.canonical_json(settings_of(manifest))})
     threshold = float(threshold)
     low_res_shape: list[int] | None = None
     processed = 0
@@ -587,7 +690,11 @@ def _stream(
                 pending = (batch, summary)
             if pending is not None:
                 finish(pending)
-    finally:
+    except BaseException:
+        # Keep the rows already fetched (the writer flushes them) but let this error through.
         batches.close()
-        writer.close()
+        writer.close(raise_error=False)
+        raise
+    batches.close()
+    writer.close()  # raises the writer's failure (e.g. the last part did not fit on the disk)
     return processed

@@ -6,10 +6,14 @@ Layout of an audit directory::
     part-p00000-000000.parquet ...      one row per image (see :data:`SCHEMA`); ``pNNNNN`` = process index
     errors-p00000-000000.parquet ...    one row per unreadable input: index, id, reason
 
-Every file is written to a temporary name in the same folder and renamed into place (``os.replace``), so a
-file either exists complete or not at all: a process killed at any moment (``kill -9``) leaves only whole
-parts (and ``*.tmp`` files, removed on the next run). An image index is written to exactly one file, so
-the set of finished indices is the union of the indices of all parts and error parts.
+    .lock-p00000                        held while process 0 of an audit runs (:mod:`flaxcam.audit.lock`)
+
+Every file is written to a temporary name in the same folder and renamed into place
+(:func:`flaxcam.files.atomic_write`), so a file either exists complete or not at all: a process killed at
+any moment (``kill -9``) leaves only whole parts (and ``.*.tmp`` files, removed on the next run). An
+image index is written to exactly one file, so the set of finished indices is the union of the indices
+of all parts and error parts. Every part carries the settings of the run that wrote it in its Parquet
+key-value metadata (:data:`SETTINGS_KEY`), so a resumed run can check each part, manifest or not.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from flaxcam.audit.errors import AuditSettingsError, AuditWriteError
+from flaxcam.files import atomic_write, temporary_pattern
 
 #: Version of the manifest and row schema; bumped on incompatible changes.
 SCHEMA_VERSION = 1
@@ -81,52 +87,53 @@ SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("reason", pa.string()), ("process", pa.int32())])
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+#: Parquet key-value metadata of every part: the settings of the run that wrote it (canonical JSON of
+#: :func:`flaxcam.audit.runner.settings_of`, compared on resume) and the shape of its ``low_res`` maps.
+SETTINGS_KEY = "flaxcam.settings"
+LOW_RES_SHAPE_KEY = "flaxcam.low_res_shape"
 
 
-_FILE_MODE = 0o666 & ~_umask()
+def canonical_json(value: Any) -> str:
+    """The one JSON spelling of ``value`` (sorted keys, no spaces) used for settings fingerprints."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)`` then rename it to ``path`` (same folder, so the rename is atomic).
-    The file gets the usual permissions (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _write(what: str, path: Path, write) -> None:
+    """:func:`flaxcam.files.atomic_write`, with an ``OSError`` turned into :class:`AuditWriteError`."""
     try:
-        os.chmod(tmp, _FILE_MODE)
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, write)
+    except OSError as error:
+        raise AuditWriteError(what, path, error) from error
 
 
 def write_json(path: Path, value: Mapping[str, Any]) -> None:
-    """Write JSON atomically."""
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(value, indent=2, sort_keys=True))
-
-    _atomic_write(Path(path), write)
+    """Write JSON atomically (an ``OSError`` becomes :class:`AuditWriteError`)."""
+    data = json.dumps(value, indent=2, sort_keys=True).encode()
+    _write("manifest" if Path(path).name == MANIFEST else "file", Path(path), lambda handle: handle.write(data))
 
 
 def read_manifest(audit_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an audit directory; a clear error if there is none."""
+    """The manifest of an audit directory; a clear error if there is none or it is not valid JSON."""
     path = Path(audit_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{audit_dir}: not an audit directory (no {MANIFEST}); run `flaxcam audit` first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AuditSettingsError(
+            f"{path} is corrupt ({error}); delete it and rerun the audit to rebuild it from the parts"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise AuditSettingsError(f"{path} is corrupt (not a JSON object); delete it and rerun the audit to rebuild it from the parts")
+    return manifest
 
 
-def remove_stale_temporaries(audit_dir: Path) -> int:
-    """Delete ``*.tmp`` files left by a killed run; returns how many."""
-    stale = list(Path(audit_dir).glob(".*.tmp"))
+def remove_stale_temporaries(audit_dir: Path, process: int) -> int:
+    """Delete the temporary files a killed run of process ``process`` left (its parts' and, for process
+    0, the manifest's); returns how many. Other processes' temporaries are left alone: they may be
+    writing right now."""
+    names = [f"part-p{process:05d}-*", f"errors-p{process:05d}-*"] + ([MANIFEST] if process == 0 else [])
+    stale = [path for name in names for path in Path(audit_dir).glob(temporary_pattern(name))]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
@@ -153,8 +160,7 @@ def part_name(kind: str, process: int, sequence: int) -> str:
 
 def done_indices(audit_dir: str | os.PathLike) -> np.ndarray:
     """Sorted source indices already recorded (rows and errors) in ``audit_dir``."""
-    chunks = [pq.read_table(path, columns=["index"])["index"].to_numpy() for path in part_files(audit_dir, "part")]
-    chunks += [pq.read_table(path, columns=["index"])["index"].to_numpy() for path in part_files(audit_dir, "errors")]
+    chunks = [part_indices(path) for path in [*part_files(audit_dir, "part"), *part_files(audit_dir, "errors")]]
     if not chunks:
         return np.zeros(0, np.int64)
     return np.unique(np.concatenate(chunks).astype(np.int64))
@@ -178,9 +184,53 @@ def errors_table(errors: Iterable[tuple[int, str, str]], process: int) -> pa.Tab
     )
 
 
-def write_part(path: Path, table: pa.Table) -> None:
-    """Write one Parquet part atomically (zstd)."""
-    _atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+def write_part(path: Path, table: pa.Table, metadata: Mapping[str, str] | None = None) -> None:
+    """Write one Parquet part atomically (zstd), with ``metadata`` added to its key-value metadata; an
+    ``OSError`` (disk full, ...) becomes :class:`AuditWriteError` naming the part."""
+    path = Path(path)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    what = "errors part" if path.name.startswith("errors-") else "part"
+    _write(what, path, lambda handle: pq.write_table(table, handle, compression="zstd"))
+
+
+def part_metadata(path: Path) -> dict[str, str]:
+    """The flaxcam key-value metadata of a part (footer only; empty for parts of older versions)."""
+    metadata = pq.read_schema(path).metadata or {}
+    return {key.decode(): value.decode() for key, value in metadata.items() if key.startswith(b"flaxcam.")}
+
+
+def part_indices(path: Path) -> np.ndarray:
+    """The source indices recorded in one part (rows or errors)."""
+    return pq.read_table(path, columns=["index"])["index"].to_numpy().astype(np.int64)
+
+
+def remove_duplicate_indices(audit_dir: str | os.PathLike) -> dict[str, int]:
+    """Make every index appear in exactly one file: an index already recorded in an earlier file (row
+    parts first, then errors parts, each in name order; a row wins over an error) is removed from the
+    later one, which is rewritten atomically (or deleted when nothing is left). Returns
+    ``{part name: rows removed}`` (empty when there were no duplicates).
+
+    Duplicates cannot arise from one audit (an index goes to exactly one file), only from folders
+    written by concurrent runs of older flaxcam versions or assembled by hand."""
+    paths = [*part_files(audit_dir, "part"), *part_files(audit_dir, "errors")]
+    chunks = [part_indices(path) for path in paths]
+    if not chunks:
+        return {}
+    keep_all = np.zeros(sum(len(chunk) for chunk in chunks), bool)
+    keep_all[np.unique(np.concatenate(chunks), return_index=True)[1]] = True  # first occurrences
+    removed: dict[str, int] = {}
+    start = 0
+    for path, chunk in zip(paths, chunks):
+        keep, start = keep_all[start : start + len(chunk)], start + len(chunk)
+        if keep.all():
+            continue
+        removed[path.name] = int((~keep).sum())
+        if keep.any():
+            write_part(path, pq.read_table(path).filter(pa.array(keep)))  # keeps the schema metadata
+        else:
+            path.unlink()
+    return removed
 
 
 def decode_low_res(blobs: Iterable[bytes], shape: tuple[int, int]) -> np.ndarray:

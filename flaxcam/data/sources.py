@@ -240,6 +240,10 @@ class ImageFolderSource:
     starting with ".") are ignored. A file that cannot be read gives ``Record.error``.
     ``max_pixels`` is the size guard and ``draft_size`` the JPEG fast path of
     :func:`flaxcam.imageio.read_image_with_size`.
+
+    ``exclude``: folders (or files) that are never read as data, e.g. an output folder placed inside
+    ``root``: a class folder inside an excluded path is not a class, a file inside one is not a record.
+    :meth:`excluding` adds paths to a source already open.
     """
 
     def __init__(
@@ -249,14 +253,28 @@ class ImageFolderSource:
         extensions: Sequence[str] | None = None,
         max_pixels: int | None = None,
         draft_size: tuple[int, int] | None = None,
+        exclude: Sequence[str | os.PathLike] = (),
     ) -> None:
         self.root = Path(root)
         self.draft_size = draft_size
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such folder (expected root/<class>/<image files>)")
+        self.extensions = extensions
         allowed = _image_extensions() if extensions is None else frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.max_pixels = max_pixels
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.exclude: tuple[Path, ...] = tuple(Path(p) for p in exclude)
+        excluded = _relative_parts(self.root, self.exclude)
+
+        def is_excluded(relative: Path) -> bool:
+            return any(relative.parts[: len(parts)] == parts for parts in excluded)
+
+        classes = sorted(
+            p.name for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and not is_excluded(Path(p.name))
+        )
+        if not classes and () in excluded:
+            raise ValueError(f"{self.root}: the folder itself is excluded ({', '.join(map(str, self.exclude))}): "
+                             "put the output folder elsewhere")
         if not classes:
             raise ValueError(f"{self.root}: no class folders (expected root/<class>/<image files>)")
         self.class_names: tuple[str, ...] = tuple(classes)
@@ -265,7 +283,7 @@ class ImageFolderSource:
         for label, name in enumerate(classes):
             for path in (self.root / name).rglob("*"):
                 relative = path.relative_to(self.root)
-                if any(part.startswith(".") for part in relative.parts) or path.is_dir():
+                if any(part.startswith(".") for part in relative.parts) or is_excluded(relative) or path.is_dir():
                     continue
                 if path.suffix.lower() in allowed:
                     files.append((relative.as_posix(), label))
@@ -296,6 +314,29 @@ class ImageFolderSource:
         clone = copy.copy(self)
         clone.draft_size = size
         return clone
+
+    def excluding(self, *paths: str | os.PathLike) -> ImageFolderSource:
+        """This source without anything under ``paths`` (``self`` when none of them is inside ``root``)."""
+        if not _relative_parts(self.root, [Path(p) for p in paths]):
+            return self
+        return ImageFolderSource(
+            self.root, extensions=self.extensions, max_pixels=self.max_pixels, draft_size=self.draft_size,
+            exclude=(*self.exclude, *paths),
+        )
+
+
+def _relative_parts(root: Path, paths: Sequence[Path]) -> list[tuple[str, ...]]:
+    """The parts, relative to ``root``, of those ``paths`` that lie inside ``root`` (symbolic links and
+    ``..`` resolved; a path that does not exist yet counts too). ``root`` itself gives ``()``, which
+    excludes everything."""
+    base = root.resolve()
+    inside = []
+    for path in paths:
+        try:
+            inside.append(Path(path).resolve().relative_to(base).parts)
+        except ValueError:
+            continue
+    return inside
 
 
 class Ham10000Source:
@@ -501,14 +542,17 @@ def _tfds_box(value: Any, size: tuple[int, int]) -> Box | None:
 SOURCE_KINDS: tuple[str, ...] = ("folder", "ham10000", "tfds", "npz")
 
 
-def open_source(spec: str) -> ImageSource:
+def open_source(spec: str, exclude: Sequence[str | os.PathLike] = ()) -> ImageSource:
     """A source from a string: ``folder:PATH``, ``ham10000:PATH``, ``tfds:NAME[:SPLIT]`` (split
-    default "train"; data dir from ``TFDS_DATA_DIR`` or TFDS's default) or ``npz:PATH``."""
+    default "train"; data dir from ``TFDS_DATA_DIR`` or TFDS's default) or ``npz:PATH``.
+
+    ``exclude``: paths never read as data (an output folder inside ``folder:PATH``; see
+    :class:`ImageFolderSource`); the other kinds list their records explicitly and ignore it."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest or kind not in SOURCE_KINDS:
         raise ValueError(f"unknown source {spec!r}: expected one of folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT], npz:PATH")
     if kind == "folder":
-        return ImageFolderSource(rest)
+        return ImageFolderSource(rest, exclude=exclude)
     if kind == "ham10000":
         return Ham10000Source(rest)
     if kind == "npz":

@@ -13,7 +13,6 @@ back as tuples.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import serialization
+
+from flaxcam.files import atomic_write_bytes
 
 __all__ = ["load_bundle", "save_bundle"]
 
@@ -66,7 +67,8 @@ def save_bundle(
     variables: Mapping[str, Any],
     meta: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write a model bundle to ``path`` atomically (temporary file in the same folder + ``os.replace``).
+    """Write a model bundle to ``path`` atomically, with the usual file permissions
+    (:func:`flaxcam.files.atomic_write`).
 
     Args:
         path: the bundle file to (over)write.
@@ -86,20 +88,7 @@ def save_bundle(
         "variables": jax.tree.map(np.asarray, _to_storable_tree(variables)),
     }
     data = serialization.msgpack_serialize(payload, in_place=True)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, data)
 
 
 def _to_storable_tree(variables: Mapping[str, Any]) -> dict[str, Any]:
