@@ -239,11 +239,15 @@ def audit_command(
     resume: Annotated[bool, typer.Option(help="Resume an existing audit in --out (--no-resume starts over).")] = True,
     limit: Annotated[Optional[int], typer.Option(help="Audit at most this many remaining images now.")] = None,
     workers: Annotated[int, typer.Option(help="grain reader processes (0: a thread).")] = 0,
+    coordinator: Annotated[Optional[str], typer.Option(help="Multi-process run: HOST:PORT of process 0 (or 'auto': detect a TPU pod / SLURM / Open MPI; untested). Run the same command once per process.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(help="Multi-process run: number of processes.")] = None,
+    process_id: Annotated[Optional[int], typer.Option(help="Multi-process run: this process's id, 0..N-1.")] = None,
 ) -> None:
     """Audit every image of SOURCE: predictions, boxes, attention statistics and maps, in Parquet."""
-    from flaxcam import audit
+    from flaxcam import audit, distributed
     from flaxcam.audit.errors import AuditError
 
+    distributed.initialize(coordinator, num_processes, process_id)  # before any JAX computation
     loaded_model, variables, meta = _load_model(model, weights)
     try:
         result = audit.run(
@@ -349,7 +353,7 @@ def main() -> None:
     """Console entry point."""
     try:
         app()
-    except (ValueError, FileNotFoundError) as error:  # user errors: bad layer, method, targets, paths
+    except (ValueError, FileNotFoundError) as error:  # user errors (DistributedSetupError included): bad layer, method, targets, paths
         _say(f"error: {error}")
         sys.exit(2)
 
