@@ -22,6 +22,12 @@ __all__ = ["DistributedSetupError", "initialize", "parse_address"]
 DEFAULT_TIMEOUT_S = 60
 """Seconds to wait for every process to reach the coordinator before giving up."""
 
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
+"""Seconds without a heartbeat after which a process counts as dead (JAX's default). A process killed
+mid-run (``kill -9``, a lost host) makes every other process abort within about this time, whether it
+waits in a collective or a barrier or not, with ``Task N heartbeat timeout`` in its log; the parts
+already written stay, and rerunning the same commands completes the audit."""
+
 
 class DistributedSetupError(ValueError):
     """The processes of a multi-process run could not be connected (bad arguments, unreachable or
@@ -42,6 +48,7 @@ def initialize(
     process_id: int | None = None,
     *,
     timeout: int = DEFAULT_TIMEOUT_S,
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
     auto: bool = False,
 ) -> bool:
     """Connect this process to the others of a multi-process run; returns whether it did.
@@ -53,6 +60,8 @@ def initialize(
     * ``coordinator="auto"`` (or none given and ``auto``): :func:`jax.distributed.initialize` with JAX's cluster auto-detection
       (Cloud TPU pods, SLURM, Open MPI; untested here).
     * None given otherwise, or ``num_processes == 1``: a single process, nothing to do (False).
+
+    ``heartbeat_timeout``: see :data:`DEFAULT_HEARTBEAT_TIMEOUT_S`.
 
     Must run before any JAX computation (JAX refuses afterwards). Arguments are checked first, so a bad
     ``process_id`` fails at once instead of after ``timeout``.
@@ -66,7 +75,7 @@ def initialize(
     if not any(given):
         if not auto:
             return False
-        return _call(timeout=timeout)
+        return _call(timeout=timeout, heartbeat_timeout_seconds=heartbeat_timeout)
     if not all(given):
         raise DistributedSetupError(
             "a multi-process run needs all of --coordinator HOST:PORT, --num-processes N and --process-id I "
@@ -79,8 +88,8 @@ def initialize(
         raise DistributedSetupError(
             f"--process-id must be in 0..{num_processes - 1} (--num-processes {num_processes}), got {process_id}"
         )
-    if timeout < 1:
-        raise DistributedSetupError(f"the coordinator timeout must be >= 1 s, got {timeout}")
+    if timeout < 1 or heartbeat_timeout < 1:
+        raise DistributedSetupError(f"timeouts must be >= 1 s, got timeout={timeout}, heartbeat_timeout={heartbeat_timeout}")
     host, port = parse_address(coordinator)
     if num_processes == 1:
         return False
@@ -89,7 +98,7 @@ def initialize(
     _say(f"process {process_id} of {num_processes}: joining the run at {host}:{port} (waiting up to {timeout} s "
          "for every process; past that JAX aborts the process with DEADLINE_EXCEEDED)")
     return _call(coordinator_address=f"{host}:{port}", num_processes=num_processes, process_id=process_id,
-                 timeout=timeout)
+                 timeout=timeout, heartbeat_timeout_seconds=heartbeat_timeout)
 
 
 def _say(message: str) -> None:

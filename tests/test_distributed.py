@@ -18,6 +18,8 @@ import pytest
 from PIL import Image
 
 from flaxcam import distributed, models
+
+sys.path.insert(0, str(Path(__file__).parent))
 from flaxcam.audit import store
 
 SIZE = (32, 32)
@@ -123,24 +125,33 @@ def single(folder, bundle, tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_audit(out: Path, reference: Path) -> None:
+def assert_same_audit(out: Path, reference: Path, count: int = 16) -> None:
     """Row for row the single-process audit (one manifest, complete, every image exactly once)."""
     assert table(out) == table(reference), "rows differ from the single-process audit"
     assert table(out, "errors") == table(reference, "errors")
     manifest, expected = store.read_manifest(out), store.read_manifest(reference)
     assert manifest["status"] == "complete" and manifest["counts"] == expected["counts"]
     indices = [row["index"] for row in table(out) + table(out, "errors")]
-    assert np.array_equal(np.sort(indices), np.arange(16))
+    assert np.array_equal(np.sort(indices), np.arange(count))
 
 
 def test_two_processes_audit_equals_one(folder, bundle, single, tmp_path):
+    """Also a restart with another process count: one process audits 5 images, then two processes
+    finish the audit (each takes its shard of the images still to do)."""
+    from typer.testing import CliRunner
+
+    from flaxcam.cli import app
+
     out = tmp_path / "audit"
+    first = CliRunner().invoke(app, audit_args(folder, bundle, out, "--limit", "5"))
+    assert first.exit_code == 0 and "(incomplete)" in first.output, first.output
     results = finish(start(2, audit_args(folder, bundle, out)))
     assert all(code == 0 for code, _ in results), results
     assert_same_audit(out, single)
     writers = {name.split("-")[1] for name in store.read_manifest(out)["parts"]}
     assert writers == {"p00000", "p00001"}, writers  # both wrote parts, each under its own name
     assert set(store.read_rows(out)["process"].to_pylist()) == {0, 1}
+    assert store.read_manifest(out)["process_count"] == 2
     assert sorted(p.name for p in out.glob(".lock-p*")) == [".lock-p00000", ".lock-p00001"]
 
 
@@ -160,3 +171,76 @@ def test_unreachable_coordinator_is_a_clear_error_in_bounded_time():
     with pytest.raises(distributed.DistributedSetupError, match="HOST:PORT"):
         distributed.initialize("127.0.0.1", 2, 0)
     assert distributed.initialize() is False  # no flags: a single process, JAX untouched
+
+
+SCRIPT = str(REPO / "tests" / "distributed_script.py")
+COUNT = 24  # generated images of the kill test (tests/audit_helpers.py: index 7 unreadable)
+
+
+def start_script(out: Path, count: int, pause: float) -> list[subprocess.Popen]:
+    port = str(free_port())
+    return [
+        subprocess.Popen([sys.executable, SCRIPT, "audit", str(out), str(count), port, "2", str(i), str(pause)],
+                         env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * TIMEOUT + 30)  # two runs of two processes, each bounded by TIMEOUT
+def test_kill_minus_9_of_one_process_then_rerun_completes_exactly_once(tmp_path):
+    import audit_helpers
+
+    from flaxcam import audit
+
+    reference = tmp_path / "single"
+    model, variables = audit_helpers.make_model()
+    audit.run(audit_helpers.make_source(COUNT), model, variables, reference, preprocessing=audit_helpers.PREPROCESSING,
+              batch_size=8, rows_per_part=8, progress=False)
+
+    out = tmp_path / "audit"
+    processes = start_script(out, COUNT, pause=1.0)
+    started = Path(f"{out}.started-p1")
+    deadline = time.monotonic() + TIMEOUT
+    while not started.exists() and time.monotonic() < deadline and processes[1].poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), finish(processes)
+    time.sleep(np.random.default_rng().uniform(0, 0.5))  # a random point of its first pause
+    os.kill(processes[1].pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    [(survivor_code, survivor_output), (killed_code, _)] = finish(processes)
+    # the survivor does not hang: it aborts once the dead peer misses its heartbeats (10 s here)
+    assert killed_code == -signal.SIGKILL and survivor_code != 0, survivor_output[-2000:]
+    assert "Task 1 heartbeat timeout" in survivor_output, survivor_output[-2000:]
+    assert time.monotonic() - killed_at < 60
+    assert store.read_manifest(out)["status"] != "complete"
+
+    results = finish(start_script(out, COUNT, pause=0.0))  # the same two commands again
+    assert all(code == 0 for code, _ in results), results
+    assert_same_audit(out, reference, COUNT)
+
+
+def test_global_mesh_explain_over_two_processes_equals_one_process(tmp_path):
+    """2 processes x 2 CPU devices: a 4-device global mesh, each process feeding its half of the batch
+    (jax.make_array_from_process_local_data); the gathered result equals one process's explain."""
+    import audit_helpers
+    import distributed_script  # noqa: F401  (only its explain_images, below)
+
+    import flaxcam
+
+    out, port = tmp_path / "maps.npz", str(free_port())
+    processes = [
+        subprocess.Popen([sys.executable, SCRIPT, "explain", str(out), port, "2", str(i)], env=environment(devices=2),
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+    results = finish(processes)
+    assert all(code == 0 for code, _ in results), results
+    got = np.load(out)
+    assert int(got["devices"]) == 4 and int(got["local_devices"]) == 2
+
+    model, variables = audit_helpers.make_model()
+    expected = flaxcam.explain(model, variables, distributed_script.explain_images(), method="gradcam", top_k=2)
+    np.testing.assert_array_equal(got["targets"], np.asarray(expected.targets))
+    for name in ("maps", "low_res", "probabilities"):
+        np.testing.assert_allclose(got[name], np.asarray(getattr(expected, name)), rtol=0, atol=1e-6, err_msg=name)
