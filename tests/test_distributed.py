@@ -163,6 +163,20 @@ def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path):
     assert "--process-id must be in 0..1 (--num-processes 2), got 2" in result.stderr
 
 
+def test_processes_with_different_settings_all_refuse(folder, bundle, tmp_path):
+    out, port = tmp_path / "audit", free_port()
+    processes = [
+        subprocess.Popen(cli(*audit_args(folder, bundle, out, "--method", method), "--coordinator", f"127.0.0.1:{port}",
+                             "--num-processes", "2", "--process-id", str(i)),
+                         env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i, method in enumerate(["cam", "gradcam"])
+    ]
+    for code, output in finish(processes):
+        assert code == 2, output
+        assert "process(es) 1 of this run have other settings than process 0" in output, output
+    assert not store.part_files(out, "part")
+
+
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time():
     with pytest.raises(distributed.DistributedSetupError, match=r"not reachable within 1 s.*start process 0"):
         distributed.initialize(f"127.0.0.1:{free_port()}", 2, 1, timeout=1)
