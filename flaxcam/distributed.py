@@ -54,11 +54,13 @@ def initialize(
     """Connect this process to the others of a multi-process run; returns whether it did.
 
     * All of ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and ``process_id`` given:
-      :func:`jax.distributed.initialize` with them. Every process waits up to ``timeout`` seconds for
-      all ``num_processes`` to arrive, then fails with :class:`DistributedSetupError` (a process that
-      was never started, a coordinator that is not reachable, a port taken by another program).
-    * ``coordinator="auto"`` (or none given and ``auto``): :func:`jax.distributed.initialize` with JAX's cluster auto-detection
-      (Cloud TPU pods, SLURM, Open MPI; untested here).
+      :func:`jax.distributed.initialize` with them. A process other than 0 first waits up to
+      ``timeout`` seconds for the coordinator to accept connections, else :class:`DistributedSetupError`
+      (process 0 not started, a wrong address). Then JAX waits up to ``timeout`` seconds for all
+      ``num_processes`` to register; past that JAX itself aborts the process (``DEADLINE_EXCEEDED``,
+      not catchable in Python; a line on stderr says so beforehand).
+    * ``coordinator="auto"`` (or none given and ``auto``): :func:`jax.distributed.initialize` with
+      JAX's cluster auto-detection (Cloud TPU pods, SLURM, Open MPI; untested here).
     * None given otherwise, or ``num_processes == 1``: a single process, nothing to do (False).
 
     ``heartbeat_timeout``: see :data:`DEFAULT_HEARTBEAT_TIMEOUT_S`.
