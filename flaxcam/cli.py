@@ -514,11 +514,15 @@ def audit_command(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Audit at most this many remaining images now.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="grain reader processes (0: a thread).")] = 0,
     box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
+    coordinator: Annotated[Optional[str], typer.Option(help="Multi-process run: HOST:PORT of process 0 (or 'auto': detect a TPU pod / SLURM / Open MPI; untested). Run the same command once per process.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(help="Multi-process run: number of processes.")] = None,
+    process_id: Annotated[Optional[int], typer.Option(help="Multi-process run: this process's id, 0..N-1.")] = None,
 ) -> None:
     """Audit every image of SOURCE: predictions, boxes, attention statistics and maps, in Parquet."""
-    from flaxcam import audit
+    from flaxcam import audit, distributed
     from flaxcam.audit.errors import AuditError
 
+    distributed.initialize(coordinator, num_processes, process_id)  # before any JAX computation
     if target not in ("predicted", "label"):
         raise typer.BadParameter(f"--target {target!r}: expected predicted or label")
     spec = source_spec(source)
@@ -731,8 +735,6 @@ def evaluate_command(
 def main() -> None:
     """Console entry point (user errors: one ``error:`` line, exit status 2; see :class:`_OneLineErrors`)."""
     app()
-
-
 
 
 @app.command("bench")

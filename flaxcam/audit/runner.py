@@ -396,6 +396,24 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _check_same_settings(settings: Mapping[str, Any], process_count: int) -> None:
+    """With several processes, refuse in every one of them (:class:`AuditSettingsError`) unless all
+    run with the same settings (weights, method, layer, source, preprocessing, ...): compares a
+    SHA-256 of :func:`settings_of` across processes, so no process writes rows of another audit."""
+    if process_count < 2:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(store.canonical_json(settings).encode()).digest()[:8], np.uint32)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(process_count, -1)
+    differing = [str(i) for i in range(process_count) if not np.array_equal(digests[i], digests[0])]
+    if differing:
+        raise AuditSettingsError(
+            f"process(es) {', '.join(differing)} of this run have other settings than process 0 (weights, method, "
+            "layer, source, preprocessing, top-k, target or box settings): start every process with the same command"
+        )
+
+
 def _lock(out_dir: Path, process: int, process_count: int) -> FolderLock:
     """This process's lock on ``out_dir`` (:mod:`flaxcam.audit.lock`); with several processes, all of
     them learn whether every one got its lock, and all refuse together if one did not."""
@@ -554,6 +572,7 @@ def run(
             "status": "running",
         }
         settings = settings_of(manifest)
+        _check_same_settings(settings, process_count)
 
         manifest_path = out_dir / store.MANIFEST
         if not resume and process == 0:
