@@ -289,3 +289,15 @@ def test_registry_adcc_and_randomization_equal_the_functions(setup):
         np.testing.assert_allclose(columns[name], direct[name], rtol=1e-9)
     rho = evaluation.METRICS["randomization"].compute(batch)["randomization_rank_correlation"]
     np.testing.assert_allclose(rho, evaluation.model_randomization(explain_fn, variables, fresh, ["fc"], images, targets)[0])
+
+
+def test_randomization_default_is_the_classifier_not_the_alphabetically_last_layer():
+    """EfficientNet-Lite0's parameter groups sort as ``_fc, head, stem``: the default used to pick ``stem``
+    (fails before the fix); the classifier is the Dense kernel with as many outputs as logits."""
+    from flaxcam.evaluation.registry import classifier_layer
+    from flaxcam.models import efficientnet_lite0
+
+    model = efficientnet_lite0(num_classes=7)
+    variables = init_variables(model, (1, 32, 32, 3))
+    assert list(variables["params"])[-1] != "_fc"
+    assert classifier_layer(model.apply, variables, jnp.zeros((1, 32, 32, 3))) == "_fc"

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from flaxcam.evaluation.coherency import adcc
@@ -109,12 +110,23 @@ def _adcc(batch: Batch) -> dict[str, Array]:
     return {"adcc": values["adcc"], "coherency": values["coherency"], "complexity": values["complexity"]}
 
 
+def classifier_layer(apply_fn: ApplyFn, variables: Any, images: Array) -> str:
+    """The top-level parameter group holding the classifier: the one Dense kernel ``(features, K)`` whose
+    ``K`` is the number of logits (parameter dicts are not in call order, so "the last one" is not it)."""
+    classes = jax.eval_shape(apply_fn, variables, images).shape[-1]
+    found = [name for name, group in variables["params"].items()
+             if isinstance(group, Mapping) and getattr(group.get("kernel"), "ndim", 0) == 2
+             and group["kernel"].shape[-1] == classes]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the classifier layer ({found or 'no'} Dense kernel with {classes} outputs); "
+                         f"name the layers to randomize with options={{'cascade': [...]}}, from: {sorted(variables['params'])}")
+    return found[0]
+
+
 def _randomization(batch: Batch) -> dict[str, Array]:
     _needs(batch, "explain_fn", "randomization")
     _needs(batch, "fresh", "randomization")
-    cascade = batch.option("cascade", None)
-    if not cascade:
-        cascade = [list(batch.variables["params"])[-1]]  # the last-defined layer: the classifier head
+    cascade = batch.option("cascade", None) or [classifier_layer(batch.apply_fn, batch.variables, batch.images)]
     rho = model_randomization(batch.explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images,
                                      batch.targets)
     return {"randomization_rank_correlation": rho[0]}
