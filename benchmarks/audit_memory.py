@@ -92,8 +92,14 @@ def main() -> None:
     sampler.start()
     try:
         result = audit.run(
-            source, model, variables, work / "audit", preprocessing=preprocessing, batch_size=args.batch,
-            progress=True, on_batch=on_batch,
+            source,
+            model,
+            variables,
+            work / "audit",
+            preprocessing=preprocessing,
+            batch_size=args.batch,
+            progress=True,
+            on_batch=on_batch,
         )
     finally:
         stop.set()
@@ -113,7 +119,10 @@ def main() -> None:
         "images_per_second": round(result.images_per_second, 1),
         "rss_mib_first_sample": round(float(rss[0]), 1),
         "rss_mib_peak": round(float(rss.max()), 1),
-        "rss_mib_after_2000_images": {"min": round(float(after_warmup.min()), 1), "max": round(float(after_warmup.max()), 1)},
+        "rss_mib_after_2000_images": {
+            "min": round(float(after_warmup.min()), 1),
+            "max": round(float(after_warmup.max()), 1),
+        },
         "rss_mib_growth_after_2000_images": round(float(after_warmup[-1] - after_warmup[0]), 1),
         "machine": machine_info(),
         "samples": [{"t": round(t, 2), "rss_mib": round(r, 1), "images": int(n)} for t, r, n in samples],

@@ -68,7 +68,9 @@ def benchmark(config: str, batches: int, rounds: int, method: str = "cam") -> di
     def bare() -> float:
         start = time.perf_counter()
         for b in range(batches):
-            explanation = flaxcam.explain(model, variables, inputs[b * batch : (b + 1) * batch], method=method, layer=layer)
+            explanation = flaxcam.explain(
+                model, variables, inputs[b * batch : (b + 1) * batch], method=method, layer=layer
+            )
             jax.block_until_ready(explanation.maps)
         return time.perf_counter() - start
 
@@ -81,8 +83,18 @@ def benchmark(config: str, batches: int, rounds: int, method: str = "cam") -> di
         for b in range(batches):
             e = flaxcam.explain(model, variables, inputs[b * batch : (b + 1) * batch], method=method, layer=layer)
             summary = stats_lib.summarize(
-                e.maps[:, 0], e.low_res[:, 0], e.probabilities, e.targets[:, 0], no_boxes, None, 0.2, top_k=3,
-                border=0.1, corner=0.2, with_masks=False, box_resolution=64,
+                e.maps[:, 0],
+                e.low_res[:, 0],
+                e.probabilities,
+                e.targets[:, 0],
+                no_boxes,
+                None,
+                0.2,
+                top_k=3,
+                border=0.1,
+                corner=0.2,
+                with_masks=False,
+                box_resolution=64,
             )
             jax.device_get(summary)
         return time.perf_counter() - start
@@ -90,8 +102,15 @@ def benchmark(config: str, batches: int, rounds: int, method: str = "cam") -> di
     def audited(run: int) -> float:
         start = time.perf_counter()
         result = audit.run(
-            source, model, variables, work / f"run{run}", preprocessing=preprocessing, method=method, layer=layer,
-            batch_size=batch, progress=False,
+            source,
+            model,
+            variables,
+            work / f"run{run}",
+            preprocessing=preprocessing,
+            method=method,
+            layer=layer,
+            batch_size=batch,
+            progress=False,
         )
         seconds = time.perf_counter() - start
         assert result.complete and result.rows == count, result
@@ -145,10 +164,14 @@ def main() -> None:
         record = {**benchmark(config, args.batches, args.rounds, args.method), "machine": machine}
         records.append(record)
         print(json.dumps(record))
-    print("\n| model | method | size | batch | images | bare explain img/s | explain + summary img/s | audit img/s | ratio |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | method | size | batch | images | bare explain img/s | explain + summary img/s | audit img/s | ratio |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for r in records:
-        print(f"| {r['model']} | {r['method']} | {r['size']}x{r['size']} | {r['batch']} | {r['images']} | "
-              f"{r['bare_images_per_second']} | {r['explain_summary_images_per_second']} | {r['audit_images_per_second']} | {r['ratio']} |")
+        print(
+            f"| {r['model']} | {r['method']} | {r['size']}x{r['size']} | {r['batch']} | {r['images']} | "
+            f"{r['bare_images_per_second']} | {r['explain_summary_images_per_second']} | {r['audit_images_per_second']} | {r['ratio']} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a") as handle:

@@ -34,9 +34,7 @@ def _one_pass(source, preprocessing, batch, workers, threads, fast) -> tuple[flo
     start = time.perf_counter()
     first = None
     count = 0
-    for b in iterate_batches(
-        source, preprocessing, batch, worker_count=workers, read_threads=threads, fast_jpeg=fast
-    ):
+    for b in iterate_batches(source, preprocessing, batch, worker_count=workers, read_threads=threads, fast_jpeg=fast):
         first = time.perf_counter() - start if first is None else first
         count += int(b.valid.sum())
     return time.perf_counter() - start, first or 0.0, count
@@ -88,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", type=int, default=0, help="instead: resident memory over a pass of N images")
     args = parser.parse_args(argv)
     if args.memory:
-        print(json.dumps({"benchmark": "iterate_batches_memory", "images": args.memory, "resident_mb": memory_curve(args.memory)}))
+        print(
+            json.dumps(
+                {"benchmark": "iterate_batches_memory", "images": args.memory, "resident_mb": memory_curve(args.memory)}
+            )
+        )
         return
     root = args.dir or Path(tempfile.mkdtemp(prefix="flaxcam_data_bench_"))
     per_class = -(-args.images // 7)

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluation_metrics_cpu.md")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
-    from torch_ref import define_torchvision_schemas
-
     import torch
+
+    from torch_ref import define_torchvision_schemas
 
     define_torchvision_schemas()
     import torchvision
@@ -100,29 +100,44 @@ def main(argv: list[str] | None = None) -> None:
 
     forward = jax.jit(model.apply)
     runs = {
-        "forward pass": (
-            lambda: forward(variables, flax_images).block_until_ready(), torch_forward, 1),
+        "forward pass": (lambda: forward(variables, flax_images).block_until_ready(), torch_forward, 1),
         "confidence change": (
-            lambda: evaluation.confidence_change(model.apply, variables, flax_images, flax_maps, targets).block_until_ready(),
-            lambda: CamMultImageConfidenceChange()(torch_images, maps, pgc_targets, reference), 2),
+            lambda: evaluation.confidence_change(
+                model.apply, variables, flax_images, flax_maps, targets
+            ).block_until_ready(),
+            lambda: CamMultImageConfidenceChange()(torch_images, maps, pgc_targets, reference),
+            2,
+        ),
         "ROAD MoRF + LeRF, 3 percentiles": (
-            lambda: jax.block_until_ready(evaluation.road(model.apply, variables, flax_images, flax_maps, targets,
-                                                          percentiles=percentiles, chunk_size=16)),
-            lambda: (ROADMostRelevantFirstAverage(percentiles)(torch_images, maps, pgc_targets, reference),
-                     ROADLeastRelevantFirstAverage(percentiles)(torch_images, maps, pgc_targets, reference)),
-            2 * (1 + 2 * len(percentiles))),
+            lambda: jax.block_until_ready(
+                evaluation.road(
+                    model.apply, variables, flax_images, flax_maps, targets, percentiles=percentiles, chunk_size=16
+                )
+            ),
+            lambda: (
+                ROADMostRelevantFirstAverage(percentiles)(torch_images, maps, pgc_targets, reference),
+                ROADLeastRelevantFirstAverage(percentiles)(torch_images, maps, pgc_targets, reference),
+            ),
+            2 * (1 + 2 * len(percentiles)),
+        ),
         "deletion + insertion, 20 steps": (
-            lambda: jax.block_until_ready(evaluation.deletion_insertion(model.apply, variables, flax_images, flax_maps,
-                                                                        targets, steps=20, chunk_size=32)),
+            lambda: jax.block_until_ready(
+                evaluation.deletion_insertion(
+                    model.apply, variables, flax_images, flax_maps, targets, steps=20, chunk_size=32
+                )
+            ),
             lambda: _torchcam_deletion(DeletionInsertionMetric, GivenMaps(), torch_images, classes),
-            1 + 1 + 2 * 19),
+            1 + 1 + 2 * 19,
+        ),
     }
     rows = []
     for name, (ours, theirs, passes) in runs.items():
         ours_s = _median_seconds(ours, args.repeats)
         theirs_s = _median_seconds(theirs, args.repeats)
         rows.append((name, passes, batch / ours_s, batch / theirs_s))
-        print(f"{name}: flaxcam {batch / ours_s:.2f} images/s, reference {batch / theirs_s:.2f} images/s", file=sys.stderr)
+        print(
+            f"{name}: flaxcam {batch / ours_s:.2f} images/s, reference {batch / theirs_s:.2f} images/s", file=sys.stderr
+        )
     forward_ours, forward_theirs = rows[0][2], rows[0][3]
     lines = [
         f"# Faithfulness metrics: flaxcam vs pytorch-grad-cam / torchcam (ResNet-18, batch {batch}, {size}×{size})",
@@ -137,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, passes, ours, theirs in rows:
-        lines.append(f"| {name} | {passes} | {ours:.2f} | {theirs:.2f} | **{ours / theirs:.2f}×** "
-                     f"| {forward_ours / ours:.1f} | {forward_theirs / theirs:.1f} |")
+        lines.append(
+            f"| {name} | {passes} | {ours:.2f} | {theirs:.2f} | **{ours / theirs:.2f}×** "
+            f"| {forward_ours / ours:.1f} | {forward_theirs / theirs:.1f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

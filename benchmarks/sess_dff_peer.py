@@ -41,11 +41,11 @@ def main() -> None:
 
     import jax
     from test_cam_parity import _randomize_batchnorm
-    from torch_ref import require_torch
 
     import flaxcam
     from flaxcam.dff import deep_feature_factorization
     from flaxcam.models import load_torchvision_resnet
+    from torch_ref import require_torch
 
     torch, torchvision = require_torch()
     torch.manual_seed(0)
@@ -64,12 +64,16 @@ def main() -> None:
     rows = []
     sess_options = {"num_scales": args.scales}
     with SESS(model=reference, target_layers=[reference.layer4], base_method=GradCAM, **sess_options) as cam:
-        reference_sess = _timed(lambda: cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in targets]), 1)
+        reference_sess = _timed(
+            lambda: cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in targets]), 1
+        )
 
     def ours_sess():
-        jax.block_until_ready(flaxcam.explain(
-            model, variables, nhwc, method="sess", layer="layer4", targets=targets, method_options=sess_options
-        ).maps)
+        jax.block_until_ready(
+            flaxcam.explain(
+                model, variables, nhwc, method="sess", layer="layer4", targets=targets, method_options=sess_options
+            ).maps
+        )
 
     start = time.perf_counter()
     ours_sess()
@@ -82,7 +86,9 @@ def main() -> None:
     factorization.activations_and_grads.release()
 
     def ours_dff():
-        result = deep_feature_factorization(model, variables, nhwc, layer="layer4", n_components=args.components, head="fc")
+        result = deep_feature_factorization(
+            model, variables, nhwc, layer="layer4", n_components=args.components, head="fc"
+        )
         jax.block_until_ready(result.heatmaps)
 
     start = time.perf_counter()
@@ -90,8 +96,12 @@ def main() -> None:
     compile_dff = time.perf_counter() - start
     rows.append(("dff", reference_dff, _timed(ours_dff, args.repeats), compile_dff))
 
-    print(f"ResNet-18, {args.batch} images {height}x{width}, layer4, {args.scales} SESS scales, {args.components} DFF components")
-    print("| method | pytorch-grad-cam s/call | flaxcam s/call | images/s (ref → flaxcam) | ratio | flaxcam first call |")
+    print(
+        f"ResNet-18, {args.batch} images {height}x{width}, layer4, {args.scales} SESS scales, {args.components} DFF components"
+    )
+    print(
+        "| method | pytorch-grad-cam s/call | flaxcam s/call | images/s (ref → flaxcam) | ratio | flaxcam first call |"
+    )
     print("|---|---|---|---|---|---|")
     for name, ref_s, ours_s, first in rows:
         print(

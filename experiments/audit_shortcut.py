@@ -50,7 +50,9 @@ def make_split(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray
     """uint8 canvases, labels, and ground-truth boxes ``(y0, x0, y1, x1)``."""
     from flaxcam.data import make_digit_canvases
 
-    digits = make_digit_canvases(count, size=(size, size), digit_size=(size // 3, size * 7 // 12), clutter_lines=2, seed=seed)
+    digits = make_digit_canvases(
+        count, size=(size, size), digit_size=(size // 3, size * 7 // 12), clutter_lines=2, seed=seed
+    )
     return digits.images, digits.labels.astype(np.int32), digits.boxes[:, [1, 0, 3, 2]].astype(np.float32)
 
 
@@ -93,7 +95,9 @@ def run_experiment(
     }
     specs = {}
     for name, images in (("marked", draw_marker(test_images, test_marked, marker_size)), ("clean", test_images)):
-        path = save_npz(out / f"audit_set_{name}.npz", as_uint8(images), test_labels, class_names=CLASS_NAMES, boxes=test_boxes)
+        path = save_npz(
+            out / f"audit_set_{name}.npz", as_uint8(images), test_labels, class_names=CLASS_NAMES, boxes=test_boxes
+        )
         specs[name] = f"npz:{path}"
     audits = {"marked": [("marked", "marked")], "clean": [("clean", "clean"), ("clean_on_marked", "marked")]}
 
@@ -101,29 +105,48 @@ def run_experiment(
     of_class = test_labels == marker_class
     probe_clean = preprocessing.normalize(as_uint8(test_images[of_class]).astype(np.float32) / 255)
     probe_marked = preprocessing.normalize(
-        as_uint8(draw_marker(test_images[of_class], np.ones(of_class.sum(), bool), marker_size)).astype(np.float32) / 255
+        as_uint8(draw_marker(test_images[of_class], np.ones(of_class.sum(), bool), marker_size)).astype(np.float32)
+        / 255
     )
     summary: dict[str, Any] = {
         "setup": {
-            "train_count": train_count, "audit_count": audit_count, "size": size, "epochs": epochs,
-            "marker_class": marker_class, "marker_fraction": marker_fraction, "marker_size": marker_size,
-            "marker_corner": "bottom-right", "seed": seed, "model": "small_cnn (16, 32, 64), GAP", "method": "cam",
-            "train_marked": int(train_marked.sum()), "audit_marked": int(test_marked.sum()),
+            "train_count": train_count,
+            "audit_count": audit_count,
+            "size": size,
+            "epochs": epochs,
+            "marker_class": marker_class,
+            "marker_fraction": marker_fraction,
+            "marker_size": marker_size,
+            "marker_corner": "bottom-right",
+            "seed": seed,
+            "model": "small_cnn (16, 32, 64), GAP",
+            "method": "cam",
+            "train_marked": int(train_marked.sum()),
+            "audit_marked": int(test_marked.sum()),
         },
     }
     for name, images in datasets.items():
         started = time.perf_counter()
         model = small_cnn(10, (16, 32, 64))
         inputs = preprocessing.normalize(images.astype(np.float32) / 255)
-        variables, losses = train.fit(model, inputs, train_labels, epochs=epochs, batch_size=64, seed=seed, progress=progress)
+        variables, losses = train.fit(
+            model, inputs, train_labels, epochs=epochs, batch_size=64, seed=seed, progress=progress
+        )
         train_seconds = time.perf_counter() - started
         with_marker = train.accuracy(model, variables, probe_marked, test_labels[of_class])
         without_marker = train.accuracy(model, variables, probe_clean, test_labels[of_class])
         for audit_name, data_name in audits[name]:
             audit_dir = out / audit_name
             result = audit.run(
-                specs[data_name], model, variables, audit_dir, preprocessing=preprocessing, method="cam", batch_size=128,
-                progress=progress, model_info={"model": f"small_cnn trained on {name} canvases", "audit_set": data_name},
+                specs[data_name],
+                model,
+                variables,
+                audit_dir,
+                preprocessing=preprocessing,
+                method="cam",
+                batch_size=128,
+                progress=progress,
+                model_info={"model": f"small_cnn trained on {name} canvases", "audit_set": data_name},
             )
             report = write_report(audit_dir, gallery_size=12)
             connection = connect(audit_dir)
@@ -168,7 +191,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     summary = run_experiment(
-        args.out, train_count=args.train_count, audit_count=args.audit_count, size=args.size, epochs=args.epochs,
+        args.out,
+        train_count=args.train_count,
+        audit_count=args.audit_count,
+        size=args.size,
+        epochs=args.epochs,
         seed=args.seed,
     )
     for name in ("marked", "clean", "clean_on_marked"):

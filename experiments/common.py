@@ -31,7 +31,12 @@ def parse_args(description: str, default_config: str, argv: Sequence[str] | None
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / default_config)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI (the config's 'smoke' overrides)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default experiments/results, or a temp-like folder with --smoke)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default experiments/results, or a temp-like folder with --smoke)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -46,7 +51,9 @@ def load_config(path: Path, smoke: bool) -> dict[str, Any]:
 def _merge(base: dict, overrides: Mapping) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, Mapping) and isinstance(base.get(key), Mapping) else value
+        merged[key] = (
+            _merge(base[key], value) if isinstance(value, Mapping) and isinstance(base.get(key), Mapping) else value
+        )
     return merged
 
 
@@ -59,7 +66,9 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 def digits(spec: Mapping[str, Any], count: int, seed: int, **extra: Any) -> DigitCanvases:
     """Digit canvases from a config's ``data`` section (``size``, ``digit_size``, ``clutter_lines``, ...)."""
-    return make_digit_canvases(count, seed=seed, **_canvas_kwargs(spec, ("size", "digit_size", "clutter_lines", "noise")), **extra)
+    return make_digit_canvases(
+        count, seed=seed, **_canvas_kwargs(spec, ("size", "digit_size", "clutter_lines", "noise")), **extra
+    )
 
 
 def _canvas_kwargs(spec: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
@@ -83,7 +92,9 @@ def with_background_class(data: DigitCanvases, spec: Mapping[str, Any], count: i
     labels = np.concatenate([data.labels, np.full(count, len(data.class_names), data.labels.dtype)])[order]
     boxes = np.concatenate([data.boxes, np.zeros((count, 4), data.boxes.dtype)])[order]
     marked = np.concatenate([data.marked, np.zeros(count, bool)])[order]
-    return DigitCanvases(images=images, labels=labels, boxes=boxes, class_names=(*data.class_names, BACKGROUND_CLASS), marked=marked)
+    return DigitCanvases(
+        images=images, labels=labels, boxes=boxes, class_names=(*data.class_names, BACKGROUND_CLASS), marked=marked
+    )
 
 
 def train_config(spec: Mapping[str, Any], **overrides: Any) -> TrainConfig:
@@ -91,12 +102,20 @@ def train_config(spec: Mapping[str, Any], **overrides: Any) -> TrainConfig:
     return TrainConfig.from_dict({**spec, **overrides})
 
 
-def train_on(config: TrainConfig, data: DigitCanvases, out: Path, *, progress: bool, eval_data: DigitCanvases | None = None) -> TrainResult:
+def train_on(
+    config: TrainConfig, data: DigitCanvases, out: Path, *, progress: bool, eval_data: DigitCanvases | None = None
+) -> TrainResult:
     """Train on in-memory canvases; a finished run in ``out`` with the same config is reused (resume)."""
     feed = ArrayFeed.from_images(data.images, data.labels, data.class_names, config)
-    eval_feed = ArrayFeed.from_images(eval_data.images, eval_data.labels, eval_data.class_names, config) if eval_data is not None else None
+    eval_feed = (
+        ArrayFeed.from_images(eval_data.images, eval_data.labels, eval_data.class_names, config)
+        if eval_data is not None
+        else None
+    )
     started = time.perf_counter()
-    result = train(config, feed, out=out, eval_data=eval_feed, progress=progress, log=lambda m: print(m, file=sys.stderr))
+    result = train(
+        config, feed, out=out, eval_data=eval_feed, progress=progress, log=lambda m: print(m, file=sys.stderr)
+    )
     print(f"  {out.name}: {result.steps} steps, {time.perf_counter() - started:.0f}s", file=sys.stderr)
     return result
 
@@ -117,12 +136,28 @@ def predict(model, variables, inputs: np.ndarray, chunk: int = 256) -> np.ndarra
     return np.concatenate(out)
 
 
-def explain_maps(model, variables, inputs: np.ndarray, targets: np.ndarray, method: str, *, layer: str | None = None, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def explain_maps(
+    model,
+    variables,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    method: str,
+    *,
+    layer: str | None = None,
+    chunk: int = 128,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(maps (N, H, W), logits (N, K))`` of ``method`` for the given target classes, in chunks of ``chunk``."""
     maps, logits = [], []
     for start in range(0, len(inputs), chunk):
-        explanation = flaxcam.explain(model, variables, inputs[start : start + chunk], method=method, layer=layer,
-                                      targets=np.asarray(targets[start : start + chunk]), key=jax.random.key(0))
+        explanation = flaxcam.explain(
+            model,
+            variables,
+            inputs[start : start + chunk],
+            method=method,
+            layer=layer,
+            targets=np.asarray(targets[start : start + chunk]),
+            key=jax.random.key(0),
+        )
         maps.append(np.asarray(explanation.maps[:, 0]))
         logits.append(np.asarray(explanation.logits))
     return np.concatenate(maps), np.concatenate(logits)
@@ -145,7 +180,9 @@ def localization_scores(maps: np.ndarray, boxes_xyxy: np.ndarray, correct: np.nd
 def provenance(command: str) -> dict[str, Any]:
     """The command, git commit, versions and machine that produced a results file."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {

@@ -44,14 +44,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64])
     parser.add_argument("--digit-size", type=int, nargs=2, default=[20, 32])
     parser.add_argument("--clutter-lines", type=int, default=3)
-    parser.add_argument("--n-test", type=int, default=None, help="test canvases (default: as many as the saved maps, else 300)")
+    parser.add_argument(
+        "--n-test", type=int, default=None, help="test canvases (default: as many as the saved maps, else 300)"
+    )
     args = parser.parse_args()
     data = {"size": args.size, "digit_size": args.digit_size, "clutter_lines": args.clutter_lines}
     saved = args.run / "maps_cam.npy"
     saved_count = len(np.load(saved, mmap_mode="r")) if saved.exists() else None
     count = args.n_test or saved_count or 300
     if saved_count is not None and saved_count != count:
-        parser.error(f"{saved} holds maps of {saved_count} test canvases, not --n-test {count}; drop --n-test or delete the file")
+        parser.error(
+            f"{saved} holds maps of {saved_count} test canvases, not --n-test {count}; drop --n-test or delete the file"
+        )
     test = common.digits(data, count, seed=1)
     maps = saved_or_computed_maps(args.run, data, count)
     truth = test.boxes.astype(np.float32)
@@ -63,9 +67,13 @@ def main() -> None:
     width = (boxes[:, 2] - boxes[:, 0]) / (truth[:, 2] - truth[:, 0])
     height = (boxes[:, 3] - boxes[:, 1]) / (truth[:, 3] - truth[:, 1])
     area = width * height
-    print(f"misses {miss.sum()} of {len(miss)}: too large {np.sum(miss & (area > 1.4))}, too small {np.sum(miss & (area < 0.7))}, "
-          f"offset {np.sum(miss & (area >= 0.7) & (area <= 1.4))}")
-    print(f"median width / height ratio: all {np.median(width):.2f} / {np.median(height):.2f}, misses {np.median(width[miss]):.2f} / {np.median(height[miss]):.2f}")
+    print(
+        f"misses {miss.sum()} of {len(miss)}: too large {np.sum(miss & (area > 1.4))}, too small {np.sum(miss & (area < 0.7))}, "
+        f"offset {np.sum(miss & (area >= 0.7) & (area <= 1.4))}"
+    )
+    print(
+        f"median width / height ratio: all {np.median(width):.2f} / {np.median(height):.2f}, misses {np.median(width[miss]):.2f} / {np.median(height[miss]):.2f}"
+    )
     print("hit rate per class:", {c: round(float((~miss)[test.labels == c].mean()), 2) for c in range(10)})
 
 

@@ -40,7 +40,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     figure_rows = []
     for pooling in ("avg", "max"):
         train_config = common.train_config(config["train"], pooling=pooling)
-        result = common.train_on(train_config, train_data, out / "runs" / _run_name(name, pooling), progress=not args.no_progress)
+        result = common.train_on(
+            train_config, train_data, out / "runs" / _run_name(name, pooling), progress=not args.no_progress
+        )
         inputs = common.model_inputs(train_config, test_data.images)
         run: dict = {"pooling": pooling, "train_history": result.history}
         for method in config["methods"]:
@@ -52,12 +54,21 @@ def run(argv: Sequence[str] | None = None) -> dict:
             if method == config["methods"][0]:
                 figure_rows.append((pooling, method, maps[: config.get("figure_images", 6)]))
         results["runs"][pooling] = run
-        print(f"{pooling}: accuracy {run['accuracy']:.3f}; " + "; ".join(
-            f"{m} box {run[m]['box_iou>=0.5']:.3f} point {run[m]['pointing_game']:.3f}" for m in config["methods"]), file=sys.stderr)
+        print(
+            f"{pooling}: accuracy {run['accuracy']:.3f}; "
+            + "; ".join(
+                f"{m} box {run[m]['box_iou>=0.5']:.3f} point {run[m]['pointing_game']:.3f}" for m in config["methods"]
+            ),
+            file=sys.stderr,
+        )
     gap, gmp = results["runs"]["avg"], results["runs"]["max"]
     results["conclusion"] = {
-        f"gap_minus_gmp_{method}_box_iou>=0.5": gap[method]["box_iou>=0.5"] - gmp[method]["box_iou>=0.5"] for method in config["methods"]
-    } | {"gap_minus_gmp_accuracy": gap["accuracy"] - gmp["accuracy"], "target_gap_cam_box>=0.90": gap["cam"]["box_iou>=0.5"] >= 0.90}
+        f"gap_minus_gmp_{method}_box_iou>=0.5": gap[method]["box_iou>=0.5"] - gmp[method]["box_iou>=0.5"]
+        for method in config["methods"]
+    } | {
+        "gap_minus_gmp_accuracy": gap["accuracy"] - gmp["accuracy"],
+        "target_gap_cam_box>=0.90": gap["cam"]["box_iou>=0.5"] >= 0.90,
+    }
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["provenance"] = common.provenance("python -m experiments.digits_gap_gmp " + " ".join(argv or sys.argv[1:]))
     common.write_json(out / f"{name}.json", results)
@@ -84,8 +95,12 @@ def _per_class(maps: np.ndarray, data) -> dict:
     out = {}
     for c, name in enumerate(data.class_names):
         k = data.labels == c
-        out[name] = {"box_iou>=0.5": float(hit[k].mean()), "median_width_ratio": float(np.median(width[k])),
-                     "median_height_ratio": float(np.median(height[k])), "count": int(k.sum())}
+        out[name] = {
+            "box_iou>=0.5": float(hit[k].mean()),
+            "median_width_ratio": float(np.median(width[k])),
+            "median_height_ratio": float(np.median(height[k])),
+            "count": int(k.sum()),
+        }
     return out
 
 
@@ -98,7 +113,9 @@ def _baselines(data) -> dict:
     truth = np.asarray(data.boxes, np.float32)
     whole = np.broadcast_to(np.array([0, 0, width, height], np.float32), truth.shape)
     mean_w, mean_h = (truth[:, 2] - truth[:, 0]).mean(), (truth[:, 3] - truth[:, 1]).mean()
-    centre = np.array([(width - mean_w) / 2, (height - mean_h) / 2, (width + mean_w) / 2, (height + mean_h) / 2], np.float32)
+    centre = np.array(
+        [(width - mean_w) / 2, (height - mean_h) / 2, (width + mean_w) / 2, (height + mean_h) / 2], np.float32
+    )
     centred = np.broadcast_to(centre, truth.shape)
     return {
         "whole_canvas_box_iou>=0.5": float((np.asarray(loc.box_iou(whole, truth)) >= 0.5).mean()),
@@ -123,7 +140,9 @@ def _figure(path, data, rows) -> None:
             ax.imshow(maps[c], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             for box, colour in ((data.boxes[c], "lime"), (boxes[c], "red")):
                 x0, y0, x1, y1 = box
-                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
+                ax.add_patch(
+                    Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5)
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

@@ -40,7 +40,13 @@ def main(spec: dict) -> None:
         maps, logits = common.explain_maps(result.model, result.variables, inputs, test.labels, method)
         np.save(out / f"maps_{method}.npy", maps.astype(np.float16))  # for a failure analysis
         correct = (np.argmax(logits, 1) == test.labels).astype(np.float32)  # a digit called "background" is wrong
-        print(spec["name"], method, f"accuracy {correct.mean():.3f}", common.localization_scores(maps, test.boxes, correct), flush=True)
+        print(
+            spec["name"],
+            method,
+            f"accuracy {correct.mean():.3f}",
+            common.localization_scores(maps, test.boxes, correct),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

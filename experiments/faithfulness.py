@@ -31,8 +31,18 @@ from flaxcam.demo import sample_photos
 from flaxcam.imageio import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from flaxcam.models import pretrained_efficientnet_lite0
 
-METHODS = ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "ablationcam",
-           "faster_scorecam", "randomcam"]
+METHODS = [
+    "cam",
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "layercam",
+    "hirescam",
+    "eigencam",
+    "ablationcam",
+    "faster_scorecam",
+    "randomcam",
+]
 SMOKE_METHODS = ["gradcam", "randomcam"]
 
 
@@ -47,17 +57,32 @@ def run(argv: list[str] | None = None) -> dict:
     source = ArraySource([photos[n] for n in names], ids=names)
     model, variables, meta = pretrained_efficientnet_lite0()
     size = tuple(meta.get("input_size", (224, 224)))
-    preprocessing = Preprocessing((int(size[0]), int(size[1])), tuple(meta.get("mean", IMAGENET_MEAN)),
-                                  tuple(meta.get("std", IMAGENET_STD)))
+    preprocessing = Preprocessing(
+        (int(size[0]), int(size[1])), tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
+    )
     options = {"steps": 5, "percentiles": [30, 70]} if args.smoke else {"steps": 10, "percentiles": [20, 40, 60, 80]}
     started = time.perf_counter()
     board = evaluation.evaluate(
-        source, model, variables, args.out, preprocessing=preprocessing,
-        methods=SMOKE_METHODS if args.smoke else METHODS, metrics="all", batch_size=2, options=options,
-        method_options=None, resume=not args.restart, class_names=meta.get("class_names"), progress=True)
+        source,
+        model,
+        variables,
+        args.out,
+        preprocessing=preprocessing,
+        methods=SMOKE_METHODS if args.smoke else METHODS,
+        metrics="all",
+        batch_size=2,
+        options=options,
+        method_options=None,
+        resume=not args.restart,
+        class_names=meta.get("class_names"),
+        progress=True,
+    )
     results = {
-        "images": names, "methods": SMOKE_METHODS if args.smoke else METHODS, "options": options,
-        "leaderboard": board.table.to_pylist(), "timing": board.timing.to_pylist(),
+        "images": names,
+        "methods": SMOKE_METHODS if args.smoke else METHODS,
+        "options": options,
+        "leaderboard": board.table.to_pylist(),
+        "timing": board.timing.to_pylist(),
         "seconds": round(time.perf_counter() - started, 1),
         "provenance": common.provenance("python -m experiments.faithfulness " + " ".join(argv or sys.argv[1:])),
     }
@@ -73,8 +98,11 @@ def _print_table(rows: list[dict]) -> None:
     print("| method | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for method in methods:
-        print(f"| {method} | " + " | ".join(f"{value[(method, c)]:.3f}" if np.isfinite(value[(method, c)]) else "nan"
-                                          for c in columns) + " |")
+        print(
+            f"| {method} | "
+            + " | ".join(f"{value[(method, c)]:.3f}" if np.isfinite(value[(method, c)]) else "nan" for c in columns)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

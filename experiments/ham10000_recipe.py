@@ -108,8 +108,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "images": {"train": len(train_indices), "val": len(val_indices)},
         "history": result.history,
         "figures": [
-            {"image_id": source.ids[i], "true": source.class_names[int(source.labels[i])], "predicted": r["target"]["name"],
-             "probability": r["target"]["probability"], "box": r["box"], "figure": str(Path(r["figure"]).relative_to(out))}
+            {
+                "image_id": source.ids[i],
+                "true": source.class_names[int(source.labels[i])],
+                "predicted": r["target"]["name"],
+                "probability": r["target"]["probability"],
+                "box": r["box"],
+                "figure": str(Path(r["figure"]).relative_to(out)),
+            }
             for i, r in zip(chosen, records)
         ],
         "errors": errors + [list(e) for e in result.errors],
@@ -117,7 +123,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "provenance": common.provenance("python -m experiments.ham10000_recipe " + " ".join(argv or sys.argv[1:])),
     }
     common.write_json(out / ("ham10000_smoke.json" if args.smoke else "ham10000.json"), results)
-    print(f"{len(records)} figures in {figures}; last validation accuracy {result.history[-1].get('eval_accuracy') if result.history else None}", file=sys.stderr)
+    print(
+        f"{len(records)} figures in {figures}; last validation accuracy {result.history[-1].get('eval_accuracy') if result.history else None}",
+        file=sys.stderr,
+    )
     return results
 
 

@@ -48,8 +48,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
     out = common.output_folder(args)
     started = time.perf_counter()
     marker = config["marker"]
-    marker_kwargs = {"marker_class": marker["class"], "marker_fraction": marker["fraction"],
-                     "marker_corner": marker["corner"], "marker_size": marker["size"]}
+    marker_kwargs = {
+        "marker_class": marker["class"],
+        "marker_fraction": marker["fraction"],
+        "marker_corner": marker["corner"],
+        "marker_size": marker["size"],
+    }
     train_marked = common.digits(config["data"], config["train_count"], seed=0, **marker_kwargs)
     train_clean = common.digits(config["data"], config["train_count"], seed=0)
     test = common.digits(config["data"], config["test_count"], seed=1, **marker_kwargs)
@@ -83,13 +87,22 @@ def run(argv: Sequence[str] | None = None) -> dict:
             }
         run["accuracy"] = float((predicted == test.labels).mean())
         run["accuracy_unmarked"] = float((predicted == test.labels)[~test.marked].mean())
-        pasted_logits = common.predict(result.model, result.variables, common.model_inputs(train_config, pasted[others]))
+        pasted_logits = common.predict(
+            result.model, result.variables, common.model_inputs(train_config, pasted[others])
+        )
         clean_logits = logits[others]
         run["flipped_to_marked_class_by_pasted_marker"] = float(
-            ((np.argmax(pasted_logits, 1) == marker["class"]) & (np.argmax(clean_logits, 1) != marker["class"])).mean())
+            ((np.argmax(pasted_logits, 1) == marker["class"]) & (np.argmax(clean_logits, 1) != marker["class"])).mean()
+        )
         results["runs"][name] = run
-        print(f"{name}: accuracy {run['accuracy']:.3f}; " + "; ".join(
-            f"{m} highest class {run[m]['highest_class']} AUC {run[m]['auc_marked_vs_unmarked']:.3f}" for m in config["methods"]), file=sys.stderr)
+        print(
+            f"{name}: accuracy {run['accuracy']:.3f}; "
+            + "; ".join(
+                f"{m} highest class {run[m]['highest_class']} AUC {run[m]['auc_marked_vs_unmarked']:.3f}"
+                for m in config["methods"]
+            ),
+            file=sys.stderr,
+        )
     marked = results["runs"]["marked"]
     results["targets"] = {
         method: {
@@ -100,7 +113,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         for method in config["methods"]
     }
     results["seconds"] = round(time.perf_counter() - started, 1)
-    results["provenance"] = common.provenance("python -m experiments.planted_shortcut " + " ".join(argv or sys.argv[1:]))
+    results["provenance"] = common.provenance(
+        "python -m experiments.planted_shortcut " + " ".join(argv or sys.argv[1:])
+    )
     common.write_json(out / "planted_shortcut.json", results)
     _figure(out / "planted_shortcut.png", results, config, marker["class"])
     return results
@@ -118,8 +133,13 @@ def _figure(path, results, config, marked_class: int) -> None:
         width = 0.4
         for offset, name, colour in ((-width / 2, "marked", "tab:red"), (width / 2, "clean_twin", "tab:blue")):
             values = results["runs"][name][method]["corner_attention_per_class"]
-            ax.bar(np.arange(len(values)) + offset, values, width, color=colour,
-                   label=f"{name.replace('_', ' ')} (AUC {results['runs'][name][method]['auc_marked_vs_unmarked']:.2f})")
+            ax.bar(
+                np.arange(len(values)) + offset,
+                values,
+                width,
+                color=colour,
+                label=f"{name.replace('_', ' ')} (AUC {results['runs'][name][method]['auc_marked_vs_unmarked']:.2f})",
+            )
         ax.set_xticks(range(len(values)))
         ax.set_xlabel(f"true class (marker on class {marked_class})")
         ax.set_ylabel("corner attention (map mass share)")

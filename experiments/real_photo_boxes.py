@@ -174,7 +174,12 @@ def explain_source(model, variables, inputs: np.ndarray, source: MapSource, batc
         low = e.low_res if isinstance(e.low_res, tuple) else (e.low_res,)
         native = max((tuple(x.shape[-2:]) for x in low), key=lambda s: s[0] * s[1])
     steady = seconds[1:] or seconds
-    return {"maps": np.concatenate(maps), "logits": np.concatenate(logits), "native": native, "seconds": float(np.mean(steady))}
+    return {
+        "maps": np.concatenate(maps),
+        "logits": np.concatenate(logits),
+        "native": native,
+        "seconds": float(np.mean(steady)),
+    }
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -183,8 +188,16 @@ def explain_source(model, variables, inputs: np.ndarray, source: MapSource, batc
 def rule_grid(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, kwargs of localize.boxes) for every rule scored."""
     grid = [(rule, {"rule": rule}) for rule in localize.BOX_RULES]
-    grid += [(f"fixed{t:.1f}", {"rule": "paper", "threshold": t}) for t in config["fixed_thresholds"] if t != localize.DEFAULT_THRESHOLD]
-    grid += [(f"energy{s:.1f}", {"rule": "energy", "energy_share": s}) for s in config["energy_shares"] if s != localize.DEFAULT_ENERGY_SHARE]
+    grid += [
+        (f"fixed{t:.1f}", {"rule": "paper", "threshold": t})
+        for t in config["fixed_thresholds"]
+        if t != localize.DEFAULT_THRESHOLD
+    ]
+    grid += [
+        (f"energy{s:.1f}", {"rule": "energy", "energy_share": s})
+        for s in config["energy_shares"]
+        if s != localize.DEFAULT_ENERGY_SHARE
+    ]
     return grid
 
 
@@ -201,13 +214,26 @@ def scores(iou: np.ndarray, points: np.ndarray, correct: np.ndarray) -> dict[str
     """IoU >= 0.5, mean IoU and pointing game over correctly classified objects and over all images."""
     out: dict[str, float] = {"images": len(iou), "correct": int(correct.sum())}
     if correct.any():
-        out.update({"iou>=0.5": float((iou[correct] >= 0.5).mean()), "mean_iou": float(iou[correct].mean()),
-                    "pointing_game": float(points[correct].mean())})
-    out.update({"iou>=0.5_all": float((iou >= 0.5).mean()), "mean_iou_all": float(iou.mean()), "pointing_game_all": float(points.mean())})
+        out.update(
+            {
+                "iou>=0.5": float((iou[correct] >= 0.5).mean()),
+                "mean_iou": float(iou[correct].mean()),
+                "pointing_game": float(points[correct].mean()),
+            }
+        )
+    out.update(
+        {
+            "iou>=0.5_all": float((iou >= 0.5).mean()),
+            "mean_iou_all": float(iou.mean()),
+            "pointing_game_all": float(points.mean()),
+        }
+    )
     return out
 
 
-def evaluate(maps: np.ndarray, native, gt_boxes: np.ndarray, correct: np.ndarray, groups: dict[str, np.ndarray], grid) -> dict[str, Any]:
+def evaluate(
+    maps: np.ndarray, native, gt_boxes: np.ndarray, correct: np.ndarray, groups: dict[str, np.ndarray], grid
+) -> dict[str, Any]:
     """Every rule's scores per group of images (e.g. split x kind) on maps ``(N, S, S)``."""
     gt = jnp.asarray(gt_boxes, jnp.float32)
     points = np.asarray(metrics.pointing_hits(jnp.asarray(maps), gt))
@@ -215,7 +241,10 @@ def evaluate(maps: np.ndarray, native, gt_boxes: np.ndarray, correct: np.ndarray
     for label, kwargs in grid:
         boxes, seconds = rule_boxes(maps, native, kwargs)
         iou = np.asarray(localize.box_iou(jnp.asarray(boxes), gt))
-        out[label] = {"seconds_per_image": seconds, **{g: scores(iou[m], points[m], correct[m]) for g, m in groups.items()}}
+        out[label] = {
+            "seconds_per_image": seconds,
+            **{g: scores(iou[m], points[m], correct[m]) for g, m in groups.items()},
+        }
     return out
 
 
@@ -253,7 +282,13 @@ def digits_scores(run: Path, grid) -> dict[str, Any]:
     downsample = 2 ** spec["train"]["model_kwargs"]["downsamplings"]
     native = (spec["data"]["size"][0] // downsample, spec["data"]["size"][1] // downsample)
     out = evaluate(maps, native, test.boxes, correct, {"test": np.ones(len(maps), bool)}, grid)
-    return {"run": str(run), "config_seen": config is not None, "native": list(native), "accuracy": float(correct.mean()), "rules": out}
+    return {
+        "run": str(run),
+        "config_seen": config is not None,
+        "native": list(native),
+        "accuracy": float(correct.mean()),
+        "rules": out,
+    }
 
 
 def figure(path: Path, panels: list[dict[str, Any]]) -> None:
@@ -269,7 +304,11 @@ def figure(path: Path, panels: list[dict[str, Any]]) -> None:
     for ax, panel in zip(np.ravel(axes), panels):
         ax.imshow(panel["image"])
         ax.imshow(panel["map"], cmap="jet", alpha=0.4, extent=(0, panel["image"].shape[1], panel["image"].shape[0], 0))
-        for box, colour, style in ((panel["gt"], "lime", "-"), (panel["paper"], "red", "--"), (panel["auto"], "cyan", "-")):
+        for box, colour, style in (
+            (panel["gt"], "lime", "-"),
+            (panel["paper"], "red", "--"),
+            (panel["auto"], "cyan", "-"),
+        ):
             x0, y0, x1, y1 = box
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=2, ls=style))
         ax.set_title(panel["title"], fontsize=8)
@@ -287,10 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=common.ROOT / "configs" / "real_photo_boxes.json")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--digits", type=Path, default=None, help="a digits probe run folder (maps_cam.npy, model.msgpack)")
+    parser.add_argument(
+        "--digits", type=Path, default=None, help="a digits probe run folder (maps_cam.npy, model.msgpack)"
+    )
     parser.add_argument("--sources", nargs="*", default=[s.name for s in MAP_SOURCES])
     parser.add_argument("--save-maps", action="store_true", help="also save each source's maps (float16 .npy, large)")
-    parser.add_argument("--tables-only", action="store_true", help="rewrite the Markdown tables (and add --digits) from the saved JSON")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite the Markdown tables (and add --digits) from the saved JSON"
+    )
     args = parser.parse_args(argv)
     if args.tables_only:
         out = args.out or common.RESULTS
@@ -310,8 +353,12 @@ def main(argv: list[str] | None = None) -> None:
     names, photos, photo_boxes, photo_kinds = whole_photos(config)
     model, variables, meta = models.pretrained_efficientnet_lite0()
     groups = groups_of(bench.held_out, bench.kinds)
-    results: dict[str, Any] = {"config": config, "provenance": common.provenance("python -m experiments.real_photo_boxes"),
-                               "rules": [label for label, _ in grid], "sources": {}}
+    results: dict[str, Any] = {
+        "config": config,
+        "provenance": common.provenance("python -m experiments.real_photo_boxes"),
+        "rules": [label for label, _ in grid],
+        "sources": {},
+    }
     panels_source: dict[str, Any] = {}
     for source in [s for s in MAP_SOURCES if s.name in args.sources]:
         began = time.perf_counter()
@@ -327,14 +374,22 @@ def main(argv: list[str] | None = None) -> None:
         sizes = np.asarray([[p.shape[1], p.shape[0], p.shape[1], p.shape[0]] for p in photos], np.float32)
         photo_gt = photo_boxes / sizes * source.input_size
         photo_correct = acceptable(photo_explained["logits"], photo_kinds, config)
-        photo_rules = evaluate(photo_explained["maps"], photo_explained["native"], photo_gt, photo_correct,
-                               {"photos": np.ones(len(photos), bool)}, grid)
+        photo_rules = evaluate(
+            photo_explained["maps"],
+            photo_explained["native"],
+            photo_gt,
+            photo_correct,
+            {"photos": np.ones(len(photos), bool)},
+            grid,
+        )
         boxes_per_photo = {}
         for label in ("paper", "auto", "resolution", "otsu", "energy"):
             kwargs = dict(grid)[label]
             b, _ = rule_boxes(photo_explained["maps"], photo_explained["native"], kwargs)
-            boxes_per_photo[label] = {n: (np.asarray(bx, np.float64) / source.input_size * sizes[i]).round().astype(int).tolist()
-                                      for i, (n, bx) in enumerate(zip(names, b))}
+            boxes_per_photo[label] = {
+                n: (np.asarray(bx, np.float64) / source.input_size * sizes[i]).round().astype(int).tolist()
+                for i, (n, bx) in enumerate(zip(names, b))
+            }
         results["sources"][source.name] = {
             "native_map": list(explained["native"]),
             "auto_rule": localize.auto_rule(explained["native"]),
@@ -342,26 +397,47 @@ def main(argv: list[str] | None = None) -> None:
             "acceptable_top1": {g: float(correct[m].mean()) for g, m in groups.items()},
             "rules": rules,
             "dev_choice": choose_on_dev(rules),
-            "photos": {"names": names, "acceptable_top1": photo_correct.tolist(),
-                       "top1": [int(t) for t in np.argmax(photo_explained["logits"], 1)],
-                       "rules": photo_rules, "boxes": boxes_per_photo},
+            "photos": {
+                "names": names,
+                "acceptable_top1": photo_correct.tolist(),
+                "top1": [int(t) for t in np.argmax(photo_explained["logits"], 1)],
+                "rules": photo_rules,
+                "boxes": boxes_per_photo,
+            },
         }
-        print(f"{source.name}: native {explained['native']}, {explained['seconds'] * 1e3:.0f} ms/image, "
-              f"acceptable top-1 {correct[bench.held_out].mean():.3f} (held-out), dev choice {results['sources'][source.name]['dev_choice']}, "
-              f"{time.perf_counter() - began:.0f}s", flush=True)
+        print(
+            f"{source.name}: native {explained['native']}, {explained['seconds'] * 1e3:.0f} ms/image, "
+            f"acceptable top-1 {correct[bench.held_out].mean():.3f} (held-out), dev choice {results['sources'][source.name]['dev_choice']}, "
+            f"{time.perf_counter() - began:.0f}s",
+            flush=True,
+        )
         for label in ("paper", "resolution", "otsu", "energy", "auto", results["sources"][source.name]["dev_choice"]):
             r = rules[label]["held_out"]
-            print(f"   {label:12s} held-out IoU>=0.5 {r.get('iou>=0.5', float('nan')):.3f}  mean IoU {r.get('mean_iou', float('nan')):.3f}  "
-                  f"pointing {r.get('pointing_game', float('nan')):.3f}   photos IoU>=0.5 {photo_rules[label]['photos']['iou>=0.5_all']:.2f}", flush=True)
+            print(
+                f"   {label:12s} held-out IoU>=0.5 {r.get('iou>=0.5', float('nan')):.3f}  mean IoU {r.get('mean_iou', float('nan')):.3f}  "
+                f"pointing {r.get('pointing_game', float('nan')):.3f}   photos IoU>=0.5 {photo_rules[label]['photos']['iou>=0.5_all']:.2f}",
+                flush=True,
+            )
         common.write_json(out / "real_photo_boxes.json", results)  # after every source: partial results survive
         if source.name == "cam@224":
-            panels_source = {"explained": explained, "photo": photo_explained, "photo_gt": photo_gt, "inputs_size": source.input_size}
+            panels_source = {
+                "explained": explained,
+                "photo": photo_explained,
+                "photo_gt": photo_gt,
+                "inputs_size": source.input_size,
+            }
 
     if args.digits is not None:
         results["digits"] = digits_scores(args.digits, grid)
         d = results["digits"]["rules"]
-        print(f"digits: accuracy {results['digits']['accuracy']:.3f}; " + ", ".join(
-            f"{label} {d[label]['test']['iou>=0.5_all']:.3f}" for label in ("paper", "resolution", "otsu", "energy", "auto")), flush=True)
+        print(
+            f"digits: accuracy {results['digits']['accuracy']:.3f}; "
+            + ", ".join(
+                f"{label} {d[label]['test']['iou>=0.5_all']:.3f}"
+                for label in ("paper", "resolution", "otsu", "energy", "auto")
+            ),
+            flush=True,
+        )
 
     common.write_json(out / "real_photo_boxes.json", results)
     (out / "real_photo_boxes.md").write_text(markdown_tables(results))
@@ -373,35 +449,62 @@ def main(argv: list[str] | None = None) -> None:
 def markdown_tables(results: dict[str, Any]) -> str:
     """The results as Markdown: per map source, rules x (held-out IoU >= 0.5, mean IoU, pointing game,
     box time; whole photos; digits), then per kind for the default maps."""
-    lines = ["| maps | rule | held-out IoU>=0.5 | mean IoU | pointing | dev IoU>=0.5 | photos IoU>=0.5 (all) | box ms/image | map ms/image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| maps | rule | held-out IoU>=0.5 | mean IoU | pointing | dev IoU>=0.5 | photos IoU>=0.5 (all) | box ms/image | map ms/image |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, source in results["sources"].items():
-        labels = list(localize.BOX_RULES) + [source["dev_choice"]] if source["dev_choice"] not in localize.BOX_RULES else list(localize.BOX_RULES)
+        labels = (
+            [*list(localize.BOX_RULES), source["dev_choice"]]
+            if source["dev_choice"] not in localize.BOX_RULES
+            else list(localize.BOX_RULES)
+        )
         for label in labels:
             r = source["rules"][label]
             h, d, ph = r["held_out"], r["dev"], source["photos"]["rules"][label]["photos"]
             shown = f"auto (= {source['auto_rule']})" if label == "auto" else label
-            lines.append(f"| {name} {source['native_map'][0]}x{source['native_map'][1]} | {shown} | {h.get('iou>=0.5', float('nan')):.3f} | "
-                         f"{h.get('mean_iou', float('nan')):.3f} | {h.get('pointing_game', float('nan')):.3f} | {d.get('iou>=0.5', float('nan')):.3f} | "
-                         f"{ph['iou>=0.5_all']:.2f} | {r['seconds_per_image'] * 1e3:.2f} | {source['explain_seconds_per_image'] * 1e3:.0f} |")
-    lines += ["", "Correctly classified held-out objects per kind (acceptable top-1 rate, then IoU >= 0.5 per rule), default maps:", ""]
+            lines.append(
+                f"| {name} {source['native_map'][0]}x{source['native_map'][1]} | {shown} | {h.get('iou>=0.5', float('nan')):.3f} | "
+                f"{h.get('mean_iou', float('nan')):.3f} | {h.get('pointing_game', float('nan')):.3f} | {d.get('iou>=0.5', float('nan')):.3f} | "
+                f"{ph['iou>=0.5_all']:.2f} | {r['seconds_per_image'] * 1e3:.2f} | {source['explain_seconds_per_image'] * 1e3:.0f} |"
+            )
+    lines += [
+        "",
+        "Correctly classified held-out objects per kind (acceptable top-1 rate, then IoU >= 0.5 per rule), default maps:",
+        "",
+    ]
     default = results["sources"].get("cam@224")
     if default:
-        lines += ["| kind | acceptable top-1 | correct | " + " | ".join(localize.BOX_RULES) + " | pointing |", "|---|---|---|" + "---|" * (len(localize.BOX_RULES) + 1)]
+        lines += [
+            "| kind | acceptable top-1 | correct | " + " | ".join(localize.BOX_RULES) + " | pointing |",
+            "|---|---|---|" + "---|" * (len(localize.BOX_RULES) + 1),
+        ]
         for kind in KINDS_ORDER:
             g = f"held_out/{kind}"
             cells = [f"{default['rules'][rule][g].get('iou>=0.5', float('nan')):.2f}" for rule in localize.BOX_RULES]
-            lines.append(f"| {kind} | {default['acceptable_top1'][g]:.2f} | {default['rules']['paper'][g]['correct']} | " + " | ".join(cells)
-                         + f" | {default['rules']['paper'][g].get('pointing_game', float('nan')):.2f} |")
+            lines.append(
+                f"| {kind} | {default['acceptable_top1'][g]:.2f} | {default['rules']['paper'][g]['correct']} | "
+                + " | ".join(cells)
+                + f" | {default['rules']['paper'][g].get('pointing_game', float('nan')):.2f} |"
+            )
     if "digits" in results:
         d = results["digits"]
-        title = (f"Digits canvases ({d['rules']['paper']['test']['images']} test canvases, {d['native'][0]}x{d['native'][1]} maps, "
-                 f"accuracy {d['accuracy']:.3f}), GAP CAM, all canvases / correctly classified:")
-        lines += ["", title, "",
-                  "| rule | IoU>=0.5 (all) | IoU>=0.5 (correct) | mean IoU (all) | pointing (all) |", "|---|---|---|---|---|"]
+        title = (
+            f"Digits canvases ({d['rules']['paper']['test']['images']} test canvases, {d['native'][0]}x{d['native'][1]} maps, "
+            f"accuracy {d['accuracy']:.3f}), GAP CAM, all canvases / correctly classified:"
+        )
+        lines += [
+            "",
+            title,
+            "",
+            "| rule | IoU>=0.5 (all) | IoU>=0.5 (correct) | mean IoU (all) | pointing (all) |",
+            "|---|---|---|---|---|",
+        ]
         for label in localize.BOX_RULES:
             t = d["rules"][label]["test"]
-            lines.append(f"| {label} | {t['iou>=0.5_all']:.3f} | {t.get('iou>=0.5', float('nan')):.3f} | {t['mean_iou_all']:.3f} | {t['pointing_game_all']:.3f} |")
+            lines.append(
+                f"| {label} | {t['iou>=0.5_all']:.3f} | {t.get('iou>=0.5', float('nan')):.3f} | {t['mean_iou_all']:.3f} | {t['pointing_game_all']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -411,14 +514,31 @@ def _panels(bench: Benchmark, photos, names, source: dict[str, Any], config: dic
     photo = source["photo"]
     for label, maps, native, gts, images, titles in (
         ("photo", photo["maps"], photo["native"], source["photo_gt"], [_resize(p, size, size) for p in photos], names),
-        ("held", source["explained"]["maps"], source["explained"]["native"], bench.boxes * size / config["size"],
-         [_resize(im, size, size) for im in bench.images], [f"{KINDS_ORDER[k]} #{i}" for i, k in enumerate(bench.kinds)]),
+        (
+            "held",
+            source["explained"]["maps"],
+            source["explained"]["native"],
+            bench.boxes * size / config["size"],
+            [_resize(im, size, size) for im in bench.images],
+            [f"{KINDS_ORDER[k]} #{i}" for i, k in enumerate(bench.kinds)],
+        ),
     ):
-        pick = list(range(len(images))) if label == "photo" else [i for i in range(len(images)) if bench.held_out[i]][:10]
+        pick = (
+            list(range(len(images))) if label == "photo" else [i for i in range(len(images)) if bench.held_out[i]][:10]
+        )
         paper, _ = rule_boxes(maps[pick], native, {"rule": "paper"})
         auto, _ = rule_boxes(maps[pick], native, {"rule": "auto"})
         for j, i in enumerate(pick):
-            panels.append({"image": images[i], "map": maps[i], "gt": gts[i], "paper": paper[j], "auto": auto[j], "title": titles[i]})
+            panels.append(
+                {
+                    "image": images[i],
+                    "map": maps[i],
+                    "gt": gts[i],
+                    "paper": paper[j],
+                    "auto": auto[j],
+                    "title": titles[i],
+                }
+            )
     return panels
 
 

@@ -45,23 +45,35 @@ def run(argv: Sequence[str] | None = None) -> dict:
     cascade = config["cascade"]
     missing = [layer for layer in cascade if layer not in result.variables["params"]]
     if missing:
-        raise ValueError(f"cascade layers {missing} are not in the model; its layers: {sorted(result.variables['params'])}")
+        raise ValueError(
+            f"cascade layers {missing} are not in the model; its layers: {sorted(result.variables['params'])}"
+        )
     results: dict = {"config": config, "cascade": cascade, "methods": {}}
     for method in config["methods"]:
-        original, _ = common.explain_maps(result.model, result.variables, inputs, test.labels, method, layer=config["layer"])
+        original, _ = common.explain_maps(
+            result.model, result.variables, inputs, test.labels, method, layer=config["layer"]
+        )
         steps = []
         for depth in range(1, len(cascade) + 1):
             variables = randomized(result.variables, fresh, cascade[:depth])
             maps, _ = common.explain_maps(result.model, variables, inputs, test.labels, method, layer=config["layer"])
             rho = np.asarray(metrics.rank_correlation(original, maps))
-            steps.append({
-                "randomized": cascade[:depth],
-                "mean_rank_correlation": float(np.nanmean(rho)) if np.isfinite(rho).any() else None,
-                "constant_maps": int(np.isnan(rho).sum()),
-            })
+            steps.append(
+                {
+                    "randomized": cascade[:depth],
+                    "mean_rank_correlation": float(np.nanmean(rho)) if np.isfinite(rho).any() else None,
+                    "constant_maps": int(np.isnan(rho).sum()),
+                }
+            )
         results["methods"][method] = steps
-        print(f"{method}: " + ", ".join(f"{s['randomized'][-1]} {s['mean_rank_correlation']}" for s in steps), file=sys.stderr)
-    results["drop_after_head"] = {m: None if s[0]["mean_rank_correlation"] is None else 1 - s[0]["mean_rank_correlation"] for m, s in results["methods"].items()}
+        print(
+            f"{method}: " + ", ".join(f"{s['randomized'][-1]} {s['mean_rank_correlation']}" for s in steps),
+            file=sys.stderr,
+        )
+    results["drop_after_head"] = {
+        m: None if s[0]["mean_rank_correlation"] is None else 1 - s[0]["mean_rank_correlation"]
+        for m, s in results["methods"].items()
+    }
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["provenance"] = common.provenance("python -m experiments.sanity_check " + " ".join(argv or sys.argv[1:]))
     common.write_json(out / "sanity_check.json", results)

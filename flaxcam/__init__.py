@@ -19,5 +19,13 @@ from flaxcam.probe import LayerError, LayerInfo, list_layers
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "Explainer", "Explanation", "LayerError", "LayerInfo", "bucket_size", "explain", "explainer", "list_layers",
+    "METHODS",
+    "Explainer",
+    "Explanation",
+    "LayerError",
+    "LayerInfo",
+    "bucket_size",
+    "explain",
+    "explainer",
+    "list_layers",
 ]

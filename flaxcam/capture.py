@@ -106,7 +106,9 @@ def _repeated_bias_layers(found: list[BiasLayer]) -> None:
     names = [layer.name for layer in found]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise LayerError(f"FullGrad needs each biased layer called once per forward pass; called several times: {repeated}")
+        raise LayerError(
+            f"FullGrad needs each biased layer called once per forward pass; called several times: {repeated}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,9 +278,9 @@ def training_mode_modules(model: nnx.Module) -> list[str]:
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Module):
             continue
-        if getattr(node, "use_running_average", True) is False:
-            found.append(f"{layer_name(path) or '<model>'} ({type(node).__name__})")
-        elif getattr(node, "deterministic", True) is False and getattr(node, "rate", 0) > 0:
+        if getattr(node, "use_running_average", True) is False or (
+            getattr(node, "deterministic", True) is False and getattr(node, "rate", 0) > 0
+        ):
             found.append(f"{layer_name(path) or '<model>'} ({type(node).__name__})")
     return found
 
@@ -312,7 +314,9 @@ class NNXModel:
             for part in path[:-1]:
                 parent = _child(parent, part)
             inner = _child(parent, path[-1])
-            _set_child(parent, path[-1], _Tap(inner, name, lambda n, module, args, kwargs: taps[n](module, args, kwargs)))
+            _set_child(
+                parent, path[-1], _Tap(inner, name, lambda n, module, args, kwargs: taps[n](module, args, kwargs))
+            )
         return copy(images, **dict(self.call_kwargs))
 
     def forward(self, variables, images, layers, deltas=None, record_inputs_of=None, replacements=None):
@@ -424,15 +428,13 @@ def is_nnx(model: Any) -> bool:
 def as_model(model: Any, apply_kwargs: tuple = ()) -> Any:
     """The adapter for ``model``: a linen module, an NNX module (its graph definition is kept; the
     state travels as the step's variables) or an adapter (returned as is)."""
-    if isinstance(model, (LinenModel, NNXModel)):
+    if isinstance(model, (LinenModel, NNXModel)) or getattr(model, "is_model_adapter", False):
         return model
     if isinstance(model, nnx.Module):
         return NNXModel(nnx.graphdef(model), apply_kwargs)
     if isinstance(model, nn.Module):
         return LinenModel(model, apply_kwargs)
-    raise TypeError(
-        f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
-    )
+    raise TypeError(f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}")
 
 
 def shape_key(variables: Any) -> _ShapeKey:

@@ -114,7 +114,9 @@ def configure_cpu_devices(count: int | None) -> bool:
         count = default_cpu_devices()
     if count < 1:
         raise UserError(f"--cpu-devices must be >= 1, got {count}")
-    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
         return False
     if jax.config.jax_num_cpu_devices not in (-1, count):  # chosen by the user's own code or environment
         return False
@@ -240,7 +242,9 @@ def resolve_class_names(
     if file is not None:
         names = read_class_names(file)
         if len(names) != count:
-            raise UserError(f"--class-names {file} has {len(names)} class names but the model ({where}) has {count} classes")
+            raise UserError(
+                f"--class-names {file} has {len(names)} class names but the model ({where}) has {count} classes"
+            )
         return names
     if stored:
         names = [str(name) for name in stored]
@@ -299,7 +303,9 @@ def check_top_k(top_k: int | None, num_classes: int, default: int = 3) -> int:
     if top_k is None:
         return min(default, num_classes)
     if not 1 <= top_k <= num_classes:
-        raise UserError(f"--top-k {top_k} is out of range: the model has {num_classes} classes (1 <= k <= {num_classes})")
+        raise UserError(
+            f"--top-k {top_k} is out of range: the model has {num_classes} classes (1 <= k <= {num_classes})"
+        )
     return top_k
 
 
@@ -384,16 +390,23 @@ def run_explain(
             resized, inputs = preprocessing(chunk_images)
             explanation = flaxcam.explain(model, variables, inputs, method=method, layer=layer, top_k=k)
             first = explanation.maps[:, 0]
-            boxes = localize.boxes(first, threshold=threshold, rule=box_rule, map_shape=localize.native_shape(explanation.low_res))
+            boxes = localize.boxes(
+                first, threshold=threshold, rule=box_rule, map_shape=localize.native_shape(explanation.low_res)
+            )
             overlays = colormap.overlay(jax.numpy.asarray(resized), first, alpha=alpha)
             host = jax.device_get(
-                {"probabilities": explanation.probabilities, "targets": explanation.targets, "boxes": boxes, "overlays": overlays}
+                {
+                    "probabilities": explanation.probabilities,
+                    "targets": explanation.targets,
+                    "boxes": boxes,
+                    "overlays": overlays,
+                }
             )
             for i, path in enumerate(chunk_paths):
                 original = chunk_images[i]
                 scale = np.array([original.shape[1] / size[1], original.shape[0] / size[0]] * 2)
                 box_input = host["boxes"][i]
-                box = [int(round(v)) for v in (box_input * scale)]
+                box = [round(v) for v in (box_input * scale)]
                 probabilities = host["probabilities"][i]
                 top = [
                     {"class": int(c), "name": class_names_of_model[int(c)], "probability": float(probabilities[int(c)])}
@@ -445,7 +458,9 @@ def explain_command(
     images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
     model: Annotated[
         Optional[str],
-        typer.Option(help="Default: efficientnet_lite0 with ImageNet weights. Another registry name runs random weights."),
+        typer.Option(
+            help="Default: efficientnet_lite0 with ImageNet weights. Another registry name runs random weights."
+        ),
     ] = None,
     weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
     class_names: Annotated[Optional[Path], typer.Option("--class-names", help=_CLASS_NAMES_HELP)] = None,
@@ -455,9 +470,13 @@ def explain_command(
         Optional[int], typer.Option("--top-k", min=1, help="Classes listed per image; maps for each (default 3).")
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the figures.")] = Path("flaxcam_out"),
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write a JSON summary here (- : standard output).")] = None,
+    json_path: Annotated[
+        Optional[Path], typer.Option("--json", help="Write a JSON summary here (- : standard output).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per jitted call.")] = 16,
-    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Box threshold, a fraction of each map's maximum.")] = 0.2,
+    threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Box threshold, a fraction of each map's maximum.")
+    ] = 0.2,
     box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
 ) -> None:
     """Explain IMAGES: one figure per image (input + top-3, preprocessed, overlay with box)."""
@@ -499,7 +518,10 @@ def _preprocessing_of(meta: dict[str, Any]):
 @app.command("audit")
 def audit_command(
     source: Annotated[
-        str, typer.Argument(help="An image folder (class subfolders), a .npz file, or folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH")
+        str,
+        typer.Argument(
+            help="An image folder (class subfolders), a .npz file, or folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH"
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Audit directory (Parquet parts + manifest); rerun to resume.")],
     model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
@@ -508,13 +530,20 @@ def audit_command(
     method: Annotated[str, typer.Option(help=_METHOD_HELP, callback=_check_method)] = "cam",
     layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per jitted call.")] = 64,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Classes recorded per image (default 3).")] = None,
+    top_k: Annotated[
+        Optional[int], typer.Option("--top-k", min=1, help="Classes recorded per image (default 3).")
+    ] = None,
     target: Annotated[str, typer.Option(help="Class explained: predicted | label.")] = "predicted",
     resume: Annotated[bool, typer.Option(help="Resume an existing audit in --out (--no-resume starts over).")] = True,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Audit at most this many remaining images now.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="grain reader processes (0: a thread).")] = 0,
     box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
-    coordinator: Annotated[Optional[str], typer.Option(help="Multi-process run: HOST:PORT of process 0 (or 'auto': detect a TPU pod / SLURM / Open MPI; untested). Run the same command once per process.")] = None,
+    coordinator: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Multi-process run: HOST:PORT of process 0 (or 'auto': detect a TPU pod / SLURM / Open MPI; untested). Run the same command once per process."
+        ),
+    ] = None,
     num_processes: Annotated[Optional[int], typer.Option(help="Multi-process run: number of processes.")] = None,
     process_id: Annotated[Optional[int], typer.Option(help="Multi-process run: this process's id, 0..N-1.")] = None,
 ) -> None:
@@ -532,10 +561,25 @@ def audit_command(
     try:
         with _naming_the_manifest(out):
             result = audit.run(
-                spec, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), method=method, layer=layer,
-                batch_size=batch_size, top_k=top_k, target=target, resume=resume, limit=limit, worker_count=workers,
-                box_rule=box_rule, class_names=meta["class_names"],
-                model_info={"model": model or ("bundle" if weights else "efficientnet_lite0"), "weights": str(weights) if weights else None},
+                spec,
+                loaded_model,
+                variables,
+                out,
+                preprocessing=_preprocessing_of(meta),
+                method=method,
+                layer=layer,
+                batch_size=batch_size,
+                top_k=top_k,
+                target=target,
+                resume=resume,
+                limit=limit,
+                worker_count=workers,
+                box_rule=box_rule,
+                class_names=meta["class_names"],
+                model_info={
+                    "model": model or ("bundle" if weights else "efficientnet_lite0"),
+                    "weights": str(weights) if weights else None,
+                },
             )
     except AuditError as error:  # disk full, folder in use, other settings: one line, nothing lost
         raise UserError(str(error)) from None
@@ -590,7 +634,10 @@ def _first_line(error: BaseException) -> str:
 def query_command(
     audit_dir: Annotated[Path, typer.Argument(help="An audit directory written by `flaxcam audit`.")],
     sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views `audit`, `errors` and the table `classes`.")],
-    allow_files: Annotated[bool, typer.Option("--allow-files", help="Let the SQL read and write other files (off: only the audit's parts).")] = False,
+    allow_files: Annotated[
+        bool,
+        typer.Option("--allow-files", help="Let the SQL read and write other files (off: only the audit's parts)."),
+    ] = False,
 ) -> None:
     """Run SQL over an audit, e.g. "SELECT label, avg(corner_max_share) FROM audit GROUP BY 1"."""
     from flaxcam._optional import require
@@ -606,7 +653,9 @@ def query_command(
         with _naming_the_manifest(audit_dir):
             columns, rows = query(audit_dir, sql, allow_files=allow_files)
     except duckdb.PermissionException as error:
-        raise UserError(f"query failed: {_first_line(error)} (only the audit's own files can be read; --allow-files lifts this)") from None
+        raise UserError(
+            f"query failed: {_first_line(error)} (only the audit's own files can be read; --allow-files lifts this)"
+        ) from None
     except duckdb.Error as error:
         raise UserError(f"query failed: {_first_line(error)}") from None
     typer.echo(format_table(columns, rows))
@@ -616,8 +665,12 @@ def query_command(
 def layers_command(
     model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
-    size: Annotated[Optional[str], typer.Option(help="Input size H,W (default: the model's own, else 224,224).")] = None,
-    spatial: Annotated[bool, typer.Option("--spatial", help="Only layers with (batch, height, width, channels) outputs.")] = False,
+    size: Annotated[
+        Optional[str], typer.Option(help="Input size H,W (default: the model's own, else 224,224).")
+    ] = None,
+    spatial: Annotated[
+        bool, typer.Option("--spatial", help="Only layers with (batch, height, width, channels) outputs.")
+    ] = False,
 ) -> None:
     """List the model's layers (the names `--layer` takes) with their output shapes for one image."""
     import jax
@@ -649,20 +702,39 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 @app.command("train")
 def train_command(
-    source: Annotated[str, typer.Argument(help="Training data: folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT] or npz:PATH.")],
-    out: Annotated[Path, typer.Option(help="Output folder: checkpoints/, history.json, model.msgpack.")] = Path("flaxcam_train"),
-    val: Annotated[Optional[str], typer.Option(help="Evaluation data (same spec forms), scored after each epoch.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="JSON file with TrainConfig keys; the options below override it.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Registry model: small_cnn, resnet18, resnet34, resnet50, vgg16, efficientnet_lite0.")] = None,
-    model_kwargs: Annotated[Optional[str], typer.Option(help='Model constructor arguments as JSON, e.g. \'{"features": [16, 32, 64]}\'.')] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="Global pooling before the classifier: avg (GAP) or max (GMP).")] = None,
-    size: Annotated[Optional[str], typer.Option(help="Model input size H,W (images are resized), e.g. 224,224.")] = None,
+    source: Annotated[
+        str, typer.Argument(help="Training data: folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT] or npz:PATH.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: checkpoints/, history.json, model.msgpack.")] = Path(
+        "flaxcam_train"
+    ),
+    val: Annotated[
+        Optional[str], typer.Option(help="Evaluation data (same spec forms), scored after each epoch.")
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option(help="JSON file with TrainConfig keys; the options below override it.")
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Registry model: small_cnn, resnet18, resnet34, resnet50, vgg16, efficientnet_lite0."),
+    ] = None,
+    model_kwargs: Annotated[
+        Optional[str], typer.Option(help="Model constructor arguments as JSON, e.g. '{\"features\": [16, 32, 64]}'.")
+    ] = None,
+    pooling: Annotated[
+        Optional[str], typer.Option(help="Global pooling before the classifier: avg (GAP) or max (GMP).")
+    ] = None,
+    size: Annotated[
+        Optional[str], typer.Option(help="Model input size H,W (images are resized), e.g. 224,224.")
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
     learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup + cosine).")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = None,
     shift: Annotated[Optional[int], typer.Option(help="Random shifts of up to this many pixels.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: each epoch's end only).")] = None,
+    checkpoint_every: Annotated[
+        Optional[int], typer.Option(help="Checkpoint every N steps (0: each epoch's end only).")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation, data order and augmentation.")] = None,
     restart: Annotated[bool, typer.Option(help="Start over instead of resuming from OUT's latest checkpoint.")] = False,
     workers: Annotated[int, typer.Option(help="grain worker processes for reading images (0: in this process).")] = 0,
@@ -707,10 +779,19 @@ def evaluate_command(
     source: Annotated[str, typer.Argument(help="folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH")],
     out: Annotated[Path, typer.Option(help="Output directory (Parquet scores, leaderboard.html); rerun to resume.")],
     model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) or a torchvision ResNet checkpoint (.pth).")] = None,
+    weights: Annotated[
+        Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) or a torchvision ResNet checkpoint (.pth).")
+    ] = None,
     methods: Annotated[str, typer.Option(help=f"all, or a comma-separated list of: {METHOD_NAMES}.")] = "gradcam",
-    metrics: Annotated[str, typer.Option(help="all, or a comma-separated list of: confidence, deletion_insertion, road, adcc, randomization.")] = "all",
-    layer: Annotated[Optional[str], typer.Option(help="Target layer of the layer-based methods (default: the last spatial layer).")] = None,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="all, or a comma-separated list of: confidence, deletion_insertion, road, adcc, randomization."
+        ),
+    ] = "all",
+    layer: Annotated[
+        Optional[str], typer.Option(help="Target layer of the layer-based methods (default: the last spatial layer).")
+    ] = None,
     target: Annotated[str, typer.Option(help="Class explained and scored: predicted | label.")] = "predicted",
     batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 8,
     steps: Annotated[int, typer.Option(help="Deletion / insertion steps.")] = 20,
@@ -725,8 +806,19 @@ def evaluate_command(
 
     loaded_model, variables, meta = _load_model(model, weights)
     board = evaluation.evaluate(
-        source, loaded_model, variables, out, preprocessing=_preprocessing_of(meta), methods=methods, metrics=metrics,
-        layer=layer, target=target, batch_size=batch_size, resume=resume, limit=limit, progress=True,
+        source,
+        loaded_model,
+        variables,
+        out,
+        preprocessing=_preprocessing_of(meta),
+        methods=methods,
+        metrics=metrics,
+        layer=layer,
+        target=target,
+        batch_size=batch_size,
+        resume=resume,
+        limit=limit,
+        progress=True,
         options={"steps": steps, "baseline": baseline, "score": score, "chunk_size": chunk_size},
     )
     typer.echo(f"{board.images} images ({board.errors} unreadable) -> {board.html}")
@@ -739,30 +831,79 @@ def main() -> None:
 
 @app.command("bench")
 def bench_command(
-    model: Annotated[Optional[str], typer.Option(help="A registered model (resnet50, small_cnn, ...: random weights) or your own as package.module:factory (returns (model, variables) for linen, or an nnx.Module). Default: the pretrained EfficientNet-Lite0.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="A flaxcam bundle (flaxcam train writes one) or a torchvision ResNet checkpoint (.pth).")] = None,
-    methods: Annotated[Optional[str], typer.Option(help="all, or comma-separated names (default: every method with about one forward pass per image).")] = None,
-    layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the model's, else the last spatial one).")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            help="A registered model (resnet50, small_cnn, ...: random weights) or your own as package.module:factory (returns (model, variables) for linen, or an nnx.Module). Default: the pretrained EfficientNet-Lite0."
+        ),
+    ] = None,
+    weights: Annotated[
+        Optional[Path],
+        typer.Option(help="A flaxcam bundle (flaxcam train writes one) or a torchvision ResNet checkpoint (.pth)."),
+    ] = None,
+    methods: Annotated[
+        Optional[str],
+        typer.Option(
+            help="all, or comma-separated names (default: every method with about one forward pass per image)."
+        ),
+    ] = None,
+    layer: Annotated[
+        Optional[str], typer.Option(help="Target layer (default: the model's, else the last spatial one).")
+    ] = None,
     batch: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8,64,256.")] = "1,8",
-    size: Annotated[Optional[str], typer.Option(help="Image size H,W (default: the model's input size, else 224,224).")] = None,
+    size: Annotated[
+        Optional[str], typer.Option(help="Image size H,W (default: the model's input size, else 224,224).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
-    devices: Annotated[str, typer.Option(help="N or all: shard each batch over N devices (on a CPU, N emulated devices).")] = "all",
-    rounds: Annotated[int, typer.Option(help="Timed rounds, interleaved across candidates (median and best reported).")] = 5,
+    devices: Annotated[
+        str, typer.Option(help="N or all: shard each batch over N devices (on a CPU, N emulated devices).")
+    ] = "all",
+    rounds: Annotated[
+        int, typer.Option(help="Timed rounds, interleaved across candidates (median and best reported).")
+    ] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed calls per candidate before timing (the first compiles).")] = 1,
     out: Annotated[Optional[Path], typer.Option(help="Folder for bench_<platform>.jsonl, .md and .png.")] = None,
-    profile: Annotated[Optional[Path], typer.Option(help="Folder for one jax.profiler trace per method; adds the forward / backward / method / post-processing split.")] = None,
-    peers: Annotated[bool, typer.Option(help="Also time pytorch-grad-cam, torchcam and captum on the same torchvision model (parity extra).")] = False,
+    profile: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder for one jax.profiler trace per method; adds the forward / backward / method / post-processing split."
+        ),
+    ] = None,
+    peers: Annotated[
+        bool,
+        typer.Option(
+            help="Also time pytorch-grad-cam, torchcam and captum on the same torchvision model (parity extra)."
+        ),
+    ] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU cores for the worker processes (default: all).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Masked images per forward pass of the score-based methods.")] = 32,
-    method_options: Annotated[Optional[str], typer.Option(help='Method options as JSON, e.g. \'{"num_samples": 8}\' (each to the methods that have it).')] = None,
+    method_options: Annotated[
+        Optional[str],
+        typer.Option(help="Method options as JSON, e.g. '{\"num_samples\": 8}' (each to the methods that have it)."),
+    ] = None,
 ) -> None:
     """Benchmark explanation speed on your model and hardware: images/s, ratio to the forward pass,
     compile time, latency, peak memory, per method and batch size (see docs/bench.md)."""
     from flaxcam.bench.command import command_line, run
 
-    options = {"model": model, "weights": weights, "methods": methods, "layer": layer, "batch": batch, "size": size,
-               "dtype": dtype, "devices": devices, "rounds": rounds, "warmup": warmup, "out": out, "profile": profile,
-               "peers": peers, "threads": threads, "chunk_size": chunk_size, "method_options": method_options}
+    options = {
+        "model": model,
+        "weights": weights,
+        "methods": methods,
+        "layer": layer,
+        "batch": batch,
+        "size": size,
+        "dtype": dtype,
+        "devices": devices,
+        "rounds": rounds,
+        "warmup": warmup,
+        "out": out,
+        "profile": profile,
+        "peers": peers,
+        "threads": threads,
+        "chunk_size": chunk_size,
+        "method_options": method_options,
+    }
     arguments = {("batches" if k == "batch" else k): v for k, v in options.items()}
     arguments["method_options"] = json.loads(method_options) if method_options else None
     run(**arguments, command=command_line(options))

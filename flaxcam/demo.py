@@ -60,7 +60,9 @@ def train_demo_model(out: Path, *, train_size: int, epochs: int, retrain: bool) 
     model = models.create_model("small_cnn", **MODEL_KWARGS)
     start = time.perf_counter()
     variables, losses = fit(model, data.images, data.labels, epochs=epochs, learning_rate=3e-3, preprocess=_preprocess)
-    print(f"trained small_cnn on {train_size} canvases in {time.perf_counter() - start:.0f}s; loss per epoch {np.round(losses, 3).tolist()}")
+    print(
+        f"trained small_cnn on {train_size} canvases in {time.perf_counter() - start:.0f}s; loss per epoch {np.round(losses, 3).tolist()}"
+    )
     meta = {"input_size": list(CANVAS), "mean": list(MEAN), "std": list(STD), "class_names": list(CLASS_NAMES)}
     models.save_bundle(bundle, model_name="small_cnn", model_kwargs=MODEL_KWARGS, variables=variables, meta=meta)
     return bundle
@@ -70,7 +72,10 @@ def localization_summary(bundle: Path, test_size: int) -> dict:
     """Accuracy and 20%-rule box accuracy (IoU >= 0.5) of CAM and Grad-CAM over a test set."""
     model, variables, _ = models.load_bundle(bundle)
     data = demo_canvases(test_size, seed=1)
-    summary = {"test_images": test_size, "accuracy": accuracy(model, variables, data.images, data.labels, preprocess=_preprocess)}
+    summary = {
+        "test_images": test_size,
+        "accuracy": accuracy(model, variables, data.images, data.labels, preprocess=_preprocess),
+    }
     inputs = np.asarray(_preprocess(jnp.asarray(data.images)))
     for method in ("cam", "gradcam"):
         hits, points = [], []
@@ -115,18 +120,26 @@ def photo_demo(out: Path) -> dict:
     rows: dict[str, dict] = {}
     for method in ("cam", "gradcam"):
         start = time.perf_counter()
-        records, errors = run_explain(paths, method=method, out=out / "figures", json_path=out / f"explain_{method}.json")
+        records, errors = run_explain(
+            paths, method=method, out=out / "figures", json_path=out / f"explain_{method}.json"
+        )
         assert not errors, errors
-        print(f"{method}: {len(records)} figures in {time.perf_counter() - start:.1f}s (first call includes compilation)")
+        print(
+            f"{method}: {len(records)} figures in {time.perf_counter() - start:.1f}s (first call includes compilation)"
+        )
         for record in records:
-            row = rows.setdefault(Path(record["file"]).stem, {"image": Path(record["file"]).stem, "top_k": record["top_k"]})
+            row = rows.setdefault(
+                Path(record["file"]).stem, {"image": Path(record["file"]).stem, "top_k": record["top_k"]}
+            )
             row[f"{method}_box"] = record["box"]
             row[f"{method}_figure"] = record["figure"]
     summary["photos"] = list(rows.values())
     print(f"\n{'image':10s} {'top-1 class':28s} {'p':>6s}  {'CAM box [x0, y0, x1, y1]':26s} Grad-CAM box")
     for row in summary["photos"]:
         top = row["top_k"][0]
-        print(f"{row['image']:10s} {top['name'][:28]:28s} {top['probability']:6.3f}  {str(row['cam_box']):26s} {row['gradcam_box']}")
+        print(
+            f"{row['image']:10s} {top['name'][:28]:28s} {top['probability']:6.3f}  {row['cam_box']!s:26s} {row['gradcam_box']}"
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nfigures: {out / 'figures'}   summary: {out / 'summary.json'}")
     return summary
@@ -173,13 +186,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'image':28s} {'true':>4s} {'pred':>4s} {'p':>6s}  box [x0, y0, x1, y1]   ground truth")
         for record, label, truth in zip(records, samples.labels, samples.boxes):
             target = record["target"]
-            print(f"{Path(record['file']).name:28s} {label:>4d} {target['name']:>4s} {target['probability']:6.3f}  {str(record['box']):22s} {truth.tolist()}")
+            print(
+                f"{Path(record['file']).name:28s} {label:>4d} {target['name']:>4s} {target['probability']:6.3f}  {record['box']!s:22s} {truth.tolist()}"
+            )
 
     summary = localization_summary(bundle, args.test_size)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nover {summary['test_images']} test canvases: accuracy {summary['accuracy']:.3f}")
     for method in ("cam", "gradcam"):
-        print(f"  {method:8s} box IoU>=0.5: {summary[method]['box_iou>=0.5']:.3f}   pointing game: {summary[method]['pointing_game']:.3f}")
+        print(
+            f"  {method:8s} box IoU>=0.5: {summary[method]['box_iou>=0.5']:.3f}   pointing game: {summary[method]['pointing_game']:.3f}"
+        )
     print(f"\nfigures: {args.out / 'figures'}   summary: {args.out / 'summary.json'}")
 
 

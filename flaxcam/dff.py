@@ -37,7 +37,9 @@ class Concepts(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6, 7))
-def _factorize_at(model, variables, images, layer: str, components: int, max_iterations: int, apply_kwargs: tuple, seed: int):
+def _factorize_at(
+    model, variables, images, layer: str, components: int, max_iterations: int, apply_kwargs: tuple, seed: int
+):
     _, activations, _ = forward_at_layer(model, variables, images, layer, None, apply_kwargs)
     result = factorize(activations, components, seed, max_iterations)
     heatmaps = ops.resize_maps(ops.minmax_normalize(result.heatmaps), images.shape[1:3])

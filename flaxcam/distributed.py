@@ -70,8 +70,10 @@ def initialize(
     """
     if coordinator == "auto":
         if num_processes is not None or process_id is not None:
-            raise DistributedSetupError("--coordinator auto reads the process count and id from the cluster: "
-                                        "leave out --num-processes and --process-id")
+            raise DistributedSetupError(
+                "--coordinator auto reads the process count and id from the cluster: "
+                "leave out --num-processes and --process-id"
+            )
         coordinator, auto = None, True
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if not any(given):
@@ -91,16 +93,25 @@ def initialize(
             f"--process-id must be in 0..{num_processes - 1} (--num-processes {num_processes}), got {process_id}"
         )
     if timeout < 1 or heartbeat_timeout < 1:
-        raise DistributedSetupError(f"timeouts must be >= 1 s, got timeout={timeout}, heartbeat_timeout={heartbeat_timeout}")
+        raise DistributedSetupError(
+            f"timeouts must be >= 1 s, got timeout={timeout}, heartbeat_timeout={heartbeat_timeout}"
+        )
     host, port = parse_address(coordinator)
     if num_processes == 1:
         return False
     if process_id != 0:
         _wait_for_coordinator(host, port, timeout)
-    _say(f"process {process_id} of {num_processes}: joining the run at {host}:{port} (waiting up to {timeout} s "
-         "for every process; past that JAX aborts the process with DEADLINE_EXCEEDED)")
-    return _call(coordinator_address=f"{host}:{port}", num_processes=num_processes, process_id=process_id,
-                 timeout=timeout, heartbeat_timeout_seconds=heartbeat_timeout)
+    _say(
+        f"process {process_id} of {num_processes}: joining the run at {host}:{port} (waiting up to {timeout} s "
+        "for every process; past that JAX aborts the process with DEADLINE_EXCEEDED)"
+    )
+    return _call(
+        coordinator_address=f"{host}:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        timeout=timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout,
+    )
 
 
 def _say(message: str) -> None:
@@ -134,8 +145,11 @@ def _call(*, timeout: int, **arguments) -> bool:
     except Exception as error:  # XlaRuntimeError / RuntimeError / ValueError, depending on the JAX version
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         where = arguments.get("coordinator_address", "the auto-detected coordinator")
-        who = (f"process {arguments['process_id']} of {arguments['num_processes']}"
-               if "process_id" in arguments else "this process")
+        who = (
+            f"process {arguments['process_id']} of {arguments['num_processes']}"
+            if "process_id" in arguments
+            else "this process"
+        )
         raise DistributedSetupError(
             f"{who} could not join the run at {where} within {timeout} s: {first_line[:300]} "
             "(is process 0 running with the same --coordinator and --num-processes, and every process id "

@@ -27,8 +27,13 @@ Array = jax.Array
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _guided_gradients(model, variables, images, data, spec: TargetSpec, apply_kwargs: tuple, output_fn: OutputFn):
     _, _, chosen, gradients, _ = input_and_layer_gradients(
-        GuidedModel(model), variables, images, (), lambda out: target_scores(spec, out, data),
-        apply_kwargs=apply_kwargs, output_fn=output_fn,
+        GuidedModel(model),
+        variables,
+        images,
+        (),
+        lambda out: target_scores(spec, out, data),
+        apply_kwargs=apply_kwargs,
+        output_fn=output_fn,
     )
     return gradients, chosen
 
@@ -79,11 +84,21 @@ def guided_gradcam(
     Localization", ICCV 2017 (arXiv:1610.02391).
     """
     explanation = explain(
-        model, variables, images, method="gradcam", layer=layer, targets=targets, apply_kwargs=apply_kwargs,
+        model,
+        variables,
+        images,
+        method="gradcam",
+        layer=layer,
+        targets=targets,
+        apply_kwargs=apply_kwargs,
         output_fn=output_fn,
     )
     gradients, _ = guided_gradients(
-        model, variables, images, targets=np.asarray(explanation.targets), apply_kwargs=apply_kwargs,
+        model,
+        variables,
+        images,
+        targets=np.asarray(explanation.targets),
+        apply_kwargs=apply_kwargs,
         output_fn=output_fn,
     )
     return explanation.maps[..., None] * gradients

@@ -126,7 +126,7 @@ def read_image_with_size(
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
     """A loaded Pillow image of any mode → ``(H, W, 3)`` uint8 RGB (conversions as in :func:`read_image`)."""
-    if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
+    if (image.mode == "P" and "transparency" in image.info) or image.mode == "PA":
         image = image.convert("RGBA")
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
@@ -154,7 +154,9 @@ def as_rgb_uint8(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4) or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"image array of shape {array.shape}: expected (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4)")
+        raise ValueError(
+            f"image array of shape {array.shape}: expected (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4)"
+        )
     if array.dtype == np.uint8:
         values = array.astype(np.float32)
     elif array.dtype == np.bool_:

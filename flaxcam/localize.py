@@ -377,11 +377,15 @@ def empty_boxes(box: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames="connectivity")
 def _boxes_impl(maps: jax.Array, threshold, connectivity: int) -> jax.Array:
-    return _boxes_of_mask(_foreground(maps, _paper_cuts(maps, threshold)), jnp.max(maps, axis=(-2, -1)) > 0, connectivity)
+    return _boxes_of_mask(
+        _foreground(maps, _paper_cuts(maps, threshold)), jnp.max(maps, axis=(-2, -1)) > 0, connectivity
+    )
 
 
 @partial(jax.jit, static_argnames=("rule", "native", "connectivity"))
-def _rule_boxes_impl(maps: jax.Array, threshold, energy_share, rule: str, native: tuple[int, int], connectivity: int) -> jax.Array:
+def _rule_boxes_impl(
+    maps: jax.Array, threshold, energy_share, rule: str, native: tuple[int, int], connectivity: int
+) -> jax.Array:
     cuts = _cuts_impl(maps, threshold, energy_share, rule, native)
     return _boxes_of_mask(_foreground(maps, cuts), jnp.max(maps, axis=(-2, -1)) > 0, connectivity)
 

@@ -85,7 +85,7 @@ def box_hits(maps, boxes, threshold: float = localize.DEFAULT_THRESHOLD, iou_thr
 
 @jax.jit
 def _pointing_impl(maps: Array, boxes: Array, tolerance) -> Array:
-    batch, height, width = maps.shape
+    batch, _height, width = maps.shape
     peak = jnp.argmax(maps.reshape(batch, -1), axis=1)  # the first maximum in raster order
     py = (peak // width).astype(jnp.float32) + 0.5
     px = (peak % width).astype(jnp.float32) + 0.5

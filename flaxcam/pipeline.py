@@ -38,7 +38,11 @@ def _placed_variables(variables: Any, mesh: Mesh) -> Any:
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.sharding.device_set == devices:
+        if (
+            isinstance(leaf, jax.Array)
+            and not isinstance(leaf, jax.core.Tracer)
+            and leaf.sharding.device_set == devices
+        ):
             return leaf
         return jax.device_put(leaf, replicated)
 
@@ -64,9 +68,7 @@ def _as_images(images: Any) -> Array | np.ndarray:
             f"channels) volumes), got shape {tuple(images.shape)}; add a batch axis for a single image"
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(
-            f"images must be floating point (preprocessed as the model expects), got dtype {images.dtype}"
-        )
+        raise ValueError(f"images must be floating point (preprocessed as the model expects), got dtype {images.dtype}")
     return images
 
 
@@ -167,9 +169,19 @@ def explain(
     images = _as_images(images)
     check_explain_arguments(images, layer, devices)
     fn = explainer(
-        model, method=method, layer=layer, targets=targets if callable(targets) else None, top_k=top_k, score=score,
-        head=head, apply_kwargs=apply_kwargs, output_fn=output_fn, reshape=reshape, method_options=method_options,
-        eigen_smooth=eigen_smooth, chunk_size=chunk_size,
+        model,
+        method=method,
+        layer=layer,
+        targets=targets if callable(targets) else None,
+        top_k=top_k,
+        score=score,
+        head=head,
+        apply_kwargs=apply_kwargs,
+        output_fn=output_fn,
+        reshape=reshape,
+        method_options=method_options,
+        eigen_smooth=eigen_smooth,
+        chunk_size=chunk_size,
         aug_smooth=aug_smooth and _aug_smooth_allowed(targets),
     )
     batch = images.shape[0]
@@ -190,7 +202,9 @@ def explain(
     if image_ids is not None:
         ids = np.asarray(image_ids)
         if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"image_ids must be {batch} ints (one per image), got shape {ids.shape} and dtype {ids.dtype}")
+            raise ValueError(
+                f"image_ids must be {batch} ints (one per image), got shape {ids.shape} and dtype {ids.dtype}"
+            )
         ids = jax.device_put(_pad_batch(ids.astype(np.uint32), padded), batch_sharding)
     step_key = None
     if "key" in config.method.inputs:

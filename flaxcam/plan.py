@@ -22,12 +22,12 @@ import numpy as np
 from flax import nnx
 
 from flaxcam.capture import LayerError, LayerInfo, NNXModel, as_model, is_nnx, training_mode_modules
-from flaxcam.methods import Method, get_method
 from flaxcam.errors import check_layer_outputs
-from flaxcam.volumes import check_volumetric
+from flaxcam.methods import Method, get_method
 from flaxcam.probe import OutputFn, default_output_fn, forward_at_layer, resolve_layer, shape_key
 from flaxcam.step import Explanation, StepConfig, explain_step
 from flaxcam.targets import CLASS_SCORES, Binary, Embedding, Segmentation, TargetSpec, resolve_targets
+from flaxcam.volumes import check_volumetric
 
 Array = jax.Array
 
@@ -98,11 +98,18 @@ class Explainer:
     eigen_smooth: bool
     chunk_size: int
     aug_smooth: bool
-    targets_kind: Any = dataclasses.field(default=None, compare=False, hash=False)  # None, 'classes', a target or a callable
+    targets_kind: Any = dataclasses.field(
+        default=None, compare=False, hash=False
+    )  # None, 'classes', a target or a callable
     example_variables: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __call__(
-        self, variables: Any, images: Array, targets: Any = None, key: Array | None = None, image_ids: Array | None = None
+        self,
+        variables: Any,
+        images: Array,
+        targets: Any = None,
+        key: Array | None = None,
+        image_ids: Array | None = None,
     ) -> Explanation:
         config, target_data = self.configure(variables, images, targets)
         return explain_step(config, variables, images, target_data, _as_key(self.method, key), image_ids)
@@ -124,21 +131,35 @@ class Explainer:
         ):
             raise ValueError(f"{self.method.name} needs class targets scored by their logit (score='logit')")
         return StepConfig(
-            self.model, self.method, planned.layers, planned.head, planned.head_features, target_spec,
-            self.output_fn, self.eigen_smooth, self.chunk_size, self.aug_smooth, self.reshape,
-            self.method_options, planned.biased,
+            self.model,
+            self.method,
+            planned.layers,
+            planned.head,
+            planned.head_features,
+            target_spec,
+            self.output_fn,
+            self.eigen_smooth,
+            self.chunk_size,
+            self.aug_smooth,
+            self.reshape,
+            self.method_options,
+            planned.biased,
         )
 
     def _targets(self, targets: Any, batch: int, output_shape: tuple[int, ...]) -> tuple[TargetSpec, dict | None]:
         kind = self.targets_kind
-        if kind is None or self.top_k is not None or callable(kind) and not isinstance(kind, type):
+        if kind is None or self.top_k is not None or (callable(kind) and not isinstance(kind, type)):
             if targets is not None:
-                raise ValueError("this explainer chooses its targets itself; create it with targets='classes' to pass classes per call")
+                raise ValueError(
+                    "this explainer chooses its targets itself; create it with targets='classes' to pass classes per call"
+                )
             chosen = None if kind is None else kind
             return resolve_targets(chosen, self.top_k, batch, output_shape, self.score)
         if kind == "classes":
             if targets is None:
-                raise ValueError("this explainer was created with targets='classes': pass targets= (B,) or (B, T) class indices")
+                raise ValueError(
+                    "this explainer was created with targets='classes': pass targets= (B,) or (B, T) class indices"
+                )
             return resolve_targets(targets, None, batch, output_shape, self.score)
         return resolve_targets(kind if targets is None else targets, None, batch, output_shape, self.score)
 
@@ -178,7 +199,9 @@ def _plan(explainer: Explainer, variables_key: Any, spec: jax.ShapeDtypeStruct, 
         return _PLANS[cache_key]
     model, method = explainer.model, explainer.method
     layers = list(model.list_layers(variables_key, spec))
-    requested = [explainer.layer] if explainer.layer is None or isinstance(explainer.layer, str) else list(explainer.layer)
+    requested = (
+        [explainer.layer] if explainer.layer is None or isinstance(explainer.layer, str) else list(explainer.layer)
+    )
     if method.bias_layers:
         requested = []
     layer_infos = [resolve_layer(layers, name, spatial_only=explainer.reshape is None) for name in requested]
@@ -260,7 +283,9 @@ def _head_features(model: Any, variables: Any, layer: str, head: str, spec: jax.
             _, activations, head_input = jax.jit(lambda v, x: forward_at_layer(model, v, x, layer, None, (), head))(
                 variables, images
             )
-            _HEAD_FEATURES[key] = _pooling_relation(np.asarray(activations, np.float64), np.asarray(head_input, np.float64))
+            _HEAD_FEATURES[key] = _pooling_relation(
+                np.asarray(activations, np.float64), np.asarray(head_input, np.float64)
+            )
     return _HEAD_FEATURES[key]
 
 
@@ -334,7 +359,12 @@ def explainer(
         raise ValueError("ablationcam does not support reshape= yet (it ablates channels of the layer output)")
     if aug_smooth and isinstance(targets, Segmentation):
         raise ValueError("aug_smooth does not support Segmentation targets yet (the masks would need flipping)")
-    if not (targets is None or targets == "classes" or isinstance(targets, (Binary, Segmentation, Embedding)) or callable(targets)):
+    if not (
+        targets is None
+        or targets == "classes"
+        or isinstance(targets, (Binary, Segmentation, Embedding))
+        or callable(targets)
+    ):
         raise ValueError(
             "explainer(targets=) takes None, 'classes', a Binary / Segmentation / Embedding target or a "
             f"callable; got {targets!r} (pass the classes themselves to each call)"
@@ -342,7 +372,18 @@ def explainer(
     adapter = as_model(model, tuple(sorted((apply_kwargs or {}).items())))
     example = nnx.state(model) if isinstance(adapter, NNXModel) and is_nnx(model) else None
     return Explainer(
-        adapter, chosen, layer if layer is None or isinstance(layer, str) else tuple(layer), top_k, score,
-        head, output_fn or default_output_fn, reshape, options, eigen_smooth, chunk_size, aug_smooth,
-        targets, example,
+        adapter,
+        chosen,
+        layer if layer is None or isinstance(layer, str) else tuple(layer),
+        top_k,
+        score,
+        head,
+        output_fn or default_output_fn,
+        reshape,
+        options,
+        eigen_smooth,
+        chunk_size,
+        aug_smooth,
+        targets,
+        example,
     )

@@ -36,10 +36,26 @@ OutputFn = Callable[[Any], Array]
 ScoreFn = Callable[[Array], tuple[Array, Any]]
 
 __all__ = [
-    "BiasLayer", "Diagonals", "HessianProbe", "InputGradients", "LayerError", "LayerInfo", "Probe",
-    "bias_layers", "default_output_fn", "derivative_diagonals", "effective_bias", "forward_at_layer",
-    "forward_at_layers", "input_and_layer_gradients", "layer_name", "list_layers", "probe", "probe_hessian",
-    "resolve_layer", "shape_key",
+    "BiasLayer",
+    "Diagonals",
+    "HessianProbe",
+    "InputGradients",
+    "LayerError",
+    "LayerInfo",
+    "Probe",
+    "bias_layers",
+    "default_output_fn",
+    "derivative_diagonals",
+    "effective_bias",
+    "forward_at_layer",
+    "forward_at_layers",
+    "input_and_layer_gradients",
+    "layer_name",
+    "list_layers",
+    "probe",
+    "probe_hessian",
+    "resolve_layer",
+    "shape_key",
 ]
 
 
@@ -93,7 +109,9 @@ def list_layers(model: Any, variables: Any, images: Any = None, apply_kwargs: tu
     """
     if images is None:
         if not is_nnx(model):
-            raise TypeError("list_layers(model, variables, images) for a linen model; list_layers(model, images) for NNX")
+            raise TypeError(
+                "list_layers(model, variables, images) for a linen model; list_layers(model, images) for NNX"
+            )
         from flax import nnx
 
         variables, images = nnx.state(model), variables
@@ -125,7 +143,9 @@ def resolve_layer(layers: list[LayerInfo], name: str | None, spatial_only: bool 
             + ("" if spatial_only else f"; all layers: {_format_names(layers, spatial_only=False)}")
         )
     if len(matches) > 1:
-        raise LayerError(f"layer {name!r} is called {len(matches)} times in one forward pass; pick a module called once")
+        raise LayerError(
+            f"layer {name!r} is called {len(matches)} times in one forward pass; pick a module called once"
+        )
     info = matches[0]
     if spatial_only and not info.is_spatial:
         raise LayerError(
@@ -154,7 +174,9 @@ def forward_at_layers(
     computed once, a loop that evaluates only the network after the layer lets XLA drop the part
     before it as dead code.
     """
-    return as_model(model, apply_kwargs).forward(variables, images, tuple(layers), deltas, record_inputs_of, replacements)
+    return as_model(model, apply_kwargs).forward(
+        variables, images, tuple(layers), deltas, record_inputs_of, replacements
+    )
 
 
 def forward_at_layer(
@@ -361,7 +383,9 @@ def _diagonals_of(scores_at: Callable[[Array], Array], activations: Array, chunk
     return arrange(second), arrange(third)
 
 
-def bias_layers(model: Any, variables: Any, images: Array | jax.ShapeDtypeStruct, apply_kwargs: tuple = ()) -> tuple[BiasLayer, ...]:
+def bias_layers(
+    model: Any, variables: Any, images: Array | jax.ShapeDtypeStruct, apply_kwargs: tuple = ()
+) -> tuple[BiasLayer, ...]:
     """Every convolution and BatchNorm with a bias and a ``(B, h, w, C)`` output, in call order —
     pytorch-grad-cam's FullGrad takes every ``Conv2d`` / ``BatchNorm2d`` whose bias is not None.
     Shapes only (``jax.eval_shape``; ``variables`` may be its :func:`shape_key`); a module called more

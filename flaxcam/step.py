@@ -138,7 +138,7 @@ def _contributions(
             options["chunk_size"] = config.chunk_size
         return method.fn(**{name: available[name] for name in method.inputs}, **options)
 
-    batch, num_targets = chosen.shape
+    _batch, num_targets = chosen.shape
     inputs: dict[str, Array] = {}
     axes: dict[str, int | None] = {}
     if "activations" in method.inputs:
@@ -174,7 +174,9 @@ def _batch_sharded_like(values: Any, reference: Array) -> Any:
         return values
     batch_spec = jax.sharding.PartitionSpec(spec[0])
     return jax.tree_util.tree_map(
-        lambda value: value if jax.typeof(value).sharding.spec[:1] == (spec[0],) else jax.sharding.reshard(value, batch_spec),
+        lambda value: (
+            value if jax.typeof(value).sharding.spec[:1] == (spec[0],) else jax.sharding.reshard(value, batch_spec)
+        ),
         values,
     )
 
@@ -232,9 +234,7 @@ def _ablation_scorer(
     return ablate
 
 
-def _input_prober(
-    config: StepConfig, variables: Any, layer: str, chosen: Array, target_data: dict | None
-) -> Callable:
+def _input_prober(config: StepConfig, variables: Any, layer: str, chosen: Array, target_data: dict | None) -> Callable:
     """``probe_at(new_images) -> (activations (B, h, w, C), gradients (B, T, h, w, C))`` at ``layer``
     for a new batch standing for the images (e.g. noisy copies), with the targets chosen on the
     originals; ``reshape`` applied as for the images themselves."""
@@ -242,7 +242,11 @@ def _input_prober(
 
     def probe_at(new_images: Array) -> tuple[Array, Array]:
         _, activations, gradients, _, _ = probe(
-            config.model, variables, new_images, layer, lambda output: target_scores(spec, output, data),
+            config.model,
+            variables,
+            new_images,
+            layer,
+            lambda output: target_scores(spec, output, data),
             output_fn=config.output_fn,
         )
         if config.reshape is not None:
@@ -292,7 +296,13 @@ def _run(
         )
     else:
         logits, activations, gradients, scores, chosen = probe(
-            config.model, variables, images, config.layers, score_fn, with_gradients=method.needs_gradients, **probe_kwargs
+            config.model,
+            variables,
+            images,
+            config.layers,
+            score_fn,
+            with_gradients=method.needs_gradients,
+            **probe_kwargs,
         )
     if "second_derivatives" in method.inputs:
         extras["second_derivatives"], extras["third_derivatives"] = derivative_diagonals(
@@ -311,8 +321,17 @@ def _run(
                 layer_gradients = per_target_reshape(layer_gradients)
             per_target = {name: per_target_reshape(values) for name, values in per_target.items()}
         contributions = _contributions(
-            config, variables, images, layer_activations, layer_gradients, chosen, layer_key, target_data,
-            config.layers[index], scores, per_target,
+            config,
+            variables,
+            images,
+            layer_activations,
+            layer_gradients,
+            chosen,
+            layer_key,
+            target_data,
+            config.layers[index],
+            scores,
+            per_target,
         )
         reduction = "projection" if config.eigen_smooth and method.reduction == "sum" else method.reduction
         raw = _reduce(contributions, reduction)  # (B, T, h, w) or volumes (B, T, d, h, w)
@@ -357,7 +376,9 @@ def _run_bias_layers(
     biases = tuple(config.model.effective_bias(variables, layer) for layer in config.biased)
     for layer, bias, gradient in zip(config.biased, biases, layer_gradients):
         if bias.shape != gradient.shape[-1:]:
-            raise LayerError(f"layer {layer.name!r}: bias of shape {bias.shape} does not match its output {gradient.shape[2:]}")
+            raise LayerError(
+                f"layer {layer.name!r}: bias of shape {bias.shape} does not match its output {gradient.shape[2:]}"
+            )
 
     def per_target(image: Array, input_gradient: Array, gradients: tuple[Array, ...]) -> Array:
         available = {"images": image, "input_gradients": input_gradient, "bias_gradients": gradients, "biases": biases}
@@ -381,7 +402,7 @@ def explain_step(
     global TRACE_COUNT
     TRACE_COUNT += 1
     if not config.aug_smooth:
-        score_fn = lambda out: target_scores(config.target_spec, out, target_data)  # noqa: E731
+        score_fn = lambda out: target_scores(config.target_spec, out, target_data)
         out = _run(config, variables, images, score_fn, key, target_data, image_ids)
     else:
         out = _aug_smooth(config, variables, images, target_data, key, image_ids)
@@ -390,7 +411,12 @@ def explain_step(
 
 
 def _aug_smooth(
-    config: StepConfig, variables: Any, images: Array, target_data: dict | None, key: Array | None, image_ids: Array | None
+    config: StepConfig,
+    variables: Any,
+    images: Array,
+    target_data: dict | None,
+    key: Array | None,
+    image_ids: Array | None,
 ) -> dict:
     """Mean of the maps of the flipped / scaled copies of each image, mapped back (flips undone).
 
@@ -405,20 +431,26 @@ def _aug_smooth(
     )
 
     spec = config.target_spec
-    tiled = None if target_data is None else jax.tree_util.tree_map(lambda v: jnp.concatenate([v] * copies), target_data)
+    tiled = (
+        None if target_data is None else jax.tree_util.tree_map(lambda v: jnp.concatenate([v] * copies), target_data)
+    )
 
     def score_fn(output):
         if not spec.chosen_from_output:
             return target_scores(spec, output, tiled)
         own = select_classes(spec, output.reshape(copies, batch, -1)[identity], None)
-        return target_scores(TargetSpec("classes", spec.count, spec.score), output, {"classes": jnp.tile(own, (copies, 1))})
+        return target_scores(
+            TargetSpec("classes", spec.count, spec.score), output, {"classes": jnp.tile(own, (copies, 1))}
+        )
 
     ids = None if image_ids is None else jnp.tile(jnp.asarray(image_ids), copies)
     out = _run(config, variables, augmented, score_fn, key, tiled, ids)
 
     def mean_over_copies(maps: Array) -> Array:
         per_copy = maps.reshape(copies, batch, *maps.shape[1:])
-        restored = [per_copy[i][..., ::-1] if flip else per_copy[i] for i, (flip, _) in enumerate(AUG_SMOOTH_TRANSFORMS)]
+        restored = [
+            per_copy[i][..., ::-1] if flip else per_copy[i] for i, (flip, _) in enumerate(AUG_SMOOTH_TRANSFORMS)
+        ]
         return sum(restored) / copies
 
     def identity_copy(values: Array) -> Array:

@@ -179,14 +179,18 @@ def _check_classes(classes: Any, num_classes: int) -> None:
 def _resolve_object(target: Any, batch: int, output_shape: tuple[int, ...]) -> tuple[TargetSpec, dict[str, np.ndarray]]:
     if isinstance(target, Binary):
         if len(output_shape) not in (1, 2) or (len(output_shape) == 2 and output_shape[1] != 1):
-            raise ValueError(f"Binary targets need one logit per image, (B,) or (B, 1); the output has shape {output_shape}")
+            raise ValueError(
+                f"Binary targets need one logit per image, (B,) or (B, 1); the output has shape {output_shape}"
+            )
         category = _per_image(target.category, batch, 0, "Binary.category").astype(np.int32)
         if not _traced(category) and not np.isin(category, (0, 1)).all():
             raise ValueError("Binary.category must be 0 or 1")
         return TargetSpec("binary", 1), {"classes": category}
     if isinstance(target, Segmentation):
         if len(output_shape) != 4:
-            raise ValueError(f"Segmentation targets need a (B, H, W, K) output; the model output has shape {output_shape}")
+            raise ValueError(
+                f"Segmentation targets need a (B, H, W, K) output; the model output has shape {output_shape}"
+            )
         classes = _per_image(target.classes, batch, 0, "Segmentation.classes").astype(np.int32)
         xp = _xp(target.masks)
         masks = xp.asarray(target.masks, np.float32)
@@ -202,7 +206,10 @@ def _resolve_object(target: Any, batch: int, output_shape: tuple[int, ...]) -> t
         if masks.shape[1] != classes.shape[1]:
             raise ValueError(f"{classes.shape[1]} classes per image but {masks.shape[1]} masks per image")
         _check_classes(classes, output_shape[-1])
-        return TargetSpec("segmentation", classes.shape[1]), {"classes": classes, "masks": masks if xp is jnp else np.ascontiguousarray(masks)}
+        return TargetSpec("segmentation", classes.shape[1]), {
+            "classes": classes,
+            "masks": masks if xp is jnp else np.ascontiguousarray(masks),
+        }
     concepts = _xp(target.concepts).asarray(target.concepts, np.float32)
     if len(output_shape) != 2:
         raise ValueError(f"Embedding targets need a (B, D) output; the model output has shape {output_shape}")

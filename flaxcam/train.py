@@ -164,7 +164,9 @@ def augmentation_draws(seed: int, step: int, batch: int, *, flip: bool, shift: i
     uniform in ``[0, 2 * shift]`` (row, column). A function of the step, so a resumed run replays them."""
     rng = np.random.default_rng([seed, step, 7])
     flips = rng.random(batch) < 0.5 if flip else np.zeros(batch, bool)
-    offsets = rng.integers(0, 2 * shift + 1, (batch, 2)).astype(np.int32) if shift > 0 else np.zeros((batch, 2), np.int32)
+    offsets = (
+        rng.integers(0, 2 * shift + 1, (batch, 2)).astype(np.int32) if shift > 0 else np.zeros((batch, 2), np.int32)
+    )
     return flips, offsets
 
 
@@ -176,7 +178,7 @@ def augment(images: Array, flips: Array, offsets: Array, shift: int) -> Array:
     repeat its edge. Jittable (``shift`` static); the random choices come from :func:`augmentation_draws`
     (on the host, so the compiled step holds no random-number generator).
     """
-    batch, height, width, channels = images.shape
+    _batch, height, width, channels = images.shape
     images = jnp.where(jnp.asarray(flips)[:, None, None, None], images[:, :, ::-1, :], images)
     if shift <= 0:
         return images
@@ -188,7 +190,9 @@ def augment(images: Array, flips: Array, offsets: Array, shift: int) -> Array:
     return jax.vmap(crop)(padded, jnp.asarray(offsets, jnp.int32))
 
 
-def hide_draws(seed: int, step: int, batch: int, *, image_size: tuple[int, int], patch: int, probability: float) -> np.ndarray:
+def hide_draws(
+    seed: int, step: int, batch: int, *, image_size: tuple[int, int], patch: int, probability: float
+) -> np.ndarray:
     """Hide-and-Seek's random choices for step ``step``: ``keep`` ``(B, ceil(H / patch), ceil(W / patch))``
     bool, each grid cell hidden (False) with ``probability``; drawn on the host from ``(seed, step)``
     alone, so a resumed run replays them. ``patch <= 0`` (off): all True of shape ``(B, 1, 1)``."""
@@ -278,7 +282,9 @@ class TrainConfig:
         if self.checkpoint_every < 0 or self.shift < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every and shift must be >= 0 and keep_checkpoints >= 1")
         if self.hide_patch < 0 or not 0.0 <= self.hide_probability <= 1.0:
-            raise ValueError(f"hide_patch must be >= 0 and hide_probability in [0, 1], got {self.hide_patch} and {self.hide_probability}")
+            raise ValueError(
+                f"hide_patch must be >= 0 and hide_probability in [0, 1], got {self.hide_patch} and {self.hide_probability}"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: valid options are {', '.join(LOSSES)}")
         if not 0.0 <= self.warmup_fraction < 1.0:
@@ -350,11 +356,15 @@ class ArrayFeed:
         self.inputs = np.asarray(self.inputs, np.float32)
         self.labels = np.asarray(self.labels, np.int32)
         if self.inputs.ndim != 4 or len(self.inputs) != len(self.labels):
-            raise ValueError(f"inputs must be (N, H, W, C) with N labels, got {self.inputs.shape} and {self.labels.shape}")
+            raise ValueError(
+                f"inputs must be (N, H, W, C) with N labels, got {self.inputs.shape} and {self.labels.shape}"
+            )
         self.class_names = tuple(self.class_names)
 
     @classmethod
-    def from_images(cls, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], config: TrainConfig) -> ArrayFeed:
+    def from_images(
+        cls, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], config: TrainConfig
+    ) -> ArrayFeed:
         """``images`` in [0, 1] (float) or uint8 at ``config.input_size``, normalized with the config's mean/std."""
         images = np.asarray(images)
         if images.dtype == np.uint8:
@@ -385,7 +395,9 @@ class SourceFeed:
     are recorded in :attr:`errors` (``(index, id, reason)``, source indices), never raised.
     """
 
-    def __init__(self, source: Any, config: TrainConfig, *, indices: Sequence[int] | None = None, worker_count: int = 0) -> None:
+    def __init__(
+        self, source: Any, config: TrainConfig, *, indices: Sequence[int] | None = None, worker_count: int = 0
+    ) -> None:
         from flaxcam.imageio import Preprocessing
 
         self.source = source
@@ -402,7 +414,11 @@ class SourceFeed:
         from flaxcam.data import iterate_batches
 
         for batch in iterate_batches(
-            self.source, self.preprocessing, batch_size, indices=self.indices[np.asarray(order)], worker_count=self.worker_count
+            self.source,
+            self.preprocessing,
+            batch_size,
+            indices=self.indices[np.asarray(order)],
+            worker_count=self.worker_count,
         ):
             for error in batch.errors:
                 self.errors.setdefault(int(error[0]), tuple(error))
@@ -501,7 +517,14 @@ def _run_functions(config: TrainConfig, num_classes: int, total_steps: int) -> t
         init = jax.jit(lambda rng: create_train_state(model, optimizer, (1, *config.input_size, 3), rng))
         if len(_COMPILED) >= 8:
             _COMPILED.pop(next(iter(_COMPILED)))
-        _COMPILED[key] = (model, model_kwargs, optimizer, init, _compiled_step(model, optimizer, config), _eval_fn(model))
+        _COMPILED[key] = (
+            model,
+            model_kwargs,
+            optimizer,
+            init,
+            _compiled_step(model, optimizer, config),
+            _eval_fn(model),
+        )
     return _COMPILED[key]
 
 
@@ -568,7 +591,9 @@ def train(
     if steps_per_epoch < 1:
         raise ValueError(f"need at least batch_size={config.batch_size} training examples, got {len(feed)}")
     total_steps = config.epochs * steps_per_epoch
-    model, model_kwargs, optimizer, init_fn, step_fn, evaluate_fn = _run_functions(config, len(feed.class_names), total_steps)
+    model, model_kwargs, _optimizer, init_fn, step_fn, evaluate_fn = _run_functions(
+        config, len(feed.class_names), total_steps
+    )
     state = init_fn(jax.random.key(config.seed, impl="rbg"))
 
     manager = _checkpoint_manager(out / "checkpoints", config.keep_checkpoints)
@@ -591,12 +616,23 @@ def train(
     try:
         for epoch in range(start_step // steps_per_epoch, config.epochs):
             done = int(state.step) - epoch * steps_per_epoch
-            order = epoch_order(len(feed), config.seed, epoch)[done * config.batch_size : steps_per_epoch * config.batch_size]
+            order = epoch_order(len(feed), config.seed, epoch)[
+                done * config.batch_size : steps_per_epoch * config.batch_size
+            ]
             losses = []
             started = time.perf_counter()
             for inputs, labels, weights in feed.batches(order, config.batch_size):
-                flips, offsets = augmentation_draws(config.seed, step, len(labels), flip=config.flip, shift=config.shift)
-                keep = hide_draws(config.seed, step, len(labels), image_size=config.input_size, patch=config.hide_patch, probability=config.hide_probability)
+                flips, offsets = augmentation_draws(
+                    config.seed, step, len(labels), flip=config.flip, shift=config.shift
+                )
+                keep = hide_draws(
+                    config.seed,
+                    step,
+                    len(labels),
+                    image_size=config.input_size,
+                    patch=config.hide_patch,
+                    probability=config.hide_probability,
+                )
                 state, loss = step_fn(state, inputs, labels, weights, flips, offsets, keep)
                 losses.append(loss)
                 step += 1  # a host-side counter: no device sync per step
@@ -622,8 +658,11 @@ def train(
             history.append(entry)
             _save(manager, state)
             history_path.write_text(json.dumps(history, indent=2))
-            bar.set_postfix(epoch=epoch + 1, loss=f"{entry['train_loss']:.3f}", **(
-                {"eval_acc": f"{entry['eval_accuracy']:.3f}"} if "eval_accuracy" in entry else {}))
+            bar.set_postfix(
+                epoch=epoch + 1,
+                loss=f"{entry['train_loss']:.3f}",
+                **({"eval_acc": f"{entry['eval_accuracy']:.3f}"} if "eval_accuracy" in entry else {}),
+            )
             if stop_after_step is not None and step >= stop_after_step and step < total_steps:
                 interrupted = True
                 break

@@ -89,8 +89,9 @@ def _draw_box(ax, box) -> Rectangle | None:
     if x1 <= x0 or y1 <= y0:  # empty box (nothing salient): nothing to draw
         return None
     # Pixel (x, y) covers [x - 0.5, x + 0.5] in imshow's data coordinates; the end is exclusive.
-    rect = Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOR, linewidth=2.0,
-                     label="box")
+    rect = Rectangle(
+        (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOR, linewidth=2.0, label="box"
+    )
     from matplotlib import patheffects
 
     rect.set_path_effects([patheffects.withStroke(linewidth=3.5, foreground="black", alpha=0.6)])
@@ -210,8 +211,7 @@ def seed_figure(
     for spine in ("top", "right"):
         ax_bar.spines[spine].set_visible(False)
     for bar, p in zip(bars, probs[top]):
-        ax_bar.text(bar.get_width() + 0.02, bar.get_y() + bar.get_height() / 2, f"{p:.2f}", va="center",
-                    fontsize=9)
+        ax_bar.text(bar.get_width() + 0.02, bar.get_y() + bar.get_height() / 2, f"{p:.2f}", va="center", fontsize=9)
 
     for col, (panel_title, panel_img, panel_box) in enumerate(panels, start=1):
         ax = fig.add_subplot(grid[0, col])  # in line with (a); the bar plot row stays under (a) only
@@ -258,7 +258,9 @@ def factorization_overlay(image, heatmaps, colors: np.ndarray | None = None, ima
     return np.uint8(np.clip(base[..., :3] * image_weight + mask * (1 - image_weight), 0, 1) * 255)
 
 
-def factorization_figure(image, concepts, index: int = 0, labels: Sequence[str] | None = None, top_k: int = 2) -> Figure:
+def factorization_figure(
+    image, concepts, index: int = 0, labels: Sequence[str] | None = None, top_k: int = 2
+) -> Figure:
     """The concept figure of image ``index`` of a :func:`flaxcam.dff.deep_feature_factorization`
     result: the image, its :func:`factorization_overlay` and, per concept, its heatmap, titled with
     the head's top ``top_k`` classes for that concept (softmax over the concept's scores) when the
@@ -281,9 +283,7 @@ def factorization_figure(image, concepts, index: int = 0, labels: Sequence[str] 
             probabilities = np.exp(scores[j] - scores[j].max())
             probabilities /= probabilities.sum()
             best = np.argsort(-probabilities)[:top_k]
-            title += "\n" + "\n".join(
-                f"{labels[c] if labels is not None else c}: {probabilities[c]:.2f}" for c in best
-            )
+            title += "\n" + "\n".join(f"{labels[c] if labels is not None else c}: {probabilities[c]:.2f}" for c in best)
         axes[j + 2].set_title(title, fontsize=8)
     return figure
 
@@ -308,7 +308,10 @@ def volume_figure(volume, cam, slices: int = 4, axis: int = 0, title: str | None
         image_slice = np.take(gray, index, axis=axis)
         _show(axes[0, column], image_slice)
         axes[0, column].set_title(f"slice {index}", fontsize=8)
-        _show(axes[1, column], _overlay_from_map(np.repeat(image_slice[..., None], 3, axis=-1), np.take(cam, index, axis=axis)))
+        _show(
+            axes[1, column],
+            _overlay_from_map(np.repeat(image_slice[..., None], 3, axis=-1), np.take(cam, index, axis=axis)),
+        )
     if title:
         figure.suptitle(title)
     return figure

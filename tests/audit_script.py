@@ -23,7 +23,6 @@ if mode == "distributed":
     jax.distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id), initialization_timeout=60)
 
 import audit_helpers
-
 from flaxcam import audit
 
 source = audit_helpers.make_source(count)

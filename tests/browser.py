@@ -31,8 +31,11 @@ def ensure_chromium() -> tuple[str | None, str]:
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         return None, "chromium is not installed and cannot be installed here (needs apt-get as root)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
-                    ["apt-get", "install", "-y", "-q", "chromium"]):
+    for command in (
+        ["apt-get", "install", "-y", "-q", "chromium"],
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "chromium"],
+    ):
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         if result.returncode == 0 and command[1] == "install":
             break
@@ -65,10 +68,22 @@ class _Pipe:
     @staticmethod
     def _start(binary: str, profile: str, to_browser_r: int, from_browser_w: int) -> subprocess.Popen:
         return subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-             f"--user-data-dir={profile}", "--no-first-run", "--disable-extensions", "--window-size=1280,1600",
-             "about:blank"],
-            pass_fds=(3, 4), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                "--no-first-run",
+                "--disable-extensions",
+                "--window-size=1280,1600",
+                "about:blank",
+            ],
+            pass_fds=(3, 4),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             preexec_fn=lambda: _move_fds(to_browser_r, from_browser_w),
         )
 

@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from flaxcam import distributed
 
 
-
 def explain_images():
     """8 images of the explain test (the same in every process and in the test itself)."""
     import numpy as np
@@ -29,11 +28,17 @@ def explain_images():
 def main() -> None:
     mode = sys.argv[1]
     if mode == "audit":
-        out, count, port, n, i, pause = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
+        out, count, port, n, i, pause = (
+            Path(sys.argv[2]),
+            int(sys.argv[3]),
+            int(sys.argv[4]),
+            int(sys.argv[5]),
+            int(sys.argv[6]),
+            float(sys.argv[7]),
+        )
         if n > 1:
             distributed.initialize(f"127.0.0.1:{port}", n, i, timeout=60, heartbeat_timeout=10)
         import audit_helpers
-
         from flaxcam import audit
 
         started = Path(f"{out}.started-p{i}")
@@ -44,18 +49,27 @@ def main() -> None:
 
         source = audit_helpers.make_source(count)
         model, variables = audit_helpers.make_model()
-        result = audit.run(source, model, variables, out, preprocessing=audit_helpers.PREPROCESSING, batch_size=8,
-                           rows_per_part=8, progress=False, on_batch=on_batch)
+        result = audit.run(
+            source,
+            model,
+            variables,
+            out,
+            preprocessing=audit_helpers.PREPROCESSING,
+            batch_size=8,
+            rows_per_part=8,
+            progress=False,
+            on_batch=on_batch,
+        )
         print(f"done: processed {result.processed} in {result.seconds:.2f} s, complete {result.complete}", flush=True)
     elif mode == "explain":
         out, port, n, i = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
         distributed.initialize(f"127.0.0.1:{port}", n, i, timeout=60, heartbeat_timeout=10)
-        import audit_helpers
         import jax
         import numpy as np
         from jax.experimental import multihost_utils
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+        import audit_helpers
         import flaxcam
 
         images = explain_images()
@@ -65,8 +79,10 @@ def main() -> None:
         global_images = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("batch")), local)
         model, variables = audit_helpers.make_model()
         explanation = flaxcam.explain(model, variables, global_images, method="gradcam", top_k=2, mesh=mesh)
-        gathered = {name: multihost_utils.process_allgather(getattr(explanation, name), tiled=True)
-                    for name in ("maps", "low_res", "probabilities", "targets")}
+        gathered = {
+            name: multihost_utils.process_allgather(getattr(explanation, name), tiled=True)
+            for name in ("maps", "low_res", "probabilities", "targets")
+        }
         if i == 0:
             np.savez(out, devices=len(jax.devices()), local_devices=len(jax.local_devices()), **gathered)
         print("done", flush=True)

@@ -18,7 +18,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import audit_helpers
-
 import flaxcam
 from flaxcam import audit, localize
 from flaxcam.audit import stats as stats_lib
@@ -119,7 +118,13 @@ def full_audit(tmp_path_factory):
     source = audit_helpers.make_source(E2E_COUNT)
     model, variables = audit_helpers.make_model()
     result = audit.run(
-        source, model, variables, out, preprocessing=audit_helpers.PREPROCESSING, batch_size=64, progress=False,
+        source,
+        model,
+        variables,
+        out,
+        preprocessing=audit_helpers.PREPROCESSING,
+        batch_size=64,
+        progress=False,
         rows_per_part=500,
     )
     return out, result, source, model, variables
@@ -169,6 +174,7 @@ def test_end_to_end_rows_match_direct_explain(full_audit):
 
 def test_rerun_of_complete_audit_does_nothing(full_audit):
     out, _, source, model, variables = full_audit
+
     def files():  # the lock file (.lock-p00000) is rewritten by every run
         return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".lock-")}
 
@@ -181,7 +187,9 @@ def test_rerun_of_complete_audit_does_nothing(full_audit):
 def test_resume_refuses_other_settings(full_audit):
     out, _, source, model, variables = full_audit
     with pytest.raises(ValueError, match="method: 'cam' -> 'gradcam'"):
-        audit.run(source, model, variables, out, preprocessing=audit_helpers.PREPROCESSING, method="gradcam", progress=False)
+        audit.run(
+            source, model, variables, out, preprocessing=audit_helpers.PREPROCESSING, method="gradcam", progress=False
+        )
     other = audit_helpers.make_model(seed=1)[1]
     with pytest.raises(ValueError, match="model_fingerprint"):
         audit.run(source, model, other, out, preprocessing=audit_helpers.PREPROCESSING, progress=False)
@@ -223,15 +231,24 @@ def test_resume_after_kill_minus_9(tmp_path):
     the rows hold the model's predictions."""
     count = 640
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "run", str(out), str(count)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "run", str(out), str(count)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if len(store.part_files(out, "part")) >= 2:
             break
         time.sleep(0.02)
-    assert process.poll() is None, f"the audit ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    assert process.poll() is None, (
+        f"the audit ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    )
     process.send_signal(signal.SIGKILL)
     process.wait()
     partial = store.done_indices(out)
@@ -239,8 +256,16 @@ def test_resume_after_kill_minus_9(tmp_path):
 
     source = audit_helpers.make_source(count)
     model, variables = audit_helpers.make_model()
-    result = audit.run(source, model, variables, out, preprocessing=audit_helpers.PREPROCESSING, batch_size=64,
-                       progress=False, rows_per_part=128)
+    result = audit.run(
+        source,
+        model,
+        variables,
+        out,
+        preprocessing=audit_helpers.PREPROCESSING,
+        batch_size=64,
+        progress=False,
+        rows_per_part=128,
+    )
     assert result.complete and result.processed == count - len(partial)
     assert not list(out.glob(".*.tmp"))
     rows, errors = store.read_rows(out).to_pydict(), store.read_errors(out).to_pydict()
@@ -259,12 +284,25 @@ def test_four_emulated_devices_write_the_same_rows(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
     count = 192
-    subprocess.run([sys.executable, str(SCRIPT), "devices", str(tmp_path / "all"), str(count)], env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "devices", str(tmp_path / "all"), str(count)],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     source = audit_helpers.make_source(count)
     model, variables = audit_helpers.make_model()
-    audit.run(source, model, variables, tmp_path / "one", preprocessing=audit_helpers.PREPROCESSING, batch_size=64,
-              progress=False, devices=jax.local_devices()[:1])
+    audit.run(
+        source,
+        model,
+        variables,
+        tmp_path / "one",
+        preprocessing=audit_helpers.PREPROCESSING,
+        batch_size=64,
+        progress=False,
+        devices=jax.local_devices()[:1],
+    )
     assert len(jax.local_devices()) == 1
     a, b = store.read_rows(tmp_path / "all").to_pydict(), store.read_rows(tmp_path / "one").to_pydict()
     assert len(a["index"]) == count - len(audit_helpers.bad_indices(count))
@@ -272,7 +310,9 @@ def test_four_emulated_devices_write_the_same_rows(tmp_path):
         assert a[name] == b[name], name
     for name in ("prob", "border_share", "corner_tl_share", "gt_share", "entropy", "com_y"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    np.testing.assert_allclose(store.decode_low_res(a["low_res"], (16, 16)), store.decode_low_res(b["low_res"], (16, 16)), atol=1e-3)
+    np.testing.assert_allclose(
+        store.decode_low_res(a["low_res"], (16, 16)), store.decode_low_res(b["low_res"], (16, 16)), atol=1e-3
+    )
     assert store.read_errors(tmp_path / "all").to_pydict()["index"] == list(audit_helpers.bad_indices(count))
 
 
@@ -300,22 +340,53 @@ def _fake_audit(path: Path, class_of_rows: np.ndarray, corner_br: np.ndarray, bo
     rows = {field.name: None for field in store.SCHEMA}
     zeros = np.zeros(n, np.float32)
     rows.update(
-        index=np.arange(n), id=[str(i) for i in range(n)], label=class_of_rows, pred=class_of_rows, prob=zeros + 0.9,
-        correct=np.ones(n, bool), target=class_of_rows, target_prob=zeros + 0.9,
-        topk_classes=[[int(c)] for c in class_of_rows], topk_probs=[[0.9]] * n,
-        box_x0=np.zeros(n, np.int32), box_y0=np.zeros(n, np.int32), box_x1=np.full(n, 4, np.int32), box_y1=np.full(n, 4, np.int32),
-        gt_y0=zeros + np.nan, gt_x0=zeros + np.nan, gt_y1=zeros + np.nan, gt_x1=zeros + np.nan, box_iou=zeros + np.nan,
-        border_share=border, corner_tl_share=zeros + 0.04, corner_tr_share=zeros + 0.04, corner_bl_share=zeros + 0.04,
-        corner_br_share=corner_br, corner_max_share=np.maximum(corner_br, 0.04), gt_share=zeros + np.nan,
-        entropy=zeros + 0.9, peak_y=zeros + 0.5, peak_x=zeros + 0.5, com_y=zeros + 0.5, com_x=zeros + 0.5,
-        low_res=[np.full((2, 2), 0.5, np.float16).tobytes()] * n, process=np.zeros(n, np.int32),
+        index=np.arange(n),
+        id=[str(i) for i in range(n)],
+        label=class_of_rows,
+        pred=class_of_rows,
+        prob=zeros + 0.9,
+        correct=np.ones(n, bool),
+        target=class_of_rows,
+        target_prob=zeros + 0.9,
+        topk_classes=[[int(c)] for c in class_of_rows],
+        topk_probs=[[0.9]] * n,
+        box_x0=np.zeros(n, np.int32),
+        box_y0=np.zeros(n, np.int32),
+        box_x1=np.full(n, 4, np.int32),
+        box_y1=np.full(n, 4, np.int32),
+        gt_y0=zeros + np.nan,
+        gt_x0=zeros + np.nan,
+        gt_y1=zeros + np.nan,
+        gt_x1=zeros + np.nan,
+        box_iou=zeros + np.nan,
+        border_share=border,
+        corner_tl_share=zeros + 0.04,
+        corner_tr_share=zeros + 0.04,
+        corner_bl_share=zeros + 0.04,
+        corner_br_share=corner_br,
+        corner_max_share=np.maximum(corner_br, 0.04),
+        gt_share=zeros + np.nan,
+        entropy=zeros + 0.9,
+        peak_y=zeros + 0.5,
+        peak_x=zeros + 0.5,
+        com_y=zeros + 0.5,
+        com_x=zeros + 0.5,
+        low_res=[np.full((2, 2), 0.5, np.float16).tobytes()] * n,
+        process=np.zeros(n, np.int32),
     )
     path.mkdir()
     store.write_part(path / store.part_name("part", 0, 0), store.rows_table(rows))
-    store.write_json(path / store.MANIFEST, {
-        "class_names": ["a", "b", "c"], "preprocessing": {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]},
-        "low_res_shape": [2, 2], "source_spec": None, "source_length": n, "status": "complete",
-    })
+    store.write_json(
+        path / store.MANIFEST,
+        {
+            "class_names": ["a", "b", "c"],
+            "preprocessing": {"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]},
+            "low_res_shape": [2, 2],
+            "source_spec": None,
+            "source_length": n,
+            "status": "complete",
+        },
+    )
 
 
 def test_class_ranking_is_glass_delta(tmp_path):
@@ -388,10 +459,12 @@ def test_box_on_a_coarser_grid_is_close_to_the_exact_box():
     assert stats_lib.box_grid((32, 48), 64) == (32, 48) and stats_lib.box_grid((224, 448), 64) == (32, 64)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:7, 0:7]
-    low = np.stack([
-        np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2))
-        for cy, cx, s in zip(rng.uniform(0, 6, 16), rng.uniform(0, 6, 16), rng.uniform(0.5, 1.5, 16))
-    ]).astype(np.float32)
+    low = np.stack(
+        [
+            np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s**2))
+            for cy, cx, s in zip(rng.uniform(0, 6, 16), rng.uniform(0, 6, 16), rng.uniform(0.5, 1.5, 16))
+        ]
+    ).astype(np.float32)
     for size in ((56, 56), (224, 224)):
         exact = localize.boxes(ops.minmax_normalize(ops.resize_maps(jnp.asarray(low), size)))
         grid = stats_lib.box_grid(size, 64)
@@ -422,5 +495,7 @@ def test_host_boxes_equal_localize_boxes():
     scaled = stats_lib.scale_boxes(stats_lib.largest_component_boxes(mask), grid, (224, 224))
     np.testing.assert_array_equal(scaled, np.asarray(stats_lib.boxes_from_low_res(low, (224, 224), grid, 0.2)))
     iou = stats_lib.box_iou_xyxy(scaled, np.array([[0, 0, 224, 224]] * 5 + [[np.nan] * 4]))
-    np.testing.assert_allclose(iou[:5], np.asarray(localize.box_iou(scaled[:5], jnp.array([0, 0, 224, 224]))), rtol=1e-6)
+    np.testing.assert_allclose(
+        iou[:5], np.asarray(localize.box_iou(scaled[:5], jnp.array([0, 0, 224, 224]))), rtol=1e-6
+    )
     assert np.isnan(iou[5])

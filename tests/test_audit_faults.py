@@ -28,7 +28,6 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 
 import audit_helpers
-
 from flaxcam import audit, models
 from flaxcam.audit import store
 from flaxcam.cli import app
@@ -182,10 +181,28 @@ def test_cli_on_a_real_file_size_limit_then_rerun(tmp_path, bundle):
     with one ``error:`` line and exit 2 within seconds, and the rerun without the limit completes."""
     folder = make_folder(tmp_path / "data")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "flaxcam.cli", "audit", f"folder:{folder}", "--out", str(out),
-               "--weights", str(bundle), "--batch-size", "4"]
-    limited = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
-                             preexec_fn=_limit_file_size(1024))
+    command = [
+        sys.executable,
+        "-m",
+        "flaxcam.cli",
+        "audit",
+        f"folder:{folder}",
+        "--out",
+        str(out),
+        "--weights",
+        str(bundle),
+        "--batch-size",
+        "4",
+    ]
+    limited = subprocess.run(
+        command,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+        preexec_fn=_limit_file_size(1024),
+    )
     assert limited.returncode == 2, limited.stderr[-3000:]
     error_lines = [line for line in limited.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
@@ -209,8 +226,12 @@ def lock_holder(out: Path) -> dict:
 def start_holding_audit(out: Path, count: int, parts: int) -> subprocess.Popen:
     """An audit in a subprocess that stops before its next batch once ``parts`` parts are written, and
     creates ``OUT.held`` (``tests/audit_script.py hold``); it goes on once ``OUT.release`` exists."""
-    return subprocess.Popen([sys.executable, str(SCRIPT), "hold", str(out), str(count), str(parts)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "hold", str(out), str(count), str(parts)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_until_held(process: subprocess.Popen, out: Path) -> None:
@@ -224,7 +245,9 @@ def wait_until_held(process: subprocess.Popen, out: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)
-@pytest.mark.parametrize("parts", [0, 1, 3], ids=["locked, nothing written", "after the first part", "after three parts"])
+@pytest.mark.parametrize(
+    "parts", [0, 1, 3], ids=["locked, nothing written", "after the first part", "after three parts"]
+)
 def test_kill_minus_9_then_rerun_takes_over_the_lock(tmp_path, model_and_variables, parts):
     count = 640
     out = tmp_path / "out"
@@ -254,14 +277,22 @@ def test_second_concurrent_audit_refuses_naming_the_holder(tmp_path):
     first = start_holding_audit(out, count, 1)
     try:
         wait_until_held(first, out)
-        second = subprocess.run([sys.executable, str(SCRIPT), "run", str(out), str(count)], env=ENV,
-                                capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False)
+        second = subprocess.run(
+            [sys.executable, str(SCRIPT), "run", str(out), str(count)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT,
+            check=False,
+        )
     finally:
         Path(f"{out}.release").touch()
         first_rc = first.wait(timeout=SUBPROCESS_TIMEOUT)
     assert second.returncode != 0
     message = second.stderr.strip().splitlines()[-1]
-    assert f"is in use by another audit (PID {first.pid} on host {socket.gethostname()}" in message, second.stderr[-2000:]
+    assert f"is in use by another audit (PID {first.pid} on host {socket.gethostname()}" in message, second.stderr[
+        -2000:
+    ]
     assert first_rc == 0, first.stderr.read().decode()[-2000:]
     assert_exactly_once(out, count)
 
@@ -277,7 +308,9 @@ def test_cli_refuses_a_locked_folder(tmp_path, bundle):
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert line.startswith(f"error: {out} is in use by another audit (PID {os.getpid()} on host {socket.gethostname()}, since ")
+    assert line.startswith(
+        f"error: {out} is in use by another audit (PID {os.getpid()} on host {socket.gethostname()}, since "
+    )
     assert line.endswith("); wait for it to finish, or write to another --out folder")
     assert not store.part_files(out) and not (out / store.MANIFEST).exists()
     assert CliRunner().invoke(app, args).exit_code == 0  # released: the next run proceeds
@@ -398,8 +431,15 @@ def test_out_inside_a_folder_source_is_not_data(tmp_path, bundle):
     model, variables, _ = models.load_bundle(bundle)
     preprocessing = Preprocessing((32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
     with pytest.raises(ValueError, match=r"class_names: \['cats', 'dogs'\] -> \['cat', 'dog'\]"):
-        audit.run(f"folder:{folder}", model, variables, out, preprocessing=preprocessing, class_names=["cat", "dog"],
-                  progress=False)
+        audit.run(
+            f"folder:{folder}",
+            model,
+            variables,
+            out,
+            preprocessing=preprocessing,
+            class_names=["cat", "dog"],
+            progress=False,
+        )
 
 
 # --------------------------------------------------------------------------- query and permissions
@@ -413,8 +453,11 @@ def test_query_cannot_reach_other_files_unless_allowed(tmp_path, model_and_varia
     secret.write_text("password\nhunter2\n")
     copy = tmp_path / "copy.csv"
     runner = CliRunner()
-    for sql in (f"SELECT * FROM read_csv('{secret}')", f"COPY (SELECT * FROM audit) TO '{copy}'",
-                "SET enable_external_access = true"):
+    for sql in (
+        f"SELECT * FROM read_csv('{secret}')",
+        f"COPY (SELECT * FROM audit) TO '{copy}'",
+        "SET enable_external_access = true",
+    ):
         result = runner.invoke(app, ["query", str(out), sql])
         assert result.exit_code != 0 and "hunter2" not in result.output, (sql, result.output)
     assert not copy.exists()
@@ -429,15 +472,24 @@ def test_files_written_get_the_usual_permissions(tmp_path, model_and_variables, 
     model, variables = model_and_variables
     previous = os.umask(0o022)
     try:
-        models.save_bundle(tmp_path / "b.msgpack", model_name="small_cnn",
-                           model_kwargs={"num_classes": 10, "features": [8, 16]}, variables=variables)
+        models.save_bundle(
+            tmp_path / "b.msgpack",
+            model_name="small_cnn",
+            model_kwargs={"num_classes": 10, "features": [8, 16]},
+            variables=variables,
+        )
         out = tmp_path / "out"
         audit.run(audit_helpers.make_source(20), model, variables, out, **KW)
         report = audit.write_report(out, tmp_path / "report.html")
     finally:
         os.umask(previous)
-    written = [tmp_path / "b.msgpack", out / store.MANIFEST, report,
-               *store.part_files(out, "part"), *store.part_files(out, "errors")]
+    written = [
+        tmp_path / "b.msgpack",
+        out / store.MANIFEST,
+        report,
+        *store.part_files(out, "part"),
+        *store.part_files(out, "errors"),
+    ]
     assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {path.name: "0o644" for path in written}
 
 
@@ -454,8 +506,13 @@ def run_distributed(out: Path, count: int, processes: int = 2) -> list[subproces
     """``processes`` local processes of one audit (CPU, coordinator on 127.0.0.1), run to the end."""
     port = _free_port()
     started = [
-        subprocess.Popen([sys.executable, str(SCRIPT), "distributed", str(out), str(count), str(port), str(processes), str(i)],
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), "distributed", str(out), str(count), str(port), str(processes), str(i)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(processes)
     ]
     try:
@@ -505,8 +562,9 @@ def test_two_processes_write_one_audit_equal_to_one_process(tmp_path, model_and_
     two, one = store.read_rows(out).to_pydict(), store.read_rows(tmp_path / "one").to_pydict()
     for name in ("index", "id", "pred", "target", "topk_classes", "box_x0", "box_y0", "box_x1", "box_y1"):
         assert two[name] == one[name], name
-    np.testing.assert_allclose(store.decode_low_res(two["low_res"], (16, 16)),
-                               store.decode_low_res(one["low_res"], (16, 16)), atol=1e-3)
+    np.testing.assert_allclose(
+        store.decode_low_res(two["low_res"], (16, 16)), store.decode_low_res(one["low_res"], (16, 16)), atol=1e-3
+    )
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):

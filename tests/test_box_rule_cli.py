@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import audit_helpers
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import audit_helpers
 import flaxcam
 from flaxcam import audit, localize, models
 from flaxcam.audit import store
@@ -44,8 +44,23 @@ def test_explain_box_rule_reaches_the_boxes(tmp_path, bundle):
     for rule in ("otsu", "auto"):
         summary = tmp_path / f"{rule}.json"
         result = CliRunner().invoke(
-            app, ["explain", *map(str, files), "--weights", str(path), "--method", "cam", "--top-k", "1",
-                  "--box-rule", rule, "--out", str(tmp_path / rule), "--json", str(summary)],
+            app,
+            [
+                "explain",
+                *map(str, files),
+                "--weights",
+                str(path),
+                "--method",
+                "cam",
+                "--top-k",
+                "1",
+                "--box-rule",
+                rule,
+                "--out",
+                str(tmp_path / rule),
+                "--json",
+                str(summary),
+            ],
         )
         assert result.exit_code == 0, result.output
         expected = localize.boxes(explanation.maps[:, 0], rule=rule, map_shape=explanation.low_res.shape[-2:])
@@ -56,7 +71,9 @@ def test_explain_unknown_box_rule_lists_the_rules(tmp_path, bundle):
     path, _, _ = bundle
     file = tmp_path / "img.png"
     Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(file)
-    result = CliRunner().invoke(app, ["explain", str(file), "--weights", str(path), "--box-rule", "tight", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["explain", str(file), "--weights", str(path), "--box-rule", "tight", "--out", str(tmp_path)]
+    )
     assert result.exit_code != 0
     message = result.output + str(result.exception)
     assert "unknown box rule 'tight'" in message and "paper, resolution, otsu, energy, auto" in message

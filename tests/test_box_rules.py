@@ -149,12 +149,16 @@ def _perturbed_variables(model, seed: int, scale: float = 0.02):
     variables = models.init_variables(model, (1, 64, 64, 3))
     leaves, tree = jax.tree.flatten(variables["params"])
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    params = jax.tree.unflatten(tree, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+    params = jax.tree.unflatten(
+        tree, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    )
     return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
 def _layer_output(model, variables, images, layer: str) -> jax.Array:
-    _, state = model.apply(variables, images, capture_intermediates=lambda m, _: m.name == layer, mutable=["intermediates"])
+    _, state = model.apply(
+        variables, images, capture_intermediates=lambda m, _: m.name == layer, mutable=["intermediates"]
+    )
     return state["intermediates"][layer]["__call__"][0]
 
 
@@ -163,7 +167,12 @@ def _small_efficientnet():
     (the second dilated when atrous) followed by a stride-1 stage (dilated), as in Lite0's last stages."""
     from flaxcam.models.efficientnet import BlockArgs, EfficientNetLite
 
-    blocks = (BlockArgs(1, 3, 1, 1, 8, 8), BlockArgs(1, 3, 2, 2, 8, 12), BlockArgs(2, 5, 2, 2, 12, 16), BlockArgs(1, 3, 1, 2, 16, 16))
+    blocks = (
+        BlockArgs(1, 3, 1, 1, 8, 8),
+        BlockArgs(1, 3, 2, 2, 8, 12),
+        BlockArgs(2, 5, 2, 2, 12, 16),
+        BlockArgs(1, 3, 1, 2, 16, 16),
+    )
     return EfficientNetLite(num_classes=5, blocks_args=blocks, stem_features=8, head_features=24)
 
 

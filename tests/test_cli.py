@@ -53,7 +53,20 @@ def test_explain_command_writes_figures_json_and_reports_bad_files(tmp_path, bun
     files = [str(p) for p in [good[0], bad[0], good[1], good[2], bad[1], good[3]]]
     result = CliRunner().invoke(
         app,
-        ["explain", *files, "--weights", str(path), "--method", "gradcam", "--top-k", "2", "--out", str(out), "--json", str(summary)],
+        [
+            "explain",
+            *files,
+            "--weights",
+            str(path),
+            "--method",
+            "gradcam",
+            "--top-k",
+            "2",
+            "--out",
+            str(out),
+            "--json",
+            str(summary),
+        ],
     )
     assert result.exit_code == 1, result.output  # bad files → non-zero status at the end
     assert "notes.png: not a readable image file" in result.output
@@ -81,7 +94,9 @@ def test_explain_command_errors_are_clear(tmp_path, bundle):
     path, _, _ = bundle
     good, _ = _write_images(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["explain", str(good[0]), "--weights", str(path), "--layer", "nope", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["explain", str(good[0]), "--weights", str(path), "--layer", "nope", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 2
     assert "unknown layer 'nope'" in result.stderr and "conv2" in result.stderr
     result = runner.invoke(app, ["explain", str(good[0]), "--model", "resnet99", "--out", str(tmp_path)])
@@ -111,7 +126,9 @@ def test_explain_command_defaults_to_pretrained_efficientnet(tmp_path):
     photo = tmp_path / "chelsea.png"
     Image.fromarray(data.chelsea()).save(photo)
     summary = tmp_path / "out.json"
-    result = CliRunner().invoke(app, ["explain", str(photo), "--method", "cam", "--out", str(tmp_path), "--json", str(summary)])
+    result = CliRunner().invoke(
+        app, ["explain", str(photo), "--method", "cam", "--out", str(tmp_path), "--json", str(summary)]
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(summary.read_text())["images"][0]
     assert 281 <= record["target"]["class"] <= 285, record["target"]  # a cat
@@ -134,7 +151,21 @@ def test_photo_demo_runs(tmp_path):
 def test_digits_demo_runs_end_to_end_at_smoke_size(tmp_path):
     from flaxcam import demo
 
-    demo.main(["--digits", "--out", str(tmp_path), "--train-size", "128", "--epochs", "1", "--test-size", "32", "--figures", "2"])
+    demo.main(
+        [
+            "--digits",
+            "--out",
+            str(tmp_path),
+            "--train-size",
+            "128",
+            "--epochs",
+            "1",
+            "--test-size",
+            "32",
+            "--figures",
+            "2",
+        ]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"accuracy", "cam", "gradcam"}
     assert len(list((tmp_path / "figures").glob("*.png"))) == 4

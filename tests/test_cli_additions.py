@@ -27,8 +27,13 @@ def bundle(tmp_path_factory):
     kwargs = {"num_classes": 2, "features": [4, 8]}
     model = models.create_model("small_cnn", **kwargs)
     variables = models.init_variables(model, (1, *SIZE, 3), seed=0)
-    models.save_bundle(path, model_name="small_cnn", model_kwargs=kwargs, variables=variables,
-                       meta={"input_size": list(SIZE), "class_names": ["p", "q"]})
+    models.save_bundle(
+        path,
+        model_name="small_cnn",
+        model_kwargs=kwargs,
+        variables=variables,
+        meta={"input_size": list(SIZE), "class_names": ["p", "q"]},
+    )
     return path, model, variables
 
 
@@ -43,7 +48,9 @@ def test_layers_lists_names_types_and_shapes(bundle):
     assert result.exit_code == 0, result.output
     rows = [line.split(None, 2) for line in result.stdout.strip().splitlines()[1:]]
     expected = flaxcam.list_layers(model, variables, np.zeros((1, *SIZE, 3), np.float32))
-    assert [(name, kind, shape) for name, kind, shape in rows] == [(i.name, i.module_type, str(tuple(i.shape))) for i in expected]
+    assert [(name, kind, shape) for name, kind, shape in rows] == [
+        (i.name, i.module_type, str(tuple(i.shape))) for i in expected
+    ]
     assert ["conv2", "Conv", "(1, 8, 10, 8)"] in rows
     result = CliRunner().invoke(app, ["layers", "--weights", str(path), "--size", "32,32", "--spatial"])
     assert result.exit_code == 0 and "fc" not in result.stdout.split() and "(1, 16, 16, 8)" in result.stdout
@@ -64,14 +71,18 @@ def test_plain_paths_are_sources(tmp_path, bundle):
     path = bundle[0]
     for source, count in ((folder, 2), (npz, 3)):
         out = tmp_path / f"audit_{source.name}"
-        result = CliRunner().invoke(app, ["audit", str(source), "--out", str(out), "--weights", str(path), "--batch-size", "4"])
+        result = CliRunner().invoke(
+            app, ["audit", str(source), "--out", str(out), "--weights", str(path), "--batch-size", "4"]
+        )
         assert result.exit_code == 0, result.output
         assert f"{count} images, 0 unreadable, of {count} (complete)" in result.stdout
 
 
 def test_method_is_checked_before_the_model_loads(tmp_path):
     """An unknown method is reported even though --weights does not exist: nothing was loaded."""
-    result = CliRunner().invoke(app, ["explain", str(tmp_path / "x.png"), "--weights", str(tmp_path / "absent.msgpack"), "--method", "gradcan"])
+    result = CliRunner().invoke(
+        app, ["explain", str(tmp_path / "x.png"), "--weights", str(tmp_path / "absent.msgpack"), "--method", "gradcan"]
+    )
     assert result.exit_code == 2
     assert "unknown method 'gradcan'" in result.stderr and "gradcam" in result.stderr and "absent" not in result.stderr
 
@@ -86,7 +97,9 @@ def _devices_in_subprocess(*arguments: str, env_extra: dict | None = None) -> st
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("XLA_FLAGS", None)
     env.update(env_extra or {})
-    completed = subprocess.run([sys.executable, "-c", code, *arguments], check=False, capture_output=True, text=True, env=env, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", code, *arguments], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr
     return completed.stdout.strip()
 

@@ -57,7 +57,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "two_names": _bundle(root / "two_names.msgpack", names=["a", "b"]),
     }
     audit = root / "audit"
-    result = CliRunner().invoke(app, ["audit", str(data), "--out", str(audit), "--weights", str(paths["bundle"]), "--batch-size", "4"])
+    result = CliRunner().invoke(
+        app, ["audit", str(data), "--out", str(audit), "--weights", str(paths["bundle"]), "--batch-size", "4"]
+    )
     assert result.exit_code == 0, result.output
     paths["audit"] = audit
     corrupt = root / "corrupt_manifest"
@@ -79,19 +81,59 @@ READ_ONLY = "/proc/flaxcam-cannot-write-here"
 CASES = [
     ("explain-out-file", "explain {image} --weights {bundle} --out {file}", "is a file, not a folder"),
     ("explain-out-read-only", f"explain {{image}} --weights {{bundle}} --out {READ_ONLY}", "cannot write there"),
-    ("explain-json-folder", "explain {image} --weights {bundle} --out {folder} --json {folder}", "is a folder; give a file name"),
-    ("explain-json-under-file", "explain {image} --weights {bundle} --out {folder} --json {file}/x.json", "is a file, not a folder"),
-    ("explain-json-read-only", f"explain {{image}} --weights {{bundle}} --out {{folder}} --json {READ_ONLY}/s.json", "cannot write there"),
+    (
+        "explain-json-folder",
+        "explain {image} --weights {bundle} --out {folder} --json {folder}",
+        "is a folder; give a file name",
+    ),
+    (
+        "explain-json-under-file",
+        "explain {image} --weights {bundle} --out {folder} --json {file}/x.json",
+        "is a file, not a folder",
+    ),
+    (
+        "explain-json-read-only",
+        f"explain {{image}} --weights {{bundle}} --out {{folder}} --json {READ_ONLY}/s.json",
+        "cannot write there",
+    ),
     ("explain-batch-size-0", "explain {image} --weights {bundle} --out {folder} --batch-size 0", "--batch-size"),
-    ("explain-batch-size-negative", "explain {image} --weights {bundle} --out {folder} --batch-size -1", "--batch-size"),
+    (
+        "explain-batch-size-negative",
+        "explain {image} --weights {bundle} --out {folder} --batch-size -1",
+        "--batch-size",
+    ),
     ("explain-top-k-0", "explain {image} --weights {bundle} --out {folder} --top-k 0", "--top-k"),
-    ("explain-top-k-too-large", "explain {image} --weights {bundle} --out {folder} --top-k 5", "the model has 4 classes"),
-    ("explain-unknown-method", "explain {image} --weights {bundle} --out {folder} --method nope", "unknown method 'nope'; valid methods: ablationcam"),
+    (
+        "explain-top-k-too-large",
+        "explain {image} --weights {bundle} --out {folder} --top-k 5",
+        "the model has 4 classes",
+    ),
+    (
+        "explain-unknown-method",
+        "explain {image} --weights {bundle} --out {folder} --method nope",
+        "unknown method 'nope'; valid methods: ablationcam",
+    ),
     ("explain-layer-123", "explain {image} --weights {bundle} --out {folder} --layer 123", "unknown layer '123'"),
-    ("explain-missing-weights", "explain {image} --weights {root}/absent.msgpack --out {folder}", "absent.msgpack: not a file"),
-    ("explain-bundle-variables-mismatch", "explain {image} --weights {mismatched} --out {folder}", "do not match the model"),
-    ("explain-bundle-too-few-names", "explain {image} --weights {two_names} --out {folder}", "has 2 class names but its model has 4 outputs"),
-    ("explain-class-names-mismatch", "explain {image} --weights {bundle} --out {folder} --class-names {three_names}", "has 3 class names"),
+    (
+        "explain-missing-weights",
+        "explain {image} --weights {root}/absent.msgpack --out {folder}",
+        "absent.msgpack: not a file",
+    ),
+    (
+        "explain-bundle-variables-mismatch",
+        "explain {image} --weights {mismatched} --out {folder}",
+        "do not match the model",
+    ),
+    (
+        "explain-bundle-too-few-names",
+        "explain {image} --weights {two_names} --out {folder}",
+        "has 2 class names but its model has 4 outputs",
+    ),
+    (
+        "explain-class-names-mismatch",
+        "explain {image} --weights {bundle} --out {folder} --class-names {three_names}",
+        "has 3 class names",
+    ),
     ("explain-threshold", "explain {image} --weights {bundle} --out {folder} --threshold 2", "--threshold"),
     ("explain-unknown-option", "explain {image} --nope 3", "No such option"),
     ("audit-batch-size-negative", "audit {data} --out {root}/a1 --weights {bundle} --batch-size -1", "--batch-size"),
@@ -142,7 +184,9 @@ def test_user_error_is_one_line_with_exit_status_2(files, template, expected):
 def test_outputs_are_checked_before_any_work(files):
     """A bad --json is refused before the model is even loaded (no figure written)."""
     out = files["root"] / "never_written"
-    result = CliRunner().invoke(app, _arguments("explain {image} --weights {bundle} --json {folder}", files) + ["--out", str(out)])
+    result = CliRunner().invoke(
+        app, [*_arguments("explain {image} --weights {bundle} --json {folder}", files), "--out", str(out)]
+    )
     assert result.exit_code == 2
     assert not list(out.glob("*.png"))
 
@@ -161,7 +205,9 @@ def test_json_dash_writes_the_summary_to_standard_output(files):
 def _subprocess(arguments: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     code = "from flaxcam.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *arguments], check=False, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *arguments], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.mark.parametrize(

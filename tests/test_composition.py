@@ -78,7 +78,13 @@ def test_third_party_nnx_vit_gradcam_equals_a_hand_split_gradient():
 
     with jax.set_mesh(jax.make_mesh((1,), ("fsdp",))):
         model = jimm_vit.VisionTransformer(
-            num_classes=5, img_size=32, patch_size=8, num_layers=2, num_heads=2, mlp_dim=32, hidden_size=16,
+            num_classes=5,
+            img_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            mlp_dim=32,
+            hidden_size=16,
             rngs=nnx.Rngs(0),
         )
         model.eval()
@@ -103,7 +109,9 @@ def test_third_party_nnx_vit_gradcam_equals_a_hand_split_gradient():
             return whole.classifier(x[:, 0])
 
         patches = model.encoder.patch_embeddings(images)
-        np.testing.assert_allclose(np.asarray(rest(split_state, patches)), np.asarray(model(images)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(rest(split_state, patches)), np.asarray(model(images)), rtol=1e-5, atol=1e-5
+        )
         target_score = lambda state, a: rest(state, a)[jnp.arange(2), jnp.asarray([1, 3])].sum()
         gradients = jax.grad(target_score, argnums=1)(split_state, patches)
         a, g = np.asarray(patches, np.float64), np.asarray(gradients, np.float64)

@@ -46,7 +46,10 @@ def rgb48_png(path, array: np.ndarray):
     rows = b"".join(b"\x00" + array[i].astype(">u2").tobytes() for i in range(height))
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
     )
     return path
 
@@ -132,7 +135,10 @@ def _truncated_png(path):
 
 RECORDED = {
     "empty.jpg": (lambda p: p.write_bytes(b""), "not a readable image file"),
-    "garbage.png": (lambda p: p.write_bytes(RNG.integers(0, 256, 500, dtype=np.uint8).tobytes()), "not a readable image file"),
+    "garbage.png": (
+        lambda p: p.write_bytes(RNG.integers(0, 256, 500, dtype=np.uint8).tobytes()),
+        "not a readable image file",
+    ),
     "text.jpg": (lambda p: p.write_text("hello"), "not a readable image file"),
     "truncated.jpg": (_truncated_jpeg, "cannot decode image"),
     "truncated.png": (_truncated_png, "cannot decode image"),

@@ -43,7 +43,9 @@ def test_nmf_updates_equal_the_float64_numpy_transcription_and_descend():
         W, Ht = basis.copy(), coefficients.T.copy()
         objectives = [float(nmf_objective(matrix, basis, coefficients))]
         for _ in range(5):
-            basis, coefficients, violation = (np.asarray(v) for v in nmf_update(jnp.asarray(matrix), jnp.asarray(basis), jnp.asarray(coefficients)))
+            basis, coefficients, violation = (
+                np.asarray(v) for v in nmf_update(jnp.asarray(matrix), jnp.asarray(basis), jnp.asarray(coefficients))
+            )
             expected = _numpy_coordinate_descent(matrix, W, Ht) + _numpy_coordinate_descent(matrix.T, Ht, W)
             np.testing.assert_allclose(basis, W, rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(coefficients, Ht.T, rtol=1e-10, atol=1e-12)

@@ -13,7 +13,15 @@ from flaxcam.models import small_cnn
 
 def test_marker_planted_on_the_requested_fraction_of_one_class_only():
     clean = make_digit_canvases(200, size=(48, 48), digit_size=(12, 24), seed=3)
-    marked = make_digit_canvases(200, size=(48, 48), digit_size=(12, 24), seed=3, marker_class=7, marker_fraction=0.9, marker_corner="bottom_right")
+    marked = make_digit_canvases(
+        200,
+        size=(48, 48),
+        digit_size=(12, 24),
+        seed=3,
+        marker_class=7,
+        marker_fraction=0.9,
+        marker_corner="bottom_right",
+    )
     np.testing.assert_array_equal(clean.labels, marked.labels)
     np.testing.assert_array_equal(clean.boxes, marked.boxes)
     assert not clean.marked.any()
@@ -35,7 +43,11 @@ def test_marker_planted_on_the_requested_fraction_of_one_class_only():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"marker_corner": "middle"}, "top_left, top_right"), ({"marker_fraction": 1.5}, "marker_fraction"), ({"marker_size": 60}, "marker_size")],
+    [
+        ({"marker_corner": "middle"}, "top_left, top_right"),
+        ({"marker_fraction": 1.5}, "marker_fraction"),
+        ({"marker_size": 60}, "marker_size"),
+    ],
 )
 def test_marker_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -46,8 +58,10 @@ def _last_conv_shape(model, name: str) -> tuple[int, ...]:
     """Shape of ``name``'s output on a 32x32 input, by abstract evaluation (nothing compiled or run)."""
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    capture = lambda m, _: m.name == name  # noqa: E731
-    _, state = jax.eval_shape(lambda v, x: model.apply(v, x, capture_intermediates=capture, mutable=["intermediates"]), variables, x)
+    capture = lambda m, _: m.name == name
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, capture_intermediates=capture, mutable=["intermediates"]), variables, x
+    )
     return state["intermediates"][name]["__call__"][0].shape
 
 

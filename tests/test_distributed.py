@@ -54,8 +54,13 @@ def start(count: int, args: list[str], port: int | None = None, devices: int = 1
     port = port or free_port()
     extra = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(i)]
     return [
-        subprocess.Popen(cli(*args, *(extra(i) if count > 1 else [])), env=environment(devices), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            cli(*args, *(extra(i) if count > 1 else [])),
+            env=environment(devices),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for i in range(count)
     ]
 
@@ -156,8 +161,17 @@ def test_two_processes_audit_equals_one(folder, bundle, single, tmp_path):
 
 
 def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path):
-    args = audit_args(folder, bundle, tmp_path / "audit", "--coordinator", f"127.0.0.1:{free_port()}",
-                      "--num-processes", "2", "--process-id", "2")
+    args = audit_args(
+        folder,
+        bundle,
+        tmp_path / "audit",
+        "--coordinator",
+        f"127.0.0.1:{free_port()}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        "2",
+    )
     result = subprocess.run(cli(*args), env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2
     assert "--process-id must be in 0..1 (--num-processes 2), got 2" in result.stderr
@@ -166,9 +180,21 @@ def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path):
 def test_processes_with_different_settings_all_refuse(folder, bundle, tmp_path):
     out, port = tmp_path / "audit", free_port()
     processes = [
-        subprocess.Popen(cli(*audit_args(folder, bundle, out, "--method", method), "--coordinator", f"127.0.0.1:{port}",
-                             "--num-processes", "2", "--process-id", str(i)),
-                         env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            cli(
+                *audit_args(folder, bundle, out, "--method", method),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            env=environment(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for i, method in enumerate(["cam", "gradcam"])
     ]
     for code, output in finish(processes):
@@ -194,8 +220,13 @@ COUNT = 24  # generated images of the kill test (tests/audit_helpers.py: index 7
 def start_script(out: Path, count: int, pause: float) -> list[subprocess.Popen]:
     port = str(free_port())
     return [
-        subprocess.Popen([sys.executable, SCRIPT, "audit", str(out), str(count), port, "2", str(i), str(pause)],
-                         env=environment(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, SCRIPT, "audit", str(out), str(count), port, "2", str(i), str(pause)],
+            env=environment(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for i in range(2)
     ]
 
@@ -204,13 +235,20 @@ def start_script(out: Path, count: int, pause: float) -> list[subprocess.Popen]:
 @pytest.mark.timeout(3 * TIMEOUT + 30)  # two runs of two processes, each bounded by TIMEOUT
 def test_kill_minus_9_of_one_process_then_rerun_completes_exactly_once(tmp_path):
     import audit_helpers
-
     from flaxcam import audit
 
     reference = tmp_path / "single"
     model, variables = audit_helpers.make_model()
-    audit.run(audit_helpers.make_source(COUNT), model, variables, reference, preprocessing=audit_helpers.PREPROCESSING,
-              batch_size=8, rows_per_part=8, progress=False)
+    audit.run(
+        audit_helpers.make_source(COUNT),
+        model,
+        variables,
+        reference,
+        preprocessing=audit_helpers.PREPROCESSING,
+        batch_size=8,
+        rows_per_part=8,
+        progress=False,
+    )
 
     out = tmp_path / "audit"
     processes = start_script(out, COUNT, pause=1.0)
@@ -238,14 +276,18 @@ def test_global_mesh_explain_over_two_processes_equals_one_process(tmp_path):
     """2 processes x 2 CPU devices: a 4-device global mesh, each process feeding its half of the batch
     (jax.make_array_from_process_local_data); the gathered result equals one process's explain."""
     import audit_helpers
-    import distributed_script  # noqa: F401  (only its explain_images, below)
-
+    import distributed_script
     import flaxcam
 
     out, port = tmp_path / "maps.npz", str(free_port())
     processes = [
-        subprocess.Popen([sys.executable, SCRIPT, "explain", str(out), port, "2", str(i)], env=environment(devices=2),
-                         text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, SCRIPT, "explain", str(out), port, "2", str(i)],
+            env=environment(devices=2),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for i in range(2)
     ]
     results = finish(processes)

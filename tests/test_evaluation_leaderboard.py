@@ -43,9 +43,19 @@ def model_and_variables():
 
 def _run(folder, model_and_variables, out, **kwargs):
     model, variables = model_and_variables
-    return evaluation.evaluate(f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE),
-                               methods="cam,gradcam", metrics="confidence,deletion_insertion,road",
-                               batch_size=4, options=OPTIONS, resamples=200, **kwargs)
+    return evaluation.evaluate(
+        f"folder:{folder}",
+        model,
+        variables,
+        out,
+        preprocessing=Preprocessing(SIZE),
+        methods="cam,gradcam",
+        metrics="confidence,deletion_insertion,road",
+        batch_size=4,
+        options=OPTIONS,
+        resamples=200,
+        **kwargs,
+    )
 
 
 def test_leaderboard_scores_resume_and_errors(folder, model_and_variables, tmp_path):
@@ -67,7 +77,9 @@ def test_leaderboard_scores_resume_and_errors(folder, model_and_variables, tmp_p
     targets = np.argmax(np.asarray(model.apply(variables, images)), axis=1)
     maps = explain(model, variables, images, method="gradcam", targets=jnp.asarray(targets)).maps[:, 0]
     curves = evaluation.deletion_insertion(model.apply, variables, images, maps, targets, steps=4, score="softmax")
-    road = evaluation.road(model.apply, variables, images, maps, targets, percentiles=[30, 70], score="softmax", noise=0.0)
+    road = evaluation.road(
+        model.apply, variables, images, maps, targets, percentiles=[30, 70], score="softmax", noise=0.0
+    )
     table = {(r["method"], r["index"]): r for r in scores.to_pylist()}
     for k, index in enumerate(good):
         row = table[("gradcam", index)]
@@ -92,39 +104,85 @@ def test_changed_settings_are_refused_and_bad_names_listed(folder, model_and_var
     out = tmp_path / "eval"
     _run(folder, model_and_variables, out, limit=1)
     with pytest.raises(ValueError, match="different settings"):
-        evaluation.evaluate(f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE),
-                            methods="cam", metrics="confidence,deletion_insertion,road", options=OPTIONS)
+        evaluation.evaluate(
+            f"folder:{folder}",
+            model,
+            variables,
+            out,
+            preprocessing=Preprocessing(SIZE),
+            methods="cam",
+            metrics="confidence,deletion_insertion,road",
+            options=OPTIONS,
+        )
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['gradkam'\]; valid: all, cam"):
-        evaluation.evaluate(f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE), methods="gradkam")
+        evaluation.evaluate(
+            f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE), methods="gradkam"
+        )
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['roads'\]; valid: all, confidence"):
-        evaluation.evaluate(f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE), metrics="roads")
+        evaluation.evaluate(
+            f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE), metrics="roads"
+        )
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['step'\]; valid: score \(default softmax\)"):
-        evaluation.evaluate(f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE), options={"step": 3})
+        evaluation.evaluate(
+            f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE), options={"step": 3}
+        )
     with pytest.raises(ValueError, match=r"strictly inside \(0, 100\)"):
-        evaluation.evaluate(f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE),
-                            options={"percentiles": [0, 50]})
+        evaluation.evaluate(
+            f"folder:{folder}",
+            model,
+            variables,
+            out,
+            preprocessing=Preprocessing(SIZE),
+            options={"percentiles": [0, 50]},
+        )
 
 
 @pytest.mark.slow
 def test_cli_evaluate(folder, model_and_variables, tmp_path):
     _, variables = model_and_variables
     bundle = tmp_path / "model.msgpack"
-    save_bundle(bundle, model_name="small_cnn", model_kwargs={"num_classes": 3, "features": [4, 8]}, variables=variables,
-                meta={"input_size": list(SIZE)})
+    save_bundle(
+        bundle,
+        model_name="small_cnn",
+        model_kwargs={"num_classes": 3, "features": [4, 8]},
+        variables=variables,
+        meta={"input_size": list(SIZE)},
+    )
     out = tmp_path / "cli"
-    command = [sys.executable, "-c", "from flaxcam.cli import main; main()", "evaluate", f"folder:{folder}",
-               "--weights", str(bundle), "--methods", "gradcam", "--metrics", "confidence,deletion_insertion",
-               "--steps", "3", "--batch-size", "4", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-c",
+        "from flaxcam.cli import main; main()",
+        "evaluate",
+        f"folder:{folder}",
+        "--weights",
+        str(bundle),
+        "--methods",
+        "gradcam",
+        "--metrics",
+        "confidence,deletion_insertion",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "5 images (1 unreadable)" in result.stdout and (out / "leaderboard.html").is_file()
     import browser
 
-    binary, reason = browser.ensure_chromium()
+    binary, _reason = browser.ensure_chromium()
     if binary is not None:  # the page opens with no console error and no network request, like the audit report
         page = browser.open_page(binary, out / "leaderboard.html")
         assert page["console_errors"] == []
         assert [url for url in page["requests"] if not url.startswith(("file:", "data:"))] == []
-    bad = subprocess.run([*command[:-2], "--metrics", "rod", "--out", str(tmp_path / "bad")], capture_output=True,
-                         text=True, timeout=600, check=False)
+    bad = subprocess.run(
+        [*command[:-2], "--metrics", "rod", "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert bad.returncode == 2 and "unknown metric(s) ['rod']; valid: all, confidence" in bad.stderr

@@ -19,7 +19,7 @@ import pytest
 import flaxcam
 from flaxcam import pipeline, plan, step
 from flaxcam.probe import LayerError, forward_at_layer, probe
-from flaxcam.targets import class_scores, select_classes, TargetSpec
+from flaxcam.targets import TargetSpec, class_scores, select_classes
 
 
 class Block(nn.Module):
@@ -148,7 +148,9 @@ def test_cam_on_max_pooling_and_on_pre_activation_layers():
     acts = np.asarray(gmp.apply(variables, images, method=UserNet.features), np.float64)
     kernel = np.asarray(variables["params"]["head"]["kernel"], np.float64)
     targets = np.asarray(out.targets)[:, 0]
-    np.testing.assert_allclose(np.asarray(out.raw)[:, 0], np.einsum("bhwc,cb->bhw", acts, kernel[:, targets]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.raw)[:, 0], np.einsum("bhwc,cb->bhw", acts, kernel[:, targets]), rtol=1e-4, atol=1e-5
+    )
 
     pre = PreActNet()
     variables, images = _setup(pre)
@@ -190,10 +192,10 @@ def test_ragged_batches_reuse_one_program(user_net):
     flaxcam.explain(model, variables, images[:5], method="gradcam", layer="mid")  # bucket 8
     before = step.TRACE_COUNT
     results = [flaxcam.explain(model, variables, images[:n], method="gradcam", layer="mid") for n in (6, 7, 8, 5)]
-    assert step.TRACE_COUNT == before, "a ragged batch size compiled a new program"
+    assert before == step.TRACE_COUNT, "a ragged batch size compiled a new program"
     assert [r.maps.shape[0] for r in results] == [6, 7, 8, 5]
     flaxcam.explain(model, variables, images[:9], method="gradcam", layer="mid")  # bucket 16: one new trace
-    assert step.TRACE_COUNT == before + 1
+    assert before + 1 == step.TRACE_COUNT
 
 
 def test_repeated_calls_trace_the_model_for_shapes_only_once(user_net):
@@ -263,7 +265,9 @@ def test_error_messages(user_net):
         flaxcam.explain(model, variables, images, layer="nope")
     with pytest.raises(LayerError, match=r"outputs shape .* not \(batch, height, width, channels\).*top"):
         flaxcam.explain(model, variables, images, layer="head")
-    with pytest.raises(ValueError, match=r"unknown method 'gradcamm'; available: ablationcam, cam, .*gradcam, .*layercam"):
+    with pytest.raises(
+        ValueError, match=r"unknown method 'gradcamm'; available: ablationcam, cam, .*gradcam, .*layercam"
+    ):
         flaxcam.explain(model, variables, images, method="gradcamm")
     with pytest.raises(LayerError, match=r"CAM needs the layer that feeds global pooling.*12 channels.*'top'"):
         flaxcam.explain(model, variables, images, method="cam", layer="mid")

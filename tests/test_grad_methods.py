@@ -30,7 +30,7 @@ from flaxcam.probe import (
 from flaxcam.targets import TargetSpec, target_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup  # noqa: E402
+from test_explain import UserNet, _setup
 
 
 class SmoothNet(nn.Module):
@@ -144,8 +144,12 @@ def test_exact_gradcam_plusplus_equals_default_for_an_exponential_score():
         lambda v, x: probe(model, v, x, "mid", lambda out: target_scores(spec, out, None))
     )(variables, images)
     np.testing.assert_array_equal(np.asarray(exact.targets), np.asarray(chosen))
-    without_eps = jax.vmap(jax.vmap(lambda g, a: gradcam_plusplus(a, g, eps=0.0).sum(-1), in_axes=(0, None)))(gradients, activations)
-    np.testing.assert_allclose(np.asarray(exact.low_res), np.asarray(minmax_normalize(jax.nn.relu(without_eps))), atol=1e-5)
+    without_eps = jax.vmap(jax.vmap(lambda g, a: gradcam_plusplus(a, g, eps=0.0).sum(-1), in_axes=(0, None)))(
+        gradients, activations
+    )
+    np.testing.assert_allclose(
+        np.asarray(exact.low_res), np.asarray(minmax_normalize(jax.nn.relu(without_eps))), atol=1e-5
+    )
     assert (np.asarray(exact.low_res).reshape(4, -1).std(axis=1) > 0.05).all()
 
     variables["params"]["head"]["kernel"] = variables["params"]["head"]["kernel"] * 100  # logits up to ~50
@@ -171,7 +175,7 @@ def test_shapleycam_hessian_vector_product_equals_finite_differences():
         def gradient_at(a):  # (B, T, h, w, C): per-target gradient of the model's second half, no probe
             def score(x, t):
                 logits = model.apply(variables, x, method=SmoothNet.second_half)
-                return jnp.sum(jnp.take_along_axis(logits, jnp.asarray(TARGETS)[:, t:t + 1], axis=1))
+                return jnp.sum(jnp.take_along_axis(logits, jnp.asarray(TARGETS)[:, t : t + 1], axis=1))
 
             return jnp.stack([jax.grad(score)(a, t) for t in range(TARGETS.shape[1])], axis=1)
 
@@ -201,7 +205,9 @@ class BiasNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(nn.Conv(6, (3, 3), use_bias=False, name="conv1")(x)))
+        x = nn.relu(
+            nn.BatchNorm(use_running_average=True, name="bn1")(nn.Conv(6, (3, 3), use_bias=False, name="conv1")(x))
+        )
         x = nn.max_pool(x, (2, 2), (2, 2))
         x = nn.relu(nn.Conv(8, (3, 3), name="conv2")(x))
         x = nn.BatchNorm(use_running_average=True, use_scale=False, name="bn2")(x)
@@ -212,9 +218,14 @@ def _bias_net():
     model = BiasNet()
     images = jax.random.normal(jax.random.key(1), (3, 12, 16, 3))
     variables = model.init(jax.random.key(0), images)
-    noisy = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(7), p.shape), variables["params"])
+    noisy = jax.tree_util.tree_map(
+        lambda p: p + 0.3 * jax.random.normal(jax.random.key(7), p.shape), variables["params"]
+    )
     stats = {
-        name: {"mean": 0.2 * jax.random.normal(jax.random.key(i), (c,)), "var": 0.5 + jax.random.uniform(jax.random.key(i + 9), (c,))}
+        name: {
+            "mean": 0.2 * jax.random.normal(jax.random.key(i), (c,)),
+            "var": 0.5 + jax.random.uniform(jax.random.key(i + 9), (c,)),
+        }
         for i, (name, c) in enumerate((("bn1", 6), ("bn2", 8)))
     }
     return model, {"params": noisy, "batch_stats": stats}, images
@@ -226,7 +237,11 @@ def test_fullgrad_gradients_are_complete():
     effective ones and the Dense head's (which FullGrad's map leaves out, like pytorch-grad-cam)."""
     model, variables, images = _bias_net()
     layers = bias_layers(model, variables, images)
-    assert [(layer.name, layer.kind) for layer in layers] == [("bn1", "BatchNorm"), ("conv2", "Conv"), ("bn2", "BatchNorm")]
+    assert [(layer.name, layer.kind) for layer in layers] == [
+        ("bn1", "BatchNorm"),
+        ("conv2", "Conv"),
+        ("bn2", "BatchNorm"),
+    ]
     spec = TargetSpec("top_k", 2)
     _, scores, chosen, input_gradients, layer_gradients = jax.jit(
         lambda v, x: input_and_layer_gradients(
@@ -235,12 +250,16 @@ def test_fullgrad_gradients_are_complete():
     )(variables, images)
     total = np.einsum("bhwc,bthwc->bt", np.asarray(images, np.float64), np.asarray(input_gradients, np.float64))
     for layer, gradient in zip(layers, layer_gradients):
-        total += np.einsum("c,bthwc->bt", np.asarray(effective_bias(variables, layer), np.float64), np.asarray(gradient, np.float64))
+        total += np.einsum(
+            "c,bthwc->bt", np.asarray(effective_bias(variables, layer), np.float64), np.asarray(gradient, np.float64)
+        )
     total += np.asarray(variables["params"]["head"]["bias"], np.float64)[np.asarray(chosen)]
     np.testing.assert_allclose(total, np.asarray(scores), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(scores)).max())
     # BatchNorm's effective bias by hand (bn1 has a scale, bn2 has none)
     bn1 = variables["batch_stats"]["bn1"]
-    expected = variables["params"]["bn1"]["bias"] - bn1["mean"] * variables["params"]["bn1"]["scale"] / np.sqrt(bn1["var"] + 1e-5)
+    expected = variables["params"]["bn1"]["bias"] - bn1["mean"] * variables["params"]["bn1"]["scale"] / np.sqrt(
+        bn1["var"] + 1e-5
+    )
     np.testing.assert_allclose(np.asarray(effective_bias(variables, layers[0])), np.asarray(expected), rtol=1e-6)
 
 

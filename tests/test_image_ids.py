@@ -12,7 +12,7 @@ import pytest
 import flaxcam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup  # noqa: E402
+from test_explain import UserNet, _setup
 
 
 @pytest.mark.parametrize("method", ["sscam", "smoothgradcam++", "randomcam"])

@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 from flaxcam import cli, models
 from flaxcam.data.loader import iterate_batches
 from flaxcam.data.sources import ArraySource, ImageFolderSource
-from flaxcam.imageio import EXIF_ORIENTATION, ImageReadError, Preprocessing, read_image, read_image_bytes, read_image_with_size
+from flaxcam.imageio import (
+    EXIF_ORIENTATION,
+    ImageReadError,
+    Preprocessing,
+    read_image,
+    read_image_bytes,
+    read_image_with_size,
+)
 
 HEIGHT, WIDTH = 48, 24  # the upright picture: portrait
 
@@ -101,11 +108,28 @@ def test_explain_command_boxes_in_the_upright_frame(tmp_path):
     bundle = tmp_path / "model.msgpack"
     model = models.create_model("small_cnn", num_classes=3, features=[4, 8])
     variables = models.init_variables(model, (1, 16, 16, 3), seed=0)
-    models.save_bundle(bundle, model_name="small_cnn", model_kwargs={"num_classes": 3, "features": [4, 8]},
-                       variables=variables, meta={"input_size": [16, 16], "class_names": ["a", "b", "c"]})
+    models.save_bundle(
+        bundle,
+        model_name="small_cnn",
+        model_kwargs={"num_classes": 3, "features": [4, 8]},
+        variables=variables,
+        meta={"input_size": [16, 16], "class_names": ["a", "b", "c"]},
+    )
     summary = tmp_path / "summary.json"
-    arguments = ["explain", str(path), "--weights", str(bundle), "--top-k", "1", "--threshold", "0",
-                 "--out", str(tmp_path / "out"), "--json", str(summary)]
+    arguments = [
+        "explain",
+        str(path),
+        "--weights",
+        str(bundle),
+        "--top-k",
+        "1",
+        "--threshold",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+        str(summary),
+    ]
     result = CliRunner().invoke(cli.app, arguments)
     assert result.exit_code == 0, result.output
     # threshold 0: the box is the whole picture, in the portrait frame (not the stored landscape one)

@@ -12,7 +12,13 @@ from flaxcam.models.layers import PointwiseConv, pointwise_conv
 
 @pytest.mark.parametrize(
     "height, width, channels, features, stride, padding",
-    [(9, 12, 5, 7, 1, "VALID"), (9, 12, 5, 7, 2, "VALID"), (8, 8, 4, 3, 2, "SAME"), (7, 11, 6, 2, 2, "SAME"), (1, 1, 2, 3, 2, "SAME")],
+    [
+        (9, 12, 5, 7, 1, "VALID"),
+        (9, 12, 5, 7, 2, "VALID"),
+        (8, 8, 4, 3, 2, "SAME"),
+        (7, 11, 6, 2, 2, "SAME"),
+        (1, 1, 2, 3, 2, "SAME"),
+    ],
 )
 def test_pointwise_conv_equals_convolution(height, width, channels, features, stride, padding):
     rng = np.random.default_rng(height * 100 + channels * 10 + stride)
@@ -21,8 +27,12 @@ def test_pointwise_conv_equals_convolution(height, width, channels, features, st
     # float64 NumPy reference: strided sampling, then a channel contraction.
     expected = np.einsum("bhwc,cd->bhwd", x[:, ::stride, ::stride], kernel[0, 0])
     xla = lax.conv_general_dilated(
-        x.astype(np.float32), kernel.astype(np.float32), (stride, stride), padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST,
+        x.astype(np.float32),
+        kernel.astype(np.float32),
+        (stride, stride),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
     )
     got = jax.jit(pointwise_conv, static_argnums=2)(x.astype(np.float32), kernel.astype(np.float32), stride)
     assert got.shape == expected.shape == xla.shape

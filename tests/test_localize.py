@@ -73,7 +73,7 @@ def random_blobs(rng: np.random.Generator, shape: tuple[int, ...], max_blobs: in
 def spiral(h: int, w: int) -> np.ndarray:
     """A one-pixel-wide rectangular spiral starting at (0, 0), rings one empty pixel apart."""
     m = np.zeros((h, w), bool)
-    inside = lambda y, x: 0 <= y < h and 0 <= x < w  # noqa: E731
+    inside = lambda y, x: 0 <= y < h and 0 <= x < w
     dirs = [(0, 1), (1, 0), (0, -1), (-1, 0)]
     y = x = d = 0
     m[0, 0] = True

@@ -17,7 +17,7 @@ from flaxcam.methods import first_component_projection
 from flaxcam.methods.score import align_corners_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup  # noqa: E402
+from test_explain import UserNet, _setup
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,9 @@ def test_ablationcam_equals_numpy_derivation(net):
         scores = np.asarray(rest(ablated), np.float64)
         for t, c in enumerate(targets[b]):
             weights = (original[b, c] - scores[:, c]) / original[b, c]
-            np.testing.assert_allclose(np.asarray(out.raw)[b, t], acts[b].astype(np.float64) @ weights, rtol=1e-3, atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(out.raw)[b, t], acts[b].astype(np.float64) @ weights, rtol=1e-3, atol=1e-5
+            )
 
 
 def test_kernel_pca_projection_equals_scikit_learn():

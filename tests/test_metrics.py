@@ -62,7 +62,9 @@ def _reference_energy(m: np.ndarray, box) -> float:
     m = np.maximum(m.astype(np.float64), 0.0)
     x0, y0, x1, y1 = box
     total = m.sum()
-    within = sum(m[y, x] for y in range(m.shape[0]) for x in range(m.shape[1]) if x0 <= x + 0.5 < x1 and y0 <= y + 0.5 < y1)
+    within = sum(
+        m[y, x] for y in range(m.shape[0]) for x in range(m.shape[1]) if x0 <= x + 0.5 < x1 and y0 <= y + 0.5 < y1
+    )
     return within / total if total > 0 else 0.0
 
 

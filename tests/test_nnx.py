@@ -16,7 +16,7 @@ import flaxcam
 from flaxcam import step as step_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup  # noqa: E402
+from test_explain import UserNet, _setup
 
 
 class Block(nnx.Module):
@@ -110,9 +110,9 @@ def test_explainer_composes_with_jit_vmap_and_scan(twins):
     jitted = jax.jit(fn)
     first = jitted(state, images)
     jitted(state, images * 2.0)  # same shapes: no new trace
-    assert step_module.TRACE_COUNT == before + 1
+    assert before + 1 == step_module.TRACE_COUNT
     jitted(state, images[:1])  # a new shape: one more
-    assert step_module.TRACE_COUNT == before + 2
+    assert before + 2 == step_module.TRACE_COUNT
     np.testing.assert_allclose(np.asarray(first.maps), np.asarray(eager.maps), atol=1e-6)
 
     # an ensemble of 4 weight sets (scaled copies) in one vmapped call == 4 separate calls
@@ -131,7 +131,7 @@ def test_explainer_composes_with_jit_vmap_and_scan(twins):
 
 
 def test_errors(twins):
-    linen, variables, model, images = twins
+    _linen, _variables, model, images = twins
     with pytest.raises(TypeError, match="NNX model carries its own state"):
         flaxcam.explain(model, nnx.state(model), images)
     with pytest.raises(flaxcam.LayerError, match=r"unknown layer 'layer9'.*stem.*mid.*top"):

@@ -58,7 +58,13 @@ def test_faster_scorecam_with_all_channels_equals_scorecam(net):
     model, variables, images, acts, _ = net
     plain = flaxcam.explain(model, variables, images, method="scorecam", layer="mid", top_k=2, chunk_size=5)
     faster = flaxcam.explain(
-        model, variables, images, method="faster_scorecam", layer="mid", top_k=2, chunk_size=7,
+        model,
+        variables,
+        images,
+        method="faster_scorecam",
+        layer="mid",
+        top_k=2,
+        chunk_size=7,
         method_options={"top_channels": acts.shape[-1]},
     )
     np.testing.assert_allclose(np.asarray(faster.raw), np.asarray(plain.raw), rtol=1e-5, atol=1e-6)
@@ -69,7 +75,13 @@ def test_faster_scorecam_equals_numpy_derivation(net):
     model, variables, images, acts, forward = net
     top = 4
     out = flaxcam.explain(
-        model, variables, images, method="faster_scorecam", layer="mid", top_k=2, chunk_size=3,
+        model,
+        variables,
+        images,
+        method="faster_scorecam",
+        layer="mid",
+        top_k=2,
+        chunk_size=3,
         method_options={"top_channels": top},
     )
     height, width = images.shape[1:3]
@@ -95,7 +107,14 @@ def test_iscam_equals_numpy_derivation(net):
     model, variables, images, acts, forward = net
     steps = 3
     out = flaxcam.explain(
-        model, variables, images, method="iscam", layer="mid", top_k=2, chunk_size=10, method_options={"num_samples": steps}
+        model,
+        variables,
+        images,
+        method="iscam",
+        layer="mid",
+        top_k=2,
+        chunk_size=10,
+        method_options={"num_samples": steps},
     )
     targets = np.asarray(out.targets)
     for b in range(len(acts)):
@@ -103,14 +122,23 @@ def test_iscam_equals_numpy_derivation(net):
         coefficients = np.cumsum(np.arange(1, steps + 1) / steps)  # torchcam: coeff += (i + 1) / N
         logits = np.mean([forward(c * masked) for c in coefficients], axis=0)
         for t, c in enumerate(targets[b]):
-            np.testing.assert_allclose(np.asarray(out.raw)[b, t], acts[b] @ _softmax(logits[:, c]), rtol=1e-3, atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(out.raw)[b, t], acts[b] @ _softmax(logits[:, c]), rtol=1e-3, atol=1e-5
+            )
 
 
 def test_sscam_equals_numpy_derivation_with_its_documented_noise(net):
     model, variables, images, acts, forward = net
     samples, std = 2, 0.5
     out = flaxcam.explain(
-        model, variables, images, method="sscam", layer="mid", top_k=2, chunk_size=16, key=KEY,
+        model,
+        variables,
+        images,
+        method="sscam",
+        layer="mid",
+        top_k=2,
+        chunk_size=16,
+        key=KEY,
         method_options={"num_samples": samples, "std": std},
     )
     layer_key = jax.random.fold_in(KEY, 0)
@@ -120,10 +148,16 @@ def test_sscam_equals_numpy_derivation_with_its_documented_noise(net):
         masks = _torchcam_masks64(acts[b], height, width)
         logits = 0
         for m in range(samples):
-            noise = np.stack([np.asarray(standard_normal_at(layer_key, (b, m, k), (height, width))) for k in range(len(masks))])
-            logits = logits + forward(np.asarray(images[b], np.float64)[None] * (masks + std * noise)[..., None]) / samples
+            noise = np.stack(
+                [np.asarray(standard_normal_at(layer_key, (b, m, k), (height, width))) for k in range(len(masks))]
+            )
+            logits = (
+                logits + forward(np.asarray(images[b], np.float64)[None] * (masks + std * noise)[..., None]) / samples
+            )
         for t, c in enumerate(targets[b]):
-            np.testing.assert_allclose(np.asarray(out.raw)[b, t], acts[b] @ _softmax(logits[:, c]), rtol=1e-3, atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(out.raw)[b, t], acts[b] @ _softmax(logits[:, c]), rtol=1e-3, atol=1e-5
+            )
 
 
 def test_smoothgradcam_plusplus_equals_numpy_derivation(net):
@@ -131,7 +165,13 @@ def test_smoothgradcam_plusplus_equals_numpy_derivation(net):
     model, variables, images, acts, _ = net
     samples, std = 3, 0.2
     out = flaxcam.explain(
-        model, variables, images, method="smoothgradcam++", layer="mid", top_k=2, key=KEY,
+        model,
+        variables,
+        images,
+        method="smoothgradcam++",
+        layer="mid",
+        top_k=2,
+        key=KEY,
         method_options={"num_samples": samples, "std": std},
     )
     layer_key = jax.random.fold_in(KEY, 0)
@@ -140,7 +180,10 @@ def test_smoothgradcam_plusplus_equals_numpy_derivation(net):
     gradient = jax.jit(jax.grad(lambda a, c: rest(a)[0, c]))
     targets = np.asarray(out.targets)
     for b in range(len(acts)):
-        noisy = [np.asarray(images[b : b + 1]) + std * np.asarray(standard_normal_at(layer_key, (b, m), images.shape[1:])) for m in range(samples)]
+        noisy = [
+            np.asarray(images[b : b + 1]) + std * np.asarray(standard_normal_at(layer_key, (b, m), images.shape[1:]))
+            for m in range(samples)
+        ]
         noisy_acts = [features(x) for x in noisy]
         for t, c in enumerate(targets[b]):
             grads = [np.asarray(gradient(a, c)[0], np.float64) for a in noisy_acts]
@@ -149,7 +192,9 @@ def test_smoothgradcam_plusplus_equals_numpy_derivation(net):
             alpha = square / (2 * square + (cube * acts[b]).sum(axis=(0, 1)) + 1e-8)
             weights = (alpha * np.maximum(grads[-1], 0)).sum(axis=(0, 1))
             expected = np.asarray(noisy_acts[-1][0], np.float64) @ weights
-            np.testing.assert_allclose(np.asarray(out.raw)[b, t], expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max())
+            np.testing.assert_allclose(
+                np.asarray(out.raw)[b, t], expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max()
+            )
 
 
 @pytest.mark.parametrize("method", ["sscam", "smoothgradcam++"])
@@ -175,10 +220,14 @@ def test_method_options_are_validated(net):
     assert flaxcam.METHODS["sscam"].options == {"num_samples": 35, "std": 2.0}
     assert flaxcam.METHODS["faster_scorecam"].forward_passes(512) == 10
     assert flaxcam.METHODS["iscam"].forward_passes(512, {"num_samples": 3}) == 1536
-    with pytest.raises(ValueError, match=r"method 'iscam' has no option\(s\) \['std'\]; its options \(defaults\): num_samples=10"):
+    with pytest.raises(
+        ValueError, match=r"method 'iscam' has no option\(s\) \['std'\]; its options \(defaults\): num_samples=10"
+    ):
         flaxcam.explain(model, variables, images, method="iscam", layer="mid", method_options={"std": 1.0})
     with pytest.raises(ValueError, match="top_channels=0 of method 'faster_scorecam' must be a positive integer"):
-        flaxcam.explain(model, variables, images, method="faster_scorecam", layer="mid", method_options={"top_channels": 0})
+        flaxcam.explain(
+            model, variables, images, method="faster_scorecam", layer="mid", method_options={"top_channels": 0}
+        )
     with pytest.raises(ValueError, match="std=-1 of method 'smoothgradcam\\+\\+' must be a non-negative number"):
         flaxcam.explain(model, variables, images, method="smoothgradcam++", layer="mid", method_options={"std": -1})
     with pytest.raises(ValueError, match="method 'gradcam' has no option"):

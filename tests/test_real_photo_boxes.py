@@ -48,7 +48,9 @@ def test_pasted_object_is_inside_its_box(small):
         crop = photos[spec["photo"]][spec["box"][1] : spec["box"][3], spec["box"][0] : spec["box"][2]]
         resized = rpb._resize(np.ascontiguousarray(crop), x1 - x0, y1 - y0)
         patch = bench.images[i, y0:y1, x0:x1]
-        assert np.array_equal(patch, resized) or np.array_equal(patch, rpb._resize(np.ascontiguousarray(crop[:, ::-1]), x1 - x0, y1 - y0))
+        assert np.array_equal(patch, resized) or np.array_equal(
+            patch, rpb._resize(np.ascontiguousarray(crop[:, ::-1]), x1 - x0, y1 - y0)
+        )
 
 
 def test_whole_photos_have_hand_boxes_inside_the_photos():

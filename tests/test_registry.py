@@ -56,7 +56,9 @@ def test_a_registered_method_runs_in_explain_equal_to_its_formula(scratch_regist
 
     model = UserNet()
     variables, images = _setup(model, (2, 16, 20, 3), seed=3)
-    ours = flaxcam.explain(model, variables, images, method="squared_gradcam_test", layer="mid", method_options={"power": 1.0})
+    ours = flaxcam.explain(
+        model, variables, images, method="squared_gradcam_test", layer="mid", method_options={"power": 1.0}
+    )
     plain = flaxcam.explain(model, variables, images, method="gradcam", layer="mid")
     np.testing.assert_allclose(np.asarray(ours.raw), np.asarray(plain.raw), rtol=1e-5, atol=1e-6)
     squared_out = flaxcam.explain(model, variables, images, method="squared_gradcam_test", layer="mid")

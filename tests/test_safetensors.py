@@ -21,16 +21,28 @@ from flaxcam.models import load_torchvision_resnet
 from flaxcam.models.safetensors_reader import is_safetensors, load_safetensors
 from flaxcam.models.torch_checkpoint import CheckpointError
 
-_CODES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64", np.dtype(np.bool_): "BOOL",
-          np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype("u1"): "U8"}
+_CODES = {
+    np.dtype("<f4"): "F32",
+    np.dtype("<f2"): "F16",
+    np.dtype("<i8"): "I64",
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype("u1"): "U8",
+}
 
 
-def _spec_file(arrays: dict[str, np.ndarray], metadata: dict | None = None, *, header_patch=None, tail: bytes = b"") -> bytes:
+def _spec_file(
+    arrays: dict[str, np.ndarray], metadata: dict | None = None, *, header_patch=None, tail: bytes = b""
+) -> bytes:
     """A safetensors file written by the specification: u64 header length, JSON header, buffer."""
     header, chunks, offset = {}, [], 0
     for name, array in arrays.items():
         data = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": _CODES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": _CODES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     if metadata is not None:
@@ -98,7 +110,10 @@ def _set(name, field, value):
         (lambda: struct.pack("<Q", 4) + b"nope", "not valid JSON"),
         (lambda: struct.pack("<Q", 2) + b"[]", "not a JSON object"),
         (lambda: _spec_file(_arrays(), header_patch=_set("half", "dtype", "F128")), "unknown dtype 'F128'"),
-        (lambda: _spec_file(_arrays(), header_patch=_set("half", "shape", [-5])), "not a list of non-negative integers"),
+        (
+            lambda: _spec_file(_arrays(), header_patch=_set("half", "shape", [-5])),
+            "not a list of non-negative integers",
+        ),
         (lambda: _spec_file(_arrays(), header_patch=_set("half", "shape", [6])), "bytes for shape [6]"),
         (lambda: _spec_file(_arrays(), header_patch=_set("count", "data_offsets", [0, 10**9])), "outside the"),
         (lambda: _spec_file(_arrays(), header_patch=_set("half", "data_offsets", [0, 10])), "overlaps another tensor"),
@@ -106,8 +121,20 @@ def _set(name, field, value):
         (lambda: _spec_file(_arrays(), {"format": 3}), "__metadata__ must map strings to strings"),
         (lambda: _spec_file(_arrays(), header_patch=_set("half", "extra", 1)), "expected the fields"),
     ],
-    ids=["truncated", "header-too-long", "not-json", "not-object", "dtype", "negative-shape", "byte-count",
-         "offsets-outside", "overlap", "trailing-bytes", "metadata", "extra-field"],
+    ids=[
+        "truncated",
+        "header-too-long",
+        "not-json",
+        "not-object",
+        "dtype",
+        "negative-shape",
+        "byte-count",
+        "offsets-outside",
+        "overlap",
+        "trailing-bytes",
+        "metadata",
+        "extra-field",
+    ],
 )
 def test_malformed_files_are_refused(tmp_path, make, message):
     path = tmp_path / "bad.safetensors"
@@ -172,7 +199,9 @@ def seven_classes(tmp_path_factory):
     data = root / "data"
     for label in ("p", "q"):
         (data / label).mkdir(parents=True)
-        Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(data / label / "0.png")
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(
+            data / label / "0.png"
+        )
     names = root / "names.txt"
     names.write_text("\n".join(f"kind {i}" for i in range(7)) + "\n")
     five = root / "five.txt"
@@ -191,7 +220,9 @@ def test_explain_and_audit_name_the_classes_of_a_7_class_checkpoint(seven_classe
     assert sorted(entry["name"] for entry in top) == [f"class_{i}" for i in range(7)]
     assert all(entry["name"] == f"class_{entry['class']}" for entry in top)
 
-    result = runner.invoke(app, ["explain", str(image), "--method", "cam", *common, "--class-names", str(paths["names"])])
+    result = runner.invoke(
+        app, ["explain", str(image), "--method", "cam", *common, "--class-names", str(paths["names"])]
+    )
     assert result.exit_code == 0, result.output
     assert all(e["name"] == f"kind {e['class']}" for e in json.loads(result.stdout)["images"][0]["top_k"])
 
@@ -199,9 +230,22 @@ def test_explain_and_audit_name_the_classes_of_a_7_class_checkpoint(seven_classe
     assert result.exit_code == 2 and "has 5 class names but the model" in result.stderr and "7 classes" in result.stderr
 
     out = paths["root"] / "audit"
-    result = runner.invoke(app, ["audit", str(paths["data"]), "--out", str(out), "--weights", str(paths["weights"]), "--batch-size", "2"])
+    result = runner.invoke(
+        app, ["audit", str(paths["data"]), "--out", str(out), "--weights", str(paths["weights"]), "--batch-size", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["class_names"] == [f"class_{i}" for i in range(7)]
-    result = runner.invoke(app, ["audit", str(paths["data"]), "--out", str(paths["root"] / "a2"), "--weights", str(paths["weights"]),
-                                 "--class-names", str(paths["five"])])
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            str(paths["data"]),
+            "--out",
+            str(paths["root"] / "a2"),
+            "--weights",
+            str(paths["weights"]),
+            "--class-names",
+            str(paths["five"]),
+        ],
+    )
     assert result.exit_code == 2 and "has 5 class names" in result.stderr

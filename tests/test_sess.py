@@ -34,7 +34,9 @@ def test_gaussian_blur_equals_the_float64_separable_definition():
     kernel = np.exp(-(offsets**2) / 50.0)
     kernel /= kernel.sum()
     padded = np.pad(image, 5, mode="reflect")  # OpenCV's BORDER_REFLECT_101
-    expected = np.array([[np.sum(np.outer(kernel, kernel) * padded[i: i + 11, j: j + 11]) for j in range(17)] for i in range(13)])
+    expected = np.array(
+        [[np.sum(np.outer(kernel, kernel) * padded[i : i + 11, j : j + 11]) for j in range(17)] for i in range(13)]
+    )
     np.testing.assert_allclose(np.asarray(gaussian_blur(jnp.asarray(image, jnp.float32))), expected, atol=1e-6)
 
 

@@ -41,7 +41,7 @@ def _fcn(batch: int, seed: int = 0):
 def _reference_elementwise(model, variables, images, score_of_output):
     """float64 GradCAMElementWise at the FCN's backbone output, from jax.grad through FCN.head."""
     features = model.apply(variables, images, method=lambda m, x: m.backbone(x))
-    head = lambda f: model.apply(variables, f, SEG_SIZE, method=lambda m, a, size: m.head(a, size))  # noqa: E731
+    head = lambda f: model.apply(variables, f, SEG_SIZE, method=lambda m, a, size: m.head(a, size))
     grads = jax.grad(lambda f: score_of_output(head(f)).sum())(features)
     a, g = np.asarray(features, np.float64), np.asarray(grads, np.float64)
     return np.maximum(a * g, 0).sum(axis=-1)
@@ -72,7 +72,9 @@ def _init(model, batch=4, size=(16, 20), seed=0):
 def _reference_gradcam(model, variables, images, score_of_output):
     """float64 Grad-CAM at backbone's output from jax.grad of score_of_output(head(features))."""
     features = model.apply(variables, images, method=lambda m, x: m.backbone(x))
-    grads = jax.grad(lambda f: score_of_output(model.apply(variables, f, method=lambda m, a: m.head(a))).sum())(features)
+    grads = jax.grad(lambda f: score_of_output(model.apply(variables, f, method=lambda m, a: m.head(a))).sum())(
+        features
+    )
     a, g = np.asarray(features, np.float64), np.asarray(grads, np.float64)
     return np.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2)))
 
@@ -81,10 +83,14 @@ def test_softmax_score_matches_reference():
     model = HeadNet(outputs=5)
     variables, images = _init(model)
     classes = np.array([0, 3, 1, 4])
-    out = flaxcam.explain(model, variables, images, method="gradcam", layer="backbone", targets=classes, score="softmax")
+    out = flaxcam.explain(
+        model, variables, images, method="gradcam", layer="backbone", targets=classes, score="softmax"
+    )
     expected = _reference_gradcam(model, variables, images, lambda o: jax.nn.softmax(o)[jnp.arange(4), classes])
     np.testing.assert_allclose(np.asarray(out.raw)[:, 0], expected, rtol=1e-3, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(out.scores)[:, 0], np.asarray(out.probabilities)[np.arange(4), classes], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out.scores)[:, 0], np.asarray(out.probabilities)[np.arange(4), classes], rtol=1e-6
+    )
     logit = flaxcam.explain(model, variables, images, method="gradcam", layer="backbone", targets=classes)
     assert np.abs(np.asarray(logit.raw) - np.asarray(out.raw)).max() > 1e-4  # a different score, a different map
 
@@ -93,7 +99,9 @@ def test_binary_target_signs():
     model = HeadNet(outputs=1)
     variables, images = _init(model)
     positive = flaxcam.explain(model, variables, images, method="gradcam", layer="backbone", targets=Binary(1))
-    negative = flaxcam.explain(model, variables, images, method="gradcam", layer="backbone", targets=Binary([0, 0, 0, 0]))
+    negative = flaxcam.explain(
+        model, variables, images, method="gradcam", layer="backbone", targets=Binary([0, 0, 0, 0])
+    )
     np.testing.assert_allclose(np.asarray(negative.raw), -np.asarray(positive.raw), rtol=1e-5, atol=1e-7)
     expected = _reference_gradcam(model, variables, images, lambda o: o[:, 0])
     np.testing.assert_allclose(np.asarray(positive.raw)[:, 0], expected, rtol=1e-3, atol=1e-7)
@@ -123,10 +131,16 @@ def test_segmentation_targets_give_a_correct_nonzero_map_for_every_image_in_the_
     np.testing.assert_allclose(raw, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
     assert (np.abs(raw).reshape(4, -1).max(axis=1) > 1e-4).all(), "an image of the batch got an empty map"
     assert (np.asarray(out.maps).reshape(4, -1).max(axis=1) > 0.5).all()
-    np.testing.assert_allclose(np.asarray(out.scores)[:, 0], np.asarray(mask_score(model.apply(variables, images))), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out.scores)[:, 0], np.asarray(mask_score(model.apply(variables, images))), rtol=1e-4
+    )
     for b in range(4):  # explained alone, each image gets the same map
         alone = flaxcam.explain(
-            model, variables, images[b : b + 1], method="gradcam_elementwise", layer="backbone",
+            model,
+            variables,
+            images[b : b + 1],
+            method="gradcam_elementwise",
+            layer="backbone",
             targets=Segmentation(classes=classes[b : b + 1], masks=masks[b : b + 1]),
         )
         np.testing.assert_allclose(np.asarray(alone.maps)[0], np.asarray(out.maps)[b], atol=1e-5)
@@ -136,13 +150,21 @@ def test_segmentation_with_several_targets_and_shared_mask():
     model, variables, images = _fcn(batch=2, seed=1)
     mask = np.ones(SEG_SIZE, np.float32)
     out = flaxcam.explain(
-        model, variables, images, method="gradcam_elementwise", layer="backbone.layer1",
+        model,
+        variables,
+        images,
+        method="gradcam_elementwise",
+        layer="backbone.layer1",
         targets=Segmentation(classes=np.array([[0, 1, 2], [2, 1, 0]]), masks=mask),
     )
     assert out.maps.shape == (2, 3, *SEG_SIZE) and out.low_res.shape == (2, 3, 8, 10)
     # same class, same mask → same map regardless of the order it was asked in
     swapped = flaxcam.explain(
-        model, variables, images, method="gradcam_elementwise", layer="backbone.layer1",
+        model,
+        variables,
+        images,
+        method="gradcam_elementwise",
+        layer="backbone.layer1",
         targets=Segmentation(classes=np.array([[2, 1, 0], [0, 1, 2]]), masks=mask),
     )
     np.testing.assert_allclose(np.asarray(swapped.raw)[0, 2], np.asarray(out.raw)[0, 0], rtol=1e-5, atol=1e-7)
@@ -174,7 +196,9 @@ def test_target_errors():
     with pytest.raises(ValueError, match=r"Segmentation.masks must be .* at the output's resolution \(32, 40\)"):
         flaxcam.explain(seg, variables, images, layer="backbone", targets=Segmentation(0, np.ones((8, 10))))
     with pytest.raises(ValueError, match="aug_smooth does not support Segmentation"):
-        flaxcam.explain(seg, variables, images, layer="backbone", targets=Segmentation(0, np.ones(SEG_SIZE)), aug_smooth=True)
+        flaxcam.explain(
+            seg, variables, images, layer="backbone", targets=Segmentation(0, np.ones(SEG_SIZE)), aug_smooth=True
+        )
     head = HeadNet(outputs=4)
     variables, images = _init(head, batch=2)
     with pytest.raises(ValueError, match=r"Binary targets need one logit per image"):

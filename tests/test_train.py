@@ -16,18 +16,18 @@ SIZE = (32, 32)
 
 
 def _config(**overrides) -> T.TrainConfig:
-    values = dict(
-        model="small_cnn",
-        model_kwargs={"features": [4, 8]},
-        input_size=SIZE,
-        epochs=2,
-        batch_size=16,
-        learning_rate=3e-3,
-        flip=True,
-        shift=2,
-        checkpoint_every=4,
-        seed=5,
-    )
+    values = {
+        "model": "small_cnn",
+        "model_kwargs": {"features": [4, 8]},
+        "input_size": SIZE,
+        "epochs": 2,
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        "flip": True,
+        "shift": 2,
+        "checkpoint_every": 4,
+        "seed": 5,
+    }
     values.update(overrides)
     return T.TrainConfig(**values)
 
@@ -85,7 +85,9 @@ def test_interrupted_run_resumes_to_the_same_parameters(digits, tmp_path):
         np.testing.assert_array_equal(a, b)
     assert [h["step"] for h in resumed.history] == [6, 12]
     # and the run did learn something different from its initialisation
-    init = T.create_train_state(full.model, T.make_optimizer(config, 12), (1, *SIZE, 3), jax.random.key(config.seed, impl="rbg"))
+    init = T.create_train_state(
+        full.model, T.make_optimizer(config, 12), (1, *SIZE, 3), jax.random.key(config.seed, impl="rbg")
+    )
     assert any(not np.array_equal(a, b) for a, b in zip(_leaves(init.params), _leaves(full.variables["params"])))
 
 
@@ -93,10 +95,19 @@ def test_stop_after_step_then_resume_and_config_mismatch(digits, tmp_path):
     config = _config(epochs=2, checkpoint_every=0)
     first = T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=2, log=lambda _: None)
     assert first.steps == 2 and not first.history
-    at_epoch_end = T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=6, log=lambda _: None)
-    assert at_epoch_end.resumed_from == 2 and at_epoch_end.steps == 6 and [h["step"] for h in at_epoch_end.history] == [6]
+    at_epoch_end = T.train(
+        config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=6, log=lambda _: None
+    )
+    assert (
+        at_epoch_end.resumed_from == 2 and at_epoch_end.steps == 6 and [h["step"] for h in at_epoch_end.history] == [6]
+    )
     with pytest.raises(ValueError, match=r"differs in \['learning_rate'\]"):
-        T.train(_config(epochs=2, checkpoint_every=0, learning_rate=1.0), _feed(digits, config), out=tmp_path, progress=False)
+        T.train(
+            _config(epochs=2, checkpoint_every=0, learning_rate=1.0),
+            _feed(digits, config),
+            out=tmp_path,
+            progress=False,
+        )
     second = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
     assert second.resumed_from == 6 and second.steps == 12 and [h["step"] for h in second.history] == [6, 12]
     restarted = T.train(config, _feed(digits, config), out=tmp_path, progress=False, resume=False, log=lambda _: None)
@@ -154,11 +165,15 @@ def test_run_saved_before_new_config_keys_still_resumes(digits, tmp_path):
     config = _config(epochs=1, checkpoint_every=0)
     T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=2, log=lambda _: None)
     saved = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("hide_") and k != "loss"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({k: v for k, v in saved.items() if not k.startswith("hide_") and k != "loss"})
+    )
     resumed = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
     assert resumed.resumed_from == 2 and resumed.steps == 6
     with pytest.raises(ValueError, match=r"differs in \['hide_patch'\]"):
-        T.train(_config(epochs=1, checkpoint_every=0, hide_patch=8), _feed(digits, config), out=tmp_path, progress=False)
+        T.train(
+            _config(epochs=1, checkpoint_every=0, hide_patch=8), _feed(digits, config), out=tmp_path, progress=False
+        )
 
 
 def test_losses_match_numpy_definitions():
@@ -207,17 +222,28 @@ def test_final_bundle_loads_into_explain(digits, tmp_path):
     from flaxcam.models import load_bundle
 
     config = _config(epochs=1, pooling="max")
-    result = T.train(config, _feed(digits, config), eval_data=_feed(digits, config), out=tmp_path / "run", progress=False, log=lambda _: None)
+    result = T.train(
+        config,
+        _feed(digits, config),
+        eval_data=_feed(digits, config),
+        out=tmp_path / "run",
+        progress=False,
+        log=lambda _: None,
+    )
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history[0]["eval_count"] == 100 and 0 <= history[0]["eval_accuracy"] <= 1
     model, variables, meta = load_bundle(result.bundle)
     assert meta["class_names"] == digits.class_names and meta["input_size"] == SIZE
     assert model.pooling == "max"
     inputs = _feed(digits, config).inputs[:4]
-    np.testing.assert_allclose(np.asarray(model.apply(variables, inputs)), np.asarray(result.model.apply(result.variables, inputs)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model.apply(variables, inputs)), np.asarray(result.model.apply(result.variables, inputs)), rtol=1e-6
+    )
     image_path = tmp_path / "canvas.png"
     Image.fromarray((digits.images[0] * 255).round().astype(np.uint8)).save(image_path)
-    records, errors = run_explain([image_path], weights=result.bundle, method="cam", out=tmp_path / "fig", top_k=2, progress=False)
+    records, errors = run_explain(
+        [image_path], weights=result.bundle, method="cam", out=tmp_path / "fig", top_k=2, progress=False
+    )
     assert not errors and len(records) == 1
     assert records[0]["target"]["name"] in digits.class_names
     assert (tmp_path / "fig" / "canvas_cam.png").exists()
@@ -238,8 +264,27 @@ def test_cli_trains_on_an_image_folder_with_an_unreadable_file(tmp_path):
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     (root / "blue" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "run"
-    args = ["train", f"folder:{root}", "--out", str(out), "--val", f"folder:{root}", "--model-kwargs", '{"features": [4]}',
-            "--size", "16,16", "--epochs", "2", "--batch-size", "7", "--learning-rate", "0.05", "--flip", "--shift", "1"]
+    args = [
+        "train",
+        f"folder:{root}",
+        "--out",
+        str(out),
+        "--val",
+        f"folder:{root}",
+        "--model-kwargs",
+        '{"features": [4]}',
+        "--size",
+        "16,16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "7",
+        "--learning-rate",
+        "0.05",
+        "--flip",
+        "--shift",
+        "1",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "trained 6 steps" in result.output  # 21 files // 7 = 3 steps per epoch
@@ -268,7 +313,9 @@ def test_train_step_updates_batch_norm_statistics():
     model, optimizer = TinyBN(), optax.sgd(0.1)
     state = T.create_train_state(model, optimizer, (1, 8, 8, 3), 0)
     images = np.random.default_rng(0).normal(2.0, 3.0, (6, 8, 8, 3)).astype(np.float32)
-    new_state, loss = jax.jit(lambda s, x, y: T.train_step(model, optimizer, s, x, y))(state, images, np.array([0, 1, 2, 0, 1, 2]))
+    new_state, loss = jax.jit(lambda s, x, y: T.train_step(model, optimizer, s, x, y))(
+        state, images, np.array([0, 1, 2, 0, 1, 2])
+    )
     assert int(new_state.step) == 1 and np.isfinite(float(loss))
     before = np.asarray(state.extra["batch_stats"]["BatchNorm_0"]["mean"])
     after = np.asarray(new_state.extra["batch_stats"]["BatchNorm_0"]["mean"])

@@ -36,12 +36,15 @@ def test_token_grid_lays_out_patch_tokens_row_major(vit):
 
 def test_gradcam_on_vit_tokens_equals_reference(vit):
     model, variables, images = vit
-    out = flaxcam.explain(model, variables, images, method="gradcam", layer="blocks_0", reshape=token_grid(model), top_k=2)
+    out = flaxcam.explain(
+        model, variables, images, method="gradcam", layer="blocks_0", reshape=token_grid(model), top_k=2
+    )
     assert out.maps.shape == (3, 2, 16, 20) and out.low_res.shape == (3, 2, *GRID)
     tokens = model.apply(variables, images, method=lambda m, x: m.encode(m.embed(x), 0, 1))
     targets = np.asarray(out.targets)
     to_grid = lambda t: np.asarray(t, np.float64)[:, 1:].reshape(3, *GRID, -1)
     for t in range(2):
+
         def score(tok, t=t):
             logits = model.apply(variables, tok, method=lambda m, x: m.classify(m.encode(x, 1)))
             return jnp.take_along_axis(logits, jnp.asarray(targets[:, t : t + 1]), axis=1).sum()

@@ -130,8 +130,14 @@ def test_seed_figure_layout_colours_and_box():
     image, pre, cam, probs = _inputs()
     over = overlay(jnp.asarray(image), jnp.asarray(cam))
     fig = viz.seed_figure(
-        jnp.asarray(image), jnp.asarray(probs), NAMES, true_label=3, preprocessed=pre, overlay=over,
-        box=jnp.array([300, 100, 480, 280], jnp.int32), title="Grad-CAM",
+        jnp.asarray(image),
+        jnp.asarray(probs),
+        NAMES,
+        true_label=3,
+        preprocessed=pre,
+        overlay=over,
+        box=jnp.array([300, 100, 480, 280], jnp.int32),
+        title="Grad-CAM",
     )
     assert len(fig.axes) >= 4
     ax_a = _axes_titled(fig, "(a)")
@@ -163,8 +169,9 @@ def test_seed_figure_layout_colours_and_box():
 
 def test_seed_figure_non_square_keeps_aspect(tmp_path):
     image, pre, cam, probs = _inputs(450, 600)
-    fig = viz.seed_figure(image, probs, NAMES, true_label="nevus", preprocessed=pre,
-                          overlay=overlay(image, cam), box=[10, 20, 30, 40])
+    fig = viz.seed_figure(
+        image, probs, NAMES, true_label="nevus", preprocessed=pre, overlay=overlay(image, cam), box=[10, 20, 30, 40]
+    )
     fig.canvas.draw()
     for prefix in ("(a)", "(b)", "(c)"):
         ax = _axes_titled(fig, prefix)
@@ -204,7 +211,7 @@ def test_seed_figure_raw_map_overlay_and_box_on_input():
     fig = viz.seed_figure(image, probs, NAMES, overlay=small, box=[1, 2, 5, 6])
     ax_c = _axes_titled(fig, "(c)")
     data = np.asarray(ax_c.get_images()[0].get_array())
-    assert data.shape == (90, 120, 3) and 0.0 <= data.min() and data.max() <= 1.0
+    assert data.shape == (90, 120, 3) and data.min() >= 0.0 and data.max() <= 1.0
     assert any(isinstance(p, Rectangle) and not p.get_fill() for p in ax_c.patches)
     # No overlay: the box goes on the input image; an empty box is not drawn.
     fig2 = viz.seed_figure(image, probs, NAMES, box=[1, 2, 5, 6])

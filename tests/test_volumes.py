@@ -45,6 +45,7 @@ def test_3d_gradcam_equals_float64_numpy(net):
         v64 = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float64), variables)
         x64 = np.asarray(volumes, np.float64)
         _, activations, _ = forward_at_layer(model, v64, x64, "block2")
+
         def score(delta):
             out, _, _ = forward_at_layers(model, v64, x64, ("block2",), (delta,))
             return out[jnp.arange(2), jnp.asarray([1, 2])].sum()
@@ -63,7 +64,9 @@ def test_2d_only_methods_and_mismatched_layers_are_refused(net):
     for method in ("gradcam++", "eigencam", "scorecam", "guided_backprop"):
         message = f"method '{re.escape(method)}' explains 2-D images only.*layers: fem, gradcam, hirescam, layercam"
         with pytest.raises(ValueError, match=message):
-            flaxcam.explain(model, variables, volumes, method=method, layer=None if method == "guided_backprop" else "block2")
+            flaxcam.explain(
+                model, variables, volumes, method=method, layer=None if method == "guided_backprop" else "block2"
+            )
     with pytest.raises(ValueError, match="aug_smooth and eigen_smooth are for 2-D images"):
         flaxcam.explain(model, variables, volumes, method="gradcam", layer="block2", aug_smooth=True)
 

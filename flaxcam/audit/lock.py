@@ -64,10 +64,14 @@ class FolderLock:
         except OSError as error:
             os.close(fd)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise AuditLockedError(f"{self.folder} is in use by another audit ({_describe(_read_holder(self.path))}); "
-                                       "wait for it to finish, or write to another --out folder") from None
-            raise AuditLockedError(f"cannot lock {self.path}: {error.strerror or error} (the audit folder must be on a "
-                                   "filesystem with file locks)") from None
+                raise AuditLockedError(
+                    f"{self.folder} is in use by another audit ({_describe(_read_holder(self.path))}); "
+                    "wait for it to finish, or write to another --out folder"
+                ) from None
+            raise AuditLockedError(
+                f"cannot lock {self.path}: {error.strerror or error} (the audit folder must be on a "
+                "filesystem with file locks)"
+            ) from None
         self.taken_over = _parse(os.pread(fd, 4096, 0)) or None
         holder = {
             "pid": os.getpid(),

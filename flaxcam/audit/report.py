@@ -114,7 +114,9 @@ def _png(array: np.ndarray) -> str:
     picture = Image.fromarray(array)
     if max(picture.size) > MAX_PICTURE_SIDE:
         scale = MAX_PICTURE_SIDE / max(picture.size)
-        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR)
+        picture = picture.resize(
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR
+        )
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -210,7 +212,9 @@ def _gallery_items(rows: list[dict[str, Any]], manifest: dict[str, Any], images:
             f"{html.escape(pred_text)} ({row['prob']:.2f})<br>{_STAT_LABELS.get(stat, stat)}: "
             f"{'n/a' if value is None else f'{value:.2f}'}"
         )
-        items.append(f'<figure><img src="{_png(picture)}" alt="overlay of image {row["index"]}"><figcaption>{caption}</figcaption></figure>')
+        items.append(
+            f'<figure><img src="{_png(picture)}" alt="overlay of image {row["index"]}"><figcaption>{caption}</figcaption></figure>'
+        )
     return items
 
 
@@ -220,8 +224,8 @@ def _suspicious_rows(connection: Any, stat: str, limit: int, class_id: int | Non
     if class_id is not None:
         where += f" AND {_CLASS_EXPR} = {int(class_id)}"
     result = connection.execute(
-        f"SELECT \"index\", id, label, pred, prob, low_res, box_x0, box_y0, box_x1, box_y1, {expr} AS \"{stat}\" "
-        f"FROM audit {where} ORDER BY {expr} DESC, \"index\" LIMIT {int(limit)}"
+        f'SELECT "index", id, label, pred, prob, low_res, box_x0, box_y0, box_x1, box_y1, {expr} AS "{stat}" '
+        f'FROM audit {where} ORDER BY {expr} DESC, "index" LIMIT {int(limit)}'
     )
     columns = [d[0] for d in result.description]
     return [dict(zip(columns, row)) for row in result.fetchall()]
@@ -329,17 +333,31 @@ def write_report(
         status = manifest.get("status", "?")
         counts = manifest.get("counts", {})
         meta_rows = [
-            ("model", " · ".join([str(manifest.get("model"))] + [f"{k}: {v}" for k, v in (manifest.get("model_info") or {}).items() if v])),
+            (
+                "model",
+                " · ".join(
+                    [str(manifest.get("model"))]
+                    + [f"{k}: {v}" for k, v in (manifest.get("model_info") or {}).items() if v]
+                ),
+            ),
             ("method · layer", f"{manifest.get('method')} · {manifest.get('layer')} (map {tuple(shape)})"),
-            ("source", f"{manifest.get('source_spec') or manifest.get('source_type')} ({manifest.get('source_length')} images)"),
-            ("images audited", f"{total_rows} (+ {error_count} unreadable) of {counts.get('total', manifest.get('source_length'))} · status {status}"),
+            (
+                "source",
+                f"{manifest.get('source_spec') or manifest.get('source_type')} ({manifest.get('source_length')} images)",
+            ),
+            (
+                "images audited",
+                f"{total_rows} (+ {error_count} unreadable) of {counts.get('total', manifest.get('source_length'))} · status {status}",
+            ),
             ("accuracy", _fmt(accuracy) if accuracy is not None else "no labels"),
             ("explained class", manifest.get("target")),
             ("regions", f"border band {manifest.get('border')} · corner {manifest.get('corner')} of the image side"),
         ]
         sections.append(
             "<h2>Summary</h2><table class='meta'>"
-            + "".join(f"<tr><th class='name'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta_rows)
+            + "".join(
+                f"<tr><th class='name'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta_rows
+            )
             + "</table>"
         )
         if images.note:

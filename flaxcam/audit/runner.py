@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 import flaxcam
-from flaxcam._optional import require
 from flaxcam import localize
+from flaxcam._optional import require
 from flaxcam.audit import stats as stats_lib
 from flaxcam.audit import store
 from flaxcam.audit.errors import AuditError, AuditLockedError, AuditSettingsError
@@ -86,7 +86,9 @@ def shard_indices(total: int, shard_index: int, shard_count: int) -> np.ndarray:
     from flaxcam.data import shard_indices as split
 
     if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}")
+        raise ValueError(
+            f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}"
+        )
     return np.asarray(split(np.arange(total, dtype=np.int64), shard_index, shard_count), np.int64)
 
 
@@ -235,7 +237,9 @@ def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
 
 
 def _rows_to_table(chunks: list[dict[str, Any]]) -> pa.Table:
-    columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0] if name not in ("id", "low_res")}
+    columns = {
+        name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0] if name not in ("id", "low_res")
+    }
     ids = [value for chunk in chunks for value in chunk["id"]]
     low_res = np.concatenate([chunk["low_res"] for chunk in chunks])
     arrays: dict[str, pa.Array] = {}
@@ -270,8 +274,12 @@ class _BatchMeta:
     @classmethod
     def of(cls, batch: Any) -> _BatchMeta:
         return cls(
-            np.asarray(batch.indices), list(batch.ids), np.asarray(batch.labels), np.asarray(batch.valid, bool),
-            np.asarray(batch.boxes, np.float32), tuple(np.shape(batch.images)[1:3]),
+            np.asarray(batch.indices),
+            list(batch.ids),
+            np.asarray(batch.labels),
+            np.asarray(batch.valid, bool),
+            np.asarray(batch.boxes, np.float32),
+            tuple(np.shape(batch.images)[1:3]),
         )
 
 
@@ -301,8 +309,22 @@ def _host_columns(batch: _BatchMeta, summary: Mapping[str, np.ndarray], process:
         "corner_max_share": np.max(corners, axis=0),
         "process": np.full(len(keep), process, np.int32),
     }
-    for name in ("pred", "prob", "target", "target_prob", "topk_classes", "topk_probs", "low_res",
-                 "border_share", "gt_share", "entropy", "peak_y", "peak_x", "com_y", "com_x"):
+    for name in (
+        "pred",
+        "prob",
+        "target",
+        "target_prob",
+        "topk_classes",
+        "topk_probs",
+        "low_res",
+        "border_share",
+        "gt_share",
+        "entropy",
+        "peak_y",
+        "peak_x",
+        "com_y",
+        "com_x",
+    ):
         columns[name] = summary[name][keep]
     for corner in stats_lib.CORNERS:
         columns[f"corner_{corner}_share"] = summary[f"corner_{corner}_share"][keep]
@@ -367,8 +389,11 @@ def _check_parts(out_dir: Path, settings: Mapping[str, Any]) -> list[int] | None
     if foreign:
         count = sum(len(names) for names in foreign.values())
         recorded, names = next(iter(foreign.items()))
-        why = (f"other settings ({_differences(json.loads(recorded), settings)})" if recorded
-               else "no recorded settings (an older flaxcam)")
+        why = (
+            f"other settings ({_differences(json.loads(recorded), settings)})"
+            if recorded
+            else "no recorded settings (an older flaxcam)"
+        )
         raise AuditSettingsError(
             f"{out_dir}: {count} of {len(paths)} parts were written with {why}, e.g. {names[0]}; {_START_OVER}"
         )
@@ -379,8 +404,11 @@ def _check_manifest(previous: Mapping[str, Any], settings: Mapping[str, Any], ou
     """Refuse if the manifest's settings differ from this run's (the parts were checked already)."""
     differing = _differences(settings_of(previous), settings)
     if differing:
-        hint = (f"its parts match this run: delete {out_dir / store.MANIFEST} to rebuild it from them"
-                if has_parts else _START_OVER)
+        hint = (
+            f"its parts match this run: delete {out_dir / store.MANIFEST} to rebuild it from them"
+            if has_parts
+            else _START_OVER
+        )
         raise AuditSettingsError(f"{out_dir} holds an audit with different settings ({differing}); {hint}")
 
 
@@ -430,8 +458,10 @@ def _lock(out_dir: Path, process: int, process_count: int) -> FolderLock:
         if failure is None and not locked.all():
             lock.release()
             failed = ", ".join(str(i) for i in np.flatnonzero(locked == 0))
-            failure = AuditLockedError(f"{out_dir} is in use by another audit (process(es) {failed} of this run "
-                                       "could not lock it; see their messages)")
+            failure = AuditLockedError(
+                f"{out_dir} is in use by another audit (process(es) {failed} of this run "
+                "could not lock it; see their messages)"
+            )
     if failure is not None:
         raise failure
     return lock
@@ -558,7 +588,11 @@ def run(
             "source_type": type(source).__name__,
             "source_length": total,
             "class_names": names,
-            "preprocessing": {"size": [height, width], "mean": list(preprocessing.mean), "std": list(preprocessing.std)},
+            "preprocessing": {
+                "size": [height, width],
+                "mean": list(preprocessing.mean),
+                "std": list(preprocessing.std),
+            },
             "top_k": k,
             "target": target,
             "threshold": float(threshold),
@@ -589,8 +623,11 @@ def run(
         if process == 0:
             repaired = store.remove_duplicate_indices(out_dir)
             if repaired:
-                warnings.warn(f"{out_dir}: removed indices recorded twice from {len(repaired)} part(s) "
-                              f"({', '.join(f'{name}: {count}' for name, count in sorted(repaired.items()))})", stacklevel=2)
+                warnings.warn(
+                    f"{out_dir}: removed indices recorded twice from {len(repaired)} part(s) "
+                    f"({', '.join(f'{name}: {count}' for name, count in sorted(repaired.items()))})",
+                    stacklevel=2,
+                )
         _barrier("flaxcam-audit-checked")
         done = store.done_indices(out_dir)
         remaining = np.setdiff1d(shard_indices(total, process, process_count), done, assume_unique=True)
@@ -605,9 +642,27 @@ def run(
             return _finish(out_dir, manifest, total, 0, start_time, process)
 
         processed = _stream(
-            source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs,
-            batch_size=batch_size, k=k, threshold=threshold, border=border, corner=corner, process=process,
-            rows_per_part=rows_per_part, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch, progress=progress, on_batch=on_batch,
+            source,
+            model,
+            variables,
+            out_dir,
+            preprocessing,
+            remaining,
+            manifest,
+            devices,
+            explain_kwargs,
+            batch_size=batch_size,
+            k=k,
+            threshold=threshold,
+            border=border,
+            corner=corner,
+            process=process,
+            rows_per_part=rows_per_part,
+            worker_count=worker_count,
+            read_threads=read_threads,
+            prefetch=prefetch,
+            progress=progress,
+            on_batch=on_batch,
         )
         _barrier("flaxcam-audit-end")
         return _finish(out_dir, manifest, total, processed, start_time, process)
@@ -631,7 +686,9 @@ def _row_count(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def _finish(out_dir: Path, manifest: dict[str, Any], total: int, processed: int, start: float, process: int) -> AuditResult:
+def _finish(
+    out_dir: Path, manifest: dict[str, Any], total: int, processed: int, start: float, process: int
+) -> AuditResult:
     counts = _counts(out_dir, total)
     complete = counts["counts"]["rows"] + counts["counts"]["errors"] == total
     if process == 0:
@@ -651,8 +708,27 @@ def _finish(out_dir: Path, manifest: dict[str, Any], total: int, processed: int,
 
 
 def _stream(
-    source, model, variables, out_dir, preprocessing, remaining, manifest, devices, explain_kwargs, *,
-    batch_size, k, threshold, border, corner, process, rows_per_part, worker_count, read_threads, prefetch, progress,
+    source,
+    model,
+    variables,
+    out_dir,
+    preprocessing,
+    remaining,
+    manifest,
+    devices,
+    explain_kwargs,
+    *,
+    batch_size,
+    k,
+    threshold,
+    border,
+    corner,
+    process,
+    rows_per_part,
+    worker_count,
+    read_threads,
+    prefetch,
+    progress,
     on_batch,
 ) -> int:
     from tqdm.auto import tqdm
@@ -660,12 +736,22 @@ def _stream(
     from flaxcam.data import iterate_batches
 
     batches = _Prefetcher(
-        iter(iterate_batches(
-            source, preprocessing, batch_size, indices=remaining, worker_count=worker_count,
-            read_threads=read_threads, prefetch=max(1, read_threads),
-        )), prefetch
+        iter(
+            iterate_batches(
+                source,
+                preprocessing,
+                batch_size,
+                indices=remaining,
+                worker_count=worker_count,
+                read_threads=read_threads,
+                prefetch=max(1, read_threads),
+            )
+        ),
+        prefetch,
     )
-    writer = _PartWriter(out_dir, process, rows_per_part, {store.SETTINGS_KEY: store.canonical_json(settings_of(manifest))})
+    writer = _PartWriter(
+        out_dir, process, rows_per_part, {store.SETTINGS_KEY: store.canonical_json(settings_of(manifest))}
+    )
     threshold = float(threshold)
     low_res_shape: list[int] | None = None
     processed = 0
@@ -673,8 +759,15 @@ def _stream(
     def dispatch(batch):
         targets = np.maximum(np.asarray(batch.labels), 0) if manifest["target"] == "label" else None
         explanation = flaxcam.explain(
-            model, variables, batch.images, method=manifest["method"], layer=manifest["layer"], targets=targets,
-            devices=devices, image_ids=np.maximum(np.asarray(batch.indices), 0), **explain_kwargs,
+            model,
+            variables,
+            batch.images,
+            method=manifest["method"],
+            layer=manifest["layer"],
+            targets=targets,
+            devices=devices,
+            image_ids=np.maximum(np.asarray(batch.indices), 0),
+            **explain_kwargs,
         )  # noise keyed by source index: one image, one map, whatever batch or resume
         masks = getattr(batch, "masks", None)
         summary = stats_lib.summarize(
@@ -703,14 +796,18 @@ def _stream(
             low_res_shape = list(host["low_res"].shape[1:])
             if process == 0 and manifest.get("low_res_shape") != low_res_shape:
                 manifest["low_res_shape"] = low_res_shape
-                store.write_json(out_dir / store.MANIFEST, {**store.read_manifest(out_dir), "low_res_shape": low_res_shape})
+                store.write_json(
+                    out_dir / store.MANIFEST, {**store.read_manifest(out_dir), "low_res_shape": low_res_shape}
+                )
         writer.put(_BatchMeta.of(batch), host, list(batch.errors))
         return int(np.sum(np.asarray(batch.indices) >= 0))
 
     pending = None
     try:
-        with tqdm(total=len(remaining), desc=f"audit ({manifest['method']})", unit="img", disable=not progress,
-                  smoothing=0.1) as bar:
+        with tqdm(
+            total=len(remaining), desc=f"audit ({manifest['method']})", unit="img", disable=not progress, smoothing=0.1
+        ) as bar:
+
             def finish(previous) -> None:
                 # collect the batch dispatched one step earlier (the device runs ahead of the host)
                 nonlocal processed

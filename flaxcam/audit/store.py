@@ -91,7 +91,9 @@ SCHEMA = pa.schema(
     ]
 )
 
-ERRORS_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("reason", pa.string()), ("process", pa.int32())])
+ERRORS_SCHEMA = pa.schema(
+    [("index", pa.int64()), ("id", pa.string()), ("reason", pa.string()), ("process", pa.int32())]
+)
 
 
 #: Parquet key-value metadata of every part: the settings of the run that wrote it (canonical JSON of
@@ -131,7 +133,9 @@ def read_manifest(audit_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} is corrupt ({error}); delete it and rerun the audit to rebuild it from the parts"
         ) from None
     if not isinstance(manifest, dict):
-        raise AuditSettingsError(f"{path} is corrupt (not a JSON object); delete it and rerun the audit to rebuild it from the parts")
+        raise AuditSettingsError(
+            f"{path} is corrupt (not a JSON object); delete it and rerun the audit to rebuild it from the parts"
+        )
     return manifest
 
 

@@ -9,7 +9,14 @@
   :func:`make_background_canvases`: the same canvases without a digit.
 """
 
-from flaxcam.data.digits import CLASS_NAMES, MARKER_CORNERS, DigitCanvases, make_background_canvases, make_digit_canvases, marker_region
+from flaxcam.data.digits import (
+    CLASS_NAMES,
+    MARKER_CORNERS,
+    DigitCanvases,
+    make_background_canvases,
+    make_digit_canvases,
+    marker_region,
+)
 from flaxcam.data.fixtures import make_ham10000_fixture
 from flaxcam.data.loader import (
     Batch,
@@ -34,9 +41,8 @@ from flaxcam.data.sources import (
 
 __all__ = [
     "CLASS_NAMES",
-    "MARKER_CORNERS",
-    "marker_region",
     "HAM10000_CLASSES",
+    "MARKER_CORNERS",
     "SOURCE_KINDS",
     "ArraySource",
     "Batch",
@@ -52,6 +58,7 @@ __all__ = [
     "make_background_canvases",
     "make_digit_canvases",
     "make_ham10000_fixture",
+    "marker_region",
     "open_source",
     "ordered_indices",
     "save_npz",

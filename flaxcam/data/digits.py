@@ -75,7 +75,9 @@ def _upscale(glyph: np.ndarray, size: int) -> np.ndarray:
     return rows[:, low] * (1 - frac)[None, :] + rows[:, high] * frac[None, :]
 
 
-def _cluttered_background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, noise: float, clutter_lines: int) -> np.ndarray:
+def _cluttered_background(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, noise: float, clutter_lines: int
+) -> np.ndarray:
     """One ``(H, W, 3)`` canvas without a digit: a random colour, Gaussian noise and ``clutter_lines`` thin lines."""
     height, width = yy.shape
     background = rng.uniform(0.0, 0.35, 3).astype(np.float32)
@@ -138,7 +140,9 @@ def make_digit_canvases(
         if not 0.0 <= marker_fraction <= 1.0:
             raise ValueError(f"marker_fraction must be in [0, 1], got {marker_fraction}")
         if not 1 <= marker_size <= min(height, width) - 4:
-            raise ValueError(f"marker_size must be in [1, {min(height, width) - 4}] for a canvas of {size}, got {marker_size}")
+            raise ValueError(
+                f"marker_size must be in [1, {min(height, width) - 4}] for a canvas of {size}, got {marker_size}"
+            )
         marker_rows, marker_cols = marker_region(size, marker_corner, marker_size)
     rng = np.random.default_rng(seed)
     glyphs, targets = _load_digits()
@@ -166,7 +170,7 @@ def make_digit_canvases(
     if marker_class is not None:
         # A separate random stream, so a marked set differs from its clean twin only by the markers.
         candidates = np.flatnonzero(labels == marker_class)
-        chosen = np.random.default_rng([seed, 1]).permutation(candidates)[: int(round(marker_fraction * len(candidates)))]
+        chosen = np.random.default_rng([seed, 1]).permutation(candidates)[: round(marker_fraction * len(candidates))]
         marked[chosen] = True
         for i in chosen:
             _draw_marker(images[i], marker_rows, marker_cols)

@@ -55,13 +55,13 @@ class Batch:
     sizes: np.ndarray | None = None
 
 
-def shard_indices(
-    indices: Sequence[int] | np.ndarray, shard_index: int = 0, shard_count: int = 1
-) -> np.ndarray:
+def shard_indices(indices: Sequence[int] | np.ndarray, shard_index: int = 0, shard_count: int = 1) -> np.ndarray:
     """The contiguous part ``shard_index`` of ``shard_count`` near-equal parts of ``indices`` (sizes
     differ by at most one; concatenating the shards in order gives ``indices`` back)."""
     if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} must be in [0, shard_count) with shard_count >= 1, got shard_count {shard_count}")
+        raise ValueError(
+            f"shard_index {shard_index} must be in [0, shard_count) with shard_count >= 1, got shard_count {shard_count}"
+        )
     indices = np.asarray(indices, np.int64).reshape(-1)
     bounds = np.linspace(0, len(indices), shard_count + 1).round().astype(np.int64)
     return indices[bounds[shard_index] : bounds[shard_index + 1]]
@@ -134,7 +134,7 @@ class _ReadBatch:
                 continue
             try:
                 resized[slot] = self.preprocessing.resize_uint8(record.image)
-            except Exception as error:  # noqa: BLE001 -- e.g. an image Pillow cannot resize; never stop the pass
+            except Exception as error:
                 errors.append((int(index), record.id, f"{record.id}: cannot resize ({error})"))
                 continue
             valid[slot] = True
@@ -150,7 +150,7 @@ class _ReadBatch:
     def _read(self, index: int) -> Record:
         try:
             return self.source[index]
-        except Exception as error:  # noqa: BLE001 -- a source bug or I/O failure must not stop the pass
+        except Exception as error:
             return Record(index, str(index), None, -1, f"{index}: reading failed ({type(error).__name__}: {error})")
 
 
@@ -164,7 +164,11 @@ def _normalized(batch: Batch, preprocessing: Preprocessing) -> Batch:
     if non_finite.any():
         valid = batch.valid & ~non_finite
         errors = errors + [
-            (int(batch.indices[i]), batch.ids[i], f"{batch.ids[i]}: NaN or infinite model input after preprocessing {preprocessing}")
+            (
+                int(batch.indices[i]),
+                batch.ids[i],
+                f"{batch.ids[i]}: NaN or infinite model input after preprocessing {preprocessing}",
+            )
             for i in np.flatnonzero(non_finite)
         ]
     images[~valid] = 0.0
@@ -253,6 +257,8 @@ def iterate_batches(
     )
     if worker_count > 0:
         _absl_flags_ready()
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch)))
+        iterable = iterable.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch))
+        )
     for batch in iterable:
         yield _normalized(batch, preprocessing)

@@ -260,7 +260,11 @@ class ImageFolderSource:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such folder (expected root/<class>/<image files>)")
         self.extensions = extensions
-        allowed = _image_extensions() if extensions is None else frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        allowed = (
+            _image_extensions()
+            if extensions is None
+            else frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        )
         self.max_pixels = max_pixels
         self.exclude: tuple[Path, ...] = tuple(Path(p) for p in exclude)
         excluded = _relative_parts(self.root, self.exclude)
@@ -269,12 +273,15 @@ class ImageFolderSource:
             return any(relative.parts[: len(parts)] == parts for parts in excluded)
 
         classes = sorted(
-            p.name for p in self.root.iterdir()
+            p.name
+            for p in self.root.iterdir()
             if p.is_dir() and not p.name.startswith(".") and not is_excluded(Path(p.name))
         )
         if not classes and () in excluded:
-            raise ValueError(f"{self.root}: the folder itself is excluded ({', '.join(map(str, self.exclude))}): "
-                             "put the output folder elsewhere")
+            raise ValueError(
+                f"{self.root}: the folder itself is excluded ({', '.join(map(str, self.exclude))}): "
+                "put the output folder elsewhere"
+            )
         if not classes:
             raise ValueError(f"{self.root}: no class folders (expected root/<class>/<image files>)")
         self.class_names: tuple[str, ...] = tuple(classes)
@@ -304,7 +311,9 @@ class ImageFolderSource:
         index = _check_index(index, len(self))
         record_id, label = self.ids[index], int(self.labels[index])
         try:
-            image, size = read_image_with_size(self.root / record_id, max_pixels=self.max_pixels, draft_size=self.draft_size)
+            image, size = read_image_with_size(
+                self.root / record_id, max_pixels=self.max_pixels, draft_size=self.draft_size
+            )
         except ImageReadError as error:
             return Record(index, record_id, None, label, str(error))
         return Record(index, record_id, image, label, size=None if size == image.shape[:2] else size)
@@ -320,7 +329,10 @@ class ImageFolderSource:
         if not _relative_parts(self.root, [Path(p) for p in paths]):
             return self
         return ImageFolderSource(
-            self.root, extensions=self.extensions, max_pixels=self.max_pixels, draft_size=self.draft_size,
+            self.root,
+            extensions=self.extensions,
+            max_pixels=self.max_pixels,
+            draft_size=self.draft_size,
             exclude=(*self.exclude, *paths),
         )
 
@@ -366,13 +378,17 @@ class Ham10000Source:
         self.draft_size = draft_size
         self.class_names: tuple[str, ...] = HAM10000_CLASSES
         if not self.metadata.is_file():
-            raise FileNotFoundError(f"{self.metadata}: no such metadata file (expected HAM10000_metadata.csv in {self.root})")
+            raise FileNotFoundError(
+                f"{self.metadata}: no such metadata file (expected HAM10000_metadata.csv in {self.root})"
+            )
         with open(self.metadata, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             missing = [c for c in ("image_id", "dx") if c not in columns]
             if missing:
-                raise ValueError(f"{self.metadata}: missing column(s) {missing}; found {columns} (needed: image_id, dx)")
+                raise ValueError(
+                    f"{self.metadata}: missing column(s) {missing}; found {columns} (needed: image_id, dx)"
+                )
             rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
         self.ids: tuple[str, ...] = tuple(row["image_id"] for row in rows)
         duplicates = len(self.ids) - len(set(self.ids))
@@ -384,10 +400,13 @@ class Ham10000Source:
         lookup = {name: i for i, name in enumerate(HAM10000_CLASSES)}
         self.labels = np.asarray([lookup.get(dx, -1) for dx in self.dx], np.int64)
         self.paths: dict[str, Path] = {}
-        folders = [self.root] + sorted(
-            (p for p in self.root.iterdir() if p.is_dir() and p.name.lower().startswith("ham10000_images_part")),
-            key=lambda p: p.name,
-        )
+        folders = [
+            self.root,
+            *sorted(
+                (p for p in self.root.iterdir() if p.is_dir() and p.name.lower().startswith("ham10000_images_part")),
+                key=lambda p: p.name,
+            ),
+        ]
         for folder in folders:
             for path in folder.iterdir():
                 if path.suffix.lower() in (".jpg", ".jpeg", ".png") and path.is_file():
@@ -403,10 +422,22 @@ class Ham10000Source:
         index = _check_index(index, len(self))
         image_id, label = self.ids[index], int(self.labels[index])
         if label < 0:
-            return Record(index, image_id, None, -1, f"{image_id}: unknown dx {self.dx[index]!r} (valid: {', '.join(HAM10000_CLASSES)})")
+            return Record(
+                index,
+                image_id,
+                None,
+                -1,
+                f"{image_id}: unknown dx {self.dx[index]!r} (valid: {', '.join(HAM10000_CLASSES)})",
+            )
         path = self.paths.get(image_id)
         if path is None:
-            return Record(index, image_id, None, label, f"{image_id}: image file not found in {self.root} (HAM10000_images_part_1/2)")
+            return Record(
+                index,
+                image_id,
+                None,
+                label,
+                f"{image_id}: image file not found in {self.root} (HAM10000_images_part_1/2)",
+            )
         try:
             image, size = read_image_with_size(path, max_pixels=self.max_pixels, draft_size=self.draft_size)
         except ImageReadError as error:
@@ -473,11 +504,11 @@ class TfdsSource:
         features = info.features
         self.image_key = _detect_feature(features, "image", image_key)
         if self.image_key is None:
-            raise ValueError(f"TFDS dataset {name!r} has no top-level Image feature (features: {list(features.keys())})")
+            raise ValueError(
+                f"TFDS dataset {name!r} has no top-level Image feature (features: {list(features.keys())})"
+            )
         self.label_key = _detect_feature(features, "label", label_key)
-        self.class_names: tuple[str, ...] = (
-            tuple(features[self.label_key].names) if self.label_key is not None else ()
-        )
+        self.class_names: tuple[str, ...] = tuple(features[self.label_key].names) if self.label_key is not None else ()
         if box_key and "/" in box_key:
             self.box_key: str | None = box_key
         else:
@@ -496,7 +527,7 @@ class TfdsSource:
         try:
             example = self._data[index]
             label = -1 if self.label_key is None else int(example[self.label_key])
-        except Exception as error:  # noqa: BLE001 -- a corrupt record must not stop the pass
+        except Exception as error:
             return Record(index, record_id, None, -1, f"{record_id}: cannot read record ({error})")
         try:
             value = example[self.image_key]
@@ -548,7 +579,9 @@ def open_source(spec: str, exclude: Sequence[str | os.PathLike] = ()) -> ImageSo
     :class:`ImageFolderSource`); the other kinds list their records explicitly and ignore it."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest or kind not in SOURCE_KINDS:
-        raise ValueError(f"unknown source {spec!r}: expected one of folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT], npz:PATH")
+        raise ValueError(
+            f"unknown source {spec!r}: expected one of folder:PATH, ham10000:PATH, tfds:NAME[:SPLIT], npz:PATH"
+        )
     if kind == "folder":
         return ImageFolderSource(rest, exclude=exclude)
     if kind == "ham10000":

@@ -89,8 +89,9 @@ def harmonic_mean3(a: Array, b: Array, c: Array, eps: float = 0.0) -> Array:
     return 3 / (1 / (a + eps) + 1 / (b + eps) + 1 / (c + eps))
 
 
-def adcc(explain_fn: ExplainFn, apply_fn: ApplyFn, variables: Any, images, maps, targets,
-         score: str = "softmax") -> dict[str, Array]:
+def adcc(
+    explain_fn: ExplainFn, apply_fn: ApplyFn, variables: Any, images, maps, targets, score: str = "softmax"
+) -> dict[str, Array]:
     r"""ADCC (Poppi et al. 2021), ``(B,)`` each: ``{"adcc", "coherency", "complexity", "average_drop"}``,
 
     .. math:: \mathrm{ADCC}(x) = 3\Big(\frac{1}{\mathrm{Coh}(x)} + \frac{1}{1 - \mathrm{Com}(x)}
@@ -101,12 +102,24 @@ def adcc(explain_fn: ExplainFn, apply_fn: ApplyFn, variables: Any, images, maps,
     coherence = coherency(explain_fn, images, maps, targets)
     spread = complexity(maps)
     drop = average_drop(apply_fn, variables, images, maps, targets, score=score)
-    return {"adcc": harmonic_mean3(coherence, 1 - spread, 1 - drop), "coherency": coherence,
-            "complexity": spread, "average_drop": drop}
+    return {
+        "adcc": harmonic_mean3(coherence, 1 - spread, 1 - drop),
+        "coherency": coherence,
+        "complexity": spread,
+        "average_drop": drop,
+    }
 
 
-def arcc(explain_fn: ExplainFn, apply_fn: ApplyFn, variables: Any, images, maps, targets,
-         percentiles=ARCC_PERCENTILES, **road_options) -> dict[str, Array]:
+def arcc(
+    explain_fn: ExplainFn,
+    apply_fn: ApplyFn,
+    variables: Any,
+    images,
+    maps,
+    targets,
+    percentiles=ARCC_PERCENTILES,
+    **road_options,
+) -> dict[str, Array]:
     r"""pytorch-grad-cam 1.5.7's ``ARCC``, ``(B,)`` each: ``{"arcc", "coherency", "complexity", "road"}``,
 
     .. math:: \mathrm{ARCC}(x) = 3\Big(\frac{1}{\mathrm{Coh} + \epsilon} + \frac{1}{1 - \mathrm{Com} + \epsilon}
@@ -119,5 +132,9 @@ def arcc(explain_fn: ExplainFn, apply_fn: ApplyFn, variables: Any, images, maps,
     spread = complexity(maps)
     combined = road_combined(apply_fn, variables, images, maps, targets, percentiles=percentiles, **road_options)
     scaled = jnp.clip(combined * 2, 0, 1)
-    return {"arcc": harmonic_mean3(coherence, 1 - spread, scaled, 1e-8), "coherency": coherence,
-            "complexity": spread, "road": combined}
+    return {
+        "arcc": harmonic_mean3(coherence, 1 - spread, scaled, 1e-8),
+        "coherency": coherence,
+        "complexity": spread,
+        "road": combined,
+    }

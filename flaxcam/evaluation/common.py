@@ -59,7 +59,9 @@ def check_inputs(images: Any, maps: Any, targets: Any) -> tuple[Array, Array, Ar
     if targets.ndim == 0:
         targets = jnp.broadcast_to(targets, (batch,))
     if targets.shape != (batch,) or not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise ValueError(f"targets must be one int class per image, shape ({batch},), got {targets.shape} {targets.dtype}")
+        raise ValueError(
+            f"targets must be one int class per image, shape ({batch},), got {targets.shape} {targets.dtype}"
+        )
     return images, maps.astype(images.dtype), targets
 
 

@@ -35,8 +35,19 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 TARGETS = ("predicted", "label")
 #: Settings that must match for a rerun to resume.
-_RESUME_FIELDS = ("schema_version", "model_fingerprint", "methods", "metrics", "source_spec", "source_length",
-                  "preprocessing", "target", "options", "method_options", "layer")
+_RESUME_FIELDS = (
+    "schema_version",
+    "model_fingerprint",
+    "methods",
+    "metrics",
+    "source_spec",
+    "source_length",
+    "preprocessing",
+    "target",
+    "options",
+    "method_options",
+    "layer",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +66,16 @@ class Leaderboard:
 
 
 #: Metric settings ``evaluate(options=...)`` accepts, with their defaults.
-OPTIONS = {"score": "softmax", "steps": 20, "baseline": "zeros", "percentiles": [10, 20, 30, 40, 50, 60, 70, 80, 90],
-           "noise": 0.01, "chunk_size": 32, "cascade": None, "randomization_seed": 1}
+OPTIONS = {
+    "score": "softmax",
+    "steps": 20,
+    "baseline": "zeros",
+    "percentiles": [10, 20, 30, 40, 50, 60, 70, 80, 90],
+    "noise": 0.01,
+    "chunk_size": 32,
+    "cascade": None,
+    "randomization_seed": 1,
+}
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,7 +86,9 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
     unknown = [k for k in options if k not in OPTIONS]
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid: {', '.join(f'{k} (default {v})' for k, v in OPTIONS.items())}")
+        raise ValueError(
+            f"unknown option(s) {unknown}; valid: {', '.join(f'{k} (default {v})' for k, v in OPTIONS.items())}"
+        )
     merged = {**OPTIONS, **options}
     check_score(merged["score"])
     check_positive("steps", merged["steps"])
@@ -90,7 +111,9 @@ def get_methods(names: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_interval(
+    values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """``(mean, low, high)``: the mean of the finite values and its percentile-bootstrap confidence
     interval (Efron & Tibshirani 1993) from ``resamples`` resamples with replacement."""
     values = np.asarray(values, np.float64)
@@ -108,15 +131,25 @@ def _columns(metrics: list) -> dict[str, bool]:
     return {column: better for metric in metrics for column, better in metric.columns.items()}
 
 
-def _manifest(model_fingerprint: str, methods, metrics, spec, length, preprocessing, target, options, method_options,
-              layer) -> dict[str, Any]:
+def _manifest(
+    model_fingerprint: str, methods, metrics, spec, length, preprocessing, target, options, method_options, layer
+) -> dict[str, Any]:
     return {
-        "schema_version": SCHEMA_VERSION, "model_fingerprint": model_fingerprint, "methods": list(methods),
-        "metrics": [m.name for m in metrics], "source_spec": spec, "source_length": length,
-        "preprocessing": dataclasses.asdict(preprocessing) if dataclasses.is_dataclass(preprocessing) else str(preprocessing),
-        "target": target, "options": {k: (v if isinstance(v, (int, float, str, list, type(None))) else str(v))
-                                      for k, v in sorted(options.items())},
-        "method_options": {k: dict(v) for k, v in sorted(method_options.items())}, "layer": layer,
+        "schema_version": SCHEMA_VERSION,
+        "model_fingerprint": model_fingerprint,
+        "methods": list(methods),
+        "metrics": [m.name for m in metrics],
+        "source_spec": spec,
+        "source_length": length,
+        "preprocessing": dataclasses.asdict(preprocessing)
+        if dataclasses.is_dataclass(preprocessing)
+        else str(preprocessing),
+        "target": target,
+        "options": {
+            k: (v if isinstance(v, (int, float, str, list, type(None))) else str(v)) for k, v in sorted(options.items())
+        },
+        "method_options": {k: dict(v) for k, v in sorted(method_options.items())},
+        "layer": layer,
     }
 
 
@@ -129,11 +162,17 @@ def _check_resume(out_dir: Path, manifest: Mapping[str, Any], resume: bool) -> N
             part.unlink()
         return
     existing = json.loads(path.read_text())
-    different = [k for k in _RESUME_FIELDS if json.dumps(existing.get(k), sort_keys=True, default=str)
-                 != json.dumps(manifest.get(k), sort_keys=True, default=str)]
+    different = [
+        k
+        for k in _RESUME_FIELDS
+        if json.dumps(existing.get(k), sort_keys=True, default=str)
+        != json.dumps(manifest.get(k), sort_keys=True, default=str)
+    ]
     if different:
-        raise ValueError(f"{out_dir} holds an evaluation with different settings ({', '.join(different)}); "
-                         "use another --out or --no-resume to start over")
+        raise ValueError(
+            f"{out_dir} holds an evaluation with different settings ({', '.join(different)}); "
+            "use another --out or --no-resume to start over"
+        )
 
 
 def evaluate(
@@ -187,8 +226,18 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store.remove_stale_temporaries(out_dir)
-    manifest = _manifest(model_fingerprint(variables), method_names, chosen, spec, total, preprocessing, target,
-                         options, method_options, layer)
+    manifest = _manifest(
+        model_fingerprint(variables),
+        method_names,
+        chosen,
+        spec,
+        total,
+        preprocessing,
+        target,
+        options,
+        method_options,
+        layer,
+    )
     _check_resume(out_dir, manifest, resume)
     store.write_json(out_dir / MANIFEST, manifest)
     remaining = np.setdiff1d(np.arange(total), store.done_indices(out_dir))
@@ -222,10 +271,16 @@ def evaluate(
         else:
             targets = np.asarray(jnp.argmax(forward(variables, images), axis=1)).astype(np.int32)
         rows = _score_batch(apply_fn, variables, images, targets, valid, explain_fns, chosen, fresh, options)
-        base = {"index": batch.indices[valid].astype(np.int64), "id": [batch.ids[i] for i in np.flatnonzero(valid)],
-                "label": batch.labels[valid].astype(np.int32), "target": targets[valid]}
+        base = {
+            "index": batch.indices[valid].astype(np.int64),
+            "id": [batch.ids[i] for i in np.flatnonzero(valid)],
+            "label": batch.labels[valid].astype(np.int32),
+            "target": targets[valid],
+        }
         tables = [pa.table({**base, "method": [name] * int(valid.sum()), **columns}) for name, columns in rows.items()]
-        store.write_part(out_dir / store.part_name("part", 0, sequence), pa.concat_tables(tables, promote_options="default"))
+        store.write_part(
+            out_dir / store.part_name("part", 0, sequence), pa.concat_tables(tables, promote_options="default")
+        )
         sequence += 1
         done += int(valid.sum())
         if progress:
@@ -262,10 +317,13 @@ def read_scores(out_dir: str | Path) -> pa.Table:
     if not parts:
         raise FileNotFoundError(f"{out_dir}: no scores yet (run `flaxcam evaluate` first)")
     return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default").sort_by(
-        [("method", "ascending"), ("index", "ascending")])
+        [("method", "ascending"), ("index", "ascending")]
+    )
 
 
-def write_leaderboard(out_dir: str | Path, resamples: int = 1000, class_names: Sequence[str] | None = None) -> Leaderboard:
+def write_leaderboard(
+    out_dir: str | Path, resamples: int = 1000, class_names: Sequence[str] | None = None
+) -> Leaderboard:
     """Summarize the parts of ``out_dir``: ``scores.parquet``, ``leaderboard.json``, ``curves.png`` and
     the self-contained ``leaderboard.html``."""
     out_dir = Path(out_dir)
@@ -273,8 +331,10 @@ def write_leaderboard(out_dir: str | Path, resamples: int = 1000, class_names: S
     page = out_dir / "leaderboard.html"
     if not store.part_files(out_dir, "part"):  # nothing readable scored yet (e.g. --limit over unreadable files)
         errors = store.read_errors(out_dir).num_rows
-        page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>flaxcam leaderboard</title></head>"
-                        f"<body><p>No image scored yet ({errors} unreadable).</p></body></html>")
+        page.write_text(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>flaxcam leaderboard</title></head>"
+            f"<body><p>No image scored yet ({errors} unreadable).</p></body></html>"
+        )
         empty = pa.table({})
         return Leaderboard(out_dir, empty, empty, out_dir / "scores.parquet", page, 0, errors)
     scores = read_scores(out_dir)
@@ -290,17 +350,30 @@ def write_leaderboard(out_dir: str | Path, resamples: int = 1000, class_names: S
         for column, higher in columns.items():
             values = scores[column].to_numpy(zero_copy_only=False)[where].astype(np.float64)
             mean, low, high = bootstrap_interval(values, resamples)
-            rows.append({"method": method, "column": column, "mean": mean, "ci_low": low, "ci_high": high,
-                         "count": int(np.isfinite(values).sum()), "higher_is_better": higher})
+            rows.append(
+                {
+                    "method": method,
+                    "column": column,
+                    "mean": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "count": int(np.isfinite(values).sum()),
+                    "higher_is_better": higher,
+                }
+            )
         for step in ["explain", *(m.name for m in chosen)]:
             seconds = scores[f"seconds_{step}"].to_numpy()[where]
             timing.append({"method": method, "step": step, "seconds_per_image": float(np.median(seconds))})
     table = pa.Table.from_pylist(rows)
     timing_table = pa.Table.from_pylist(timing)
     images = len(set(scores["index"].to_pylist()))
-    store.write_json(out_dir / "leaderboard.json", {"images": images, "errors": errors, "rows": rows,
-                                                     "timing": timing, "manifest": manifest})
-    curves_png = _curves_figure(scores, methods, out_dir / "curves.png") if "deletion_curve" in scores.column_names else None
+    store.write_json(
+        out_dir / "leaderboard.json",
+        {"images": images, "errors": errors, "rows": rows, "timing": timing, "manifest": manifest},
+    )
+    curves_png = (
+        _curves_figure(scores, methods, out_dir / "curves.png") if "deletion_curve" in scores.column_names else None
+    )
     page.write_text(_html(manifest, rows, timing, columns, methods, images, errors, curves_png))
     return Leaderboard(out_dir, table, timing_table, out_dir / "scores.parquet", page, images, errors)
 
@@ -350,22 +423,39 @@ def _html(manifest, rows, timing, columns, methods, images, errors, curves_png) 
     body = "".join(
         f"<tr><td>{html.escape(m)}</td>"
         + "".join(f"<td class={'best' if best.get(c) == m else 'x'}>{cell(m, c)}</td>" for c in columns)
-        + "</tr>" for m in methods)
+        + "</tr>"
+        for m in methods
+    )
     steps = list(dict.fromkeys(t["step"] for t in timing))
     timing_rows = "".join(
-        f"<tr><td>{html.escape(m)}</td>" + "".join(
+        f"<tr><td>{html.escape(m)}</td>"
+        + "".join(
             f"<td>{1000 * next(t['seconds_per_image'] for t in timing if t['method'] == m and t['step'] == s):.1f}</td>"
-            for s in steps) + "</tr>" for m in methods)
-    curves = ("" if curves_png is None else
-              f"<h2>Deletion and insertion curves</h2><img alt='mean deletion and insertion curves' "
-              f"src='data:image/png;base64,{base64.b64encode(curves_png).decode()}'>")
-    settings = html.escape(json.dumps({k: manifest[k] for k in ("source_spec", "target", "options", "method_options",
-                                                                 "layer", "preprocessing")}, default=str))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>flaxcam leaderboard</title>"
-            f"<style>{_CSS}</style></head><body><h1>Faithfulness leaderboard</h1>"
-            f"<p>{images} images, {errors} unreadable (skipped); mean per image with a 95% bootstrap interval; "
-            f"best of each column highlighted (↑ higher is better, ↓ lower).</p>"
-            f"<table><tr><th>method</th>{head}</tr>{body}</table>"
-            f"<h2>Time per image (ms, median over batches)</h2><table><tr><th>method</th>"
-            + "".join(f"<th>{html.escape(s)}</th>" for s in steps) + f"</tr>{timing_rows}</table>{curves}"
-            f"<h2>Settings</h2><pre>{settings}</pre></body></html>")
+            for s in steps
+        )
+        + "</tr>"
+        for m in methods
+    )
+    curves = (
+        ""
+        if curves_png is None
+        else f"<h2>Deletion and insertion curves</h2><img alt='mean deletion and insertion curves' "
+        f"src='data:image/png;base64,{base64.b64encode(curves_png).decode()}'>"
+    )
+    settings = html.escape(
+        json.dumps(
+            {k: manifest[k] for k in ("source_spec", "target", "options", "method_options", "layer", "preprocessing")},
+            default=str,
+        )
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>flaxcam leaderboard</title>"
+        f"<style>{_CSS}</style></head><body><h1>Faithfulness leaderboard</h1>"
+        f"<p>{images} images, {errors} unreadable (skipped); mean per image with a 95% bootstrap interval; "
+        f"best of each column highlighted (↑ higher is better, ↓ lower).</p>"
+        f"<table><tr><th>method</th>{head}</tr>{body}</table>"
+        f"<h2>Time per image (ms, median over batches)</h2><table><tr><th>method</th>"
+        + "".join(f"<th>{html.escape(s)}</th>" for s in steps)
+        + f"</tr>{timing_rows}</table>{curves}"
+        f"<h2>Settings</h2><pre>{settings}</pre></body></html>"
+    )

@@ -43,10 +43,12 @@ BASELINES = ("zeros", "mean", "blur")
 def _masked_and_original(apply_fn: ApplyFn, variables: Any, images: Array, maps: Array, targets: Array, score: str):
     both = jnp.concatenate([images, images * maps[..., None]])
     scores = target_scores(apply_fn, variables, both, jnp.concatenate([targets, targets]), score)
-    return scores[: images.shape[0]], scores[images.shape[0]:]
+    return scores[: images.shape[0]], scores[images.shape[0] :]
 
 
-def masked_scores(apply_fn: ApplyFn, variables: Any, images, maps, targets, score: str = "logit") -> tuple[Array, Array]:
+def masked_scores(
+    apply_fn: ApplyFn, variables: Any, images, maps, targets, score: str = "logit"
+) -> tuple[Array, Array]:
     """``(s(x), s(x ⊙ M))``, each ``(B,)``: the target score of each image and of the image multiplied by
     its map (broadcast over channels), from one forward pass of ``2B`` images."""
     check_score(score)
@@ -142,7 +144,9 @@ def baseline_images(images: Array, baseline: str | Any) -> Array:
     try:
         return jnp.broadcast_to(jnp.asarray(baseline, images.dtype), images.shape)
     except ValueError:
-        raise ValueError(f"baseline of shape {np.shape(baseline)} does not broadcast to the images {images.shape}") from None
+        raise ValueError(
+            f"baseline of shape {np.shape(baseline)} does not broadcast to the images {images.shape}"
+        ) from None
 
 
 def perturbation_counts(pixels: int, steps: int) -> np.ndarray:
@@ -212,8 +216,13 @@ def deletion_insertion_impl(
     deletion = jnp.concatenate([original[:, None], rows[:, : points - 1]], axis=1)
     insertion = jnp.concatenate([rows[:, points - 2 : points - 1], rows[:, points - 1 :], original[:, None]], axis=1)
     fractions = jnp.asarray(counts / pixels, original.dtype)
-    return Curves(fractions, deletion, insertion, jnp.trapezoid(deletion, fractions, axis=1),
-                  jnp.trapezoid(insertion, fractions, axis=1))
+    return Curves(
+        fractions,
+        deletion,
+        insertion,
+        jnp.trapezoid(deletion, fractions, axis=1),
+        jnp.trapezoid(insertion, fractions, axis=1),
+    )
 
 
 def deletion_insertion(
@@ -253,4 +262,6 @@ def deletion_insertion(
     check_positive("chunk_size", chunk_size)
     images, maps, targets = check_inputs(images, maps, targets)
     reference = baseline_images(images, baseline)
-    return deletion_insertion_impl(apply_fn, variables, images, maps, targets, reference, score, int(steps), int(chunk_size))
+    return deletion_insertion_impl(
+        apply_fn, variables, images, maps, targets, reference, score, int(steps), int(chunk_size)
+    )

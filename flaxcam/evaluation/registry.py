@@ -30,8 +30,9 @@ def explainer(model: Any, method: str, layer: str | None = None, **explain_optio
     import flaxcam
 
     def explain_fn(variables: Any, images: Array, targets: Array) -> Array:
-        explanation = flaxcam.explain(model, variables, images, method=method, layer=layer,
-                                      targets=jnp.asarray(targets), **explain_options)
+        explanation = flaxcam.explain(
+            model, variables, images, method=method, layer=layer, targets=jnp.asarray(targets), **explain_options
+        )
         return explanation.maps[:, 0]
 
     return explain_fn
@@ -78,22 +79,39 @@ def _confidence(batch: Batch) -> dict[str, Array]:
     original, masked = masked_scores(*batch.args, score=score)
     drop = jnp.maximum(original - masked, 0.0)
     relative = jnp.where(original > 0, drop / (original + 1e-7), jnp.nan)
-    return {"confidence_change": masked - original, "drop_in_confidence": drop,
-            "average_drop": relative, "increase_in_confidence": (masked > original).astype(masked.dtype)}
+    return {
+        "confidence_change": masked - original,
+        "drop_in_confidence": drop,
+        "average_drop": relative,
+        "increase_in_confidence": (masked > original).astype(masked.dtype),
+    }
 
 
 def _deletion(batch: Batch) -> dict[str, Array]:
     curves = deletion_insertion(
-        *batch.args, steps=batch.option("steps", 20), baseline=batch.option("baseline", "zeros"),
-        score=batch.option("score", "softmax"), chunk_size=batch.option("chunk_size", 32))
-    return {"deletion_auc": curves.deletion_auc, "insertion_auc": curves.insertion_auc,
-            "deletion_curve": curves.deletion, "insertion_curve": curves.insertion}
+        *batch.args,
+        steps=batch.option("steps", 20),
+        baseline=batch.option("baseline", "zeros"),
+        score=batch.option("score", "softmax"),
+        chunk_size=batch.option("chunk_size", 32),
+    )
+    return {
+        "deletion_auc": curves.deletion_auc,
+        "insertion_auc": curves.insertion_auc,
+        "deletion_curve": curves.deletion,
+        "insertion_curve": curves.insertion,
+    }
 
 
 def _road(batch: Batch) -> dict[str, Array]:
-    changes = road(*batch.args, percentiles=batch.option("percentiles", DEFAULT_PERCENTILES),
-                        score=batch.option("score", "softmax"), chunk_size=batch.option("chunk_size", 32),
-                        noise=batch.option("noise", 0.01), key=batch.option("key", None))
+    changes = road(
+        *batch.args,
+        percentiles=batch.option("percentiles", DEFAULT_PERCENTILES),
+        score=batch.option("score", "softmax"),
+        chunk_size=batch.option("chunk_size", 32),
+        noise=batch.option("noise", 0.01),
+        key=batch.option("key", None),
+    )
     morf, lerf = changes["morf"].mean(axis=0), changes["lerf"].mean(axis=0)
     return {"road_morf": morf, "road_lerf": lerf, "road_combined": (lerf - morf) / 2}
 
@@ -114,12 +132,18 @@ def classifier_layer(apply_fn: ApplyFn, variables: Any, images: Array) -> str:
     """The top-level parameter group holding the classifier: the one Dense kernel ``(features, K)`` whose
     ``K`` is the number of logits (parameter dicts are not in call order, so "the last one" is not it)."""
     classes = jax.eval_shape(apply_fn, variables, images).shape[-1]
-    found = [name for name, group in variables["params"].items()
-             if isinstance(group, Mapping) and getattr(group.get("kernel"), "ndim", 0) == 2
-             and group["kernel"].shape[-1] == classes]
+    found = [
+        name
+        for name, group in variables["params"].items()
+        if isinstance(group, Mapping)
+        and getattr(group.get("kernel"), "ndim", 0) == 2
+        and group["kernel"].shape[-1] == classes
+    ]
     if len(found) != 1:
-        raise ValueError(f"cannot tell the classifier layer ({found or 'no'} Dense kernel with {classes} outputs); "
-                         f"name the layers to randomize with options={{'cascade': [...]}}, from: {sorted(variables['params'])}")
+        raise ValueError(
+            f"cannot tell the classifier layer ({found or 'no'} Dense kernel with {classes} outputs); "
+            f"name the layers to randomize with options={{'cascade': [...]}}, from: {sorted(variables['params'])}"
+        )
     return found[0]
 
 
@@ -127,24 +151,41 @@ def _randomization(batch: Batch) -> dict[str, Array]:
     _needs(batch, "explain_fn", "randomization")
     _needs(batch, "fresh", "randomization")
     cascade = batch.option("cascade", None) or [classifier_layer(batch.apply_fn, batch.variables, batch.images)]
-    rho = model_randomization(batch.explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images,
-                                     batch.targets)
+    rho = model_randomization(batch.explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images, batch.targets)
     return {"randomization_rank_correlation": rho[0]}
 
 
 METRICS: dict[str, Metric] = {
-    "confidence": Metric("confidence", _confidence,
-                         {"confidence_change": True, "drop_in_confidence": False, "average_drop": False,
-                          "increase_in_confidence": True},
-                         "score change under the map as a multiplicative mask (pgc, torchcam, Grad-CAM++ paper)"),
-    "deletion_insertion": Metric("deletion_insertion", _deletion, {"deletion_auc": False, "insertion_auc": True},
-                                 "RISE deletion / insertion AUC (torchcam)"),
-    "road": Metric("road", _road, {"road_morf": False, "road_lerf": True, "road_combined": True},
-                   "ROAD averages over percentiles and combined (pgc)"),
-    "adcc": Metric("adcc", _adcc, {"adcc": True, "coherency": True, "complexity": False},
-                   "ADCC: coherency, complexity, average drop (Poppi et al. 2021)"),
-    "randomization": Metric("randomization", _randomization, {"randomization_rank_correlation": False},
-                            "rank correlation with the maps after re-initializing the top layer (Adebayo et al. 2018)"),
+    "confidence": Metric(
+        "confidence",
+        _confidence,
+        {"confidence_change": True, "drop_in_confidence": False, "average_drop": False, "increase_in_confidence": True},
+        "score change under the map as a multiplicative mask (pgc, torchcam, Grad-CAM++ paper)",
+    ),
+    "deletion_insertion": Metric(
+        "deletion_insertion",
+        _deletion,
+        {"deletion_auc": False, "insertion_auc": True},
+        "RISE deletion / insertion AUC (torchcam)",
+    ),
+    "road": Metric(
+        "road",
+        _road,
+        {"road_morf": False, "road_lerf": True, "road_combined": True},
+        "ROAD averages over percentiles and combined (pgc)",
+    ),
+    "adcc": Metric(
+        "adcc",
+        _adcc,
+        {"adcc": True, "coherency": True, "complexity": False},
+        "ADCC: coherency, complexity, average drop (Poppi et al. 2021)",
+    ),
+    "randomization": Metric(
+        "randomization",
+        _randomization,
+        {"randomization_rank_correlation": False},
+        "rank correlation with the maps after re-initializing the top layer (Adebayo et al. 2018)",
+    ),
 }
 
 

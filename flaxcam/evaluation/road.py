@@ -53,8 +53,14 @@ ORDERS = ("morf", "lerf")
 
 #: The imputation's neighbour weights, ``(dy, dx) -> w`` (pytorch-grad-cam's ``neighbors_weights``).
 NEIGHBOUR_WEIGHTS = {
-    (1, 1): 1 / 12, (0, 1): 1 / 6, (-1, 1): 1 / 12, (1, -1): 1 / 12,
-    (0, -1): 1 / 6, (-1, -1): 1 / 12, (1, 0): 1 / 6, (-1, 0): 1 / 6,
+    (1, 1): 1 / 12,
+    (0, 1): 1 / 6,
+    (-1, 1): 1 / 12,
+    (1, -1): 1 / 12,
+    (0, -1): 1 / 6,
+    (-1, -1): 1 / 12,
+    (1, 0): 1 / 6,
+    (-1, 0): 1 / 6,
 }
 
 
@@ -62,8 +68,10 @@ def _neighbour_sum(values: Array) -> Array:
     """``Σ_j w_ij values_j`` over the 8 neighbours of each pixel of ``(H, W, ...)``, zero outside."""
     height, width = values.shape[:2]
     padded = jnp.pad(values, ((1, 1), (1, 1)) + ((0, 0),) * (values.ndim - 2))
-    return sum(weight * padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
-               for (dy, dx), weight in NEIGHBOUR_WEIGHTS.items())
+    return sum(
+        weight * padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+        for (dy, dx), weight in NEIGHBOUR_WEIGHTS.items()
+    )
 
 
 def linear_imputation(image: Array, removed: Array, tol: float | None = None, maxiter: int | None = None) -> Array:
@@ -126,8 +134,9 @@ def road_impl(
     def score_rows(index: Array) -> Array:
         job, image_index = index // batch, index % batch
         percentile = percentiles[job % percentiles.shape[0]]  # (n,)
-        masks = [jax.vmap(functools.partial(removal_mask, order=order))(maps[image_index], percentile)
-                 for order in orders]
+        masks = [
+            jax.vmap(functools.partial(removal_mask, order=order))(maps[image_index], percentile) for order in orders
+        ]
         removed = masks[0] if len(orders) == 1 else jnp.where((job // percentiles.shape[0] == 0)[:, None, None], *masks)
         imputed = jax.vmap(lambda im, rm: linear_imputation(im, rm, tol, maxiter))(images[image_index], removed)
         draws = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(keys[job, image_index])
@@ -175,21 +184,45 @@ def road(
     key = jax.random.key(0) if key is None else key
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
-    changes = road_impl(apply_fn, variables, images, maps, targets, jnp.asarray(values, images.dtype), key,
-                        noise, score, orders, int(chunk_size), tol, maxiter)
+    changes = road_impl(
+        apply_fn,
+        variables,
+        images,
+        maps,
+        targets,
+        jnp.asarray(values, images.dtype),
+        key,
+        noise,
+        score,
+        orders,
+        int(chunk_size),
+        tol,
+        maxiter,
+    )
     return {order: changes[i] for i, order in enumerate(orders)}
 
 
-def road_average(apply_fn: ApplyFn, variables: Any, images, maps, targets, order: str = "morf",
-                 percentiles=DEFAULT_PERCENTILES, **options) -> Array:
+def road_average(
+    apply_fn: ApplyFn,
+    variables: Any,
+    images,
+    maps,
+    targets,
+    order: str = "morf",
+    percentiles=DEFAULT_PERCENTILES,
+    **options,
+) -> Array:
     """Mean over the percentiles of :func:`road`'s score change, ``(B,)``: pytorch-grad-cam's
     ``ROADMostRelevantFirstAverage`` (``order="morf"``, lower is better) and
     ``ROADLeastRelevantFirstAverage`` (``"lerf"``, higher is better)."""
-    return road(apply_fn, variables, images, maps, targets, percentiles=percentiles, orders=(order,), **options)[order].mean(axis=0)
+    return road(apply_fn, variables, images, maps, targets, percentiles=percentiles, orders=(order,), **options)[
+        order
+    ].mean(axis=0)
 
 
-def road_combined(apply_fn: ApplyFn, variables: Any, images, maps, targets, percentiles=DEFAULT_PERCENTILES,
-                  **options) -> Array:
+def road_combined(
+    apply_fn: ApplyFn, variables: Any, images, maps, targets, percentiles=DEFAULT_PERCENTILES, **options
+) -> Array:
     r"""pytorch-grad-cam's ``ROADCombined``, ``(B,)``: :math:`\big(\overline{\Delta}_{LeRF} -
     \overline{\Delta}_{MoRF}\big) / 2` over the percentiles. Higher is better."""
     changes = road(apply_fn, variables, images, maps, targets, percentiles=percentiles, orders=ORDERS, **options)

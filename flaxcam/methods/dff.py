@@ -12,6 +12,7 @@ from flaxcam.methods.registry import register
 
 Array = jax.Array
 
+
 class NMFResult(NamedTuple):
     """``V ≈ W H``: ``basis`` W ``(m, k)``, ``coefficients`` H ``(k, n)``, the objective
     :math:`\tfrac12 \\lVert V - W H \rVert_F^2` at the end and the number of ``iterations`` run."""
@@ -59,7 +60,9 @@ def _coordinate_descent_pass(basis: Array, gram: Array, target: Array) -> tuple[
         current = basis[:, t]
         projected = jnp.where(current == 0, jnp.minimum(gradient, 0), gradient)
         hessian = gram[t, t]
-        updated = jnp.where(hessian != 0, jnp.maximum(current - gradient / jnp.where(hessian != 0, hessian, 1), 0), current)
+        updated = jnp.where(
+            hessian != 0, jnp.maximum(current - gradient / jnp.where(hessian != 0, hessian, 1), 0), current
+        )
         return basis.at[:, t].set(updated), violation + jnp.sum(jnp.abs(projected))
 
     return jax.lax.fori_loop(0, gram.shape[0], column, (basis, jnp.zeros((), basis.dtype)))
@@ -73,7 +76,9 @@ def nmf_update(matrix: Array, basis: Array, coefficients: Array) -> tuple[Array,
     Returns ``(W, H, violation)``; the objective does not increase."""
     highest = jax.lax.Precision.HIGHEST
     basis, violation_w = _coordinate_descent_pass(
-        basis, jnp.matmul(coefficients, coefficients.T, precision=highest), jnp.matmul(matrix, coefficients.T, precision=highest)
+        basis,
+        jnp.matmul(coefficients, coefficients.T, precision=highest),
+        jnp.matmul(matrix, coefficients.T, precision=highest),
     )
     transposed, violation_h = _coordinate_descent_pass(
         coefficients.T, jnp.matmul(basis.T, basis, precision=highest), jnp.matmul(matrix.T, basis, precision=highest)
@@ -101,7 +106,9 @@ def nmf(matrix: Array, components: int, seed: int = 0, max_iterations: int = 200
 
     def running(state: tuple) -> Array:
         _, _, iteration, violation, first = state
-        return (iteration < max_iterations) & ((iteration < 2) | ((first > 0) & (violation / jnp.where(first > 0, first, 1) > tol)))
+        return (iteration < max_iterations) & (
+            (iteration < 2) | ((first > 0) & (violation / jnp.where(first > 0, first, 1) > tol))
+        )
 
     def step(state: tuple) -> tuple:
         basis, coefficients, iteration, _, first = state

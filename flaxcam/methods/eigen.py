@@ -116,7 +116,9 @@ def kernel_pca_projection(contributions: Array, gamma: float | None = None, coef
     centred = matrix - jnp.mean(matrix, axis=0)
     scale = 1.0 / channels if gamma is None else gamma
     kernel = jnp.tanh(scale * centred @ centred.T + coef0)
-    kernel = kernel - jnp.mean(kernel, axis=0, keepdims=True) - jnp.mean(kernel, axis=1, keepdims=True) + jnp.mean(kernel)
+    kernel = (
+        kernel - jnp.mean(kernel, axis=0, keepdims=True) - jnp.mean(kernel, axis=1, keepdims=True) + jnp.mean(kernel)
+    )
     values, vectors = jnp.linalg.eigh(kernel)
     projection = vectors[:, -1] * jnp.sqrt(jnp.maximum(values[-1], 0.0))
     agreement = jnp.sum(projection * jnp.sum(matrix, axis=1))

@@ -29,7 +29,9 @@ def finer_target_scores(
     comparison classes ``FinerCAM`` picks (ranks 1..3 of the sorted differences).
     """
     if not 1 <= comparisons < logits.shape[-1]:
-        raise ValueError(f"comparisons must be between 1 and the number of classes - 1 ({logits.shape[-1] - 1}), got {comparisons}")
+        raise ValueError(
+            f"comparisons must be between 1 and the number of classes - 1 ({logits.shape[-1] - 1}), got {comparisons}"
+        )
     target_logits = jnp.take_along_axis(logits, classes, axis=1)  # (B, T)
     distance = jnp.abs(jax.lax.stop_gradient(logits)[:, None, :] - jax.lax.stop_gradient(target_logits)[..., None])
     own = jax.nn.one_hot(classes, logits.shape[-1], dtype=bool)

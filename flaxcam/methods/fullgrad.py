@@ -17,7 +17,9 @@ def _normalized_channel_sum(values: Array) -> Array:
 
 
 @register("fullgrad", reduction="none", bias_layers=True)
-def fullgrad(images: Array, input_gradients: Array, bias_gradients: tuple[Array, ...], biases: tuple[Array, ...]) -> Array:
+def fullgrad(
+    images: Array, input_gradients: Array, bias_gradients: tuple[Array, ...], biases: tuple[Array, ...]
+) -> Array:
     r"""FullGrad saliency of one image and one target, at the input resolution ``(H, W)``.
 
     .. math:: M = \sum_{c} N\big(|x_c \odot \nabla_{x_c} y|\big)

@@ -148,6 +148,7 @@ class GuidedAdapter:
     backpropagate through the model's ReLUs as guided ReLUs; everything else is the wrapped adapter's."""
 
     inner: Any
+    is_model_adapter = True  # flaxcam.capture.as_model takes it as it is
 
     def apply(self, variables: Any, images: Array) -> Any:
         return guided_relus(self.inner.apply)(variables, images)

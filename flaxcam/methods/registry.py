@@ -27,9 +27,23 @@ from typing import Any
 #: their softmax probability) and ``explain_at(images, image_index)`` (the normalized ``(n, T, H', W')``
 #: maps of the method named by the ``base`` option for new inputs, e.g. patches).
 INPUTS = (
-    "activations", "gradients", "class_weights", "key", "images", "scores", "score", "ablate", "probe_at",
-    "hvp", "second_derivatives", "third_derivatives", "input_gradients", "bias_gradients", "biases",
-    "softmax_score", "explain_at",
+    "activations",
+    "gradients",
+    "class_weights",
+    "key",
+    "images",
+    "scores",
+    "score",
+    "ablate",
+    "probe_at",
+    "hvp",
+    "second_derivatives",
+    "third_derivatives",
+    "input_gradients",
+    "bias_gradients",
+    "biases",
+    "softmax_score",
+    "explain_at",
 )
 
 #: Parameters the pipeline passes itself (never user options).
@@ -72,9 +86,7 @@ class Method:
     def options(self) -> dict[str, Any]:
         """The method's keyword options (``explain(method_options=...)``) and their defaults."""
         parameters = inspect.signature(self.fn).parameters.values()
-        return {
-            p.name: p.default for p in parameters if p.name not in INPUTS and p.name not in PIPELINE_PARAMETERS
-        }
+        return {p.name: p.default for p in parameters if p.name not in INPUTS and p.name not in PIPELINE_PARAMETERS}
 
     @property
     def needs_gradients(self) -> bool:
@@ -95,7 +107,9 @@ def signature_inputs(fn: Callable) -> tuple[str, ...]:
     parameters = inspect.signature(fn).parameters.values()
     required = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in INPUTS]
     if required:
-        raise TypeError(f"{fn.__name__}: parameters {required} are not method inputs ({', '.join(INPUTS)}) and have no default")
+        raise TypeError(
+            f"{fn.__name__}: parameters {required} are not method inputs ({', '.join(INPUTS)}) and have no default"
+        )
     return tuple(p.name for p in inspect.signature(fn).parameters.values() if p.name in INPUTS)
 
 

@@ -8,15 +8,14 @@ passes run on device in chunks of ``chunk_size`` images, so peak memory is bound
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxcam.methods.noise import standard_normal_at
-from flaxcam.ops import chunked_map
 from flaxcam.methods.registry import register
+from flaxcam.ops import chunked_map
 
 Array = jax.Array
 

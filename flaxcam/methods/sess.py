@@ -21,9 +21,14 @@ def sess_bases() -> list[str]:
     """The methods SESS can run on its patches: the per-image, deterministic layer methods that need no
     classifier head and keep the targets' scores."""
     return [
-        name for name, method in METHODS.items()
+        name
+        for name, method in METHODS.items()
         if not (
-            method.batched or method.bias_layers or method.needs_head or "key" in method.inputs or method.score_transform
+            method.batched
+            or method.bias_layers
+            or method.needs_head
+            or "key" in method.inputs
+            or method.score_transform
         )
     ]
 
@@ -62,10 +67,10 @@ def patch_geometry(
         down_rows, down_cols = half_pixel_matrix(height, scaled_height), half_pixel_matrix(width, scaled_width)
         for y in window_starts(scaled_height, step, window):
             for x in window_starts(scaled_width, step, window):
-                cut_rows.append(up_rows[y: y + window])
-                cut_cols.append(up_cols[x: x + window])
-                paste_rows.append(down_rows[:, y: y + window])
-                paste_cols.append(down_cols[:, x: x + window])
+                cut_rows.append(up_rows[y : y + window])
+                cut_cols.append(up_cols[x : x + window])
+                paste_rows.append(down_rows[:, y : y + window])
+                paste_cols.append(down_cols[:, x : x + window])
     return tuple(np.stack(matrices) for matrices in (cut_rows, cut_cols, paste_rows, paste_cols))
 
 
@@ -144,7 +149,9 @@ def sess(
 
     def cut(index: Array) -> tuple[Array, Array, Array]:
         image_index, patch = index // patches, index % patches
-        crops = jnp.einsum("nih,nhwc,njw->nijc", cut_rows[patch], images[image_index], cut_cols[patch], precision=highest)
+        crops = jnp.einsum(
+            "nih,nhwc,njw->nijc", cut_rows[patch], images[image_index], cut_cols[patch], precision=highest
+        )
         return crops, image_index, patch
 
     scores = chunked_map(lambda index: softmax_score(*cut(index)[:2]), batch * patches, chunk_size)
@@ -167,7 +174,9 @@ def sess(
         if pool == "max":
             return total.at[image_index].max(jnp.where(valid[:, None, None, None], pasted, 0)), counts
         hit = (pasted > theta) & valid[:, None, None, None]
-        return total.at[image_index].add(jnp.where(hit, pasted, 0)), counts.at[image_index].add(hit.astype(counts.dtype))
+        return total.at[image_index].add(jnp.where(hit, pasted, 0)), counts.at[image_index].add(
+            hit.astype(counts.dtype)
+        )
 
     total, counts = chunked_map(patch_maps, batch * patches, chunk_size, fold=((zeros, zeros), combine))
     fused = total if pool == "max" else jnp.where(counts > 0, total / jnp.where(counts > 0, counts, 1), 0.0)

@@ -48,23 +48,24 @@ from flaxcam.models.vgg import VGG, vgg16
 from flaxcam.models.vit import EncoderBlock, TinyViT, TokenGrid, tiny_vit, token_grid
 
 __all__ = [
+    "FCN",
     "MODELS",
     "NON_POOLING_MODELS",
     "POOLINGS",
+    "VGG",
     "BasicBlock",
     "Bottleneck",
     "Downsample",
     "EfficientNetLite",
     "EncoderBlock",
-    "FCN",
     "ResNet",
     "ResNetFeatures",
     "ResNetStage",
     "SmallCNN",
     "TinyViT",
     "TokenGrid",
-    "VGG",
     "atrous",
+    "check_variables",
     "create_model",
     "efficientnet_lite0",
     "fcn_resnet18",
@@ -72,7 +73,6 @@ __all__ = [
     "global_pool",
     "imagenet_class_names",
     "init_variables",
-    "check_variables",
     "load_bundle",
     "load_efficientnet_lite0",
     "load_torch_state_dict",
@@ -131,9 +131,7 @@ def atrous(model: nn.Module) -> nn.Module:
     return model.clone(atrous=True)
 
 
-def init_variables(
-    model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3), seed: int = 0
-) -> dict[str, Any]:
+def init_variables(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3), seed: int = 0) -> dict[str, Any]:
     """Initialize ``model`` (jitted) on zeros of NHWC ``input_shape``.
 
     Returns the variables dict: ``{"params": ...}`` plus ``"batch_stats"`` for models with BatchNorm.

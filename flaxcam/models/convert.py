@@ -22,7 +22,6 @@ torch leaf          flax variable                transform
 from __future__ import annotations
 
 import os
-
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -101,9 +100,7 @@ def infer_resnet_config(keys: Any) -> tuple[tuple[int, ...], type[nn.Module]]:
             blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
     if sorted(blocks) != [1, 2, 3, 4]:
         found = ", ".join(f"layer{n}" for n in sorted(blocks)) or "none"
-        raise ValueError(
-            f"not a torchvision ResNet state_dict: expected stages layer1..layer4, found {found}"
-        )
+        raise ValueError(f"not a torchvision ResNet state_dict: expected stages layer1..layer4, found {found}")
     stage_sizes = tuple(max(blocks[n]) + 1 for n in (1, 2, 3, 4))
     bottleneck = any(key.startswith("layer1.0.conv3.") for key in keys)
     return stage_sizes, Bottleneck if bottleneck else BasicBlock
@@ -116,7 +113,7 @@ def strip_module_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """Drop a ``"module."`` prefix present on every key (``nn.DataParallel`` checkpoints)."""
     keys = list(state_dict)
     if keys and all(key.startswith("module.") for key in keys):
-        return {key[len("module."):]: value for key, value in state_dict.items()}
+        return {key[len("module.") :]: value for key, value in state_dict.items()}
     return state_dict
 
 

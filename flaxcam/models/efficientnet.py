@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flaxcam.models.layers import PointwiseConv
 from flaxcam.models.convert import _to_numpy, convert_state_dict, strip_module_prefix
+from flaxcam.models.layers import PointwiseConv
 from flaxcam.models.resnet import check_pooling, global_pool
 
 __all__ = [
@@ -350,8 +350,14 @@ def efficientnet_lite0(num_classes: int = 1000, pooling: str = "avg", dtype: Dty
 # ---------------------------------------------------------------------------------------------------
 
 #: Top-level torch modules that live inside a wrapper module here.
-_TORCH_PREFIX_TO_FLAX = {"_conv_stem": ("stem", "_conv_stem"), "_bn0": ("stem", "_bn0"),
-                         "_conv_head": ("head", "_conv_head"), "_bn1": ("head", "_bn1")}
+_TORCH_PREFIX_TO_FLAX = {
+    "_conv_stem": ("stem", "_conv_stem"),
+    "_bn0": ("stem", "_bn0"),
+    "_conv_head": ("head", "_conv_head"),
+    "_bn1": ("head", "_bn1"),
+}
+
+
 def _flax_module_path(torch_path: tuple[str, ...]) -> tuple[str, ...]:
     if torch_path and torch_path[0] in _TORCH_PREFIX_TO_FLAX and len(torch_path) == 1:
         return _TORCH_PREFIX_TO_FLAX[torch_path[0]]

@@ -141,12 +141,16 @@ def check_variables(
     from flax import traverse_util
 
     try:
-        expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(input_shape, jax.numpy.float32)))
-    except Exception as err:  # noqa: BLE001 -- any failure to build the model is the bundle's fault
+        expected = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jax.numpy.zeros(input_shape, jax.numpy.float32))
+        )
+    except Exception as err:
         raise ValueError(f"{where}: cannot build the model for inputs of shape {input_shape}: {err}") from None
     want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(_to_storable_tree(expected)).items()}
     try:
-        have = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(_to_storable_tree(variables)).items()}
+        have = {
+            "/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(_to_storable_tree(variables)).items()
+        }
     except (AttributeError, TypeError) as err:
         raise ValueError(f"{where}: malformed variables ({err})") from None
     missing = sorted(set(want) - set(have))
@@ -159,5 +163,7 @@ def check_variables(
         if unexpected:
             parts.append(f"unexpected {unexpected[:5]}")
         if mismatched:
-            parts.append("shape mismatch " + ", ".join(f"{k}: {have[k]} (model wants {want[k]})" for k in mismatched[:5]))
+            parts.append(
+                "shape mismatch " + ", ".join(f"{k}: {have[k]} (model wants {want[k]})" for k in mismatched[:5])
+            )
         raise ValueError(f"{where}: the variables do not match the model its kwargs build ({'; '.join(parts)})")

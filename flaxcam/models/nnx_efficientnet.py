@@ -104,7 +104,9 @@ class EfficientNetLite(nnx.Module):
             for repeat in range(args.num_repeat):
                 cin = args.input_filters if repeat == 0 else args.output_filters
                 stride = args.stride if repeat == 0 else 1
-                blocks.append(MBConvBlock(cin, args.output_filters, args.kernel_size, stride, args.expand_ratio, rngs=rngs))
+                blocks.append(
+                    MBConvBlock(cin, args.output_filters, args.kernel_size, stride, args.expand_ratio, rngs=rngs)
+                )
         self._blocks = nnx.List(blocks)
         self.head = Head(blocks_args[-1].output_filters, head_features, rngs=rngs)
         self._fc = nnx.Linear(head_features, num_classes, rngs=rngs)

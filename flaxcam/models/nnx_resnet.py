@@ -25,7 +25,9 @@ class PointwiseConv(nnx.Module):
     """A 1x1 convolution as a matrix product (:func:`flaxcam.models.layers.pointwise_conv`), with
     ``nnx.Conv``'s ``kernel`` ``(1, 1, C, D)`` and optional ``bias``."""
 
-    def __init__(self, in_features: int, out_features: int, strides: int = 1, use_bias: bool = False, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, strides: int = 1, use_bias: bool = False, *, rngs: nnx.Rngs
+    ):
         self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (1, 1, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
         self.strides = strides
@@ -39,8 +41,13 @@ def _conv(cin: int, cout: int, kernel: int, strides: int, padding: int, rngs: nn
     if kernel == 1 and padding == 0:
         return PointwiseConv(cin, cout, strides, rngs=rngs)
     return nnx.Conv(
-        cin, cout, (kernel, kernel), strides=(strides, strides), padding=((padding, padding), (padding, padding)),
-        use_bias=False, rngs=rngs,
+        cin,
+        cout,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=False,
+        rngs=rngs,
     )
 
 
@@ -114,7 +121,13 @@ class ResNet(nnx.Module):
     """A torchvision-structured ResNet (NNX): ``model(x)`` maps NHWC images to logits."""
 
     def __init__(
-        self, stage_sizes: Sequence[int], block_cls: type, num_classes: int = 1000, pooling: str = "avg", *, rngs: nnx.Rngs
+        self,
+        stage_sizes: Sequence[int],
+        block_cls: type,
+        num_classes: int = 1000,
+        pooling: str = "avg",
+        *,
+        rngs: nnx.Rngs,
     ):
         self.pooling = check_pooling(pooling)
         self.conv1 = _conv(3, 64, 7, 2, 3, rngs)
@@ -137,7 +150,11 @@ class ResNet(nnx.Module):
         return self.fc(global_pool(x, self.pooling))
 
 
-_STAGES = {"resnet18": ((2, 2, 2, 2), BasicBlock), "resnet34": ((3, 4, 6, 3), BasicBlock), "resnet50": ((3, 4, 6, 3), Bottleneck)}
+_STAGES = {
+    "resnet18": ((2, 2, 2, 2), BasicBlock),
+    "resnet34": ((3, 4, 6, 3), BasicBlock),
+    "resnet50": ((3, 4, 6, 3), Bottleneck),
+}
 
 
 def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx.Module:
@@ -167,16 +184,22 @@ def _build(name: str, variables: Mapping[str, Any] | None, num_classes: int, poo
     return model
 
 
-def resnet18_nnx(variables: Mapping[str, Any] | None = None, num_classes: int = 1000, pooling: str = "avg", seed: int = 0) -> ResNet:
+def resnet18_nnx(
+    variables: Mapping[str, Any] | None = None, num_classes: int = 1000, pooling: str = "avg", seed: int = 0
+) -> ResNet:
     """ResNet-18 (NNX), with ``variables`` of :func:`flaxcam.models.resnet18` loaded when given."""
     return _build("resnet18", variables, num_classes, pooling, seed)
 
 
-def resnet34_nnx(variables: Mapping[str, Any] | None = None, num_classes: int = 1000, pooling: str = "avg", seed: int = 0) -> ResNet:
+def resnet34_nnx(
+    variables: Mapping[str, Any] | None = None, num_classes: int = 1000, pooling: str = "avg", seed: int = 0
+) -> ResNet:
     """ResNet-34 (NNX), with ``variables`` of :func:`flaxcam.models.resnet34` loaded when given."""
     return _build("resnet34", variables, num_classes, pooling, seed)
 
 
-def resnet50_nnx(variables: Mapping[str, Any] | None = None, num_classes: int = 1000, pooling: str = "avg", seed: int = 0) -> ResNet:
+def resnet50_nnx(
+    variables: Mapping[str, Any] | None = None, num_classes: int = 1000, pooling: str = "avg", seed: int = 0
+) -> ResNet:
     """ResNet-50 (NNX), with ``variables`` of :func:`flaxcam.models.resnet50` loaded when given."""
     return _build("resnet50", variables, num_classes, pooling, seed)

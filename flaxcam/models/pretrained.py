@@ -177,7 +177,9 @@ def _read_cache(file: Path, source: dict[str, Any]) -> dict[str, Any] | None:
     except (AttributeError, TypeError, ValueError, KeyError):  # a bundle with another layout
         fresh = False
     if not fresh:
-        warnings.warn(f"rebuilding the EfficientNet-Lite0 cache {file}: stale (other weights file or version)", stacklevel=3)
+        warnings.warn(
+            f"rebuilding the EfficientNet-Lite0 cache {file}: stale (other weights file or version)", stacklevel=3
+        )
         return None
     return variables
 

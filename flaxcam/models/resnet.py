@@ -62,7 +62,9 @@ def _batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
-def _conv(features: int, kernel: int, strides: int, padding: int, dtype: Dtype, name: str, dilation: int = 1) -> nn.Module:
+def _conv(
+    features: int, kernel: int, strides: int, padding: int, dtype: Dtype, name: str, dilation: int = 1
+) -> nn.Module:
     if kernel == 1 and padding == 0:
         # 1x1 convs as matrix products: same parameters, faster on XLA's CPU backend (flaxcam.models.layers).
         return PointwiseConv(features, strides=strides, dtype=dtype, kernel_init=_CONV_INIT, name=name)

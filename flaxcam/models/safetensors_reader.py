@@ -33,11 +33,21 @@ def _dtypes() -> dict[str, np.dtype]:
     import ml_dtypes  # a dependency of jax
 
     return {
-        "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-        "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-        "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+        "F64": np.dtype("<f8"),
+        "F32": np.dtype("<f4"),
+        "F16": np.dtype("<f2"),
+        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "I64": np.dtype("<i8"),
+        "I32": np.dtype("<i4"),
+        "I16": np.dtype("<i2"),
+        "I8": np.dtype("i1"),
+        "U64": np.dtype("<u8"),
+        "U32": np.dtype("<u4"),
+        "U16": np.dtype("<u2"),
+        "U8": np.dtype("u1"),
         "BOOL": np.dtype(np.bool_),
-        "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+        "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+        "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     }
 
 
@@ -70,7 +80,9 @@ def _header(path: Path, raw: bytes) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def _entry(path: Path, name: str, info: Any, dtypes: dict[str, np.dtype], buffer_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+def _entry(
+    path: Path, name: str, info: Any, dtypes: dict[str, np.dtype], buffer_size: int
+) -> tuple[np.dtype, tuple[int, ...], int, int]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{path}: tensor {name!r}: expected the fields dtype, shape, data_offsets, got {info!r}")
     dtype = dtypes.get(info["dtype"]) if isinstance(info["dtype"], str) else None
@@ -116,11 +128,15 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     covered = 0
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
         if begin != covered:
-            kind = "overlaps another tensor" if begin < covered else f"leaves a hole of {begin - covered} bytes before it"
+            kind = (
+                "overlaps another tensor" if begin < covered else f"leaves a hole of {begin - covered} bytes before it"
+            )
             raise CheckpointError(f"{path}: tensor {name!r} (bytes {begin}..{end}) {kind}")
         covered = end
     if covered != len(buffer):
-        raise CheckpointError(f"{path}: {len(buffer) - covered} bytes after the last tensor (the buffer must be fully indexed)")
+        raise CheckpointError(
+            f"{path}: {len(buffer) - covered} bytes after the last tensor (the buffer must be fully indexed)"
+        )
     return {
         name: np.frombuffer(buffer[begin:end], dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
         for name, (dtype, shape, begin, end) in entries.items()

@@ -47,7 +47,12 @@ class ResNetFeatures(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, num_blocks in enumerate(self.stage_sizes):
             x = ResNetStage(
-                self.block_cls, num_blocks, 64 * 2**i, strides=1 if i == 0 else 2, dtype=self.dtype, name=f"layer{i + 1}"
+                self.block_cls,
+                num_blocks,
+                64 * 2**i,
+                strides=1 if i == 0 else 2,
+                dtype=self.dtype,
+                name=f"layer{i + 1}",
             )(x, train)
         return x
 

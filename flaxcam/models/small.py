@@ -103,7 +103,9 @@ class SmallCNN(nn.Module):
             )
         if self.kernel_sizes is not None:
             if len(self.kernel_sizes) != len(self.features):
-                raise ValueError(f"kernel_sizes needs one size per conv ({len(self.features)}), got {list(self.kernel_sizes)}")
+                raise ValueError(
+                    f"kernel_sizes needs one size per conv ({len(self.features)}), got {list(self.kernel_sizes)}"
+                )
             if any(int(k) < 1 or int(k) % 2 == 0 for k in self.kernel_sizes):
                 raise ValueError(f"kernel_sizes must be odd and >= 1 (same padding), got {list(self.kernel_sizes)}")
         if self.norm not in NORMS:
@@ -113,7 +115,9 @@ class SmallCNN(nn.Module):
                 f"unknown feature_activation {self.feature_activation!r}: valid options are {', '.join(FEATURE_ACTIVATIONS)}"
             )
         if self.reference_class and self.num_classes < 2:
-            raise ValueError(f"reference_class needs at least 2 classes (the last one is the reference), got num_classes={self.num_classes}")
+            raise ValueError(
+                f"reference_class needs at least 2 classes (the last one is the reference), got num_classes={self.num_classes}"
+            )
         super().__post_init__()
 
     @nn.compact
@@ -122,7 +126,9 @@ class SmallCNN(nn.Module):
         del train
         x = jnp.asarray(x, self.dtype)
         pools = len(self.features) - 1 if self.downsamplings is None else self.downsamplings
-        kernel_sizes = (3,) * len(self.features) if self.kernel_sizes is None else tuple(int(k) for k in self.kernel_sizes)
+        kernel_sizes = (
+            (3,) * len(self.features) if self.kernel_sizes is None else tuple(int(k) for k in self.kernel_sizes)
+        )
         for i, (features, size) in enumerate(zip(self.features, kernel_sizes), start=1):
             if 1 < i <= pools + 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))

@@ -252,8 +252,19 @@ def _unpickle(file: Any, storages: dict[str, _Storage], legacy: bool, what: str,
         return _RestrictedUnpickler(file, storages, legacy).load()
     except CheckpointError:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, UnicodeDecodeError, struct.error, MemoryError, RecursionError) as err:
+    except (
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        UnicodeDecodeError,
+        struct.error,
+        MemoryError,
+        RecursionError,
+    ) as err:
         message = "truncated" if isinstance(err, EOFError) else "corrupt"
         raise CheckpointError(f"{path}: {message} PyTorch checkpoint (while reading {what}): {err!r}") from err
 
@@ -328,7 +339,9 @@ def _read_zip(path: Path) -> Any:
             try:
                 info = archive.getinfo(member)
             except KeyError:
-                raise CheckpointError(f"{path}: truncated PyTorch checkpoint: storage file {member!r} is missing") from None
+                raise CheckpointError(
+                    f"{path}: truncated PyTorch checkpoint: storage file {member!r} is missing"
+                ) from None
             nbytes = storage.numel * storage.dtype.itemsize
             if info.file_size != nbytes:
                 raise CheckpointError(
@@ -385,8 +398,10 @@ def _is_tar(path: Path) -> bool:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
     )
 
 

@@ -69,17 +69,25 @@ class TinyViT(nn.Module):
     def setup(self) -> None:
         if self.image_size[0] % self.patch or self.image_size[1] % self.patch:
             raise ValueError(f"image_size {tuple(self.image_size)} must be a multiple of patch={self.patch}")
-        self.patches = nn.Conv(self.dim, (self.patch, self.patch), strides=self.patch, padding="VALID", dtype=self.dtype)
+        self.patches = nn.Conv(
+            self.dim, (self.patch, self.patch), strides=self.patch, padding="VALID", dtype=self.dtype
+        )
         self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.dim))
-        self.position = self.param("position", nn.initializers.normal(0.02), (1, 1 + self.grid[0] * self.grid[1], self.dim))
-        self.blocks = [EncoderBlock(self.dim, self.heads, self.mlp_ratio * self.dim, self.dtype) for _ in range(self.depth)]
+        self.position = self.param(
+            "position", nn.initializers.normal(0.02), (1, 1 + self.grid[0] * self.grid[1], self.dim)
+        )
+        self.blocks = [
+            EncoderBlock(self.dim, self.heads, self.mlp_ratio * self.dim, self.dtype) for _ in range(self.depth)
+        ]
         self.norm = nn.LayerNorm(dtype=self.dtype)
         self.head = nn.Dense(self.num_classes, dtype=self.dtype)
 
     def embed(self, x: jax.Array) -> jax.Array:
         """NHWC images → tokens ``(B, 1 + h·w, dim)``: class token first, then patches in row-major order."""
         if tuple(x.shape[1:3]) != tuple(self.image_size):
-            raise ValueError(f"TinyViT was built for images of size {tuple(self.image_size)}, got {tuple(x.shape[1:3])}")
+            raise ValueError(
+                f"TinyViT was built for images of size {tuple(self.image_size)}, got {tuple(x.shape[1:3])}"
+            )
         patches = self.patches(jnp.asarray(x, self.dtype)).reshape(x.shape[0], -1, self.dim)
         cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, self.dim)).astype(patches.dtype)
         return jnp.concatenate([cls, patches], axis=1) + self.position

@@ -154,7 +154,7 @@ def test_segeigencam_on_a_segmentation_model_equals_pytorch_grad_cam(resnet18_pa
     height, width = images.shape[-2:]
     masks = np.zeros((4, height, width), np.float32)
     for index in range(4):  # a different region per image
-        masks[index, 8 * index: 8 * index + 48, 10 * index: 10 * index + 64] = 1
+        masks[index, 8 * index : 8 * index + 48, 10 * index : 10 * index + 64] = 1
     with torch.no_grad():
         np.testing.assert_allclose(
             np.asarray(fcn.apply(fcn_variables, nhwc)), torch_fcn(images).numpy().transpose(0, 2, 3, 1), atol=1e-4
@@ -165,7 +165,11 @@ def test_segeigencam_on_a_segmentation_model_equals_pytorch_grad_cam(resnet18_pa
         ref_up = cam(input_tensor=images, targets=targets)
         ref_low = scale_cam_image(np.maximum(raw_maps[0], 0))
     ours = flaxcam.explain(
-        fcn, fcn_variables, nhwc, method="segeigencam", layer=f"backbone.{layer}",
+        fcn,
+        fcn_variables,
+        nhwc,
+        method="segeigencam",
+        layer=f"backbone.{layer}",
         targets=Segmentation(SEGMENTATION_CLASSES, masks),
     )
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
@@ -173,8 +177,14 @@ def test_segeigencam_on_a_segmentation_model_equals_pytorch_grad_cam(resnet18_pa
     scale = np.abs(raw_maps[0]).max(axis=(1, 2))
     assert (np.abs(np.asarray(ours.raw)[:, 0] - raw_maps[0]).max(axis=(1, 2)) <= 1e-4 * scale).all()
     # the gradient weighting matters: EigenCAM of the activations alone differs
-    eigen = flaxcam.explain(fcn, fcn_variables, nhwc, method="eigencam", layer=f"backbone.{layer}",
-                            targets=Segmentation(SEGMENTATION_CLASSES, masks))
+    eigen = flaxcam.explain(
+        fcn,
+        fcn_variables,
+        nhwc,
+        method="eigencam",
+        layer=f"backbone.{layer}",
+        targets=Segmentation(SEGMENTATION_CLASSES, masks),
+    )
     assert np.abs(np.asarray(eigen.low_res) - np.asarray(ours.low_res)).max() > 0.05
 
 
@@ -183,7 +193,7 @@ def _reference_guided_gradients(reference, images, classes=TARGETS) -> np.ndarra
     from pytorch_grad_cam import GuidedBackpropReLUModel
 
     guided = GuidedBackpropReLUModel(model=reference, device="cpu")
-    return np.stack([guided(images[i: i + 1].clone(), target_category=c) for i, c in enumerate(classes)])
+    return np.stack([guided(images[i : i + 1].clone(), target_category=c) for i, c in enumerate(classes)])
 
 
 def test_guided_backprop_and_guided_gradcam_equal_pytorch_grad_cam(resnet18_pair):
@@ -208,7 +218,9 @@ def test_guided_backprop_and_guided_gradcam_equal_pytorch_grad_cam(resnet18_pair
     from flaxcam.targets import TargetSpec, target_scores
 
     spec, data = TargetSpec("classes", 1), {"classes": np.asarray(TARGETS, np.int32)[:, None]}
-    plain = np.asarray(input_and_layer_gradients(model, variables, nhwc, (), lambda o: target_scores(spec, o, data))[3])[:, 0]
+    plain = np.asarray(
+        input_and_layer_gradients(model, variables, nhwc, (), lambda o: target_scores(spec, o, data))[3]
+    )[:, 0]
     assert (np.abs(plain - ref).max(axis=(1, 2, 3)) > 0.1 * scale).all()
 
     # Guided Grad-CAM: pytorch-grad-cam's example, cam_mask * gb, with the Grad-CAM map at layer4
@@ -222,7 +234,7 @@ def test_guided_backprop_and_guided_gradcam_equal_pytorch_grad_cam(resnet18_pair
     explanation = flaxcam.explain(model, variables, nhwc, method="guided_backprop", targets=TARGETS)
     assert explanation.layer == "input"
     magnitude = np.abs(ref).max(axis=-1)
-    expected = (magnitude - magnitude.min(axis=(1, 2), keepdims=True))
+    expected = magnitude - magnitude.min(axis=(1, 2), keepdims=True)
     expected = expected / (1e-7 + expected.max(axis=(1, 2), keepdims=True))
     assert np.abs(np.asarray(explanation.maps)[:, 0] - expected).max() <= 1e-3
 
@@ -254,7 +266,9 @@ def test_deep_feature_factorization_equals_pytorch_grad_cam(resnet18_pair, layer
     ours_heatmaps = np.asarray(ours.heatmaps)
     flat = lambda maps: maps.transpose(1, 0, 2, 3).reshape(components, -1)
     correlation = np.corrcoef(flat(ours_heatmaps), flat(ref_heatmaps))[:components, components:]
-    order = max(itertools.permutations(range(components)), key=lambda p: sum(correlation[i, p[i]] for i in range(components)))
+    order = max(
+        itertools.permutations(range(components)), key=lambda p: sum(correlation[i, p[i]] for i in range(components))
+    )
     assert min(correlation[i, order[i]] for i in range(components)) > 0.999
     assert np.abs(ours_heatmaps - ref_heatmaps[:, list(order)]).max() <= 1e-3
     concepts = np.asarray(ours.concepts)
@@ -273,7 +287,9 @@ def test_deep_feature_factorization_equals_pytorch_grad_cam(resnet18_pair, layer
     )
 
     ref_w, ref_h = reference_dff(activations["a"].copy(), n_components=components)
-    ref_objective = 0.5 * np.sum((matrix - offset - (ref_w - offset) @ ref_h.transpose(1, 0, 2, 3).reshape(components, -1)) ** 2)
+    ref_objective = 0.5 * np.sum(
+        (matrix - offset - (ref_w - offset) @ ref_h.transpose(1, 0, 2, 3).reshape(components, -1)) ** 2
+    )
     assert abs(objective - ref_objective) <= 1e-3 * ref_objective
     if layer == "layer4":
         np.testing.assert_allclose(np.asarray(ours.scores), result[2][list(order)], atol=1e-3 * np.abs(result[2]).max())
@@ -302,7 +318,9 @@ def test_sess_equals_pytorch_grad_cam(resnet18_pair, layer, options):
     base = {"gradcam": "GradCAM", "hirescam": "HiResCAM"}[options.get("base", "gradcam")]
     reference_options = {key: value for key, value in options.items() if key != "base"}
     with SESS(
-        model=reference, target_layers=[getattr(reference, layer)], base_method=getattr(pytorch_grad_cam, base),
+        model=reference,
+        target_layers=[getattr(reference, layer)],
+        base_method=getattr(pytorch_grad_cam, base),
         **reference_options,
     ) as cam:
         ref = cam(input_tensor=images, targets=_targets())

@@ -26,10 +26,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from torch_ref import require_torch  # noqa: E402
-
-import flaxcam  # noqa: E402
-from flaxcam.models import load_torchvision_resnet  # noqa: E402
+import flaxcam
+from flaxcam.models import load_torchvision_resnet
+from torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 
@@ -125,10 +124,12 @@ GRADIENT_METHODS = {  # flaxcam name -> pytorch-grad-cam class name
 def test_gradient_methods_equal_pytorch_grad_cam(resnet18_pair, layer, method):
     import pytorch_grad_cam
 
-    torch, reference, model, variables, images = resnet18_pair
+    _torch, reference, model, variables, images = resnet18_pair
     cam_class = getattr(pytorch_grad_cam, GRADIENT_METHODS[method])
     ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, cam_class)
-    ours = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS)
+    ours = flaxcam.explain(
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS
+    )
     low = np.asarray(ours.low_res)[:, 0]
     up = np.asarray(ours.maps)[:, 0]
     assert low.shape == ref_low.shape and up.shape == ref_up.shape == (4, *IMAGE_SIZE)
@@ -141,7 +142,9 @@ def test_gradient_methods_equal_pytorch_grad_cam(resnet18_pair, layer, method):
     # At layer4 (feeding GAP + Dense) the gradient is constant over space, which makes HiResCAM and
     # XGradCAM identical to Grad-CAM after normalization: an identity checked here as well.
     if method != "gradcam":
-        plain = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS)
+        plain = flaxcam.explain(
+            model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS
+        )
         difference = np.abs(np.asarray(plain.low_res) - np.asarray(ours.low_res)).max()
         if layer == "layer4" and method in ("hirescam", "xgradcam"):
             assert difference <= 1e-4
@@ -158,12 +161,16 @@ def test_cam_equals_torchcam(resnet18_pair):
             scores = reference(images)
         (ref,) = extractor(class_idx=TARGETS, scores=scores)
     ref = ref.numpy()
-    ours = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method="cam", layer="layer4", targets=TARGETS)
+    ours = flaxcam.explain(
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method="cam", layer="layer4", targets=TARGETS
+    )
     raw = np.asarray(ours.raw)[:, 0]
     shifted = raw - raw.min(axis=(1, 2), keepdims=True)
     normalized = shifted / (shifted.max(axis=(1, 2), keepdims=True) + 1e-8)
     assert np.abs(normalized - ref).max() <= 1e-4
-    np.testing.assert_allclose(np.asarray(ours.logits), scores.numpy(), rtol=1e-4, atol=1e-4 * np.abs(scores.numpy()).max())
+    np.testing.assert_allclose(
+        np.asarray(ours.logits), scores.numpy(), rtol=1e-4, atol=1e-4 * np.abs(scores.numpy()).max()
+    )
 
 
 def _oriented(projection: np.ndarray, channel_sum: np.ndarray) -> np.ndarray:
@@ -184,7 +191,9 @@ def _reference_eigen(reference, layer_module, images, cam_class, eigen_smooth, c
         raw_maps = _record_raw_maps(cam)
         cam(input_tensor=images, targets=targets, eigen_smooth=eigen_smooth)
         activations = cam.activations_and_grads.activations[0].cpu().numpy()
-        gradients = cam.activations_and_grads.gradients[0].cpu().numpy() if cam.activations_and_grads.gradients else None
+        gradients = (
+            cam.activations_and_grads.gradients[0].cpu().numpy() if cam.activations_and_grads.gradients else None
+        )
         projection = raw_maps[0]
         channel_sum = channel_sum_of(cam, targets, activations, gradients)
         raw = np.maximum(_oriented(projection, channel_sum), 0)
@@ -207,14 +216,25 @@ EIGEN_CASES = {  # flaxcam (method, eigen_smooth) -> (pytorch-grad-cam class, it
 def test_eigen_methods_equal_pytorch_grad_cam_up_to_sign(resnet18_pair, layer, case):
     import pytorch_grad_cam
 
-    torch, reference, model, variables, images = resnet18_pair
+    _torch, reference, model, variables, images = resnet18_pair
     class_name, eigen_smooth, channel_sum_of = EIGEN_CASES[case]
     ref_low, ref_up = _reference_eigen(
-        reference, getattr(reference, layer), images, getattr(pytorch_grad_cam, class_name), eigen_smooth, channel_sum_of
+        reference,
+        getattr(reference, layer),
+        images,
+        getattr(pytorch_grad_cam, class_name),
+        eigen_smooth,
+        channel_sum_of,
     )
     method = case.split("+")[0]
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=layer, targets=TARGETS, eigen_smooth=eigen_smooth
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method=method,
+        layer=layer,
+        targets=TARGETS,
+        eigen_smooth=eigen_smooth,
     )
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
     assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
@@ -226,11 +246,18 @@ def test_eigen_methods_equal_pytorch_grad_cam_up_to_sign(resnet18_pair, layer, c
 def test_scorecam_equals_pytorch_grad_cam(seed, layer):
     """C masked forward passes per image (512 at layer4, 256 at layer3; 2048 / 1024 forward passes per
     library for 4 images), chunked on device (chunk 64); the two cases use different seeds."""
-    torch, reference, model, variables, images = _make_pair(seed)  # before importing the reference library
+    _torch, reference, model, variables, images = _make_pair(seed)  # before importing the reference library
     import pytorch_grad_cam
+
     ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, pytorch_grad_cam.ScoreCAM)
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="scorecam", layer=layer, targets=TARGETS, chunk_size=64
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method="scorecam",
+        layer=layer,
+        targets=TARGETS,
+        chunk_size=64,
     )
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
     assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
@@ -242,21 +269,28 @@ def test_multi_layer_fusion_equals_pytorch_grad_cam(resnet18_pair, method):
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    torch, reference, model, variables, images = resnet18_pair
+    _torch, reference, model, variables, images = resnet18_pair
     targets = [ClassifierOutputTarget(c) for c in TARGETS]
     cam_class = getattr(pytorch_grad_cam, GRADIENT_METHODS[method])
     with cam_class(model=reference, target_layers=[reference.layer3, reference.layer4]) as cam:
         raw_maps = _record_raw_maps(cam)
         ref_up = cam(input_tensor=images, targets=targets)
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer=["layer3", "layer4"], targets=TARGETS
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method=method,
+        layer=["layer3", "layer4"],
+        targets=TARGETS,
     )
     assert ours.layer == ("layer3", "layer4") and len(ours.low_res) == 2
     for ours_low, ref_raw in zip(ours.low_res, raw_maps):
         assert np.abs(np.asarray(ours_low)[:, 0] - scale_cam_image(np.maximum(ref_raw, 0))).max() <= 1e-4
     assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
     # fusion is not a no-op: it differs from either layer alone
-    alone = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer="layer4", targets=TARGETS)
+    alone = flaxcam.explain(
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method=method, layer="layer4", targets=TARGETS
+    )
     assert np.abs(np.asarray(alone.maps) - np.asarray(ours.maps)).max() > 0.05
 
 
@@ -265,15 +299,23 @@ def test_aug_smooth_equals_pytorch_grad_cam(resnet18_pair, layer):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    torch, reference, model, variables, images = resnet18_pair
+    _torch, reference, model, variables, images = resnet18_pair
     targets = [ClassifierOutputTarget(c) for c in TARGETS]
     with GradCAM(model=reference, target_layers=[getattr(reference, layer)]) as cam:
         ref_up = cam(input_tensor=images, targets=targets, aug_smooth=True)
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS, aug_smooth=True
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method="gradcam",
+        layer=layer,
+        targets=TARGETS,
+        aug_smooth=True,
     )
     assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3
-    plain = flaxcam.explain(model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS)
+    plain = flaxcam.explain(
+        model, variables, images.numpy().transpose(0, 2, 3, 1), method="gradcam", layer=layer, targets=TARGETS
+    )
     assert np.abs(np.asarray(plain.maps) - np.asarray(ours.maps)).max() > 0.05
     np.testing.assert_allclose(np.asarray(ours.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
 
@@ -285,13 +327,24 @@ def test_ablationcam_equals_pytorch_grad_cam(seed, layer):
     the two cases use different seeds, two images each (the costliest parity test: every pass in float64)."""
     # float64 for both cases: in float32 the seed 0 / layer4 maps differed by 1.1e-4 on an AMD EPYC CPU
     # (the scores of the ablated passes are differences of nearly equal logits)
-    torch, reference, model, variables, images = _make_pair(seed, float64=True)  # before importing the reference library
+    _torch, reference, model, variables, images = _make_pair(
+        seed, float64=True
+    )  # before importing the reference library
     import pytorch_grad_cam
+
     images, classes = images[:2], TARGETS[:2]
-    ref_low, ref_up = _reference_cam(reference, getattr(reference, layer), images, pytorch_grad_cam.AblationCAM, classes)
+    ref_low, ref_up = _reference_cam(
+        reference, getattr(reference, layer), images, pytorch_grad_cam.AblationCAM, classes
+    )
     with jax.enable_x64(True):
         ours = flaxcam.explain(
-            model, variables, images.numpy().transpose(0, 2, 3, 1), method="ablationcam", layer=layer, targets=classes, chunk_size=64
+            model,
+            variables,
+            images.numpy().transpose(0, 2, 3, 1),
+            method="ablationcam",
+            layer=layer,
+            targets=classes,
+            chunk_size=64,
         )
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref_low).max() <= 1e-4
     assert np.abs(np.asarray(ours.maps)[:, 0] - ref_up).max() <= 1e-3

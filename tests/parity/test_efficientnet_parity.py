@@ -21,12 +21,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from torch_ref import require_torch  # noqa: E402
-
-import flaxcam  # noqa: E402
-from flaxcam.imageio import Preprocessing  # noqa: E402
-from flaxcam.models import pretrained  # noqa: E402
-from flaxcam.models.torch_checkpoint import load_torch_state_dict  # noqa: E402
+import flaxcam
+from flaxcam.imageio import Preprocessing
+from flaxcam.models import pretrained
+from flaxcam.models.torch_checkpoint import load_torch_state_dict
+from torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 
@@ -98,7 +97,7 @@ def _nchw(torch, images):
 
 
 def test_logits_equal_the_reference_on_photos(setup):
-    torch, reference, wrapped, model, variables, meta, images = setup
+    torch, reference, wrapped, model, variables, _meta, images = setup
     with torch.no_grad():
         theirs = reference(_nchw(torch, images)).numpy()
         np.testing.assert_allclose(wrapped(_nchw(torch, images)).numpy(), theirs, rtol=0, atol=1e-5)
@@ -171,7 +170,7 @@ def _grad_cam_reference(wrapped, layer_module, images, targets):
 
 @pytest.mark.parametrize("layer", ["head", "_blocks.15"])
 def test_gradcam_equals_pytorch_grad_cam(setup, layer):
-    torch, reference, wrapped, model, variables, meta, images = setup
+    torch, _reference, wrapped, model, variables, _meta, images = setup
     targets = [285, 968, 422, 812]  # the top class of chelsea, the runner-up of coffee, ...
     module = wrapped.head if layer == "head" else wrapped.blocks[15]
     ref_low, ref_up = _grad_cam_reference(wrapped, module, _nchw(torch, images), targets)
@@ -184,7 +183,7 @@ def test_gradcam_equals_pytorch_grad_cam(setup, layer):
 
 
 def test_cam_equals_torchcam(setup):
-    torch, reference, wrapped, model, variables, meta, images = setup
+    torch, _reference, wrapped, model, variables, _meta, images = setup
     from torchcam.methods import CAM
 
     targets = [285, 967, 422, 657]

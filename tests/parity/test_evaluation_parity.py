@@ -28,10 +28,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from torch_ref import require_torch
-
 from flaxcam import evaluation
 from flaxcam.models import load_torchvision_resnet
+from torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 
@@ -99,9 +98,11 @@ def test_cam_mult_image_confidence_change(pair, score):
 
     _torch, reference, model, variables, images, flax_images, maps = pair
     args = (model.apply, variables, flax_images, maps, np.asarray(CLASSES))
-    for metric, ours in [(CamMultImageConfidenceChange(), evaluation.confidence_change),
-                         (DropInConfidence(), evaluation.drop_in_confidence),
-                         (IncreaseInConfidence(), evaluation.increase_in_confidence)]:
+    for metric, ours in [
+        (CamMultImageConfidenceChange(), evaluation.confidence_change),
+        (DropInConfidence(), evaluation.drop_in_confidence),
+        (IncreaseInConfidence(), evaluation.increase_in_confidence),
+    ]:
         expected = metric(images.double(), maps, _targets(score), reference)
         np.testing.assert_allclose(np.asarray(ours(*args, score=score)), np.ravel(expected), atol=TOLERANCE, rtol=0)
 
@@ -120,8 +121,9 @@ def test_road_single_percentiles(pair, zero_noise, percentile):
     )
 
     _torch, reference, model, variables, images, flax_images, maps = pair
-    ours = evaluation.road(model.apply, variables, flax_images, maps, np.asarray(CLASSES), percentiles=(percentile,),
-                           noise=0.0)
+    ours = evaluation.road(
+        model.apply, variables, flax_images, maps, np.asarray(CLASSES), percentiles=(percentile,), noise=0.0
+    )
     for order, metric in (("morf", ROADMostRelevantFirst(percentile)), ("lerf", ROADLeastRelevantFirst(percentile))):
         expected = np.ravel(metric(images, maps, _targets("logit"), reference))
         np.testing.assert_allclose(np.asarray(ours[order][0]), expected, atol=TOLERANCE, rtol=0)
@@ -186,11 +188,13 @@ def test_torchcam_deletion_insertion(pair, steps, score):
 
     torch, reference, model, variables, images, flax_images, maps = pair
     logits_fn = (lambda logits: torch.softmax(logits, dim=-1)) if score == "softmax" else None
-    curves = evaluation.deletion_insertion(model.apply, variables, flax_images, maps, np.asarray(CLASSES), steps=steps,
-                                           score=score, chunk_size=16)
+    curves = evaluation.deletion_insertion(
+        model.apply, variables, flax_images, maps, np.asarray(CLASSES), steps=steps, score=score, chunk_size=16
+    )
     for b in range(2):  # one image per update, so the summary is that image's areas
-        metric = DeletionInsertionMetric(_GivenMaps(torch, reference, maps[b : b + 1]), logits_fn, steps=steps,
-                                         batch_size=8)
+        metric = DeletionInsertionMetric(
+            _GivenMaps(torch, reference, maps[b : b + 1]), logits_fn, steps=steps, batch_size=8
+        )
         metric.update(images[b : b + 1].double(), [CLASSES[b]])
         summary = metric.summary()
         np.testing.assert_allclose(float(curves.deletion_auc[b]), summary["deletion_auc"], atol=TOLERANCE, rtol=0)
@@ -211,8 +215,9 @@ def test_arcc_with_gradcam(pair, zero_noise):
     targets = np.asarray(CLASSES)
     cams = np.asarray(explain_fn(variables, jnp.asarray(flax_images), targets))
     base = GradCAM(reference, target_layers=[reference.inner.layer4])  # float32 input, float64 inside
-    ours = evaluation.arcc(lambda x, t: explain_fn(variables, x, t), model.apply, variables, flax_images, cams, targets,
-                           noise=0.0)
+    ours = evaluation.arcc(
+        lambda x, t: explain_fn(variables, x, t), model.apply, variables, flax_images, cams, targets, noise=0.0
+    )
     np.testing.assert_allclose(np.asarray(ours["complexity"]), Complexity()(cams), atol=1e-12)
     coherency = Coherency()(images, cams, _targets("logit"), reference, base)
     np.testing.assert_allclose(np.asarray(ours["coherency"]), coherency, atol=TOLERANCE, rtol=0)

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_cam_parity import FLOAT64_SEEDS, IMAGE_SIZE, TARGETS, _make_pair, _record_raw_maps  # noqa: E402
+from test_cam_parity import FLOAT64_SEEDS, IMAGE_SIZE, TARGETS, _make_pair, _record_raw_maps
 
-import flaxcam  # noqa: E402
+import flaxcam
 
 pytestmark = pytest.mark.parity
 

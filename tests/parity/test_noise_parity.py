@@ -57,14 +57,18 @@ def _layer_key():
 
 def _input_noise(batch: int, samples: int, std: float) -> list[np.ndarray]:
     """flaxcam's SmoothGradCAM++ draws, as torchcam samples them: one (B, 3, H, W) array per sample."""
-    draw = jax.vmap(jax.vmap(lambda b, s: std * standard_normal_at(_layer_key(), (b, s), (*IMAGE_SIZE, 3)), (0, None)), (None, 0))
+    draw = jax.vmap(
+        jax.vmap(lambda b, s: std * standard_normal_at(_layer_key(), (b, s), (*IMAGE_SIZE, 3)), (0, None)), (None, 0)
+    )
     noise = np.asarray(draw(np.arange(batch), np.arange(samples)))  # (S, B, H, W, 3)
     return list(noise.transpose(0, 1, 4, 2, 3))
 
 
 def _mask_noise(batch: int, samples: int, channels: int, std: float) -> list[np.ndarray]:
     """flaxcam's SS-CAM draws, as torchcam samples them: one (B, C, H, W) array per sample."""
-    per_channel = jax.vmap(lambda b, s, k: std * standard_normal_at(_layer_key(), (b, s, k), IMAGE_SIZE), (None, None, 0))
+    per_channel = jax.vmap(
+        lambda b, s, k: std * standard_normal_at(_layer_key(), (b, s, k), IMAGE_SIZE), (None, None, 0)
+    )
     per_image = jax.vmap(per_channel, (0, None, None))
     return [np.asarray(per_image(np.arange(batch), s, np.arange(channels))) for s in range(samples)]
 
@@ -97,15 +101,28 @@ def test_smoothgradcam_plusplus_equals_torchcam_with_the_same_noise(resnet18_pai
 
     torch, reference, model, variables, images = resnet18_pair
     noise = _input_noise(4, 4, 0.3)
-    ref = _torchcam_maps(torch, SmoothGradCAMpp, reference, images, TARGETS, noise, target_layer="layer4", num_samples=4, std=0.3)
+    ref = _torchcam_maps(
+        torch, SmoothGradCAMpp, reference, images, TARGETS, noise, target_layer="layer4", num_samples=4, std=0.3
+    )
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="smoothgradcam++", layer="layer4", targets=TARGETS, key=KEY
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method="smoothgradcam++",
+        layer="layer4",
+        targets=TARGETS,
+        key=KEY,
     )
     _assert_structured(ref)
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref).max() <= 1e-4
     # the noise matters: with other draws the maps differ
     other = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="smoothgradcam++", layer="layer4", targets=TARGETS,
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method="smoothgradcam++",
+        layer="layer4",
+        targets=TARGETS,
         key=jax.random.key(7),
     )
     assert np.abs(np.asarray(other.low_res)[:, 0] - ref).max() > 0.05
@@ -122,13 +139,20 @@ def test_smoothgradcam_plusplus_equals_torchcam_in_float64_at_layer3():
     images, targets = images[:2].double(), TARGETS[:2]
     reference = reference.double()
     noise = [n.astype(np.float64) for n in _input_noise(2, 4, 0.3)]
-    ref = _torchcam_maps(torch, SmoothGradCAMpp, reference, images, targets, noise, target_layer="layer3", num_samples=4, std=0.3)
+    ref = _torchcam_maps(
+        torch, SmoothGradCAMpp, reference, images, targets, noise, target_layer="layer3", num_samples=4, std=0.3
+    )
     with jax.enable_x64(True):
         model, variables = load_torchvision_resnet(reference.state_dict(), dtype=np.float64)
         variables = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), variables)
         ours = flaxcam.explain(
-            model, variables, images.numpy().transpose(0, 2, 3, 1), method="smoothgradcam++", layer="layer3",
-            targets=targets, key=KEY,
+            model,
+            variables,
+            images.numpy().transpose(0, 2, 3, 1),
+            method="smoothgradcam++",
+            layer="layer3",
+            targets=targets,
+            key=KEY,
         )
         assert ours.low_res.dtype == np.float64
         low = np.asarray(ours.low_res)[:, 0]
@@ -147,8 +171,15 @@ def test_sscam_equals_torchcam_with_the_same_noise():
         torch, SSCAM, reference, images, targets, noise, target_layer="layer1", batch_size=64, num_samples=2, std=2.0
     )
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="sscam", layer="layer1", targets=targets, key=KEY,
-        chunk_size=64, method_options={"num_samples": 2, "std": 2.0},
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method="sscam",
+        layer="layer1",
+        targets=targets,
+        key=KEY,
+        chunk_size=64,
+        method_options={"num_samples": 2, "std": 2.0},
     )
     _assert_structured(ref)
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref).max() <= 1e-4
@@ -159,11 +190,20 @@ def test_iscam_equals_torchcam():
     torch, reference, model, variables, images = _make_pair(1)
     from torchcam.methods import ISCAM
 
-    images, targets = images[2:3], TARGETS[2:3]  # deterministic: one image (batch indexing is tested in tests/test_noise_methods.py)
+    images, targets = (
+        images[2:3],
+        TARGETS[2:3],
+    )  # deterministic: one image (batch indexing is tested in tests/test_noise_methods.py)
     ref = _torchcam_maps(torch, ISCAM, reference, images, targets, target_layer="layer1", batch_size=64, num_samples=2)
     ours = flaxcam.explain(
-        model, variables, images.numpy().transpose(0, 2, 3, 1), method="iscam", layer="layer1", targets=targets,
-        chunk_size=64, method_options={"num_samples": 2},
+        model,
+        variables,
+        images.numpy().transpose(0, 2, 3, 1),
+        method="iscam",
+        layer="layer1",
+        targets=targets,
+        chunk_size=64,
+        method_options={"num_samples": 2},
     )
     _assert_structured(ref)
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref).max() <= 1e-4

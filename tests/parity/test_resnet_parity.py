@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from torch_ref import require_torch  # noqa: E402
-
-from flaxcam.models import load_torchvision_resnet  # noqa: E402
+from flaxcam.models import load_torchvision_resnet
+from torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 

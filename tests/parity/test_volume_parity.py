@@ -15,9 +15,9 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_cam_parity import _record_raw_maps
-from torch_ref import require_torch
 
 import flaxcam
+from torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 
