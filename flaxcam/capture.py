@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import flax.linen as nn
 import jax
@@ -265,7 +265,7 @@ def _set_child(node: Any, part: str | int, value: Any) -> None:
 def _callable_submodules(model: nnx.Module) -> dict[str, Path]:
     """Every callable submodule of ``model`` (not containers such as ``nnx.List``), by dotted name."""
     return {
-        layer_name(path): tuple(path)
+        layer_name(cast(Path, path)): cast(Path, tuple(path))
         for path, node in nnx.iter_graph(model)
         if path and isinstance(node, nnx.Module) and callable(node)
     }
@@ -281,7 +281,7 @@ def training_mode_modules(model: nnx.Module) -> list[str]:
         if getattr(node, "use_running_average", True) is False or (
             getattr(node, "deterministic", True) is False and getattr(node, "rate", 0) > 0
         ):
-            found.append(f"{layer_name(path) or '<model>'} ({type(node).__name__})")
+            found.append(f"{layer_name(cast(Path, path)) or '<model>'} ({type(node).__name__})")
     return found
 
 

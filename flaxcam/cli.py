@@ -26,7 +26,7 @@ from typer.core import TyperGroup
 try:  # typer >= 0.24 carries its own copy of click: its exceptions are the ones raised
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover -- older typer runs on click itself
-    from click import exceptions as click_exceptions
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]  # the same module, from click
 
 from flaxcam.errors import UserError
 from flaxcam.methods import METHODS
@@ -60,10 +60,11 @@ class _OneLineErrors(TyperGroup):
     without click's standalone handling, and this method prints and exits instead."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False  # click never handles errors itself: this method does
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(*args, **kwargs)
         except click_exceptions.NoArgsIsHelpError as error:  # `flaxcam` alone: the help, as click shows it
             error.show()
             sys.exit(error.exit_code)
@@ -118,7 +119,8 @@ def configure_cpu_devices(count: int | None) -> bool:
         "XLA_FLAGS", ""
     ):
         return False
-    if jax.config.jax_num_cpu_devices not in (-1, count):  # chosen by the user's own code or environment
+    # chosen by the user's own code or environment (jax.config's flags are dynamic attributes, not in its stubs)
+    if jax.config.jax_num_cpu_devices not in (-1, count):  # type: ignore[attr-defined]
         return False
     jax.config.update("jax_num_cpu_devices", count)
     return True
@@ -904,7 +906,7 @@ def bench_command(
         "chunk_size": chunk_size,
         "method_options": method_options,
     }
-    arguments = {("batches" if k == "batch" else k): v for k, v in options.items()}
+    arguments: dict[str, Any] = {("batches" if k == "batch" else k): v for k, v in options.items()}
     arguments["method_options"] = json.loads(method_options) if method_options else None
     run(**arguments, command=command_line(options))
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ def localization_summary(bundle: Path, test_size: int) -> dict:
     """Accuracy and 20%-rule box accuracy (IoU >= 0.5) of CAM and Grad-CAM over a test set."""
     model, variables, _ = models.load_bundle(bundle)
     data = demo_canvases(test_size, seed=1)
-    summary = {
+    summary: dict[str, Any] = {
         "test_images": test_size,
         "accuracy": accuracy(model, variables, data.images, data.labels, preprocess=_preprocess),
     }

@@ -157,6 +157,9 @@ def as_rgb_uint8(array: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"image array of shape {array.shape}: expected (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4)"
         )
+    values: np.ndarray
+    low: float
+    high: float
     if array.dtype == np.uint8:
         values = array.astype(np.float32)
     elif array.dtype == np.bool_:
@@ -201,7 +204,7 @@ class Preprocessing:
         """``(h, w, 3)`` uint8 → ``(H, W, 3)`` uint8 (bilinear, Pillow)."""
         height, width = self.size
         if image.shape[:2] != (height, width):
-            image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
         return image
 
     def resize(self, image: np.ndarray) -> np.ndarray:

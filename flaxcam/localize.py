@@ -31,6 +31,7 @@ Boxes use pixel coordinates with an exclusive end, ``[x0, y0, x1, y1]``: the box
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -221,7 +222,8 @@ def native_shape(low_res) -> tuple[int, int]:
     """The native ``(h, w)`` of an explanation's ``low_res`` maps (``(..., h, w)``, or a tuple of them when
     several layers were fused: the finest), the ``map_shape`` of :func:`boxes`."""
     arrays = low_res if isinstance(low_res, (tuple, list)) else (low_res,)
-    return max((tuple(int(v) for v in jnp.shape(a)[-2:]) for a in arrays), key=lambda hw: hw[0] * hw[1])
+    shapes = (tuple(int(v) for v in jnp.shape(a)[-2:]) for a in arrays)
+    return cast(tuple[int, int], max(shapes, key=lambda hw: hw[0] * hw[1]))
 
 
 def auto_rule(map_shape: tuple[int, int]) -> str:

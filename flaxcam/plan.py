@@ -54,7 +54,7 @@ def check_method_options(method: Method, options: Mapping[str, Any] | None) -> t
                 raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a positive integer")
             options[name] = int(value)
         elif isinstance(valid[name], float):
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= float(value) < float("inf"):
                 raise ValueError(f"option {name}={value!r} of method {method.name!r} must be a non-negative number")
             options[name] = float(value)
     return tuple(sorted(options.items()))

@@ -258,7 +258,7 @@ def probe(
     """
     model = as_model(model, apply_kwargs)
     single = isinstance(layers, str)
-    names = (layers,) if single else tuple(layers)
+    names: tuple[str, ...] = (layers,) if isinstance(layers, str) else tuple(layers)
     scores_of = _scores_of(model, variables, names, score_fn, output_fn)
 
     def unwrap(values):

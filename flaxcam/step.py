@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from flaxcam.probe import (
     probe,
     probe_hessian,
 )
-from flaxcam.targets import TargetSpec, select_classes, target_scores
+from flaxcam.targets import ScoreName, TargetSpec, select_classes, target_scores
 
 Array = jax.Array
 
@@ -139,7 +139,7 @@ def _contributions(
         return method.fn(**{name: available[name] for name in method.inputs}, **options)
 
     _batch, num_targets = chosen.shape
-    inputs: dict[str, Array] = {}
+    inputs: dict[str, Array | None] = {}  # gradients is None when the method does not need them
     axes: dict[str, int | None] = {}
     if "activations" in method.inputs:
         inputs["activations"], axes["activations"] = activations, None  # shared by the T targets
@@ -190,7 +190,7 @@ def _fixed_targets(config: StepConfig, chosen: Array, target_data: dict | None) 
 
 
 def _input_scorer(
-    config: StepConfig, variables: Any, chosen: Array, target_data: dict | None, score: str | None = None
+    config: StepConfig, variables: Any, chosen: Array, target_data: dict | None, score: ScoreName | None = None
 ) -> Callable:
     """``score(new_images, image_index) -> (n, T)``: the targets of images ``image_index`` evaluated on
     new inputs (e.g. masked copies); class targets scored by ``score`` (``"softmax"``, ...) if given."""
@@ -198,11 +198,11 @@ def _input_scorer(
     if score is not None and spec.kind == "classes":
         spec = TargetSpec("classes", spec.count, score)
 
-    def score(new_images: Array, image_index: Array) -> Array:
+    def score_inputs(new_images: Array, image_index: Array) -> Array:
         output = config.output_fn(config.model.apply(variables, new_images))
         return target_scores(spec, output, {name: value[image_index] for name, value in data.items()})[0]
 
-    return score
+    return score_inputs
 
 
 def _base_explainer(config: StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
@@ -288,11 +288,10 @@ def _run(
         score_fn = _transformed_scores(score_fn, method.score_transform)
     if method.bias_layers:
         return _run_bias_layers(config, variables, images, score_fn)
-    probe_kwargs = {"output_fn": config.output_fn}
     extras: dict[str, tuple[Array, ...]] = {}
     if "hvp" in method.inputs:
         logits, activations, gradients, extras["hvp"], scores, chosen = probe_hessian(
-            config.model, variables, images, config.layers, score_fn, **probe_kwargs
+            config.model, variables, images, config.layers, score_fn, output_fn=config.output_fn
         )
     else:
         logits, activations, gradients, scores, chosen = probe(
@@ -302,11 +301,17 @@ def _run(
             config.layers,
             score_fn,
             with_gradients=method.needs_gradients,
-            **probe_kwargs,
+            output_fn=config.output_fn,
         )
     if "second_derivatives" in method.inputs:
         extras["second_derivatives"], extras["third_derivatives"] = derivative_diagonals(
-            config.model, variables, images, config.layers, score_fn, chunk_size=config.chunk_size, **probe_kwargs
+            config.model,
+            variables,
+            images,
+            config.layers,
+            score_fn,
+            chunk_size=config.chunk_size,
+            output_fn=config.output_fn,
         )
     raws, lows, upsampled = [], [], []
     for index in range(len(config.layers)):
@@ -451,7 +456,7 @@ def _aug_smooth(
         restored = [
             per_copy[i][..., ::-1] if flip else per_copy[i] for i, (flip, _) in enumerate(AUG_SMOOTH_TRANSFORMS)
         ]
-        return sum(restored) / copies
+        return cast(Array, sum(restored)) / copies
 
     def identity_copy(values: Array) -> Array:
         return values.reshape(copies, batch, *values.shape[1:])[identity]

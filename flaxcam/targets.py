@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+
+#: The names of :data:`CLASS_SCORES` (how a class target's score is read from the logits).
+ScoreName = Literal["logit", "softmax", "rest"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +43,7 @@ class TargetSpec:
 
     kind: Literal["argmax", "classes", "top_k", "binary", "segmentation", "embedding", "custom"]
     count: int = 1
-    score: Literal["logit", "softmax", "rest"] = "logit"
+    score: ScoreName = "logit"
     fn: Callable[[Array], Array] | None = None  # the "custom" kind's score function
 
     @property
@@ -118,6 +122,7 @@ def resolve_targets(
     """
     if score not in CLASS_SCORES:
         raise ValueError(f"score must be one of {', '.join(map(repr, CLASS_SCORES))}, got {score!r}")
+    score_name = cast(ScoreName, score)  # validated just above
     if targets is not None and top_k is not None:
         raise ValueError("pass either targets= or top_k=, not both")
     if isinstance(targets, (Binary, Segmentation, Embedding)):
@@ -133,9 +138,9 @@ def resolve_targets(
     if top_k is not None:
         if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= num_classes:
             raise ValueError(f"top_k must be an int between 1 and the number of classes ({num_classes}), got {top_k!r}")
-        return TargetSpec("top_k", int(top_k), score), None
+        return TargetSpec("top_k", int(top_k), score_name), None
     if targets is None:
-        return TargetSpec("argmax", 1, score), None
+        return TargetSpec("argmax", 1, score_name), None
     xp = _xp(targets)
     classes = xp.asarray(targets)
     if not np.issubdtype(classes.dtype, np.integer):
@@ -150,7 +155,7 @@ def resolve_targets(
             f"got shape {tuple(np.shape(targets))}"
         )
     _check_classes(classes, num_classes)
-    return TargetSpec("classes", classes.shape[1], score), {"classes": classes.astype(np.int32)}
+    return TargetSpec("classes", classes.shape[1], score_name), {"classes": classes.astype(np.int32)}
 
 
 def _resolve_custom(fn: Callable[[Array], Array], batch: int, output_shape: tuple[int, ...]) -> TargetSpec:
@@ -267,9 +272,13 @@ def target_scores(spec: TargetSpec, output: Array, data: dict[str, Array] | None
         chosen = select_classes(spec, output, classes)
         return class_scores(CLASS_SCORES[spec.score](output), chosen), chosen
     if spec.kind == "custom":
+        if spec.fn is None:
+            raise TypeError("a 'custom' target spec needs its score function fn")
         scores = spec.fn(output)
         scores = scores.reshape(scores.shape[0], -1)
         return scores, jnp.broadcast_to(jnp.arange(scores.shape[1], dtype=jnp.int32), scores.shape)
+    if data is None or classes is None:
+        raise TypeError(f"{spec.kind!r} targets need their target data (with 'classes')")
     if spec.kind == "binary":
         logit = output.reshape(output.shape[0], 1)
         return jnp.where(classes == 1, logit, -logit), classes

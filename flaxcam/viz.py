@@ -17,10 +17,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.patches import Rectangle
 
 __all__ = ["BOX_COLOR", "OTHER_COLOR", "TRUE_COLOR", "save_figure", "seed_figure"]
@@ -109,12 +111,12 @@ def _overlay_from_map(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     if base.ndim == 2:
         base = np.repeat(base[..., None], 3, axis=-1)
     base = base[..., :3]
-    cam = jnp.asarray(np.nan_to_num(np.asarray(cam, np.float32)))
-    if cam.shape != base.shape[:2]:
-        cam = ops.resize_maps(cam, base.shape[:2])
-    if float(cam.min()) < 0.0 or float(cam.max()) > 1.0:
-        cam = ops.minmax_normalize(cam)
-    return np.asarray(colormap.overlay(jnp.asarray(base), cam))
+    heat = jnp.asarray(np.nan_to_num(np.asarray(cam, np.float32)))
+    if heat.shape != base.shape[:2]:
+        heat = ops.resize_maps(heat, base.shape[:2])
+    if float(heat.min()) < 0.0 or float(heat.max()) > 1.0:
+        heat = ops.minmax_normalize(heat)
+    return np.asarray(colormap.overlay(jnp.asarray(base), heat))
 
 
 def seed_figure(
@@ -186,7 +188,7 @@ def seed_figure(
     bar_h = 0.3 * len(top) + 0.5
     ncols = 1 + len(panels)
     fig = Figure(figsize=(panel_w * ncols + 1.2, image_h + bar_h + 1.5), layout="constrained")
-    fig.get_layout_engine().set(w_pad=0.06, wspace=0.03)
+    cast(ConstrainedLayoutEngine, fig.get_layout_engine()).set(w_pad=0.06, wspace=0.03)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, ncols, height_ratios=[image_h, bar_h])
 
@@ -255,7 +257,7 @@ def factorization_overlay(image, heatmaps, colors: np.ndarray | None = None, ima
     unit = np.asarray(colors, np.float32) / np.maximum(np.asarray(colors, np.float32).max(axis=1, keepdims=True), 1e-8)
     value = np.take_along_axis(heatmaps, strongest[None], axis=0)[0]
     mask = unit[strongest] * value[..., None]
-    return np.uint8(np.clip(base[..., :3] * image_weight + mask * (1 - image_weight), 0, 1) * 255)
+    return (np.clip(base[..., :3] * image_weight + mask * (1 - image_weight), 0, 1) * 255).astype(np.uint8)
 
 
 def factorization_figure(
