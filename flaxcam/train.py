@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import flax.linen as nn
 import jax
@@ -155,7 +155,7 @@ def train_step(
 
 def eval_step(model: nn.Module, variables: Any, images: Array) -> Array:
     """Logits in inference mode."""
-    return model.apply(variables, images)
+    return cast(Array, model.apply(variables, images))  # no mutable collections: the output alone
 
 
 def augmentation_draws(seed: int, step: int, batch: int, *, flip: bool, shift: int) -> tuple[np.ndarray, np.ndarray]:
@@ -421,7 +421,7 @@ class SourceFeed:
             worker_count=self.worker_count,
         ):
             for error in batch.errors:
-                self.errors.setdefault(int(error[0]), tuple(error))
+                self.errors.setdefault(int(error[0]), cast(tuple[int, str, str], tuple(error)))
             labels = np.asarray(batch.labels, np.int32)
             weights = (np.asarray(batch.valid) & (labels >= 0)).astype(np.float32)
             yield np.asarray(batch.images, np.float32), labels, weights

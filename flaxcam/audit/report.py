@@ -115,7 +115,7 @@ def _png(array: np.ndarray) -> str:
     if max(picture.size) > MAX_PICTURE_SIDE:
         scale = MAX_PICTURE_SIDE / max(picture.size)
         picture = picture.resize(
-            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BILINEAR
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.Resampling.BILINEAR
         )
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", optimize=True)
@@ -199,10 +199,8 @@ def _gallery_items(rows: list[dict[str, Any]], manifest: dict[str, Any], images:
     names = manifest.get("class_names") or []
     items = []
     for i, row in enumerate(rows):
-        if loaded[i] is not None:
-            picture = _overlays(loaded[i][None], maps[i][None], boxes[i][None])[0]
-        else:
-            picture = _jet(maps[i])
+        image = loaded[i]
+        picture = _overlays(image[None], maps[i][None], boxes[i][None])[0] if image is not None else _jet(maps[i])
         label = row["label"]
         label_text = names[label] if 0 <= label < len(names) else ("?" if label < 0 else str(label))
         pred_text = names[row["pred"]] if 0 <= row["pred"] < len(names) else str(row["pred"])
@@ -394,17 +392,17 @@ def write_report(
             for label, pred, count in confusion:
                 matrix[position[int(label)], position[int(pred)]] = count
             row_sums = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-            cells = []
+            matrix_rows = []
             for r, c in enumerate(present):
                 tds = "".join(
                     f"<td style='background:rgba(40,90,200,{matrix[r, j] / row_sums[r, 0]:.3f})'>{matrix[r, j]}</td>"
                     for j in range(len(present))
                 )
-                cells.append(f"<tr><th class='name'>{html.escape(class_name(c))}</th>{tds}</tr>")
+                matrix_rows.append(f"<tr><th class='name'>{html.escape(class_name(c))}</th>{tds}</tr>")
             heads = "".join(f"<th>{html.escape(class_name(c))}</th>" for c in present)
             sections.append(
                 "<h2>Confusion matrix</h2><p>Rows: label; columns: prediction; shade: share of the row.</p>"
-                f"<table><thead><tr><th class='name'>label \\ pred</th>{heads}</tr></thead><tbody>{''.join(cells)}</tbody></table>"
+                f"<table><thead><tr><th class='name'>label \\ pred</th>{heads}</tr></thead><tbody>{''.join(matrix_rows)}</tbody></table>"
             )
 
         # Galleries

@@ -19,6 +19,7 @@ connected region of pixels ``>= threshold · max(m)``.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -170,7 +171,7 @@ def foreground_on_grid(maps: Array, low_res: Array, grid: tuple[int, int], thres
     """The box rule's foreground ``m >= cut`` (:func:`flaxcam.localize.rule_cuts`; the 20% rule's cut is
     ``threshold · max(m)``), and ``max(m) > 0``, of each map on ``grid``: ``maps`` itself when ``grid`` is
     its size, else ``low_res`` upsampled to ``grid`` (bilinear + min-max)."""
-    native = tuple((maps if low_res is None else low_res).shape[-2:])
+    native = cast(tuple[int, int], tuple((maps if low_res is None else low_res).shape[-2:]))
     if grid != tuple(maps.shape[-2:]):
         maps = ops.minmax_normalize(ops.resize_maps(low_res, grid))
     peak = jnp.max(maps, axis=(-2, -1), keepdims=True)
@@ -258,7 +259,8 @@ def summarize(
     transfer and the labelling small at any input size).
     """
     top_probs, top_classes = jax.lax.top_k(probabilities, top_k)
-    input_size = maps.shape[1:]
+    height, width = maps.shape[1:]
+    input_size = (height, width)
     grid = box_grid(input_size, box_resolution)
     out = _attention_stats(maps, gt_boxes, gt_masks if with_masks else None, border=border, corner=corner)
     out.update(

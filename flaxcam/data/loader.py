@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -99,7 +100,7 @@ def _scaled_box(record: Record, size: tuple[int, int]) -> np.ndarray:
 def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape == tuple(size):
         return mask.astype(bool)
-    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.Resampling.NEAREST)
     return np.asarray(image) > 127
 
 
@@ -113,7 +114,7 @@ class _ReadBatch:
     preprocessing: Preprocessing
 
     def __call__(self, row: np.ndarray) -> Batch:
-        size = tuple(self.preprocessing.size)
+        size = cast(tuple[int, int], tuple(self.preprocessing.size))
         count = len(row)
         resized = np.zeros((count, *size, 3), np.uint8)
         labels = np.full(count, -1, np.int32)
@@ -244,7 +245,7 @@ def iterate_batches(
     if isinstance(source, str):
         source = open_source(source)
     if fast_jpeg and hasattr(source, "with_draft_size"):
-        source = source.with_draft_size(tuple(preprocessing.size))
+        source = cast(ImageSource, source.with_draft_size(tuple(preprocessing.size)))
     order = ordered_indices(
         len(source), indices=indices, shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, seed=seed
     )

@@ -18,7 +18,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -198,7 +198,8 @@ def save_npz(
     for name, value in extras.items():
         arrays[name] = np.asarray(value)
     path = Path(path)
-    np.savez(path, **arrays)
+    # cast: in numpy's stub a str-keyed **dict could fill the keyword allow_pickle (bool); these keys are array names
+    np.savez(path, **cast(dict[str, Any], arrays))
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 

@@ -142,7 +142,7 @@ def _manifest(
         "source_spec": spec,
         "source_length": length,
         "preprocessing": dataclasses.asdict(preprocessing)
-        if dataclasses.is_dataclass(preprocessing)
+        if dataclasses.is_dataclass(preprocessing) and not isinstance(preprocessing, type)
         else str(preprocessing),
         "target": target,
         "options": {
@@ -221,11 +221,11 @@ def evaluate(
     unknown = [m for m in method_options if m not in method_names]
     if unknown:
         raise ValueError(f"method_options for methods not evaluated: {unknown}; evaluated: {', '.join(method_names)}")
-    opened, spec = _open(source)
-    total = len(opened)
     out_dir = Path(out_dir)
+    opened, spec = _open(source, out_dir)
+    total = len(opened)
     out_dir.mkdir(parents=True, exist_ok=True)
-    store.remove_stale_temporaries(out_dir)
+    store.remove_stale_temporaries(out_dir, 0)
     manifest = _manifest(
         model_fingerprint(variables),
         method_names,
@@ -418,7 +418,7 @@ def _html(manifest, rows, timing, columns, methods, images, errors, curves_png) 
     for column, higher in columns.items():
         means = {r["method"]: r["mean"] for r in rows if r["column"] == column and np.isfinite(r["mean"])}
         if means:
-            best[column] = (max if higher else min)(means, key=means.get)
+            best[column] = (max if higher else min)(means, key=means.__getitem__)
     head = "".join(f"<th>{html.escape(c)} {'↑' if h else '↓'}</th>" for c, h in columns.items())
     body = "".join(
         f"<tr><td>{html.escape(m)}</td>"

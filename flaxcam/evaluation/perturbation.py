@@ -20,7 +20,7 @@ chunk, :func:`flaxcam.ops.chunked_map`).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -120,13 +120,13 @@ def gaussian_blur(images: Array, sigma: float = 5.0, size: int = 11) -> Array:
     baseline of RISE's insertion metric: ``klen=11, nsig=5``, ``conv2d(padding=klen // 2)``). The
     kernel is separable: ``g(i) ∝ exp(-(i - size // 2)² / (2 σ²))``, normalized to sum 1 per axis."""
     offsets = np.arange(size) - size // 2
-    kernel = np.exp(-(offsets**2) / (2.0 * sigma**2))
-    kernel = jnp.asarray(kernel / kernel.sum(), images.dtype)
+    weights = np.exp(-(offsets**2) / (2.0 * sigma**2))
+    kernel = jnp.asarray(weights / weights.sum(), images.dtype)
     pad = size // 2
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     height, width = images.shape[1:3]
-    rows = sum(kernel[i] * padded[:, i : i + height] for i in range(size))
-    return sum(kernel[i] * rows[:, :, i : i + width] for i in range(size))
+    rows = cast(Array, sum(kernel[i] * padded[:, i : i + height] for i in range(size)))
+    return cast(Array, sum(kernel[i] * rows[:, :, i : i + width] for i in range(size)))
 
 
 def baseline_images(images: Array, baseline: str | Any) -> Array:
@@ -196,10 +196,10 @@ def deletion_insertion_impl(
     original = target_scores(apply_fn, variables, images, targets, score)
     # Rows per image: deletion at counts[1:] (the last, everything replaced, is also insertion's first
     # point) then insertion at counts[1:-1]; 1 + 2 (P - 2) forward passes per image, as torchcam.
-    kinds = np.concatenate([np.zeros(points - 1, bool), np.ones(points - 2, bool)])  # True: insertion
-    row_counts = np.concatenate([counts[1:], counts[1:-1]])
-    per_image = len(kinds)
-    kinds, row_counts = jnp.asarray(kinds), jnp.asarray(row_counts)
+    host_kinds = np.concatenate([np.zeros(points - 1, bool), np.ones(points - 2, bool)])  # True: insertion
+    host_counts = np.concatenate([counts[1:], counts[1:-1]])
+    per_image = len(host_kinds)
+    kinds, row_counts = jnp.asarray(host_kinds), jnp.asarray(host_counts)
     flat_images = images.reshape(batch, pixels, channels)
     flat_baseline = baseline.reshape(batch, pixels, channels)
 

@@ -59,7 +59,7 @@ class Batch:
         return self.options.get(name, default)
 
     @property
-    def args(self) -> tuple:
+    def args(self) -> tuple[ApplyFn, Any, Array, Array, Array]:
         return self.apply_fn, self.variables, self.images, self.maps, self.targets
 
 
@@ -116,14 +116,25 @@ def _road(batch: Batch) -> dict[str, Array]:
     return {"road_morf": morf, "road_lerf": lerf, "road_combined": (lerf - morf) / 2}
 
 
+def _missing(what: str, metric: str) -> ValueError:
+    return ValueError(f"metric {metric!r} needs {what} (the method to re-explain with / fresh weights)")
+
+
 def _needs(batch: Batch, what: str, metric: str) -> None:
     if getattr(batch, what) is None:
-        raise ValueError(f"metric {metric!r} needs {what} (the method to re-explain with / fresh weights)")
+        raise _missing(what, metric)
+
+
+def _explain_fn(batch: Batch, metric: str) -> ExplainFn:
+    """``batch.explain_fn``, or the error of :func:`_needs` when there is none."""
+    if batch.explain_fn is None:
+        raise _missing("explain_fn", metric)
+    return batch.explain_fn
 
 
 def _adcc(batch: Batch) -> dict[str, Array]:
-    _needs(batch, "explain_fn", "adcc")
-    explain_fn = lambda images, targets: batch.explain_fn(batch.variables, images, targets)
+    method_fn = _explain_fn(batch, "adcc")
+    explain_fn = lambda images, targets: method_fn(batch.variables, images, targets)
     values = adcc(explain_fn, *batch.args, score=batch.option("score", "softmax"))
     return {"adcc": values["adcc"], "coherency": values["coherency"], "complexity": values["complexity"]}
 
@@ -148,10 +159,10 @@ def classifier_layer(apply_fn: ApplyFn, variables: Any, images: Array) -> str:
 
 
 def _randomization(batch: Batch) -> dict[str, Array]:
-    _needs(batch, "explain_fn", "randomization")
+    explain_fn = _explain_fn(batch, "randomization")
     _needs(batch, "fresh", "randomization")
     cascade = batch.option("cascade", None) or [classifier_layer(batch.apply_fn, batch.variables, batch.images)]
-    rho = model_randomization(batch.explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images, batch.targets)
+    rho = model_randomization(explain_fn, batch.variables, batch.fresh, cascade[:1], batch.images, batch.targets)
     return {"randomization_rank_correlation": rho[0]}
 
 

@@ -31,7 +31,7 @@ space the dataset mean — and the score stays finite. Tested in ``tests/test_ev
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +68,12 @@ def _neighbour_sum(values: Array) -> Array:
     """``Σ_j w_ij values_j`` over the 8 neighbours of each pixel of ``(H, W, ...)``, zero outside."""
     height, width = values.shape[:2]
     padded = jnp.pad(values, ((1, 1), (1, 1)) + ((0, 0),) * (values.ndim - 2))
-    return sum(
-        weight * padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
-        for (dy, dx), weight in NEIGHBOUR_WEIGHTS.items()
+    return cast(
+        Array,
+        sum(
+            weight * padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+            for (dy, dx), weight in NEIGHBOUR_WEIGHTS.items()
+        ),
     )
 
 
@@ -137,7 +140,11 @@ def road_impl(
         masks = [
             jax.vmap(functools.partial(removal_mask, order=order))(maps[image_index], percentile) for order in orders
         ]
-        removed = masks[0] if len(orders) == 1 else jnp.where((job // percentiles.shape[0] == 0)[:, None, None], *masks)
+        removed = (
+            masks[0]
+            if len(orders) == 1
+            else cast(Array, jnp.where((job // percentiles.shape[0] == 0)[:, None, None], *masks))
+        )
         imputed = jax.vmap(lambda im, rm: linear_imputation(im, rm, tol, maxiter))(images[image_index], removed)
         draws = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(keys[job, image_index])
         imputed = imputed + noise * removed[..., None] * draws

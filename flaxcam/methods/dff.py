@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +118,7 @@ def nmf(matrix: Array, components: int, seed: int = 0, max_iterations: int = 200
 
     zero = jnp.zeros((), matrix.dtype)
     basis, coefficients, iterations, _, _ = jax.lax.while_loop(running, step, (basis, coefficients, 0, zero, zero))
-    return NMFResult(basis, coefficients, nmf_objective(matrix, basis, coefficients), iterations)
+    return NMFResult(basis, coefficients, nmf_objective(matrix, basis, coefficients), cast(Array, iterations))
 
 
 class Factorization(NamedTuple):

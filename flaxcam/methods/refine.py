@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,9 @@ def mean_fusion(upsampled: Sequence[Array], spatial: int = 2) -> Array:
     its layer, upsampled to the input and clipped at 0), normalized again:
     :math:`N\big(\frac1L \sum_l \max(U(M_l), 0)\big)`. (Bilinear upsampling never goes below 0; the
     cubic-spline zoom of volumes can, and pytorch-grad-cam clips it.)"""
-    return ops.minmax_normalize(sum(jnp.maximum(m, 0) for m in upsampled) / len(upsampled), spatial=spatial)
+    return ops.minmax_normalize(
+        cast(Array, sum(jnp.maximum(m, 0) for m in upsampled)) / len(upsampled), spatial=spatial
+    )
 
 
 def product_fusion(upsampled: Sequence[Array], spatial: int = 2) -> Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ def patch_geometry(
                 cut_cols.append(up_cols[x : x + window])
                 paste_rows.append(down_rows[:, y : y + window])
                 paste_cols.append(down_cols[:, x : x + window])
-    return tuple(np.stack(matrices) for matrices in (cut_rows, cut_cols, paste_rows, paste_cols))
+    return np.stack(cut_rows), np.stack(cut_cols), np.stack(paste_rows), np.stack(paste_cols)
 
 
 def gaussian_blur(maps: Array, size: int = 11, sigma: float = 5.0) -> Array:
@@ -86,7 +87,10 @@ def gaussian_blur(maps: Array, size: int = 11, sigma: float = 5.0) -> Array:
         pad[axis] = (half, half)
         padded = jnp.pad(maps, pad, mode="reflect")
         length = maps.shape[axis]
-        maps = sum(kernel[i] * jax.lax.slice_in_dim(padded, i, i + length, axis=axis % maps.ndim) for i in range(size))
+        maps = cast(
+            Array,
+            sum(kernel[i] * jax.lax.slice_in_dim(padded, i, i + length, axis=axis % maps.ndim) for i in range(size)),
+        )
     return maps
 
 

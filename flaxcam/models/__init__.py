@@ -19,7 +19,7 @@ methods can target by name: ``layer4`` (ResNets), ``block5_conv3`` (VGG16), ``co
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -138,7 +138,7 @@ def init_variables(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224
     """
 
     @jax.jit
-    def _init(rng: jax.Array) -> dict[str, Any]:
+    def _init(rng: jax.Array) -> Mapping[str, Any]:
         return model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
 
     return dict(_init(jax.random.key(seed)))

@@ -36,7 +36,7 @@ from flaxcam.models.resnet import BasicBlock, Bottleneck, ResNet, check_pooling,
 
 __all__ = ["infer_resnet_config", "load_torchvision_resnet"]
 
-_KNOWN_RESNETS = {
+_KNOWN_RESNETS: dict[tuple[tuple[int, ...], type[nn.Module]], Callable[..., ResNet]] = {
     ((2, 2, 2, 2), BasicBlock): resnet18,
     ((3, 4, 6, 3), BasicBlock): resnet34,
     ((3, 4, 6, 3), Bottleneck): resnet50,

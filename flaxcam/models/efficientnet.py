@@ -156,6 +156,8 @@ def depthwise_conv_same(x: jax.Array, kernel: jax.Array, stride: int, dilation: 
             )
             term = window * kernel[u, v, 0, :]
             total = term if total is None else total + term
+    if total is None:
+        raise ValueError(f"depthwise kernel must be at least 1x1, got shape {kernel.shape}")
     return total
 
 

@@ -123,7 +123,7 @@ class ResNet(nnx.Module):
     def __init__(
         self,
         stage_sizes: Sequence[int],
-        block_cls: type,
+        block_cls: type[BasicBlock] | type[Bottleneck],
         num_classes: int = 1000,
         pooling: str = "avg",
         *,
@@ -150,7 +150,7 @@ class ResNet(nnx.Module):
         return self.fc(global_pool(x, self.pooling))
 
 
-_STAGES = {
+_STAGES: dict[str, tuple[tuple[int, ...], type[BasicBlock] | type[Bottleneck]]] = {
     "resnet18": ((2, 2, 2, 2), BasicBlock),
     "resnet34": ((3, 4, 6, 3), BasicBlock),
     "resnet50": ((3, 4, 6, 3), Bottleneck),

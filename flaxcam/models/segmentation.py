@@ -14,7 +14,7 @@ Reference: Long, Shelhamer, Darrell. "Fully Convolutional Networks for Semantic 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -86,7 +86,7 @@ class FCN(nn.Module):
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Per-pixel logits ``(B, H, W, num_classes)`` of NHWC images ``x``."""
-        return self.head(self.backbone(x, train), x.shape[1:3])
+        return self.head(self.backbone(x, train), cast(tuple[int, int], x.shape[1:3]))
 
 
 def fcn_resnet18(num_classes: int = 21, dtype: Dtype = jnp.float32) -> FCN:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -148,4 +148,6 @@ def tiny_vit(
     dtype: Dtype = jnp.float32,
 ) -> TinyViT:
     """A tiny ViT (default: 224×224 images, 16×16 patches → a 14×14 grid, 4 blocks of width 64)."""
-    return TinyViT(num_classes, tuple(int(s) for s in image_size), patch, dim, depth, heads, dtype=dtype)
+    return TinyViT(
+        num_classes, cast(tuple[int, int], tuple(int(s) for s in image_size)), patch, dim, depth, heads, dtype=dtype
+    )
