@@ -43,8 +43,8 @@ def _model(name: str, size: int):
     from flaxcam.models.small import small_cnn
 
     if name == "small_cnn":
-        model = small_cnn(10, (16, 32, 64))
-        return model, model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+        small = small_cnn(10, (16, 32, 64))
+        return small, small.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     model = models.create_model(name)
     return model, models.init_variables(model, (1, size, size, 3))
 
@@ -120,7 +120,7 @@ def benchmark(config: str, batches: int, rounds: int, method: str = "cam") -> di
         bare()  # warm-up: compile
         summarized()
         audited(-1)
-        times = {"bare": [], "summary": [], "audit": []}
+        times: dict[str, list[float]] = {"bare": [], "summary": [], "audit": []}
         for r in range(rounds):
             times["bare"].append(bare())
             times["summary"].append(summarized())

@@ -23,7 +23,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     reference = torchvision.models.resnet18().eval()
     model, variables = load_torchvision_resnet(reference.state_dict())
+    apply_fn = cast(Callable[[Any, jax.Array], jax.Array], model.apply)  # the metrics' ApplyFn: logits
     rng = np.random.default_rng(0)
     batch, size = args.batch, args.size
     images = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         "forward pass": (lambda: forward(variables, flax_images).block_until_ready(), torch_forward, 1),
         "confidence change": (
             lambda: evaluation.confidence_change(
-                model.apply, variables, flax_images, flax_maps, targets
+                apply_fn, variables, flax_images, flax_maps, targets
             ).block_until_ready(),
             lambda: CamMultImageConfidenceChange()(torch_images, maps, pgc_targets, reference),
             2,
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "ROAD MoRF + LeRF, 3 percentiles": (
             lambda: jax.block_until_ready(
                 evaluation.road(
-                    model.apply, variables, flax_images, flax_maps, targets, percentiles=percentiles, chunk_size=16
+                    apply_fn, variables, flax_images, flax_maps, targets, percentiles=percentiles, chunk_size=16
                 )
             ),
             lambda: (
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "deletion + insertion, 20 steps": (
             lambda: jax.block_until_ready(
                 evaluation.deletion_insertion(
-                    model.apply, variables, flax_images, flax_maps, targets, steps=20, chunk_size=32
+                    apply_fn, variables, flax_images, flax_maps, targets, steps=20, chunk_size=32
                 )
             ),
             lambda: _torchcam_deletion(DeletionInsertionMetric, GivenMaps(), torch_images, classes),

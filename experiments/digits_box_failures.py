@@ -60,10 +60,10 @@ def main() -> None:
     maps = saved_or_computed_maps(args.run, data, count)
     truth = test.boxes.astype(np.float32)
     for threshold in (0.1, 0.2, 0.3):
-        hits = np.asarray(localize.box_iou(localize.boxes(jnp.asarray(maps), threshold), truth)) >= 0.5
+        hits = np.asarray(localize.box_iou(localize.boxes(jnp.asarray(maps), threshold), jnp.asarray(truth))) >= 0.5
         print(f"threshold {threshold}: box IoU >= 0.5 for {hits.mean():.3f}")
     boxes = np.asarray(localize.boxes(jnp.asarray(maps), 0.2)).astype(np.float32)
-    miss = np.asarray(localize.box_iou(boxes, truth)) < 0.5
+    miss = np.asarray(localize.box_iou(jnp.asarray(boxes), jnp.asarray(truth))) < 0.5
     width = (boxes[:, 2] - boxes[:, 0]) / (truth[:, 2] - truth[:, 0])
     height = (boxes[:, 3] - boxes[:, 1]) / (truth[:, 3] - truth[:, 1])
     area = width * height

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
@@ -87,9 +88,9 @@ def _per_class(maps: np.ndarray, data) -> dict:
     relative to the digit's box (how the boxes miss)."""
     from flaxcam import localize as loc
 
-    predicted = np.asarray(loc.boxes(maps)).astype(np.float64)
+    predicted = np.asarray(loc.boxes(jnp.asarray(maps))).astype(np.float64)
     truth = np.asarray(data.boxes, np.float64)
-    hit = np.asarray(loc.box_iou(predicted, truth)) >= 0.5
+    hit = np.asarray(loc.box_iou(jnp.asarray(predicted), jnp.asarray(truth))) >= 0.5
     width = (predicted[:, 2] - predicted[:, 0]) / (truth[:, 2] - truth[:, 0])
     height = (predicted[:, 3] - predicted[:, 1]) / (truth[:, 3] - truth[:, 1])
     out = {}
@@ -118,8 +119,12 @@ def _baselines(data) -> dict:
     )
     centred = np.broadcast_to(centre, truth.shape)
     return {
-        "whole_canvas_box_iou>=0.5": float((np.asarray(loc.box_iou(whole, truth)) >= 0.5).mean()),
-        "centred_mean_size_box_iou>=0.5": float((np.asarray(loc.box_iou(centred, truth)) >= 0.5).mean()),
+        "whole_canvas_box_iou>=0.5": float(
+            (np.asarray(loc.box_iou(jnp.asarray(whole), jnp.asarray(truth))) >= 0.5).mean()
+        ),
+        "centred_mean_size_box_iou>=0.5": float(
+            (np.asarray(loc.box_iou(jnp.asarray(centred), jnp.asarray(truth))) >= 0.5).mean()
+        ),
     }
 
 

@@ -76,8 +76,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     train_config = TrainConfig.from_dict(config["train"])
     result = train(
         train_config,
-        SourceFeed(source, train_config, indices=train_indices, worker_count=args.workers),
-        eval_data=SourceFeed(source, train_config, indices=val_indices, worker_count=args.workers),
+        SourceFeed(source, train_config, indices=train_indices.tolist(), worker_count=args.workers),
+        eval_data=SourceFeed(source, train_config, indices=val_indices.tolist(), worker_count=args.workers),
         out=out / "runs" / "ham10000",
         progress=not args.no_progress,
         log=lambda m: print(m, file=sys.stderr),

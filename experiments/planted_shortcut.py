@@ -57,6 +57,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     train_marked = common.digits(config["data"], config["train_count"], seed=0, **marker_kwargs)
     train_clean = common.digits(config["data"], config["train_count"], seed=0)
     test = common.digits(config["data"], config["test_count"], seed=1, **marker_kwargs)
+    assert test.marked is not None  # the marker arguments make the canvases record which carry it
     # Markers pasted on every test image of the other classes: does the marker alone change the answer?
     pasted = test.images.copy()
     rows, cols = marker_region(tuple(config["data"]["size"]), marker["corner"], marker["size"])

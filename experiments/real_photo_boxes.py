@@ -86,7 +86,7 @@ def textures(names: list[str]) -> list[np.ndarray]:
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def make_benchmark(config: dict[str, Any]) -> Benchmark:
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tables_only:
         out = args.out or common.RESULTS
-        results = json.loads((out / "real_photo_boxes.json").read_text())
+        results: dict[str, Any] = json.loads((out / "real_photo_boxes.json").read_text())
         if args.digits is not None:
             results["digits"] = digits_scores(args.digits, rule_grid(results["config"]))
             common.write_json(out / "real_photo_boxes.json", results)
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     names, photos, photo_boxes, photo_kinds = whole_photos(config)
     model, variables, meta = models.pretrained_efficientnet_lite0()
     groups = groups_of(bench.held_out, bench.kinds)
-    results: dict[str, Any] = {
+    results = {
         "config": config,
         "provenance": common.provenance("python -m experiments.real_photo_boxes"),
         "rules": [label for label, _ in grid],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -337,7 +338,7 @@ def test_query_views(full_audit):
 def _fake_audit(path: Path, class_of_rows: np.ndarray, corner_br: np.ndarray, border: np.ndarray) -> None:
     """An audit directory with chosen statistics (other columns filler), written with the store API."""
     n = len(class_of_rows)
-    rows = {field.name: None for field in store.SCHEMA}
+    rows: dict[str, Any] = {field.name: None for field in store.SCHEMA}
     zeros = np.zeros(n, np.float32)
     rows.update(
         index=np.arange(n),

@@ -235,6 +235,7 @@ def start_holding_audit(out: Path, count: int, parts: int) -> subprocess.Popen:
 
 
 def wait_until_held(process: subprocess.Popen, out: Path) -> None:
+    assert process.stderr is not None  # started with stderr=subprocess.PIPE
     held = Path(f"{out}.held")
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT - 30
     while time.monotonic() < deadline and process.poll() is None and not held.exists():

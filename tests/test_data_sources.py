@@ -33,7 +33,7 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 def reference_inputs(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Independent preprocessing: Pillow bilinear resize, then (x / 255 - mean) / std in float64."""
-    resized = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR), np.float64)
+    resized = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR), np.float64)
     return (resized / 255.0 - np.asarray(MEAN)) / np.asarray(STD)
 
 

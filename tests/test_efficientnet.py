@@ -13,6 +13,8 @@ import time
 import warnings
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +73,13 @@ class _StorageRef:
 
 
 class _Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table can be extended
-    dispatch = dict(pickle._Pickler.dispatch)
+    # Entries take the pickler (typeshed's stub says Unpickler) and the object.
+    dispatch: ClassVar[dict[type, Callable[[Any, Any], None]]] = dict(pickle._Pickler.dispatch)
+
+    if TYPE_CHECKING:  # pickle._Pickler internals that typeshed's stub leaves out
+
+        def write(self, data: bytes, /) -> object: ...
+        def memoize(self, obj: object, /) -> None: ...
 
     def _save_global_marker(self, obj: _Global) -> None:
         self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())

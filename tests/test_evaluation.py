@@ -6,6 +6,9 @@ compared: each reference loops over images and steps in NumPy and calls the mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +42,7 @@ def setup():
     return model.apply, variables, images, maps, targets
 
 
-_JITTED = {}
+_JITTED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
 def _score(apply_fn, variables, image, target, score="logit"):

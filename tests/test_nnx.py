@@ -48,6 +48,7 @@ def _twin(variables) -> NNXUserNet:
         getattr(model, name).conv.kernel[...] = params[name]["conv"]["kernel"]
         getattr(model, name).conv.bias[...] = params[name]["conv"]["bias"]
     model.head.kernel[...] = params["head"]["kernel"]
+    assert model.head.bias is not None  # use_bias=True
     model.head.bias[...] = params["head"]["bias"]
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ SIZE = (32, 32)
 
 
 def _config(**overrides) -> T.TrainConfig:
-    values = {
+    values: dict[str, Any] = {
         "model": "small_cnn",
         "model_kwargs": {"features": [4, 8]},
         "input_size": SIZE,

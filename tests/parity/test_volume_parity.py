@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,8 +49,9 @@ class Small3DCNN(nn.Module):
 def _torch_pair(seed: int):
     torch, _ = require_torch()
     torch.manual_seed(seed)
+    module_base: Any = torch.nn.Module  # torch comes from require_torch(), untyped
 
-    class TorchSmall3DCNN(torch.nn.Module):
+    class TorchSmall3DCNN(module_base):
         def __init__(self):
             super().__init__()
             self.block1 = torch.nn.Sequential(torch.nn.Conv3d(1, 6, 3, padding=1), torch.nn.ReLU())
