@@ -430,6 +430,8 @@ def as_model(model: Any, apply_kwargs: tuple = ()) -> Any:
     state travels as the step's variables) or an adapter (returned as is)."""
     if isinstance(model, (LinenModel, NNXModel)) or getattr(model, "is_model_adapter", False):
         return model
+    if hasattr(model, "as_adapter"):  # e.g. flaxcam.methods.guided.GuidedModel
+        return model.as_adapter(apply_kwargs)
     if isinstance(model, nnx.Module):
         return NNXModel(nnx.graphdef(model), apply_kwargs)
     if isinstance(model, nn.Module):

@@ -81,6 +81,16 @@ def check_finite_images(images: Any) -> None:
 
     if isinstance(images, jax.core.Tracer):
         return
+    if isinstance(images, jax.Array) and not images.is_fully_addressable:  # a global array (several processes)
+        for shard in images.addressable_shards:
+            start = shard.index[0].start or 0
+            local = non_finite_images(shard.data)
+            if len(local):
+                raise NonFiniteInputError(
+                    f"images {', '.join(str(int(start + i)) for i in local[:10])} of the global batch have NaN or "
+                    "infinite pixels; explain needs finite inputs (check the preprocessing and the source data)"
+                )
+        return
     bad = non_finite_images(images)
     if len(bad):
         shown = ", ".join(str(int(i)) for i in bad[:10]) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")

@@ -206,7 +206,10 @@ def _plan(explainer: Explainer, variables_key: Any, spec: jax.ShapeDtypeStruct, 
         requested = []
     layer_infos = [resolve_layer(layers, name, spatial_only=explainer.reshape is None) for name in requested]
     check_layer_outputs(layer_infos, spec.shape)
-    check_volumetric(method, layer_infos, spec, aug_smooth=explainer.aug_smooth, eigen_smooth=explainer.eigen_smooth)
+    if explainer.reshape is None:  # reshape= turns token layers into 2-D grids (checked below)
+        check_volumetric(
+            method, layer_infos, spec, aug_smooth=explainer.aug_smooth, eigen_smooth=explainer.eigen_smooth
+        )
     if explainer.reshape is not None:
         for info in layer_infos:
             grid = jax.eval_shape(explainer.reshape, jax.ShapeDtypeStruct(info.shape, spec.dtype))

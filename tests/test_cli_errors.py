@@ -147,7 +147,7 @@ CASES = [
     ("report-out-folder", "report {audit} --out {folder}", "is a folder; give a file name"),
     ("report-gallery-size-negative", "report {audit} --gallery-size -3", "--gallery-size"),
     ("report-missing-audit", "report {root}/absent", "no such audit folder"),
-    ("report-corrupt-manifest", "report {corrupt_manifest}", "corrupt_manifest/manifest.json: corrupt, not valid JSON"),
+    ("report-corrupt-manifest", "report {corrupt_manifest}", "corrupt_manifest/manifest.json is corrupt"),
     ("report-truncated-part", "report {truncated_part}", ".parquet"),
     ("query-empty-sql", "query {audit} ''", "empty SQL query"),
     ("query-bad-sql", "query {audit} 'SELEC 1'", "query failed"),

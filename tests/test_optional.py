@@ -20,6 +20,7 @@ def test_require_returns_the_module():
 
 def test_missing_module_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # (an earlier test may have imported it)
     with pytest.raises(MissingExtraError) as info:
         require("pyarrow.parquet", extra="audit")
     message = str(info.value)
@@ -30,6 +31,7 @@ def test_missing_module_names_the_extra(monkeypatch):
 
 def test_several_extras_and_distribution_names(monkeypatch):
     monkeypatch.setitem(sys.modules, "grain", None)
+    monkeypatch.setitem(sys.modules, "grain.python", None)
     with pytest.raises(MissingExtraError, match=r"flaxcam\[audit\]' or pip install 'flaxcam\[train\]'"):
         require("grain.python", extra=("audit", "train"))
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)

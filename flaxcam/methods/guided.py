@@ -141,6 +141,12 @@ class GuidedModel:
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         return guided_relus(lambda v, *a: self.model.apply(v, *a, **kwargs))(variables, *args)
 
+    def as_adapter(self, apply_kwargs: tuple = ()) -> GuidedAdapter:
+        """The :mod:`flaxcam.capture` adapter of the wrapped model, with guided ReLUs."""
+        from flaxcam.capture import as_model
+
+        return GuidedAdapter(as_model(self.model, apply_kwargs))
+
 
 @dataclasses.dataclass(frozen=True)
 class GuidedAdapter:
