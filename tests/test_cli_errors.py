@@ -151,7 +151,7 @@ CASES = [
     ("report-truncated-part", "report {truncated_part}", ".parquet"),
     ("query-empty-sql", "query {audit} ''", "empty SQL query"),
     ("query-bad-sql", "query {audit} 'SELEC 1'", "query failed"),
-    ("query-corrupt-manifest", "query {corrupt_manifest} 'SELECT 1'", "manifest.json: corrupt"),
+    ("query-corrupt-manifest", "query {corrupt_manifest} 'SELECT 1'", "corrupt_manifest/manifest.json is corrupt"),
     ("layers-unknown-model", "layers --model resnet99", "unknown model 'resnet99'"),
     ("layers-bad-size", "layers --weights {bundle} --size 0,3", "--size"),
     ("train-unknown-source", "train {root}/absent --out {root}/t1", "unknown source"),
