@@ -114,7 +114,7 @@ def test_changed_settings_are_refused_and_bad_names_listed(folder, model_and_var
             metrics="confidence,deletion_insertion,road",
             options=OPTIONS,
         )
-    with pytest.raises(ValueError, match=r"unknown method\(s\) \['gradkam'\]; valid: all, cam"):
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['gradkam'\]; valid: all, ablationcam, cam, "):
         evaluation.evaluate(
             f"folder:{folder}", model, variables, out, preprocessing=Preprocessing(SIZE), methods="gradkam"
         )

@@ -107,7 +107,7 @@ def get_methods(names: str | Sequence[str]) -> list[str]:
         names = list(METHODS) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown or names}; valid: all, {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown or names}; valid: all, {', '.join(sorted(METHODS))}")
     return list(dict.fromkeys(names))
 
 
