@@ -4,6 +4,7 @@
     python -m benchmarks peers   [--models resnet18 resnet50 efficientnet_lite0] [--methods ...] [--batch 16]
     python -m benchmarks scaling [--model resnet18] [--batches 1 2 4 ...] [--sizes 224x224 450x600] [--devices 1 2 4]
     python -m benchmarks cpu-gap [--model resnet50] [--batch 16]
+    python -m benchmarks nnx     [--models efficientnet_lite0 resnet18] [--batch 16]
 
 ``peers``: flaxcam's forward pass and every registered method, and — when the ``parity`` extra is
 installed — torch's forward pass, pytorch-grad-cam, torchcam and captum (Grad-CAM, GradCAM++, HiResCAM,
@@ -12,7 +13,10 @@ ResNets with seeded random weights saved once and loaded by both sides; Efficien
 ImageNet weights), the same images, batch and thread count. ``scaling``: flaxcam's forward pass and
 Grad-CAM over batch sizes, image sizes and the number of (emulated) devices, with the peak memory of
 each configuration. ``cpu-gap``: XLA CPU flags, bfloat16, preprocessing inside the jitted step and
-torch thread settings, each in its own process, against the default configuration.
+torch thread settings, each in its own process, against the default configuration. ``nnx``: the same
+models as linen modules and as their NNX twins holding the same weights (forward, CAM, Grad-CAM; ratio
+NNX / linen), and the pure explainer step ``jax.jit(flaxcam.explainer(...))`` (``<method>-step``) against
+the jitted forward pass at batch 1 and at ``--batch`` (``explain``'s host work left out).
 
 Each library runs in its own worker process; candidates are timed interleaved, round by round, after
 warm-up, and images/s come from the median round (:mod:`flaxcam.bench.runner`). Writes
@@ -249,6 +253,31 @@ def run_cpu_gap(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
     return records
 
 
+def run_nnx(args: argparse.Namespace) -> list[dict]:
+    """Linen and the NNX twin on the same weights, interleaved: forward, CAM and Grad-CAM through
+    ``explain`` and through the jitted explainer step, at batch 1 and ``--batch``."""
+    records: list[dict] = []
+    for model in args.models:
+        spec = {
+            "library": "flaxcam",
+            "model": model,
+            "batches": sorted({1, args.batch}),
+            "size": list(args.size),
+            "seed": 0,
+            "warmup": args.warmup,
+            "methods": list(args.methods or NNX_METHODS),
+            "dtype": "float32",
+            "step": True,
+        }
+        print(f"[bench] nnx: {model}, batches 1 and {args.batch}, {args.size[0]}x{args.size[1]}", flush=True)
+        specs = [("linen", spec, _env(args), args.threads), ("nnx", {**spec, "api": "nnx"}, _env(args), args.threads)]
+        records += report.add_ratios(runner.run_workers(specs, args.rounds, memory=False), baseline_worker="linen")
+    return records
+
+
+#: Methods of the ``nnx`` comparison (the issue's: CAM and Grad-CAM).
+NNX_METHODS = ("cam", "gradcam")
+
 #: Worker processes per cpu-gap group (the default included).
 CPU_GAP_GROUP = 6
 
@@ -382,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers = sub.add_parser("peers", help="flaxcam against pytorch-grad-cam, torchcam and captum")
     scaling = sub.add_parser("scaling", help="batch size, image size and device count curves with peak memory")
     gap = sub.add_parser("cpu-gap", help="XLA CPU options, bfloat16, fused preprocessing and torch threads")
-    for p in (parser, everything, peers, scaling, gap):
+    nnx = sub.add_parser("nnx", help="NNX twins against linen on the same weights, and the jitted explainer step")
+    for p in (parser, everything, peers, scaling, gap, nnx):
         _add_common(p)
     for p in (parser, everything, peers):
         _add_peers(p)
@@ -391,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--model", default="resnet50")
     gap.add_argument("--batch", type=int, default=16)
     gap.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    nnx.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet18"])
+    nnx.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(NNX_METHODS)}")
+    nnx.add_argument("--batch", type=int, default=16)
+    nnx.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     return parser
 
 
@@ -434,12 +468,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 "peers": ("peers",),
                 "scaling": ("scaling",),
                 "cpu-gap": ("cpu_gap",),
+                "nnx": ("nnx",),
             }[command]
             for part in parts:  # each part's files are written as soon as it is done
                 if part == "peers":
                     records = run_peers(args, weights_dir)
                 elif part == "scaling":
                     records = run_scaling(args)
+                elif part == "nnx":
+                    records = run_nnx(args)
                 else:
                     records = run_cpu_gap(args, weights_dir)
                 written += _write(part, records, args, len(parts), command_line, machine, started)

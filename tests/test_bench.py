@@ -257,3 +257,18 @@ def test_efficientnet_peer_model_has_the_references_logits():
     images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32))
     with torch.no_grad():
         torch.testing.assert_close(efficientnet_lite0_reference()(images), reference.eval()(images), rtol=0, atol=0)
+
+
+def test_nnx_twin_of_a_reference_model_has_the_linen_logits():
+    """``api="nnx"`` times the NNX twin holding the linen model's weights (the ``nnx`` benchmark's pair)."""
+    import jax
+
+    from flaxcam.bench import models
+
+    spec = {"model": "resnet18", "size": [32, 32], "seed": 3}
+    linen, twin = models.load(spec), models.load({**spec, "api": "nnx"})
+    assert (linen.api, twin.api, twin.variables) == ("linen", "nnx", None)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    np.testing.assert_allclose(twin.model(images), linen.model.apply(linen.variables, images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="NNX twin: resnet18, resnet34, resnet50, efficientnet_lite0"):
+        models.load({"model": "small_cnn", "api": "nnx"})

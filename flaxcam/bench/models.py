@@ -10,6 +10,10 @@ Four sources, in the order they are tried:
 * ``name`` — a registered reference model (:data:`flaxcam.models.MODELS`, seeded random weights:
   speed does not depend on their values);
 * nothing (or ``name="efficientnet_lite0"``) — the pretrained default, EfficientNet-Lite0 on ImageNet.
+
+With ``api="nnx"`` a reference model (ResNet-18/34/50, EfficientNet-Lite0) is built as its NNX twin
+holding the same weights as the linen model of the same spec (:data:`NNX_TWINS`), so the two APIs are
+timed on identical weights.
 """
 
 from __future__ import annotations
@@ -96,9 +100,33 @@ def _is_nnx(model: Any) -> bool:
     return isinstance(model, nnx.Module)
 
 
+#: Reference models with an NNX twin: name -> ``module:function`` taking the linen variables.
+NNX_TWINS = {
+    "resnet18": "flaxcam.models.nnx_resnet:resnet18_nnx",
+    "resnet34": "flaxcam.models.nnx_resnet:resnet34_nnx",
+    "resnet50": "flaxcam.models.nnx_resnet:resnet50_nnx",
+    "efficientnet_lite0": "flaxcam.models.nnx_efficientnet:efficientnet_lite0_nnx",
+}
+
+
+def _nnx_twin(loaded: LoadedModel, name: str) -> LoadedModel:
+    """``loaded`` (a linen reference model) as its NNX twin with the same weights."""
+    if name not in NNX_TWINS or loaded.api != "linen":
+        raise ValueError(f"api='nnx' needs a reference model with an NNX twin: {', '.join(NNX_TWINS)}; got {name!r}")
+    num_classes = loaded.variables["params"]["fc" if name.startswith("resnet") else "_fc"]["kernel"].shape[-1]
+    build: Callable[..., Any] = import_factory(NNX_TWINS[name])
+    twin = build(loaded.variables, num_classes=num_classes)
+    return dataclasses.replace(loaded, model=twin, variables=None, api="nnx", dtype_applied="inputs")
+
+
 def load(spec: Mapping[str, Any]) -> LoadedModel:
     """Build the model of a worker spec (keys ``model``, ``weights``, ``factory``, ``layer``, ``size``,
-    ``dtype``, ``seed``)."""
+    ``dtype``, ``seed``, ``api``)."""
+    if spec.get("api", "linen") == "nnx":
+        if spec.get("factory") or spec.get("weights"):
+            raise ValueError("api='nnx' builds the NNX twin of a reference model (--model NAME), not a file or factory")
+        name = spec.get("model") or "efficientnet_lite0"
+        return _nnx_twin(load({**spec, "api": "linen", "dtype": "float32"}), name)
     import jax.numpy as jnp
 
     from flaxcam import models

@@ -306,14 +306,15 @@ def chart(part: str, records: list[dict], path: Path) -> None:
         for row, model in enumerate(groups):
             ax = figure.add_subplot(len(groups), 1, row + 1)
             subset = [r for r in ok if r["model"] == model]
-            labels = [f"{r['worker'] if part == 'cpu_gap' else r['library']}\n{r['method']}" for r in subset]
+            labels = [f"{r['worker'] if part in ('cpu_gap', 'nnx') else r['library']}\n{r['method']}" for r in subset]
             colors = ["tab:blue" if r["library"] == "flaxcam" else "tab:gray" for r in subset]
             ax.bar(range(len(subset)), [r["images_per_s"] for r in subset], color=colors)
             ax.set_xticks(range(len(subset)), labels, rotation=60, ha="right", fontsize=7)
             ax.set_ylabel("images/s")
             first = subset[0]
+            batches = "/".join(str(b) for b in sorted({r["batch"] for r in subset}))
             ax.set_title(
-                f"{model}, batch {first['batch']}, {first['size'][0]}x{first['size'][1]}, "
+                f"{model}, batch {batches}, {first['size'][0]}x{first['size'][1]}, "
                 f"{first['dtype']}, {first['device']} (blue: flaxcam, gray: PyTorch)"
             )
     figure.tight_layout()

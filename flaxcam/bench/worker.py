@@ -164,6 +164,28 @@ def _explainer(
     return lambda images: flaxcam.explain(loaded.model, loaded.variables, images, **options, devices=devices).maps
 
 
+def _jitted_step(
+    loaded, method: str, layer: str | None, chunk_size: int, method_options: dict[str, Any] | None = None
+) -> Callable:
+    """``jax.jit(flaxcam.explainer(...))``: the pure explainer step, called as ``step(variables, images)``
+    (an NNX model's state for NNX), without :func:`flaxcam.explain`'s host work (bucketing, padding,
+    placement, input checks)."""
+    import jax
+
+    import flaxcam
+
+    return jax.jit(
+        flaxcam.explainer(
+            loaded.model,
+            method=method,
+            layer=None if flaxcam.METHODS[method].bias_layers else layer,
+            chunk_size=chunk_size,
+            score=score_for(method),
+            method_options=options_for(method, method_options or {}),
+        )
+    )
+
+
 def _postprocess(size: tuple[int, int]) -> Callable:
     """explain's post-processing of raw maps ``(B, T, h, w)``, jitted alone: ReLU, min-max, resize to
     ``size``, min-max again."""
@@ -241,6 +263,11 @@ def flax_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[str
                 continue
             run = _explainer(loaded, name, layer, chunk_size, devices, spec.get("method_options"))
             candidates[key] = lambda images=images, run=run: run(images)
+            if spec.get("step"):
+                step = _jitted_step(loaded, name, layer, chunk_size, spec.get("method_options"))
+                candidates[candidate_key("flaxcam", f"{name}-step", batch)] = lambda images=images, step=step: (
+                    step(variables, images).maps
+                )
         if spec.get("split"):
             probe = _explainer(loaded, "gradcam", layer, chunk_size, devices)
             candidates[candidate_key("flaxcam", "forward+backward", batch)] = lambda images=images, probe=probe: probe(
