@@ -98,3 +98,11 @@ def check_finite_images(images: Any) -> None:
             f"images {shown} of the batch of {images.shape[0]} have NaN or infinite pixels; "
             "explain needs finite inputs (check the preprocessing and the source data)"
         )
+
+
+def check_image_ids(image_ids: Any, batch: int) -> np.ndarray:
+    """``image_ids`` as ``(batch,)`` uint32 (the ids that key each image's noise), or a clear error."""
+    ids = np.asarray(image_ids)
+    if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"image_ids must be {batch} ints (one per image), got shape {ids.shape} and dtype {ids.dtype}")
+    return ids.astype(np.uint32)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam.capture import is_nnx
-from flaxcam.errors import check_explain_arguments
+from flaxcam.errors import check_explain_arguments, check_image_ids
 from flaxcam.plan import explainer
 from flaxcam.probe import OutputFn
 from flaxcam.step import Explanation, explain_step
@@ -200,12 +200,7 @@ def explain(
     )
     ids = None
     if image_ids is not None:
-        ids = np.asarray(image_ids)
-        if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(
-                f"image_ids must be {batch} ints (one per image), got shape {ids.shape} and dtype {ids.dtype}"
-            )
-        ids = jax.device_put(_pad_batch(ids.astype(np.uint32), padded), batch_sharding)
+        ids = jax.device_put(_pad_batch(check_image_ids(image_ids, batch), padded), batch_sharding)
     step_key = None
     if "key" in config.method.inputs:
         step_key = jax.random.key(0) if key is None else key

@@ -234,6 +234,28 @@ def test_road_noise_only_on_removed_pixels_and_reproducible(setup):
     assert not np.allclose(a, c, atol=1e-9) and np.allclose(a, c, atol=0.2)
 
 
+def test_road_noise_follows_the_image_id_not_its_place_in_the_batch(setup):
+    """An image's imputation noise is keyed by its id: the same image scored first in one batch and last
+    in another (or alone) gets the same ROAD value; without ids the position keys it."""
+    apply_fn, variables, images, maps, targets = setup
+    kwargs = {"percentiles": (30, 70), "orders": ("morf", "lerf"), "score": "logit", "key": jax.random.key(5)}
+    ids = np.arange(len(images)) + 100
+    order = np.arange(len(images))[::-1]
+    forward = evaluation.road(apply_fn, variables, images, maps, targets, image_ids=ids, **kwargs)
+    reverse = evaluation.road(
+        apply_fn, variables, images[order], maps[order], targets[order], image_ids=ids[order], **kwargs
+    )
+    alone = evaluation.road(apply_fn, variables, images[-1:], maps[-1:], targets[-1:], image_ids=ids[-1:], **kwargs)
+    for name in ("morf", "lerf"):
+        np.testing.assert_allclose(reverse[name][:, order.argsort()], forward[name], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(alone[name][:, 0], forward[name][:, -1], rtol=0, atol=1e-12)
+    by_position = evaluation.road(apply_fn, variables, images, maps, targets, **kwargs)["morf"]
+    reversed_by_position = evaluation.road(apply_fn, variables, images[order], maps[order], targets[order], **kwargs)
+    assert not np.allclose(reversed_by_position["morf"][:, order.argsort()], by_position, atol=1e-9)
+    with pytest.raises(ValueError, match=r"image_ids must be \d+ ints \(one per image\)"):
+        evaluation.road(apply_fn, variables, images, maps, targets, image_ids=ids[:1], **kwargs)
+
+
 def test_road_with_nothing_kept_imputes_zeros(setup):
     """Documented choice: a constant map removes every pixel at any percentile (ties at the threshold are
     removed); SciPy's system is singular there, flaxcam imputes 0 (the normalized mean) and stays finite."""

@@ -270,7 +270,8 @@ def evaluate(
             targets = np.where(batch.labels >= 0, batch.labels, 0).astype(np.int32)
         else:
             targets = np.asarray(jnp.argmax(forward(variables, images), axis=1)).astype(np.int32)
-        rows = _score_batch(apply_fn, variables, images, targets, valid, explain_fns, chosen, fresh, options)
+        ids = np.asarray(batch.indices).astype(np.int64)
+        rows = _score_batch(apply_fn, variables, images, targets, valid, explain_fns, chosen, fresh, options, ids)
         base = {
             "index": batch.indices[valid].astype(np.int64),
             "id": [batch.ids[i] for i in np.flatnonzero(valid)],
@@ -291,7 +292,7 @@ def evaluate(
     return write_leaderboard(out_dir, resamples=resamples, class_names=class_names)
 
 
-def _score_batch(apply_fn, variables, images, targets, valid, explain_fns, chosen, fresh, options) -> dict:
+def _score_batch(apply_fn, variables, images, targets, valid, explain_fns, chosen, fresh, options, ids) -> dict:
     """``{method: {column: values of the valid rows}}`` with the per-image seconds of each step."""
     out = {}
     count = int(valid.sum())
@@ -299,7 +300,7 @@ def _score_batch(apply_fn, variables, images, targets, valid, explain_fns, chose
         tick = time.perf_counter()
         maps = jax.block_until_ready(explain_fn(variables, images, jnp.asarray(targets)))
         columns: dict[str, Any] = {"seconds_explain": np.full(count, (time.perf_counter() - tick) / count)}
-        context = Batch(apply_fn, variables, images, maps, jnp.asarray(targets), explain_fn, fresh, options)
+        context = Batch(apply_fn, variables, images, maps, jnp.asarray(targets), explain_fn, fresh, options, ids)
         for metric in chosen:
             tick = time.perf_counter()
             values = jax.block_until_ready(metric.compute(context))

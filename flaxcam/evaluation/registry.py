@@ -42,9 +42,9 @@ def explainer(model: Any, method: str, layer: str | None = None, **explain_optio
 class Batch:
     """What a metric sees: ``apply_fn(variables, images) -> logits``, preprocessed ``images`` (B, H, W, C),
     one method's ``maps`` (B, H, W), ``targets`` (B,), ``explain_fn`` (that method, for coherency and the
-    randomization check), ``fresh`` variables (a new initialization, for the randomization check) and the
+    randomization check), ``fresh`` variables (a new initialization, for the randomization check), the
     metric ``options`` (``score``, ``steps``, ``baseline``, ``percentiles``, ``chunk_size``, ``key``,
-    ``cascade``)."""
+    ``cascade``) and ``image_ids`` ``(B,)`` (dataset indices: they key ROAD's per-image noise)."""
 
     apply_fn: ApplyFn
     variables: Any
@@ -54,6 +54,7 @@ class Batch:
     explain_fn: ExplainFn | None = None
     fresh: Any = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    image_ids: Any = None
 
     def option(self, name: str, default: Any) -> Any:
         return self.options.get(name, default)
@@ -111,6 +112,7 @@ def _road(batch: Batch) -> dict[str, Array]:
         chunk_size=batch.option("chunk_size", 32),
         noise=batch.option("noise", 0.01),
         key=batch.option("key", None),
+        image_ids=batch.image_ids,
     )
     morf, lerf = changes["morf"].mean(axis=0), changes["lerf"].mean(axis=0)
     return {"road_morf": morf, "road_lerf": lerf, "road_combined": (lerf - morf) / 2}

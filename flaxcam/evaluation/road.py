@@ -36,6 +36,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
+from flaxcam.errors import check_image_ids
 from flaxcam.evaluation.common import (
     ApplyFn,
     Array,
@@ -112,6 +113,17 @@ def removal_mask(cam: Array, percentile: Array, order: str) -> Array:
     return values >= jnp.percentile(values, percentile)
 
 
+def noise_keys(key: Array, count: int, batch: int, image_ids: Array | None = None) -> Array:
+    """``(count, B)`` keys of the imputation noise: ``fold_in(fold_in(key, image_ids[b]), job)`` for the
+    ``count`` (order, percentile) jobs of image ``b`` (``image_ids`` default: positions ``0 .. B-1``), so an
+    image's noise depends on its id only, not on the batch it came in or its place there (the
+    convention of :func:`flaxcam.step.per_image_keys`)."""
+    ids = jnp.arange(batch, dtype=jnp.uint32) if image_ids is None else jnp.asarray(image_ids).astype(jnp.uint32)
+    jobs = jnp.arange(count, dtype=jnp.uint32)
+    per_image = jax.vmap(lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, i), j))(jobs))(ids)
+    return jnp.swapaxes(per_image, 0, 1)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "score", "orders", "chunk_size", "maxiter"))
 def road_impl(
     apply_fn: ApplyFn,
@@ -127,12 +139,13 @@ def road_impl(
     chunk_size: int,
     tol: float | None = None,
     maxiter: int | None = None,
+    image_ids: Array | None = None,
 ) -> Array:
     """Jitted body of :func:`road`: ``(len(orders), len(percentiles), B)`` score changes."""
     batch = images.shape[0]
     count = len(orders) * percentiles.shape[0]
     original = target_scores(apply_fn, variables, images, targets, score)
-    keys = jax.random.split(key, count * batch).reshape(count, batch)
+    keys = noise_keys(key, count, batch, image_ids)
 
     def score_rows(index: Array) -> Array:
         job, image_index = index // batch, index % batch
@@ -169,6 +182,7 @@ def road(
     chunk_size: int = 16,
     tol: float | None = None,
     maxiter: int | None = None,
+    image_ids=None,
 ) -> dict[str, Array]:
     r"""ROAD score changes at each percentile: ``{"morf": (P, B), "lerf": (P, B)}`` (those in ``orders``),
 
@@ -178,7 +192,9 @@ def road(
     (percentile=p)`` and ``ROADLeastRelevantFirst(percentile=p)`` are the rows; their averages over the
     percentiles are :func:`road_average`, and :func:`road_combined` is ``(LeRF - MoRF) / 2``. One compiled
     program for all orders, percentiles and images, ``chunk_size`` imputed images per forward pass.
-    ``key`` draws the imputation noise (default ``jax.random.key(0)``; ``noise=0`` for none).
+    ``key`` draws the imputation noise (default ``jax.random.key(0)``; ``noise=0`` for none), per image
+    from ``image_ids`` ``(B,)`` (e.g. dataset indices; default: positions in the batch), so an image gets
+    the same noise in any batch (:func:`noise_keys`).
     """
     check_score(score)
     check_positive("chunk_size", chunk_size)
@@ -205,6 +221,7 @@ def road(
         int(chunk_size),
         tol,
         maxiter,
+        None if image_ids is None else check_image_ids(image_ids, images.shape[0]),
     )
     return {order: changes[i] for i, order in enumerate(orders)}
 
