@@ -51,7 +51,9 @@ class Explanation:
         With several layers, ``low_res`` and ``raw`` are tuples (one array per layer, in order) and
         ``maps`` fuses them: the mean of the per-layer upsampled maps, normalized again.
         FullGrad has no layer resolution: ``raw`` is its map at the input resolution and ``low_res``
-        equals ``maps``; its ``layer`` is ``"input+biases"``.
+        equals ``maps``; its ``layer`` is ``"input+biases"``. An attention method (LeGrad) gives one
+        map on the patch grid for all its blocks: ``low_res`` and ``raw`` are single arrays even when
+        ``layer`` is a tuple of blocks.
       logits: ``(B, K)`` model outputs; ``probabilities``: their softmax.
       targets: ``(B, T)`` int32 class index explained by each map; ``scores``: ``(B, T)`` their logits.
       method, layer: what produced the maps.
