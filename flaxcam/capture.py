@@ -33,6 +33,11 @@ Array = jax.Array
 Path = tuple[str | int, ...]
 
 
+#: Class names of the modules whose output is a transformer block's attention probabilities
+#: ``(B, heads, queries, keys)`` (the softmax over the keys), read by the attention methods (LeGrad).
+ATTENTION_TYPES = ("AttentionProbabilities",)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
     """One callable submodule of a model: dotted name, module class name and output shape."""
@@ -44,8 +49,14 @@ class LayerInfo:
     @property
     def is_spatial(self) -> bool:
         """True for ``(batch, height, width, channels)`` outputs, the ones a CAM can be computed on, and
-        ``(batch, depth, height, width, channels)`` outputs of 3-D networks."""
-        return len(self.shape) in (4, 5)
+        ``(batch, depth, height, width, channels)`` outputs of 3-D networks (attention probabilities
+        ``(batch, heads, queries, keys)`` are not)."""
+        return len(self.shape) in (4, 5) and not self.is_attention
+
+    @property
+    def is_attention(self) -> bool:
+        """True for attention probabilities ``(batch, heads, queries, keys)`` (:data:`ATTENTION_TYPES`)."""
+        return self.module_type in ATTENTION_TYPES and len(self.shape) == 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +93,8 @@ class ModelAdapter(Protocol):
     def effective_bias(self, variables: Any, layer: BiasLayer) -> Array: ...
 
     def head_kernel(self, variables: Any, head: str) -> Array: ...
+
+    def call_method(self, variables: Any, name: str, *args: Any) -> Any: ...
 
 
 def layer_name(path: Path) -> str:
@@ -166,6 +179,12 @@ class LinenModel:
     def head_kernel(self, variables, head):
         return _subtree(variables, "params", head)["kernel"]
 
+    def call_method(self, variables, name, *args):
+        """``module.name(*args)`` with these variables (e.g. ``project_tokens``)."""
+        if not callable(getattr(self.module, name, None)):
+            raise LayerError(f"{type(self.module).__name__} has no method {name!r}")
+        return self.module.apply(variables, *args, method=name)
+
     def example_variables(self, spec: jax.ShapeDtypeStruct) -> Any:
         """Concrete random variables for a one-off numerical check of the architecture."""
         with jax.ensure_compile_time_eval():
@@ -173,9 +192,15 @@ class LinenModel:
 
 
 def _tapped(out: Array, index: int, deltas, replacements) -> Array:
-    if replacements is not None and replacements[index] is not None:
-        out = replacements[index]
-    if deltas is not None:
+    """What the network continues with after a tapped layer: its output, or ``replacements[index]`` (an
+    array, or a function of the output such as ``jax.lax.stop_gradient``), plus ``deltas[index]``
+    (either None: unchanged)."""
+    replacement = None if replacements is None else replacements[index]
+    if callable(replacement):
+        out = replacement(out)
+    elif replacement is not None:
+        out = replacement
+    if deltas is not None and deltas[index] is not None:
         out = out + deltas[index]
     return out
 
@@ -368,6 +393,13 @@ class NNXModel:
         if kernel is None:
             raise KeyError(head)
         return kernel[...]
+
+    def call_method(self, variables, name, *args):
+        """``model.name(*args)`` on a private copy of the model with this state."""
+        model = self._merged(variables)
+        if not callable(getattr(model, name, None)):
+            raise LayerError(f"{type(model).__name__} has no method {name!r}")
+        return getattr(model, name)(*args)
 
 
 def _record_all(model: NNXModel, variables_key, spec, on_call: Callable[[str, nnx.Module, Any], None]) -> None:

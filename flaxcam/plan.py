@@ -12,6 +12,7 @@ convenience wrapper around the same step.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,7 +25,14 @@ from flax import nnx
 from flaxcam.capture import LayerError, LayerInfo, NNXModel, as_model, is_nnx, training_mode_modules
 from flaxcam.errors import check_layer_outputs
 from flaxcam.methods import Method, get_method
-from flaxcam.probe import OutputFn, default_output_fn, forward_at_layer, resolve_layer, shape_key
+from flaxcam.probe import (
+    OutputFn,
+    default_output_fn,
+    forward_at_layer,
+    resolve_attention_blocks,
+    resolve_layer,
+    shape_key,
+)
 from flaxcam.step import Explanation, StepConfig, explain_step
 from flaxcam.targets import CLASS_SCORES, Binary, Embedding, Segmentation, TargetSpec, resolve_targets
 from flaxcam.volumes import check_volumetric
@@ -130,6 +138,11 @@ class Explainer:
             target_spec.kind not in ("argmax", "classes", "top_k") or target_spec.score != "logit"
         ):
             raise ValueError(f"{self.method.name} needs class targets scored by their logit (score='logit')")
+        if self.method.attention_layers and target_spec.kind not in ("argmax", "classes", "top_k"):
+            raise ValueError(
+                f"{self.method.name} explains class targets (top class, top_k= or class indices): it scores each "
+                f"block's tokens with the model's classifier; got a {target_spec.kind!r} target"
+            )
         return StepConfig(
             self.model,
             self.method,
@@ -141,9 +154,10 @@ class Explainer:
             self.eigen_smooth,
             self.chunk_size,
             self.aug_smooth,
-            self.reshape,
+            planned.reshape or self.reshape,
             self.method_options,
             planned.biased,
+            planned.attention,
         )
 
     def _targets(self, targets: Any, batch: int, output_shape: tuple[int, ...]) -> tuple[TargetSpec, dict | None]:
@@ -186,6 +200,8 @@ class _Planned:
     head_features: str
     biased: tuple
     output_shape: tuple[int, ...]
+    attention: tuple[str, ...] = ()  # attention methods: the attention layer of each block
+    reshape: Callable[[Array], Array] | None = None  # attention methods: tokens -> patch grid
 
 
 _PLANS: dict[tuple, _Planned] = {}
@@ -204,6 +220,8 @@ def _plan(explainer: Explainer, variables_key: Any, spec: jax.ShapeDtypeStruct, 
     )
     if method.bias_layers:
         requested = []
+    if method.attention_layers:
+        return _plan_attention(explainer, layers, requested, variables_key, spec, cache_key)
     layer_infos = [resolve_layer(layers, name, spatial_only=explainer.reshape is None) for name in requested]
     check_layer_outputs(layer_infos, spec.shape)
     if explainer.reshape is None:  # reshape= turns token layers into 2-D grids (checked below)
@@ -228,6 +246,49 @@ def _plan(explainer: Explainer, variables_key: Any, spec: jax.ShapeDtypeStruct, 
             head_name, head_features = _find_head(model, example, layers, info, explainer.head, spec)
     biased = model.bias_layers(variables_key, spec) if "bias_gradients" in method.inputs else ()
     planned = _Planned(tuple(info.name for info in layer_infos), head_name, head_features, biased, tuple(output.shape))
+    _PLANS[cache_key] = planned
+    return planned
+
+
+def _plan_attention(
+    explainer: Explainer,
+    layers: list[LayerInfo],
+    requested: list,
+    variables_key: Any,
+    spec: jax.ShapeDtypeStruct,
+    cache_key: tuple,
+) -> _Planned:
+    """An attention method's blocks (``layer=``, default: every block), their attention layers and the
+    patch grid: ``reshape=`` or, as torchcam, one prefix token and a square grid."""
+    blocks, attention = resolve_attention_blocks(layers, requested, explainer.method.name)
+    keys = attention[0].shape[-1]
+    reshape = explainer.reshape
+    if reshape is None:
+        side = math.isqrt(keys - 1)
+        if keys < 2 or side * side != keys - 1:
+            raise LayerError(
+                f"{explainer.method.name}: the attention of {attention[0].name!r} has {keys} keys, not one class "
+                "token and a square patch grid; pass reshape=flaxcam.models.token_grid((h, w), prefix_tokens)"
+            )
+        from flaxcam.models.vit import TokenGrid  # the models package is imported on demand only
+
+        reshape = TokenGrid((side, side), 1)
+    grid = jax.eval_shape(reshape, jax.ShapeDtypeStruct((spec.shape[0], keys, 1), spec.dtype))
+    if len(grid.shape) != 4 or grid.shape[0] != spec.shape[0] or grid.shape[-1] != 1:
+        raise ValueError(
+            f"reshape must turn the {keys} key tokens of {attention[0].name!r}, (batch, {keys}, 1), into "
+            f"(batch, height, width, 1); it gave {grid.shape}"
+        )
+    output = jax.eval_shape(lambda v, x: explainer.output_fn(explainer.model.apply(v, x)), variables_key.tree, spec)
+    planned = _Planned(
+        tuple(info.name for info in blocks),
+        None,
+        "identity",
+        (),
+        tuple(output.shape),
+        attention=tuple(info.name for info in attention),
+        reshape=reshape,
+    )
     _PLANS[cache_key] = planned
     return planned
 
@@ -351,7 +412,9 @@ def explainer(
     requested = [layer] if layer is None or isinstance(layer, str) else list(layer)
     if not requested:
         raise ValueError("layer= must name at least one layer")
-    if reshape is not None and None in requested:
+    if chosen.attention_layers and (aug_smooth or eigen_smooth):
+        raise ValueError(f"{chosen.name} takes no aug_smooth= or eigen_smooth= (it reads attention, not a feature map)")
+    if reshape is not None and None in requested and not chosen.attention_layers:
         raise ValueError("with reshape=, name the layer(s) whose output it turns into a grid (layer=...)")
     if chosen.bias_layers and (layer is not None or reshape is not None or eigen_smooth):
         raise ValueError(

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 
 from flaxcam import ops
 from flaxcam.capture import (
+    ATTENTION_TYPES,
     BiasLayer,
     LayerError,
     LayerInfo,
@@ -36,6 +37,7 @@ OutputFn = Callable[[Any], Array]
 ScoreFn = Callable[[Array], tuple[Array, Any]]
 
 __all__ = [
+    "AttentionProbe",
     "BiasLayer",
     "Diagonals",
     "HessianProbe",
@@ -53,7 +55,9 @@ __all__ = [
     "layer_name",
     "list_layers",
     "probe",
+    "probe_attention",
     "probe_hessian",
+    "resolve_attention_blocks",
     "resolve_layer",
     "shape_key",
 ]
@@ -87,6 +91,17 @@ class Diagonals(NamedTuple):
 
     second: tuple[Array, ...]
     third: tuple[Array, ...]
+
+
+class AttentionProbe(NamedTuple):
+    """What the attention methods read: per block, its attention probabilities ``(B, heads, N, N)`` and
+    the gradients ``(B, T, heads, N, N)`` of that block's own target scores with respect to them."""
+
+    logits: Array
+    scores: Array
+    chosen: Any
+    attention: tuple[Array, ...]
+    gradients: tuple[Array, ...]
 
 
 class InputGradients(NamedTuple):
@@ -153,6 +168,54 @@ def resolve_layer(layers: list[LayerInfo], name: str | None, spatial_only: bool 
             f"spatial outputs: {_format_names(layers, spatial_only=True)}"
         )
     return info
+
+
+def resolve_attention_blocks(
+    layers: list[LayerInfo], names: list[str | None], method: str = "legrad"
+) -> tuple[tuple[LayerInfo, ...], tuple[LayerInfo, ...]]:
+    """The transformer blocks ``names`` (``[None]``: every block, in call order) and the attention
+    probabilities layer of each, ``(blocks, attention)``.
+
+    An attention layer is a submodule of a class in :data:`flaxcam.capture.ATTENTION_TYPES` with a
+    ``(B, heads, N, N)`` output; its block is its shallowest enclosing layer that holds no other
+    attention layer and returns ``(B, N, D)`` tokens (``blocks_0`` for ``blocks_0.attention.probabilities``
+    of :class:`flaxcam.models.TinyViT`). Clear errors name the model's layers when it has no attention
+    layer, and the blocks when a name is not one."""
+    attention = [info for info in layers if info.is_attention]
+    if not attention:
+        raise LayerError(
+            f"{method} reads the attention probabilities of a vision transformer's blocks (the output of a "
+            f"submodule of class {' / '.join(ATTENTION_TYPES)}, as in flaxcam.models.TinyViT), and this model "
+            f"computes none; its layers are: {_format_names(layers, spatial_only=False)}"
+        )
+    by_name = {info.name: info for info in layers}
+    blocks: dict[str, tuple[LayerInfo, LayerInfo]] = {}
+    for info in attention:
+        parts = info.name.split(".")
+        for depth in range(1, len(parts)):
+            candidate = by_name.get(".".join(parts[:depth]))
+            if candidate is None or len(candidate.shape) != 3 or candidate.shape[1] != info.shape[-1]:
+                continue
+            inside = [a for a in attention if a.name.startswith(candidate.name + ".")]
+            if len(inside) == 1:
+                blocks[candidate.name] = (candidate, info)
+                break
+    if not blocks:
+        raise LayerError(
+            f"{method}: no layer encloses exactly one attention layer and returns (batch, tokens, dim) tokens; "
+            f"attention layers: {[info.name for info in attention]}"
+        )
+    requested = list(blocks) if names == [None] else names
+    unknown = [name for name in requested if name not in blocks]
+    if unknown:
+        raise LayerError(
+            f"{method} explains transformer blocks; {unknown} are not blocks with one attention layer. "
+            f"Blocks of this model: {list(blocks)}"
+        )
+    if len(set(requested)) != len(requested):
+        raise LayerError(f"{method}: a block is named twice in {requested}")
+    chosen = [blocks[cast(str, name)] for name in requested]
+    return tuple(block for block, _ in chosen), tuple(info for _, info in chosen)
 
 
 def forward_at_layers(
@@ -271,6 +334,47 @@ def probe(
     scores, vjp_fn, (logits, activations, aux) = jax.vjp(lambda d: scores_of(images, d), deltas, has_aux=True)
     (gradients,) = _per_target_vjp(vjp_fn, scores)
     return Probe(logits, unwrap(activations), unwrap(tuple(gradients)), scores, aux)
+
+
+def probe_attention(
+    model: Any,
+    variables: Any,
+    images: Array,
+    blocks: tuple[str, ...],
+    attention: tuple[str, ...],
+    score_fn: ScoreFn,
+    block_scores: Callable[[Array, Any], Array],
+    *,
+    apply_kwargs: tuple = (),
+    output_fn: OutputFn = default_output_fn,
+) -> AttentionProbe:
+    """For each block ``blocks[l]``, the gradient of *its own* target scores
+    ``block_scores(tokens_l, chosen) -> (B, T)`` with respect to its attention probabilities
+    ``attention[l]``, from one forward and one backward pass (per target).
+
+    ``score_fn(logits) -> (scores, chosen)`` chooses the targets on the model output. The network goes
+    on from each block with ``stop_gradient`` of its tokens, so the gradient of the sum of every block's
+    scores reaches block ``l``'s attention only through block ``l``'s own scores (no path through later
+    blocks), and the backward pass stays inside each block.
+    """
+    model = as_model(model, apply_kwargs)
+    layers = (*blocks, *attention)
+    count = len(blocks)
+    replacements = (jax.lax.stop_gradient,) * count + (None,) * count
+    _, captured, _ = jax.eval_shape(lambda v, x: model.forward(v, x, layers), variables, images)
+    zeros = tuple(jnp.zeros(info.shape, info.dtype) for info in captured[count:])
+
+    def scores_of(deltas: tuple[Array, ...]):
+        output, values, _ = model.forward(variables, images, layers, (None,) * count + deltas, None, replacements)
+        logits = output_fn(output)
+        model_scores, chosen = score_fn(logits)
+        chosen = jax.lax.stop_gradient(chosen)
+        scores = sum(block_scores(tokens, chosen) for tokens in values[:count])
+        return scores, (logits, model_scores, chosen, values[count:])
+
+    scores, vjp_fn, (logits, model_scores, chosen, probabilities) = jax.vjp(scores_of, zeros, has_aux=True)
+    (gradients,) = _per_target_vjp(vjp_fn, scores)
+    return AttentionProbe(logits, model_scores, chosen, tuple(probabilities), tuple(gradients))
 
 
 # ---------------------------------------------------------------------------------------------------

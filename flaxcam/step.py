@@ -26,6 +26,7 @@ from flaxcam.probe import (
     derivative_diagonals,
     input_and_layer_gradients,
     probe,
+    probe_attention,
     probe_hessian,
 )
 from flaxcam.targets import ScoreName, TargetSpec, select_classes, target_scores
@@ -50,7 +51,9 @@ class Explanation:
         With several layers, ``low_res`` and ``raw`` are tuples (one array per layer, in order) and
         ``maps`` fuses them: the mean of the per-layer upsampled maps, normalized again.
         FullGrad has no layer resolution: ``raw`` is its map at the input resolution and ``low_res``
-        equals ``maps``; its ``layer`` is ``"input+biases"``.
+        equals ``maps``; its ``layer`` is ``"input+biases"``. An attention method (LeGrad) gives one
+        map on the patch grid for all its blocks: ``low_res`` and ``raw`` are single arrays even when
+        ``layer`` is a tuple of blocks.
       logits: ``(B, K)`` model outputs; ``probabilities``: their softmax.
       targets: ``(B, T)`` int32 class index explained by each map; ``scores``: ``(B, T)`` their logits.
       method, layer: what produced the maps.
@@ -84,6 +87,7 @@ class StepConfig:
     reshape: Callable[[Array], Array] | None = None
     method_options: tuple = ()  # sorted (name, value) pairs passed to the method function
     biased: tuple[BiasLayer, ...] = ()  # FullGrad's layers
+    attention: tuple[str, ...] = ()  # attention methods: the attention probabilities layer of each block
 
     @property
     def layer_names(self) -> str | tuple[str, ...]:
@@ -288,6 +292,8 @@ def _run(
         score_fn = _transformed_scores(score_fn, method.score_transform)
     if method.bias_layers:
         return _run_bias_layers(config, variables, images, score_fn)
+    if method.attention_layers:
+        return _run_attention_layers(config, variables, images, score_fn)
     extras: dict[str, tuple[Array, ...]] = {}
     if "hvp" in method.inputs:
         logits, activations, gradients, extras["hvp"], scores, chosen = probe_hessian(
@@ -393,6 +399,55 @@ def _run_bias_layers(
     raw = jax.vmap(per_image)(images, input_gradients, layer_gradients)  # (B, T, H, W)
     maps = ops.minmax_normalize(jax.nn.relu(raw))
     return {"maps": maps, "low_res": maps, "raw": raw, "logits": logits, "targets": chosen, "scores": scores}
+
+
+def _run_attention_layers(
+    config: StepConfig, variables: Any, images: Array, score_fn: Callable[[Array], tuple[Array, Array]]
+) -> dict[str, Any]:
+    """LeGrad: each block's own class score (``model.project_tokens`` of its tokens, at the classes chosen
+    on the model output), its gradient w.r.t. the block's attention probabilities, the method's key-token
+    relevance per image and target, laid out on the patch grid (``config.reshape``); one map for all the
+    blocks."""
+    spec = TargetSpec("classes", config.target_spec.count, config.target_spec.score)
+
+    def block_scores(tokens: Array, chosen: Array) -> Array:
+        try:
+            logits = config.model.call_method(variables, "project_tokens", tokens)
+        except LayerError as error:
+            raise LayerError(
+                f"{config.method.name} scores each block's tokens (batch, tokens, dim) with the model's "
+                f"project_tokens(tokens) -> logits method (flaxcam.models.TinyViT: final norm and head on the "
+                f"mean token); {error}"
+            ) from None
+        return target_scores(spec, logits, {"classes": chosen})[0]
+
+    found = probe_attention(
+        config.model,
+        variables,
+        images,
+        config.layers,
+        config.attention,
+        score_fn,
+        block_scores,
+        output_fn=config.output_fn,
+    )
+    method = config.method
+    per_target = lambda gradients: method.fn(attention_gradients=gradients, **dict(config.method_options))
+    relevance = jax.vmap(jax.vmap(per_target))(found.gradients)  # (B, T, N) over the key tokens
+    batch, targets, keys = relevance.shape
+    assert config.reshape is not None  # planned: reshape= or the default token grid
+    grid = config.reshape(relevance.reshape(batch * targets, keys, 1))  # (B·T, h, w, 1)
+    raw = grid[..., 0].reshape(batch, targets, *grid.shape[1:3])
+    low_res = ops.minmax_normalize(jax.nn.relu(raw))
+    maps = LAYER_FUSIONS["mean"]([ops.resize_maps(low_res, images.shape[1:3])])
+    return {
+        "maps": maps,
+        "low_res": low_res,
+        "raw": raw,
+        "logits": found.logits,
+        "targets": found.chosen,
+        "scores": found.scores,
+    }
 
 
 def explain_step(

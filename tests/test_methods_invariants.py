@@ -6,6 +6,10 @@ image): finite maps in [0, 1] on zero, constant, saturated, random and very larg
 extreme option values; batch invariance (an image in a batch gives the map it gives alone); the jitted
 step equals the same step run op by op (``jax.disable_jit``); determinism; bf16 inputs; and the input
 check (NaN or infinite pixels are refused, naming the images).
+
+The attention methods (``Method.attention_layers``: LeGrad) read a vision transformer's attention
+probabilities, which a CNN does not have: they run the same cases on a tiny ViT instead (the same 12x20
+inputs in 4x4 patches, a 3x5 grid, 2 blocks, 4 classes; every block, ``reshape=token_grid(model)``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ def small():
     model = models.create_model("small_cnn", num_classes=4, features=[4, 8])
     variables = models.init_variables(model, (1, HEIGHT, WIDTH, 3), seed=0)
     return model, variables
+
+
+@pytest.fixture(scope="module")
+def vit():
+    model = models.tiny_vit(num_classes=4, image_size=(HEIGHT, WIDTH), patch=4, dim=16, depth=2, heads=2)
+    variables = models.init_variables(model, (1, HEIGHT, WIDTH, 3), seed=0)
+    return model, variables
+
+
+def _setup(name: str, small, vit) -> tuple:
+    """``(model, variables, explain kwargs)`` for the method: the tiny ViT for attention methods."""
+    if flaxcam.METHODS[name].attention_layers:
+        model, variables = vit
+        return model, variables, {"reshape": models.token_grid(model)}
+    return *small, {}
 
 
 def _random(count: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
@@ -69,27 +88,27 @@ def _cheap_options(name: str) -> dict:
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_finite_unit_maps_batch_invariance_determinism_and_jit_equals_op_by_op(small, name):
+def test_finite_unit_maps_batch_invariance_determinism_and_jit_equals_op_by_op(small, vit, name):
     """On a batch of a random, a very large (1e12), a zero, a constant, a saturated and a checkerboard
     image: every map is finite and in [0, 1]; a second call gives identical bits; and the first two
     images explained alone, with the step run op by op (``jax.disable_jit``), give the maps they get in
     the jitted batch: batch invariance (keyed methods draw noise by batch position, and positions 0 and
     1 stay the same) and jit == eager (XLA's fusions change nothing beyond rounding)."""
-    model, variables = small
+    model, variables, kwargs = _setup(name, small, vit)
     kinds = _inputs()
     images = np.concatenate(list(kinds.values()))
     options = _cheap_options(name)
-    maps = _maps(model, variables, images, name, method_options=options)
+    maps = _maps(model, variables, images, name, method_options=options, **kwargs)
     assert maps.shape == (len(images), TOP_K, HEIGHT, WIDTH)
     for index, kind in enumerate(kinds):
         _assert_unit_maps(maps[index], f"{name} on a {kind} image")
-    np.testing.assert_array_equal(_maps(model, variables, images, name, method_options=options), maps)
+    np.testing.assert_array_equal(_maps(model, variables, images, name, method_options=options, **kwargs), maps)
 
     with jax.disable_jit():
-        alone = _maps(model, variables, images[:2], name, method_options=options)
+        alone = _maps(model, variables, images[:2], name, method_options=options, **kwargs)
     np.testing.assert_allclose(alone, maps[:2], atol=1e-4, err_msg=f"{name}: alone and op by op")
     if flaxcam.METHODS[name].batched:  # chunk_size bounds memory only
-        chunked = _maps(model, variables, images[:2], name, chunk_size=1, method_options=options)
+        chunked = _maps(model, variables, images[:2], name, chunk_size=1, method_options=options, **kwargs)
         np.testing.assert_allclose(chunked, maps[:2], atol=2e-5, err_msg=f"{name}: chunk_size=1")
 
 
@@ -115,11 +134,11 @@ def _extreme_options(name: str) -> list[dict]:
     [(name, options) for name in METHOD_NAMES for options in _extreme_options(name)],
     ids=lambda value: value if isinstance(value, str) else ",".join(f"{k}={v:g}" for k, v in value.items()),
 )
-def test_extreme_option_values_give_finite_maps(small, name, options):
-    model, variables = small
+def test_extreme_option_values_give_finite_maps(small, vit, name, options):
+    model, variables, kwargs = _setup(name, small, vit)
     images = np.concatenate([_random(1, seed=3), _inputs()["zero"], _inputs()["saturated"]])
     try:
-        maps = _maps(model, variables, images, name, method_options=options)
+        maps = _maps(model, variables, images, name, method_options=options, **kwargs)
     except ValueError as error:  # a range check that names the option is the other acceptable answer
         assert any(option in str(error) for option in options), f"{name} with {options}: {error}"  # noqa: PT017
         return
@@ -127,15 +146,15 @@ def test_extreme_option_values_give_finite_maps(small, name, options):
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_bfloat16_inputs(small, name):
+def test_bfloat16_inputs(small, vit, name):
     """bf16 images (float32 weights) give finite maps in [0, 1], close to those of the same values in
     float32."""
-    model, variables = small
+    model, variables, kwargs = _setup(name, small, vit)
     images = jnp.asarray(np.concatenate(list(_inputs().values())), jnp.bfloat16)
-    low = _maps(model, variables, images, name, method_options=_cheap_options(name))
+    low = _maps(model, variables, images, name, method_options=_cheap_options(name), **kwargs)
     _assert_unit_maps(low, f"{name} on bf16 input")
     same_values = np.asarray(images.astype(jnp.float32))
-    reference = _maps(model, variables, same_values, name, method_options=_cheap_options(name))
+    reference = _maps(model, variables, same_values, name, method_options=_cheap_options(name), **kwargs)
     assert np.abs(low - reference).mean() < 0.05, name
 
 

@@ -30,10 +30,15 @@ DEFAULT_BATCHES = (1, 8)
 
 def registry_methods() -> list[str]:
     """The registered methods except the batched ones (ScoreCAM, AblationCAM, ...: many forward passes
-    per image) and :data:`EXPENSIVE_METHODS`: what runs when no method is named."""
+    per image), :data:`EXPENSIVE_METHODS` and the attention methods (LeGrad: ViT blocks, not the CNN
+    layers benchmarked here): what runs when no method is named."""
     import flaxcam  # reads the registry only; nothing runs on a device in this process
 
-    return [name for name, method in flaxcam.METHODS.items() if not method.batched and name not in EXPENSIVE_METHODS]
+    return [
+        name
+        for name, method in flaxcam.METHODS.items()
+        if not method.batched and not method.attention_layers and name not in EXPENSIVE_METHODS
+    ]
 
 
 def resolve_methods(methods: str | Sequence[str] | None) -> list[str]:

@@ -100,11 +100,16 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def get_methods(names: str | Sequence[str]) -> list[str]:
-    """``"all"`` or a comma-separated list → method names; an unknown name lists the valid ones."""
+    """``"all"`` (every method that explains a layer of a CNN: all but the attention methods, which read a
+    ViT's blocks; name them to run them) or a comma-separated list → method names; an unknown name lists
+    the valid ones."""
     from flaxcam.methods import METHODS
 
     if isinstance(names, str):
-        names = list(METHODS) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
+        if names.strip() == "all":
+            names = [name for name, method in METHODS.items() if not method.attention_layers]
+        else:
+            names = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise ValueError(f"unknown method(s) {unknown or names}; valid: all, {', '.join(sorted(METHODS))}")

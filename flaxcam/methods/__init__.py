@@ -9,6 +9,7 @@ then applies ReLU, min-max normalization and resizing.
 
 from __future__ import annotations
 
+from flaxcam.methods.attention import legrad
 from flaxcam.methods.baseline import randomcam
 from flaxcam.methods.cam import cam
 from flaxcam.methods.dff import dff
@@ -85,6 +86,7 @@ __all__ = [
     "kernel_pca_projection",
     "kpcacam",
     "layercam",
+    "legrad",
     "randomcam",
     "refinecam",
     "register",

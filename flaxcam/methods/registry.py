@@ -26,6 +26,9 @@ from typing import Any
 #: Meta-methods (batched): ``softmax_score(images, image_index)`` (``score`` with class targets scored by
 #: their softmax probability) and ``explain_at(images, image_index)`` (the normalized ``(n, T, H', W')``
 #: maps of the method named by the ``base`` option for new inputs, e.g. patches).
+#: Attention methods (per image and target): ``attention_gradients``, a tuple over the blocks named by
+#: ``layer=`` of the gradients ``(heads, N, N)`` of each block's own class score with respect to its
+#: attention probabilities.
 INPUTS = (
     "activations",
     "gradients",
@@ -44,6 +47,7 @@ INPUTS = (
     "biases",
     "softmax_score",
     "explain_at",
+    "attention_gradients",
 )
 
 #: Parameters the pipeline passes itself (never user options).
@@ -59,7 +63,9 @@ class Method:
     targets' scores (FinerCAM). ``bias_layers`` methods ignore ``layer=`` and read the input and every
     biased conv / BatchNorm; their ``fn`` returns the map at the input resolution (FullGrad).
     ``layer_fusion`` is how the maps of several layers become one: ``"mean"`` of the upsampled maps
-    (pytorch-grad-cam's multi-layer aggregation) or their ``"product"`` (RefineCAM)."""
+    (pytorch-grad-cam's multi-layer aggregation) or their ``"product"`` (RefineCAM). ``attention_layers``
+    methods read the attention probabilities of the transformer blocks named by ``layer=`` and fuse the
+    blocks themselves (LeGrad)."""
 
     name: str
     fn: Callable
@@ -76,6 +82,9 @@ class Method:
     guided: bool = False
     #: the method also explains 5-D ``(B, D, H, W, C)`` layers of 3-D networks (volumes, video)
     volumetric: bool = False
+    #: ``layer=`` names transformer blocks; the method reads their attention probabilities and returns
+    #: one relevance per key token ``(N,)``, laid out on the patch grid by the step (LeGrad)
+    attention_layers: bool = False
 
     def forward_passes(self, channels: int, options: Mapping[str, Any] | None = None) -> int | None:
         """Forward passes per image at a layer of ``channels`` channels with these options (defaults

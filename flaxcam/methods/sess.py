@@ -30,6 +30,7 @@ def sess_bases() -> list[str]:
             or method.needs_head
             or "key" in method.inputs
             or method.score_transform
+            or method.attention_layers
         )
     ]
 

