@@ -1,0 +1,37 @@
+"""Settings shared by every test process.
+
+**One XLA compilation cache for the whole run.** The suite runs in two pytest-xdist workers and starts
+many subprocesses (the CLI, audits killed with kill -9, several ``jax.distributed`` processes); each of
+them compiles the same models again. JAX's persistent compilation cache, in one folder for all of them,
+lets a program compiled once be loaded by every other process. It changes no result — a cached
+executable is the one XLA compiled for the same program, flags and versions — only the time.
+
+The folder is ``$FLAXCAM_TEST_XLA_CACHE`` when set (CI may keep it between runs), else a fresh
+temporary folder per run; ``FLAXCAM_TEST_XLA_CACHE=off`` turns the cache off. It is set through the
+environment before JAX is imported, so subprocesses started by the tests inherit it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+
+def _configure_compilation_cache() -> None:
+    requested = os.environ.get("FLAXCAM_TEST_XLA_CACHE")
+    if requested == "off":
+        return
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # xdist workers inherit the controller's environment: the first process to get here chooses.
+        folder = requested or tempfile.mkdtemp(prefix="flaxcam-test-xla-")
+        if not requested:
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the run's own folder goes with it
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    # Cache everything that took a measurable time to compile (JAX's default skips those under 1 s).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_configure_compilation_cache()
