@@ -47,13 +47,13 @@ def planted(labels: np.ndarray, marker_class: int, fraction: float, seed: int) -
 
 
 def make_split(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 canvases, labels, and ground-truth boxes ``(y0, x0, y1, x1)``."""
+    """uint8 canvases, labels, and ground-truth boxes ``[x0, y0, x1, y1]``."""
     from flaxcam.data import make_digit_canvases
 
     digits = make_digit_canvases(
         count, size=(size, size), digit_size=(size // 3, size * 7 // 12), clutter_lines=2, seed=seed
     )
-    return digits.images, digits.labels.astype(np.int32), digits.boxes[:, [1, 0, 3, 2]].astype(np.float32)
+    return digits.images, digits.labels.astype(np.int32), digits.boxes.astype(np.float32)
 
 
 def run_experiment(
