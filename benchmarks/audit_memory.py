@@ -41,7 +41,7 @@ class GeneratedSource:
         side = self.size // 4
         y, x = rng.integers(0, self.size - side, 2)
         image[y : y + side, x : x + side] = rng.integers(150, 256, 3, dtype=np.uint8)
-        box = (float(y), float(x), float(y + side), float(x + side))
+        box = (float(x), float(y), float(x + side), float(y + side))
         return Record(index=index, id=f"gen:{index}", image=image, label=int(index % len(self.class_names)), box=box)
 
 

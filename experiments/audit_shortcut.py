@@ -28,16 +28,17 @@ from typing import Any
 
 import numpy as np
 
+#: The planted marker: a solid magenta square 2 px from the bottom-right corner.
 MARKER_COLOUR = (1.0, 0.1, 0.9)
+MARKER_CORNER = "bottom_right"
 
 
-def draw_marker(images: np.ndarray, which: np.ndarray, size: int, margin: int = 2) -> np.ndarray:
-    """Copy of float ``images`` ``(N, H, W, 3)`` with a ``size``-pixel magenta square ``margin`` pixels from
-    the bottom-right corner of the images selected by the boolean ``which``."""
-    out = images.copy()
-    height, width = images.shape[1:3]
-    out[which, height - margin - size : height - margin, width - margin - size : width - margin] = MARKER_COLOUR
-    return out
+def marked_copy(images: np.ndarray, which: np.ndarray, size: int) -> np.ndarray:
+    """Copy of float ``images`` ``(N, H, W, 3)`` with this experiment's marker (``size`` pixels) on the
+    images selected by the boolean ``which`` (:func:`flaxcam.data.draw_marker`)."""
+    from flaxcam.data import draw_marker
+
+    return draw_marker(images, which, corner=MARKER_CORNER, size=size, colour=MARKER_COLOUR)
 
 
 def planted(labels: np.ndarray, marker_class: int, fraction: float, seed: int) -> np.ndarray:
@@ -47,13 +48,13 @@ def planted(labels: np.ndarray, marker_class: int, fraction: float, seed: int) -
 
 
 def make_split(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 canvases, labels, and ground-truth boxes ``(y0, x0, y1, x1)``."""
+    """uint8 canvases, labels, and ground-truth boxes ``[x0, y0, x1, y1]``."""
     from flaxcam.data import make_digit_canvases
 
     digits = make_digit_canvases(
         count, size=(size, size), digit_size=(size // 3, size * 7 // 12), clutter_lines=2, seed=seed
     )
-    return digits.images, digits.labels.astype(np.int32), digits.boxes[:, [1, 0, 3, 2]].astype(np.float32)
+    return digits.images, digits.labels.astype(np.int32), digits.boxes.astype(np.float32)
 
 
 def run_experiment(
@@ -90,11 +91,11 @@ def run_experiment(
     train_marked = planted(train_labels, marker_class, marker_fraction, seed + 2)
     test_marked = planted(test_labels, marker_class, marker_fraction, seed + 3)
     datasets = {
-        "marked": as_uint8(draw_marker(train_images, train_marked, marker_size)),
+        "marked": as_uint8(marked_copy(train_images, train_marked, marker_size)),
         "clean": as_uint8(train_images),
     }
     specs = {}
-    for name, images in (("marked", draw_marker(test_images, test_marked, marker_size)), ("clean", test_images)):
+    for name, images in (("marked", marked_copy(test_images, test_marked, marker_size)), ("clean", test_images)):
         path = save_npz(
             out / f"audit_set_{name}.npz", as_uint8(images), test_labels, class_names=CLASS_NAMES, boxes=test_boxes
         )
@@ -105,7 +106,7 @@ def run_experiment(
     of_class = test_labels == marker_class
     probe_clean = preprocessing.normalize(as_uint8(test_images[of_class]).astype(np.float32) / 255)
     probe_marked = preprocessing.normalize(
-        as_uint8(draw_marker(test_images[of_class], np.ones(of_class.sum(), bool), marker_size)).astype(np.float32)
+        as_uint8(marked_copy(test_images[of_class], np.ones(of_class.sum(), bool), marker_size)).astype(np.float32)
         / 255
     )
     summary: dict[str, Any] = {

@@ -29,8 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from experiments import common
 from flaxcam import metrics
-from flaxcam.data import marker_region
-from flaxcam.data.digits import _draw_marker
+from flaxcam.data import draw_marker
 
 
 def corner_box(size: tuple[int, int], corner: str, side: int) -> np.ndarray:
@@ -59,11 +58,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     test = common.digits(config["data"], config["test_count"], seed=1, **marker_kwargs)
     assert test.marked is not None  # the marker arguments make the canvases record which carry it
     # Markers pasted on every test image of the other classes: does the marker alone change the answer?
-    pasted = test.images.copy()
-    rows, cols = marker_region(tuple(config["data"]["size"]), marker["corner"], marker["size"])
     others = test.labels != marker["class"]
-    for i in np.flatnonzero(others):
-        _draw_marker(pasted[i], rows, cols)
+    pasted = draw_marker(test.images, others, corner=marker["corner"], size=marker["size"])
     box = corner_box(tuple(config["data"]["size"]), marker["corner"], config["corner_side"])
     boxes = np.broadcast_to(box, (len(test.labels), 4))
     num_classes = len(test.class_names)

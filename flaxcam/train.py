@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +37,6 @@ from tqdm.auto import tqdm
 Array = jax.Array
 
 __all__ = [
-    "LOSSES",
     "ArrayFeed",
     "SourceFeed",
     "TrainConfig",
@@ -51,10 +49,7 @@ __all__ = [
     "epoch_order",
     "evaluate",
     "fit",
-    "hide_draws",
-    "hide_patches",
     "make_optimizer",
-    "sigmoid_loss",
     "softmax_loss",
     "train",
     "train_step",
@@ -102,20 +97,6 @@ def softmax_loss(logits: Array, labels: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def sigmoid_loss(logits: Array, labels: Array) -> Array:
-    """One-vs-rest logistic loss per example, summed over the classes:
-    ``sum_k BCE(sigmoid(z_k), [k == y])``, ``(B,)``. Each class's logit is trained on its own, so a
-    feature shared by every class (e.g. "there is a digit here", when a background class is among the
-    negatives) keeps a positive weight in each class, where softmax's invariance to adding one constant to
-    every logit leaves it no reason to."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
-
-
-#: Training losses of :class:`TrainConfig` (``loss``): per-example loss from logits and integer labels.
-LOSSES: dict[str, Callable[[Array, Array], Array]] = {"softmax": softmax_loss, "sigmoid": sigmoid_loss}
-
-
 def train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -123,15 +104,12 @@ def train_step(
     images: Array,
     labels: Array,
     weights: Array | None = None,
-    loss: str = "softmax",
 ) -> tuple[TrainState, Array]:
-    """One step of the ``loss`` of :data:`LOSSES` (softmax cross-entropy by default); returns the new
-    state and the batch loss.
+    """One step of softmax cross-entropy (:func:`softmax_loss`); returns the new state and the batch loss.
 
     ``weights`` ``(B,)`` (1 for a usable example, 0 for padding or an unreadable image) gives the loss
     ``sum(w * loss) / max(sum(w), 1)``; default all ones.
     """
-    per_example_loss = LOSSES[loss]
     mutable = list(state.extra)
     kwargs = {"train": True} if _has_train_kwarg(model) else {}
     if weights is None:
@@ -143,7 +121,7 @@ def train_step(
             logits, updates = model.apply(variables, images, mutable=mutable, **kwargs)
         else:
             logits, updates = model.apply(variables, images, **kwargs), {}
-        per_example = per_example_loss(logits, jnp.maximum(labels, 0))
+        per_example = softmax_loss(logits, jnp.maximum(labels, 0))
         return (weights * per_example).sum() / jnp.maximum(weights.sum(), 1.0), updates
 
     (value, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -190,36 +168,25 @@ def augment(images: Array, flips: Array, offsets: Array, shift: int) -> Array:
     return jax.vmap(crop)(padded, jnp.asarray(offsets, jnp.int32))
 
 
-def hide_draws(
-    seed: int, step: int, batch: int, *, image_size: tuple[int, int], patch: int, probability: float
-) -> np.ndarray:
-    """Hide-and-Seek's random choices for step ``step``: ``keep`` ``(B, ceil(H / patch), ceil(W / patch))``
-    bool, each grid cell hidden (False) with ``probability``; drawn on the host from ``(seed, step)``
-    alone, so a resumed run replays them. ``patch <= 0`` (off): all True of shape ``(B, 1, 1)``."""
-    if patch <= 0:
-        return np.ones((batch, 1, 1), bool)
-    grid = (math.ceil(image_size[0] / patch), math.ceil(image_size[1] / patch))
-    return np.random.default_rng([seed, step, 11]).random((batch, *grid)) >= probability
-
-
-def hide_patches(images: Array, keep: Array, patch: int, fill: float = 0.0) -> Array:
-    """Hide-and-Seek (Singh & Lee, ICCV 2017): split each image of ``(B, H, W, C)`` into a grid of
-    ``patch x patch`` cells and set the cells where ``keep`` ``(B, ceil(H / patch), ceil(W / patch))`` is
-    False to ``fill`` (0: the normalization mean, i.e. the mean pixel of the model's inputs):
-
-        x'[b, i, j] = x[b, i, j] if keep[b, i // patch, j // patch] else fill
-
-    Hiding the most discriminative part of an object in some training images makes the classifier use
-    the other parts too, so a CAM covers more of the object. Training only; jittable (``patch`` static).
-    """
-    _, height, width, _ = images.shape
-    mask = jnp.repeat(jnp.repeat(jnp.asarray(keep, bool), patch, axis=1), patch, axis=2)[:, :height, :width]
-    return jnp.where(mask[..., None], images, jnp.asarray(fill, images.dtype))
-
-
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch ``epoch`` visits ``count`` examples: a permutation seeded by ``(seed, epoch)``."""
     return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+# Keys of TrainConfig options that were removed (Hide-and-Seek, the one-vs-rest loss: localization
+# probes that did not help, see experiments/README.md), each with the value that meant "off". A saved
+# config or a JSON file that has one at that value is read as if it did not have it; at another value it
+# is refused (the option no longer exists). ``hide_probability`` mattered only with ``hide_patch``.
+_RETIRED_OFF: dict[str, Any] = {"hide_patch": 0, "loss": "softmax"}
+
+
+def _without_retired_off(values: Mapping[str, Any]) -> dict[str, Any]:
+    values = dict(values)
+    for key, off in _RETIRED_OFF.items():
+        if key in values and values[key] == off:
+            del values[key]
+    values.pop("hide_probability", None)  # meant nothing without hide_patch, which decides on its own
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,11 +204,6 @@ class TrainConfig:
         learning_rate, weight_decay, warmup_fraction: AdamW with a linear warmup over that fraction of
             the steps, then cosine decay to 0.
         flip, shift: augmentation (:func:`augment`).
-        hide_patch, hide_probability: Hide-and-Seek (:func:`hide_patches`): after the flips and shifts,
-            each cell of a ``hide_patch``-pixel grid is set to the mean input with ``hide_probability``;
-            ``hide_patch=0`` (default): off.
-        loss: ``"softmax"`` (cross-entropy, default) or ``"sigmoid"`` (one-vs-rest logistic loss,
-            :func:`sigmoid_loss`); the evaluation reports the softmax cross-entropy either way.
         checkpoint_every: save a checkpoint every that many steps (0: only at the end of each epoch;
             a checkpoint is always written at each epoch's end).
         keep_checkpoints: how many recent checkpoints to keep.
@@ -261,9 +223,6 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     flip: bool = False
     shift: int = 0
-    hide_patch: int = 0
-    hide_probability: float = 0.5
-    loss: str = "softmax"
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
@@ -281,12 +240,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.shift < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every and shift must be >= 0 and keep_checkpoints >= 1")
-        if self.hide_patch < 0 or not 0.0 <= self.hide_probability <= 1.0:
-            raise ValueError(
-                f"hide_patch must be >= 0 and hide_probability in [0, 1], got {self.hide_patch} and {self.hide_probability}"
-            )
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}: valid options are {', '.join(LOSSES)}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
@@ -302,7 +255,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a dict (e.g. a JSON config); unknown keys raise an error naming the valid ones."""
+        """Build from a dict (e.g. a JSON config); unknown keys raise an error naming the valid ones.
+        Keys of options removed since (Hide-and-Seek, the one-vs-rest loss) are accepted at their "off"
+        value and refused at any other."""
+        values = _without_retired_off(values)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -530,11 +486,9 @@ def _run_functions(config: TrainConfig, num_classes: int, total_steps: int) -> t
 
 def _compiled_step(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig) -> Callable:
     @jax.jit
-    def step(state, inputs, labels, weights, flips, offsets, keep):
+    def step(state, inputs, labels, weights, flips, offsets):
         inputs = augment(inputs, flips, offsets, config.shift)
-        if config.hide_patch > 0:
-            inputs = hide_patches(inputs, keep, config.hide_patch)
-        return train_step(model, optimizer, state, inputs, labels, weights, loss=config.loss)
+        return train_step(model, optimizer, state, inputs, labels, weights)
 
     return step
 
@@ -543,7 +497,8 @@ def _check_resume_config(out: Path, config: TrainConfig, resume: bool) -> None:
     path = out / "config.json"
     if path.exists() and resume:
         # Keys added to TrainConfig after a run was saved take their defaults (an old run stays resumable).
-        saved = {**TrainConfig().to_dict(), **json.loads(path.read_text())}
+        # Keys of options removed since are dropped where the run had them off (``_RETIRED_OFF``).
+        saved = {**TrainConfig().to_dict(), **_without_retired_off(json.loads(path.read_text()))}
         if saved != config.to_dict():
             changed = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
             raise ValueError(
@@ -625,15 +580,7 @@ def train(
                 flips, offsets = augmentation_draws(
                     config.seed, step, len(labels), flip=config.flip, shift=config.shift
                 )
-                keep = hide_draws(
-                    config.seed,
-                    step,
-                    len(labels),
-                    image_size=config.input_size,
-                    patch=config.hide_patch,
-                    probability=config.hide_probability,
-                )
-                state, loss = step_fn(state, inputs, labels, weights, flips, offsets, keep)
+                state, loss = step_fn(state, inputs, labels, weights, flips, offsets)
                 losses.append(loss)
                 step += 1  # a host-side counter: no device sync per step
                 bar.update(1)

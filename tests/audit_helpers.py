@@ -44,7 +44,7 @@ def canvases(count: int, seed: int = 0):
 
     d = make_digit_canvases(count, size=SIZE, digit_size=(12, 20), clutter_lines=1, seed=seed)
     images = (d.images * 255).round().astype(np.uint8)
-    return images, d.labels.astype(np.int32), d.boxes[:, [1, 0, 3, 2]].astype(np.float32)
+    return images, d.labels.astype(np.int32), d.boxes.astype(np.float32)
 
 
 def bad_indices(count: int) -> tuple[int, ...]:

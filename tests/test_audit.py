@@ -49,7 +49,7 @@ def _numpy_stats(m: np.ndarray, box, border: float, corner: float) -> dict[str, 
             sums["tr"] += v if (y < ch and x >= w - cw) else 0
             sums["bl"] += v if (y >= h - ch and x < cw) else 0
             sums["br"] += v if (y >= h - ch and x >= w - cw) else 0
-            if box is not None and box[0] <= y + 0.5 < box[2] and box[1] <= x + 0.5 < box[3]:
+            if box is not None and box[0] <= x + 0.5 < box[2] and box[1] <= y + 0.5 < box[3]:  # [x0, y0, x1, y1]
                 sums["gt"] += v
     p = m / total
     nz = p[p > 0]
@@ -69,7 +69,8 @@ def _numpy_stats(m: np.ndarray, box, border: float, corner: float) -> dict[str, 
 def test_attention_stats_match_numpy():
     rng = np.random.default_rng(3)
     maps = rng.random((4, 12, 20)).astype(np.float32) ** 3
-    boxes = np.array([[2, 3, 9, 11], [0, 0, 12, 20], [np.nan] * 4, [4.5, 7.2, 10.1, 19.9]], np.float32)
+    # [x0, y0, x1, y1] on 12 x 20 maps
+    boxes = np.array([[3, 2, 11, 9], [0, 0, 20, 12], [np.nan] * 4, [7.2, 4.5, 19.9, 10.1]], np.float32)
     got = jax.device_get(stats_lib.attention_stats(maps, boxes, border=0.15, corner=0.25))
     for i in range(4):
         box = None if np.isnan(boxes[i]).any() else boxes[i]
@@ -163,11 +164,10 @@ def test_end_to_end_rows_match_direct_explain(full_audit):
         np.testing.assert_allclose(rows["topk_probs"][r], probabilities[j][order], rtol=1e-5)
         assert rows["correct"][r] == (order[0] == labels[index])
         assert [rows[f"box_{k}"][r] for k in ("x0", "y0", "x1", "y1")] == list(box[j])
-        np.testing.assert_allclose([rows[f"gt_{k}"][r] for k in ("y0", "x0", "y1", "x1")], boxes[index])
+        np.testing.assert_allclose([rows[f"gt_{k}"][r] for k in ("x0", "y0", "x1", "y1")], boxes[index])
         decoded = store.decode_low_res([rows["low_res"][r]], (16, 16))[0]
         np.testing.assert_allclose(decoded, low[j], atol=1e-3)  # float16
-        gt_xyxy = boxes[index][[1, 0, 3, 2]]
-        assert rows["box_iou"][r] == pytest.approx(float(localize.box_iou(box[j], gt_xyxy)), abs=1e-6)
+        assert rows["box_iou"][r] == pytest.approx(float(localize.box_iou(box[j], boxes[index])), abs=1e-6)
         want = _numpy_stats(np.asarray(explanation.maps[j, 0]), boxes[index], 0.1, 0.2)
         for name in ("border_share", "corner_br_share", "gt_share", "entropy"):
             assert rows[name][r] == pytest.approx(want[name], rel=1e-4, abs=1e-6)
@@ -355,10 +355,10 @@ def _fake_audit(path: Path, class_of_rows: np.ndarray, corner_br: np.ndarray, bo
         box_y0=np.zeros(n, np.int32),
         box_x1=np.full(n, 4, np.int32),
         box_y1=np.full(n, 4, np.int32),
-        gt_y0=zeros + np.nan,
         gt_x0=zeros + np.nan,
-        gt_y1=zeros + np.nan,
+        gt_y0=zeros + np.nan,
         gt_x1=zeros + np.nan,
+        gt_y1=zeros + np.nan,
         box_iou=zeros + np.nan,
         border_share=border,
         corner_tl_share=zeros + 0.04,

@@ -9,7 +9,7 @@ import pytest
 
 from experiments.audit_shortcut import (
     MARKER_COLOUR,
-    draw_marker,
+    marked_copy,
     planted,
     run_experiment,
 )
@@ -20,7 +20,7 @@ def test_marker_drawn_only_where_planted():
     which = planted(labels, 3, 0.9, seed=0)
     assert not which[labels != 3].any() and 0.75 < which[labels == 3].mean() < 1.0
     images = np.zeros((len(labels), 16, 16, 3), np.float32)
-    drawn = draw_marker(images, which, size=3)
+    drawn = marked_copy(images, which, size=3)
     corner = drawn[:, 11:14, 11:14]
     np.testing.assert_array_equal(np.all(corner == np.float32(MARKER_COLOUR), axis=(1, 2, 3)), which)
     assert (drawn[~which] == 0).all() and (images == 0).all()

@@ -108,23 +108,24 @@ def test_a_raising_source_is_recorded_not_fatal():
 
 
 def test_boxes_and_masks_map_into_the_input_frame():
-    # A bright rectangle at a known box; after resizing, the bright pixels must sit in the mapped box.
-    height, width, box = 60, 80, (10, 20, 30, 52)
+    # A bright rectangle at a known box [x0, y0, x1, y1]; after resizing, the bright pixels must sit in
+    # the mapped box.
+    height, width, box = 60, 80, (20, 10, 52, 30)
     image = np.zeros((height, width, 3), np.uint8)
-    image[box[0] : box[2], box[1] : box[3]] = 255
+    image[box[1] : box[3], box[0] : box[2]] = 255
     mask = np.zeros((height, width), bool)
-    mask[box[0] : box[2], box[1] : box[3]] = True
+    mask[box[1] : box[3], box[0] : box[2]] = True
     source = ArraySource([image, image], boxes=[box, [np.nan] * 4], masks=[mask, None])
     size = (120, 40)
     preprocessing = Preprocessing(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     (batch,) = iterate_batches(source, preprocessing, 2)
-    np.testing.assert_allclose(batch.boxes[0], [20, 10, 60, 26])
+    np.testing.assert_allclose(batch.boxes[0], [10, 20, 26, 60])
     assert np.isnan(batch.boxes[1]).all()
     rows, cols = np.nonzero(batch.images[0, ..., 0] > 0.5)
-    assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == (20, 10, 60, 26)
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (10, 20, 26, 60)
     assert batch.has_mask.tolist() == [True, False] and batch.masks.shape == (2, *size)
     rows, cols = np.nonzero(batch.masks[0])
-    assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == (20, 10, 60, 26)
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (10, 20, 26, 60)
     assert not batch.masks[1].any()
     wrong = ArraySource([image], masks=[np.zeros((5, 5), bool)])
     assert "does not match" in wrong[0].error
@@ -137,7 +138,7 @@ def test_npz_source_round_trip_of_digit_canvases(tmp_path):
         (canvases.images * 255).round().astype(np.uint8),
         canvases.labels,
         class_names=canvases.class_names,
-        boxes=canvases.boxes[:, [1, 0, 3, 2]],
+        boxes=canvases.boxes,
         marked=np.arange(6) % 2 == 0,
     )
     source = open_source(f"npz:{path}")
@@ -146,8 +147,7 @@ def test_npz_source_round_trip_of_digit_canvases(tmp_path):
     for i in range(6):
         record = source[i]
         assert record.label == canvases.labels[i]
-        x0, y0, x1, y1 = canvases.boxes[i]
-        assert record.box == (y0, x0, y1, x1)
+        assert record.box == tuple(canvases.boxes[i])
         np.testing.assert_array_equal(record.image, (canvases.images[i] * 255).round().astype(np.uint8))
     direct = ArraySource.from_digits(canvases)
     assert direct[2].box == source[2].box
@@ -382,10 +382,10 @@ def test_tfds_ground_truth_boxes_and_masks(tfds):
         assert source.box_key == "bbox" and len(source.class_names) == 200
         record = source[2]
         assert record.label == 2 and record.error is None
-        np.testing.assert_allclose(record.box, (2.0, 6.0, 10.0, 27.0), rtol=1e-6)
+        np.testing.assert_allclose(record.box, (6.0, 2.0, 27.0, 10.0), rtol=1e-6)
         np.testing.assert_array_equal(record.mask, examples[2]["segmentation_mask"][..., 0] > 0)
         (batch,) = iterate_batches(source, Preprocessing((40, 15)), 3)
-        np.testing.assert_allclose(batch.boxes[0], (4.0, 3.0, 20.0, 13.5), rtol=1e-6)
+        np.testing.assert_allclose(batch.boxes[0], (3.0, 4.0, 13.5, 20.0), rtol=1e-6)
         # Nearest neighbour at pixel centres: output pixel i samples input floor((i + 0.5) * h / H).
         rows = np.floor((np.arange(40) + 0.5) * 20 / 40).astype(int)
         cols = np.floor((np.arange(15) + 0.5) * 30 / 15).astype(int)
@@ -393,7 +393,7 @@ def test_tfds_ground_truth_boxes_and_masks(tfds):
         for k in range(3):
             np.testing.assert_array_equal(batch.masks[k], (examples[k]["segmentation_mask"][..., 0] > 0)[rows][:, cols])
         union = TfdsSource("caltech_birds2011", "train", box_key="objects/bbox")
-        np.testing.assert_allclose(union[0].box, (2.0, 3.0, 15.0, 18.0), rtol=1e-6)
+        np.testing.assert_allclose(union[0].box, (3.0, 2.0, 18.0, 15.0), rtol=1e-6)
         assert union[0].mask is None
         assert TfdsSource("caltech_birds2011", "train", box_key="")[0].box is None
 

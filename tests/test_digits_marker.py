@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxcam.data import make_digit_canvases, marker_region
+from flaxcam.data import draw_marker, make_digit_canvases, marker_region
 from flaxcam.models import small_cnn
 
 
@@ -52,6 +52,27 @@ def test_marker_planted_on_the_requested_fraction_of_one_class_only():
 def test_marker_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_digit_canvases(4, size=(48, 48), digit_size=(12, 24), marker_class=1, **kwargs)
+
+
+def test_draw_marker_on_any_images():
+    """The marker of the canvases on any float images, as a copy: a white square with a black centre by
+    default, a solid square of ``colour`` otherwise, on the selected images only."""
+    images = np.full((3, 20, 30, 3), 0.5, np.float32)
+    which = np.array([True, False, True])
+    sticker = draw_marker(images, which, corner="top_right", size=6)
+    rows, cols = marker_region((20, 30), "top_right", 6)
+    assert (rows.start, cols.start) == (2, 22)
+    assert (images == 0.5).all() and (sticker[1] == 0.5).all()
+    square = sticker[0, rows, cols]
+    assert square[0, 0].min() == 1.0 and square[2:4, 2:4].max() == 0.0  # white frame, black centre
+    outside = sticker[0].copy()
+    outside[rows, cols] = 0.5
+    assert (outside == 0.5).all()
+    solid = draw_marker(images, corner="bottom_left", size=4, colour=(1.0, 0.1, 0.9))
+    rows, cols = marker_region((20, 30), "bottom_left", 4)
+    np.testing.assert_array_equal(solid[:, rows, cols], np.broadcast_to(np.float32([1.0, 0.1, 0.9]), (3, 4, 4, 3)))
+    with pytest.raises(ValueError, match=r"marker size must be in \[1, 16\]"):
+        draw_marker(images, size=17)
 
 
 def _last_conv_shape(model, name: str) -> tuple[int, ...]:

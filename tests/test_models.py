@@ -193,78 +193,31 @@ def _np_conv_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.nda
     return out + bias
 
 
-def _np_group_norm(x: np.ndarray, groups: int, scale: np.ndarray, bias: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """GroupNorm (Wu & He 2018): per image and group of channels, ``(x - mean) / sqrt(var + eps)`` over
-    (H, W, channels of the group), then a per-channel affine map."""
-    n, h, w, c = x.shape
-    grouped = x.reshape(n, h, w, groups, c // groups)
-    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
-    var = grouped.var(axis=(1, 2, 4), keepdims=True)
-    return ((grouped - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
-
-
-def test_small_cnn_kernel_sizes_and_group_norm_match_a_numpy_forward():
-    """``kernel_sizes`` and ``norm="group"``: parameter shapes and names, GroupNorm after every conv but the
-    last, and the logits equal a float64 NumPy forward pass written from the definitions."""
-    model = models.small_cnn(num_classes=3, features=(8, 12, 16), downsamplings=1, kernel_sizes=(3, 1, 5), norm="group")
+def test_small_cnn_kernel_sizes_match_a_numpy_forward():
+    """``kernel_sizes``: parameter shapes and names, and the logits equal a float64 NumPy forward pass
+    written from the definitions."""
+    model = models.small_cnn(num_classes=3, features=(8, 12, 16), downsamplings=1, kernel_sizes=(3, 1, 5))
     x = np.asarray(_images((2, 10, 14, 3), seed=3), np.float64)
     variables = model.init(jax.random.key(1), jnp.asarray(x, jnp.float32))
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-    assert set(params) == {"conv1", "conv2", "conv3", "norm1", "norm2", "fc"}  # no norm on the CAM layer
+    assert set(params) == {"conv1", "conv2", "conv3", "fc"}
     assert params["conv2"]["kernel"].shape == (1, 1, 8, 12) and params["conv3"]["kernel"].shape == (5, 5, 12, 16)
-    # non-trivial affine parameters, so the test sees whether scale and bias are applied
+    # non-zero biases, so the test sees whether they are applied
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: a + 0.3 * rng.standard_normal(a.shape), params)
 
     def relu(a):
         return np.maximum(a, 0.0)
 
-    h = relu(_np_group_norm(_np_conv_same(x, **params["conv1"]), 8, **params["norm1"]))
+    h = relu(_np_conv_same(x, **params["conv1"]))
     h = h.reshape(2, 5, 2, 7, 2, 8).max(axis=(2, 4))  # 2x2 max-pool
-    h = relu(_np_group_norm(_np_conv_same(h, **params["conv2"]), 6, **params["norm2"]))  # 12 channels: 6 groups
+    h = relu(_np_conv_same(h, **params["conv2"]))
     h = relu(_np_conv_same(h, **params["conv3"]))
     expected = h.mean(axis=(1, 2)) @ params["fc"]["kernel"] + params["fc"]["bias"]
     got = model.apply(
         {"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)}, jnp.asarray(x, jnp.float32)
     )
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "activation,reference,layer",
-    [
-        ("log1p", lambda a: np.log1p(np.maximum(a, 0.0)), "features"),
-        ("tanh", lambda a: np.tanh(np.maximum(a, 0.0)), "features"),
-        ("none", lambda a: a, "conv2"),  # no ReLU: negative evidence reaches the pooling and the CAM
-    ],
-)
-def test_small_cnn_feature_activation_matches_numpy_and_is_the_cam_layer(activation, reference, layer):
-    """``feature_activation``: the pooled features are ``activation(relu(last conv))``, or the last conv's
-    raw output for ``"none"`` (a float64 NumPy forward pass); that output is the default explain layer,
-    and CAM there is the class weights times those features (Zhou et al. 2016), computed here in NumPy."""
-    import flaxcam
-
-    model = models.small_cnn(num_classes=3, features=(6, 8), downsamplings=1, feature_activation=activation)
-    x = np.asarray(_images((2, 12, 10, 3), seed=4), np.float64)
-    variables = model.init(jax.random.key(2), jnp.asarray(x, jnp.float32))
-    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-    assert set(params) == {"conv1", "conv2", "fc"}  # the activation has no parameters
-    h = np.maximum(_np_conv_same(x, **params["conv1"]), 0.0).reshape(2, 6, 2, 5, 2, 6).max(axis=(2, 4))
-    features = reference(_np_conv_same(h, **params["conv2"]))
-    expected = features.mean(axis=(1, 2)) @ params["fc"]["kernel"] + params["fc"]["bias"]
-    np.testing.assert_allclose(
-        np.asarray(model.apply(variables, jnp.asarray(x, jnp.float32))), expected, rtol=1e-4, atol=1e-5
-    )
-
-    targets = np.array([0, 2])
-    explanation = flaxcam.explain(model, variables, jnp.asarray(x, jnp.float32), method="cam", targets=targets)
-    assert explanation.layer == layer
-    cam = np.einsum("nhwk,kn->nhw", features, params["fc"]["kernel"][:, targets])
-    if activation == "none":
-        assert cam.min() < 0  # the test sees whether the negative values are kept
-    np.testing.assert_allclose(np.asarray(explanation.raw[:, 0]), cam, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="valid options are relu, none, log1p, tanh"):
-        models.small_cnn(feature_activation="sigmoid")
 
 
 def test_small_cnn_reference_class_logit_stays_zero_through_adamw_and_cam_still_holds():
@@ -328,8 +281,6 @@ def test_small_cnn_defaults_unchanged_and_option_errors():
         models.small_cnn(features=(4, 8), kernel_sizes=(3,))
     with pytest.raises(ValueError, match="odd"):
         models.small_cnn(features=(4, 8), kernel_sizes=(3, 2))
-    with pytest.raises(ValueError, match="valid options are None, 'group'"):
-        models.small_cnn(norm="batch")
 
 
 def test_last_spatial_features_are_module_outputs():

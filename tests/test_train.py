@@ -67,9 +67,9 @@ def _leaves(tree):
 
 def test_interrupted_run_resumes_to_the_same_parameters(digits, tmp_path):
     """Ctrl-C in the middle of epoch 2 (step 9 of 12), then the same call again: the resumed run restores
-    the state of the last checkpoint (step 8), replays the same batches and augmentations (flips, shifts
-    and Hide-and-Seek), and ends with exactly the parameters and optimizer state of an uninterrupted run."""
-    config = _config(hide_patch=8)
+    the state of the last checkpoint (step 8), replays the same batches and augmentations (flips and
+    shifts), and ends with exactly the parameters and optimizer state of an uninterrupted run."""
+    config = _config()
     full = T.train(config, _feed(digits, config), out=tmp_path / "full", progress=False, log=lambda _: None)
     assert full.steps == 12 and full.resumed_from is None  # 100 // 16 = 6 steps per epoch
 
@@ -138,71 +138,46 @@ def test_augment_gives_edge_padded_shifts_and_flips():
     np.testing.assert_array_equal(np.asarray(T.augment(images, *none, 0)), images)  # nothing enabled
 
 
-def test_hide_patches_hides_the_drawn_grid_cells():
-    """Hide-and-Seek: each ``patch``-pixel grid cell (the last row/column of cells cropped) is either the
-    input or the fill value, exactly where the host-side draw says; the draws depend on the step only."""
-    rng = np.random.default_rng(1)
-    images = rng.standard_normal((8, 10, 13, 3)).astype(np.float32) + 5.0  # no pixel is 0 by chance
-    keep = T.hide_draws(0, 4, len(images), image_size=(10, 13), patch=4, probability=0.5)
-    assert keep.shape == (8, 3, 4) and 0.3 < keep.mean() < 0.7
-    np.testing.assert_array_equal(keep, T.hide_draws(0, 4, 8, image_size=(10, 13), patch=4, probability=0.5))
-    assert not np.array_equal(keep, T.hide_draws(0, 5, 8, image_size=(10, 13), patch=4, probability=0.5))
-    out = np.asarray(T.hide_patches(images, keep, 4))
-    for b in range(len(images)):
-        for i in range(10):
-            for j in range(13):
-                expected = images[b, i, j] if keep[b, i // 4, j // 4] else np.zeros(3, np.float32)
-                np.testing.assert_array_equal(out[b, i, j], expected)
-    assert T.hide_draws(0, 4, 8, image_size=(10, 13), patch=4, probability=0.0).all()
-    assert not T.hide_draws(0, 4, 8, image_size=(10, 13), patch=4, probability=1.0).any()
-    off = T.hide_draws(0, 4, 8, image_size=(10, 13), patch=0, probability=0.5)
-    assert off.shape == (8, 1, 1) and off.all()
-    with pytest.raises(ValueError, match="hide_probability"):
-        T.TrainConfig(hide_patch=8, hide_probability=1.5)
-
-
 def test_run_saved_before_new_config_keys_still_resumes(digits, tmp_path):
-    """A run whose config.json predates the Hide-and-Seek keys resumes with their defaults (off)."""
+    """A run whose config.json lacks keys added since resumes with their defaults."""
     config = _config(epochs=1, checkpoint_every=0)
     T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=2, log=lambda _: None)
     saved = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(
-        json.dumps({k: v for k, v in saved.items() if not k.startswith("hide_") and k != "loss"})
-    )
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "warmup_fraction"}))
     resumed = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
     assert resumed.resumed_from == 2 and resumed.steps == 6
-    with pytest.raises(ValueError, match=r"differs in \['hide_patch'\]"):
-        T.train(
-            _config(epochs=1, checkpoint_every=0, hide_patch=8), _feed(digits, config), out=tmp_path, progress=False
-        )
+    with pytest.raises(ValueError, match=r"differs in \['shift'\]"):
+        T.train(_config(epochs=1, checkpoint_every=0, shift=1), _feed(digits, config), out=tmp_path, progress=False)
 
 
-def test_losses_match_numpy_definitions():
-    """Softmax cross-entropy ``-log softmax(z)_y`` and the one-vs-rest logistic loss
-    ``sum_k -[k == y] log s(z_k) - [k != y] log(1 - s(z_k))``, in float64 NumPy."""
+def test_run_saved_with_removed_options_off_still_resumes(digits, tmp_path):
+    """Hide-and-Seek and the one-vs-rest loss were removed: a config.json that has their keys at the "off"
+    value (every run saved while they existed) resumes; one that used them is refused, naming the key."""
+    config = _config(epochs=1, checkpoint_every=0)
+    T.train(config, _feed(digits, config), out=tmp_path, progress=False, stop_after_step=2, log=lambda _: None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    old = {**saved, "hide_patch": 0, "hide_probability": 0.5, "loss": "softmax"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert T.TrainConfig.from_dict(old) == config
+    resumed = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    for key, value in (("hide_patch", 8), ("loss", "sigmoid")):
+        (tmp_path / "config.json").write_text(json.dumps({**old, key: value}))
+        with pytest.raises(ValueError, match=rf"differs in \['{key}'\]"):
+            T.train(config, _feed(digits, config), out=tmp_path, progress=False)
+        with pytest.raises(ValueError, match=rf"unknown training config keys \['{key}'\]"):
+            T.TrainConfig.from_dict({**old, key: value})
+
+
+def test_softmax_loss_matches_numpy_definition():
+    """Softmax cross-entropy ``-log softmax(z)_y``, in float64 NumPy."""
     rng = np.random.default_rng(0)
     logits = rng.normal(0.0, 3.0, (6, 5))
     labels = rng.integers(0, 5, 6)
-    onehot = np.eye(5)[labels]
     log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    sig = 1.0 / (1.0 + np.exp(-logits))
-    expected = {
-        "softmax": -(onehot * log_softmax).sum(axis=1),
-        "sigmoid": -(onehot * np.log(sig) + (1 - onehot) * np.log(1 - sig)).sum(axis=1),
-    }
-    assert set(T.LOSSES) == set(expected)
-    for name, value in expected.items():
-        got = T.LOSSES[name](jax.numpy.asarray(logits, jax.numpy.float32), jax.numpy.asarray(labels))
-        np.testing.assert_allclose(np.asarray(got), value, rtol=1e-5, atol=1e-5)
-
-
-def test_sigmoid_loss_trains(digits, tmp_path):
-    """``loss="sigmoid"`` runs through :func:`train` (the step uses it: the first epoch's mean loss is the
-    one-vs-rest loss of a barely trained model, about K * log 2, not the softmax one, about log K)."""
-    config = _config(epochs=1, checkpoint_every=0, loss="sigmoid", flip=False, shift=0)
-    result = T.train(config, _feed(digits, config), out=tmp_path, progress=False, log=lambda _: None)
-    first = result.history[0]["train_loss"]
-    assert 10 * np.log(2) * 0.6 < first < 10 * np.log(2) * 1.5  # softmax would give about log(10) = 2.3
+    expected = -log_softmax[np.arange(6), labels]
+    got = T.softmax_loss(jax.numpy.asarray(logits, jax.numpy.float32), jax.numpy.asarray(labels))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_config_errors_name_valid_options():
@@ -212,8 +187,6 @@ def test_config_errors_name_valid_options():
         T.TrainConfig(pooling="mean")
     with pytest.raises(ValueError, match="valid keys are"):
         T.TrainConfig.from_dict({"epoch": 3})
-    with pytest.raises(ValueError, match="valid options are softmax, sigmoid"):
-        T.TrainConfig(loss="hinge")
     assert T.TrainConfig.from_dict(_config().to_dict()) == _config()
 
 

@@ -7,7 +7,8 @@ all-zero map). The regions are fractions of the image, so the statistics do not 
 * ``border_share``: the band of width ``border · H`` (rows) and ``border · W`` (columns) along the edges;
 * ``corner_{tl,tr,bl,br}_share``: the ``corner · H × corner · W`` rectangle in each corner
   (a uniform map gives ``corner²`` in each);
-* ``gt_share``: inside the ground-truth box (pixel centres in ``[y0, y1) × [x0, x1)``) or mask, when given;
+* ``gt_share``: inside the ground-truth box ``[x0, y0, x1, y1]`` (pixel centres in ``[x0, x1) × [y0, y1)``)
+  or mask, when given;
 * ``entropy``: ``-Σ p log p / log(H W)`` with ``p = m / Σ m`` (1 for a uniform map, 0 for a single pixel);
 * ``peak_y, peak_x``: the argmax pixel's centre as a fraction of the height / width (first maximum in
   raster order); ``com_y, com_x``: the centre of mass, same units.
@@ -60,12 +61,13 @@ def region_masks(height: int, width: int, border: float, corner: float) -> dict[
     }
 
 
-def _box_mask(box_yxyx: Array, height: int, width: int) -> Array:
-    """``(H, W)`` mask of the pixels whose centre lies in ``[y0, y1) × [x0, x1)`` (all False for NaN)."""
+def _box_mask(box: Array, height: int, width: int) -> Array:
+    """``(H, W)`` mask of the pixels whose centre lies in the box ``[x0, y0, x1, y1]``, i.e. in
+    ``[x0, x1) × [y0, y1)`` (all False for NaN)."""
     y = jnp.arange(height, dtype=jnp.float32)[:, None] + 0.5
     x = jnp.arange(width, dtype=jnp.float32)[None, :] + 0.5
-    y0, x0, y1, x1 = box_yxyx[0], box_yxyx[1], box_yxyx[2], box_yxyx[3]
-    return (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
+    x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
+    return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
 
 
 def _one_map(m: Array, gt_box: Array, gt_mask: Array | None, regions: dict[str, Array]) -> dict[str, Array]:
@@ -114,7 +116,7 @@ def attention_stats(
 
     Args:
       maps: ``(B, H, W)`` non-negative maps (negative values are clipped to 0).
-      gt_boxes: ``(B, 4)`` ground-truth boxes ``(y0, x0, y1, x1)`` in the maps' pixels (exclusive end),
+      gt_boxes: ``(B, 4)`` ground-truth boxes ``[x0, y0, x1, y1]`` in the maps' pixels (exclusive end),
         rows of NaN where absent.
       gt_masks: ``(B, H, W)`` bool ground-truth masks (an all-False mask falls back to the box).
       border, corner: band width and corner side as fractions of the map size.
@@ -126,6 +128,10 @@ def attention_stats(
     maps = jnp.asarray(maps)
     if maps.ndim != 3:
         raise ValueError(f"maps must have shape (batch, height, width), got {maps.shape}")
+    if gt_boxes is not None and np.shape(gt_boxes) != (maps.shape[0], 4):
+        raise ValueError(
+            f"gt_boxes must have shape ({maps.shape[0]}, 4), one [x0, y0, x1, y1] row per map, got {np.shape(gt_boxes)}"
+        )
     region_masks(1, 1, border, corner)  # validate the fractions eagerly, with a clear error
     return _attention_stats(maps, gt_boxes, gt_masks, border=float(border), corner=float(corner))
 
@@ -254,7 +260,7 @@ def summarize(
     statistics and the low-resolution map in float16.
 
     ``maps`` ``(B, H, W)`` and ``low_res`` ``(B, h, w)`` are the maps of the explained target ``targets``
-    ``(B,)``; ``probabilities`` ``(B, K)``; ``gt_boxes`` ``(B, 4)`` ``(y0, x0, y1, x1)`` or NaN.
+    ``(B,)``; ``probabilities`` ``(B, K)``; ``gt_boxes`` ``(B, 4)`` ``[x0, y0, x1, y1]`` or NaN.
     ``box_resolution``: see :func:`box_grid` (a box grid of at most 64 px per side keeps the mask
     transfer and the labelling small at any input size).
     """

@@ -39,8 +39,9 @@ else:
 from flaxcam.audit.errors import AuditSettingsError, AuditWriteError
 from flaxcam.files import atomic_write, temporary_pattern
 
-#: Version of the manifest and row schema; bumped on incompatible changes.
-SCHEMA_VERSION = 1
+#: Version of the manifest and row schema; bumped on incompatible changes (2: the ground-truth columns
+#: in the order ``gt_x0, gt_y0, gt_x1, gt_y1`` of every box in flaxcam, was ``gt_y0, gt_x0, ...``).
+SCHEMA_VERSION = 2
 
 MANIFEST = "manifest.json"
 PART_GLOB = "part-*.parquet"
@@ -62,7 +63,8 @@ _STAT_COLUMNS = (
     "com_x",
 )
 
-#: One row per audited image. Boxes are in model-input pixels; ``low_res`` is the explained map at the
+#: One row per audited image. Boxes (``box_*``: the rule's, ``gt_*``: the ground truth) are
+#: ``x0, y0, x1, y1`` in model-input pixels (exclusive end); ``low_res`` is the explained map at the
 #: layer's resolution, float16 bytes in row-major order (shape in the manifest's ``low_res_shape``).
 SCHEMA = pa.schema(
     [
@@ -80,10 +82,10 @@ SCHEMA = pa.schema(
         ("box_y0", pa.int32()),
         ("box_x1", pa.int32()),
         ("box_y1", pa.int32()),
-        ("gt_y0", pa.float32()),
         ("gt_x0", pa.float32()),
-        ("gt_y1", pa.float32()),
+        ("gt_y0", pa.float32()),
         ("gt_x1", pa.float32()),
+        ("gt_y1", pa.float32()),
         ("box_iou", pa.float32()),
         *[(name, pa.float32()) for name in _STAT_COLUMNS],
         ("low_res", pa.binary()),

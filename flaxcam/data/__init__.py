@@ -6,13 +6,15 @@
 * :func:`iterate_batches`: indices → shard → padded :class:`Batch` es of model inputs through grain.
 * :func:`make_ham10000_fixture`: a generated dataset in the HAM10000 layout.
 * :func:`make_digit_canvases`: digits on a cluttered canvas with ground-truth boxes;
-  :func:`make_background_canvases`: the same canvases without a digit.
+  :func:`make_background_canvases`: the same canvases without a digit; :func:`draw_marker`: a planted
+  corner marker (a shortcut) on any images.
 """
 
 from flaxcam.data.digits import (
     CLASS_NAMES,
     MARKER_CORNERS,
     DigitCanvases,
+    draw_marker,
     make_background_canvases,
     make_digit_canvases,
     marker_region,
@@ -54,6 +56,7 @@ __all__ = [
     "Record",
     "TfdsSource",
     "batch_rows",
+    "draw_marker",
     "iterate_batches",
     "make_background_canvases",
     "make_digit_canvases",

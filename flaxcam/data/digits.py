@@ -8,6 +8,7 @@ random line clutter. Used by the demo, the tests and the experiments.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,13 +49,42 @@ def marker_region(size: tuple[int, int], corner: str, marker_size: int, margin: 
     return slice(top, top + marker_size), slice(left, left + marker_size)
 
 
-def _draw_marker(canvas: np.ndarray, rows: slice, cols: slice) -> None:
-    """A white square with a black centre: a sticker-like mark that no clutter line or digit imitates."""
-    canvas[rows, cols] = 1.0
-    side = rows.stop - rows.start
-    inner = max(side // 3, 1)
-    start = (side - inner) // 2
-    canvas[rows.start + start : rows.start + start + inner, cols.start + start : cols.start + start + inner] = 0.0
+def draw_marker(
+    images: np.ndarray,
+    which: np.ndarray | None = None,
+    *,
+    corner: str = "top_left",
+    size: int = 6,
+    margin: int = 2,
+    colour: Sequence[float] | None = None,
+) -> np.ndarray:
+    """A copy of float ``images`` ``(N, H, W, 3)`` in [0, 1] with a planted marker on the images that the
+    boolean ``which`` ``(N,)`` selects (default: all): a ``size``-pixel square ``margin`` pixels from
+    ``corner`` (:func:`marker_region`), a stand-in for a ruler, an ink mark or a sticker.
+
+    ``colour=None`` (default, the marker of :func:`make_digit_canvases`): a white square with a black
+    centre, a sticker-like mark that no clutter line or digit imitates; an RGB ``colour``: a solid square
+    of that colour.
+    """
+    out = np.array(images, copy=True)
+    height, width = out.shape[1:3]
+    if not 1 <= size <= min(height, width) - 2 * margin:
+        raise ValueError(
+            f"marker size must be in [1, {min(height, width) - 2 * margin}] for images of {(height, width)} "
+            f"and a margin of {margin}, got {size}"
+        )
+    rows, cols = marker_region((height, width), corner, size, margin)
+    selected = np.ones(len(out), bool) if which is None else np.asarray(which, bool)
+    if colour is not None:
+        out[selected, rows, cols] = np.asarray(colour, out.dtype)
+        return out
+    out[selected, rows, cols] = 1.0
+    inner = max(size // 3, 1)
+    start = (size - inner) // 2
+    centre_rows = slice(rows.start + start, rows.start + start + inner)
+    centre_cols = slice(cols.start + start, cols.start + start + inner)
+    out[selected, centre_rows, centre_cols] = 0.0
+    return out
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +173,7 @@ def make_digit_canvases(
             raise ValueError(
                 f"marker_size must be in [1, {min(height, width) - 4}] for a canvas of {size}, got {marker_size}"
             )
-        marker_rows, marker_cols = marker_region(size, marker_corner, marker_size)
+        marker_region(size, marker_corner, marker_size)  # an unknown corner fails before any work
     rng = np.random.default_rng(seed)
     glyphs, targets = _load_digits()
     if classes is not None:
@@ -172,6 +202,5 @@ def make_digit_canvases(
         candidates = np.flatnonzero(labels == marker_class)
         chosen = np.random.default_rng([seed, 1]).permutation(candidates)[: round(marker_fraction * len(candidates))]
         marked[chosen] = True
-        for i in chosen:
-            _draw_marker(images[i], marker_rows, marker_cols)
+        images = draw_marker(images, marked, corner=marker_corner, size=marker_size)
     return DigitCanvases(images=images, labels=labels, boxes=boxes, marked=marked)

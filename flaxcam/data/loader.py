@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from flaxcam._optional import require
-from flaxcam.data.sources import ImageSource, Record, open_source
+from flaxcam.data.sources import BOX_ORDER, ImageSource, Record, open_source
 from flaxcam.imageio import Preprocessing
 
 
@@ -33,15 +33,15 @@ class Batch:
       ids: ``B`` record ids, ``''`` for padding rows.
       labels: ``(B,)`` int32 labels (-1 for padding or unknown).
       valid: ``(B,)`` bool, False for padding rows and unreadable images.
-      boxes: ``(B, 4)`` float32 ground truth ``(y0, x0, y1, x1)`` in model-input pixels (the record's
-        box scaled by ``H / h`` and ``W / w``; exclusive end), NaN where absent.
+      boxes: ``(B, 4)`` float32 ground truth ``[x0, y0, x1, y1]`` in model-input pixels (the record's
+        box scaled by ``W / w`` and ``H / h``; exclusive end), NaN where absent.
       errors: ``(index, id, reason)`` for each unreadable record of this batch.
       has_mask: ``(B,)`` bool, True where the record has a ground-truth mask.
       masks: ``(B, H, W)`` bool ground-truth masks resized to the input (nearest neighbour), all False
         where absent; ``None`` when no record of the batch has a mask.
       sizes: ``(B, 2)`` int32 ``(h, w)`` of each image in its file (``Record.size``, else the record
         image's shape; 0 where invalid), to map input-frame coordinates back to the file's pixels
-        (multiply y by ``h / H``, x by ``w / W``).
+        (multiply x by ``w / W``, y by ``h / H``).
     """
 
     images: np.ndarray
@@ -92,9 +92,12 @@ def ordered_indices(
 def _scaled_box(record: Record, size: tuple[int, int]) -> np.ndarray:
     if record.box is None or record.image is None:
         return np.full(4, np.nan, np.float32)
+    box = np.asarray(record.box, np.float64)
+    if box.shape != (4,):
+        raise ValueError(f"record {record.id!r}: a box must have 4 values {BOX_ORDER}, got shape {box.shape}")
     height, width = record.image.shape[:2]
-    scale = np.array([size[0] / height, size[1] / width, size[0] / height, size[1] / width])
-    return (np.asarray(record.box, np.float64) * scale).astype(np.float32)
+    scale = np.array([size[1] / width, size[0] / height, size[1] / width, size[0] / height])
+    return (box * scale).astype(np.float32)
 
 
 def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

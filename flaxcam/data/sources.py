@@ -6,8 +6,8 @@ never stops a pass over a dataset. Sources are plain picklable objects (grain ca
 worker processes). Images come out as ``(H, W, 3)`` uint8 RGB whatever the file's mode (see
 :func:`flaxcam.imageio.read_image`).
 
-Boxes are ``(y0, x0, y1, x1)`` in pixels of ``Record.image`` with an exclusive end (note: the order
-differs from :func:`flaxcam.localize.boxes`, which returns ``[x0, y0, x1, y1]``).
+Boxes are ``[x0, y0, x1, y1]`` in pixels of ``Record.image`` with an exclusive end, as everywhere in
+flaxcam (:func:`flaxcam.localize.boxes`, :mod:`flaxcam.metrics`, the audit's columns).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ HAM10000_METADATA_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx", "dx
 class Record:
     """One example. ``image`` is ``(H, W, 3)`` uint8 RGB, or ``None`` with ``error`` giving the reason.
 
-    ``label`` is the class index (-1 when unknown); ``box`` is the ground truth ``(y0, x0, y1, x1)``
+    ``label`` is the class index (-1 when unknown); ``box`` is the ground truth ``(x0, y0, x1, y1)``
     in pixels of ``image`` (exclusive end); ``mask`` an ``(H, W)`` bool ground-truth mask; ``size``
     the ``(height, width)`` of the image in its file when ``image`` was decoded at reduced scale
     (``None``: ``image.shape[:2]``).
@@ -77,15 +77,35 @@ def _check_index(index: int, length: int) -> int:
     return index
 
 
+#: How a ground-truth box is written, for error messages.
+BOX_ORDER = "[x0, y0, x1, y1] (pixels, exclusive end)"
+
+
 def _box_tuple(row: np.ndarray | Sequence[float] | None) -> Box | None:
     if row is None:
         return None
     values = np.asarray(row, dtype=np.float64)
     if values.shape != (4,):
-        raise ValueError(f"a box must have 4 values (y0, x0, y1, x1), got shape {values.shape}")
+        raise ValueError(f"a box must have 4 values {BOX_ORDER}, got shape {values.shape}")
     if np.any(np.isnan(values)):
         return None
     return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+def check_boxes(boxes: Any, count: int) -> np.ndarray:
+    """``boxes`` as ``(count, 4)`` float64 ``[x0, y0, x1, y1]`` (NaN rows: no box), or a ``ValueError``
+    that states the order: a wrong shape, or an end before its start (``x1 < x0`` or ``y1 < y0``)."""
+    values = np.asarray(boxes, np.float64)
+    if count == 0 and values.size == 0:
+        values = values.reshape(0, 4)
+    if values.shape != (count, 4):
+        raise ValueError(f"boxes must have shape ({count}, 4): one row {BOX_ORDER} per image, got {values.shape}")
+    with np.errstate(invalid="ignore"):
+        inverted = (values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1])
+    if inverted.any():
+        row = int(np.flatnonzero(inverted)[0])
+        raise ValueError(f"box {row} is {values[row].tolist()}: its end is before its start; boxes are {BOX_ORDER}")
+    return values
 
 
 def _checked_mask(mask: np.ndarray | None, image: np.ndarray | None) -> tuple[np.ndarray | None, str | None]:
@@ -106,7 +126,7 @@ class ArraySource:
         channels (converted by :func:`flaxcam.imageio.as_rgb_uint8`; a bad one gives ``Record.error``).
       labels: ``(N,)`` class indices (default: -1 for all).
       class_names: default ``("0", ..., str(max label))``.
-      boxes: ``(N, 4)`` ground truth ``(y0, x0, y1, x1)`` in pixels, NaN rows for "no box".
+      boxes: ``(N, 4)`` ground truth ``[x0, y0, x1, y1]`` in pixels (exclusive end), NaN rows for "no box".
       masks: ``(N, H, W)`` bool or a sequence with ``None`` for "no mask".
       ids: ``N`` unique strings (default ``str(index)``).
     """
@@ -131,9 +151,7 @@ class ArraySource:
         self.class_names = tuple(str(name) for name in class_names)
         if len(self.labels) and int(self.labels.max(initial=-1)) >= len(self.class_names):
             raise ValueError(f"label {int(self.labels.max())} has no name among {len(self.class_names)} class_names")
-        self.boxes = None if boxes is None else np.asarray(boxes, np.float64).reshape(-1, 4)
-        if self.boxes is not None and len(self.boxes) != count:
-            raise ValueError(f"{len(self.boxes)} boxes for {count} images")
+        self.boxes = None if boxes is None else check_boxes(boxes, count)
         self.masks = masks
         if masks is not None and len(masks) != count:
             raise ValueError(f"{len(masks)} masks for {count} images")
@@ -145,10 +163,8 @@ class ArraySource:
 
     @classmethod
     def from_digits(cls, canvases: Any) -> ArraySource:
-        """A source over :class:`flaxcam.data.DigitCanvases` (their ``[x0, y0, x1, y1]`` boxes are
-        reordered to ``(y0, x0, y1, x1)``)."""
-        boxes = np.asarray(canvases.boxes)[:, [1, 0, 3, 2]]
-        return cls(canvases.images, canvases.labels, canvases.class_names, boxes=boxes)
+        """A source over :class:`flaxcam.data.DigitCanvases` (images, labels, class names and boxes)."""
+        return cls(canvases.images, canvases.labels, canvases.class_names, boxes=canvases.boxes)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -180,7 +196,7 @@ def save_npz(
     **extras: np.ndarray,
 ) -> Path:
     """Write arrays that :class:`NpzSource` reads (keys ``images``, ``labels`` and the optional
-    ``class_names``, ``boxes`` ``(N, 4)`` as ``(y0, x0, y1, x1)``, ``masks``, ``ids``; any other
+    ``class_names``, ``boxes`` ``(N, 4)`` as ``[x0, y0, x1, y1]``, ``masks``, ``ids``; any other
     keyword array, e.g. ``marked=canvases.marked``, is stored as is and comes back in
     ``NpzSource.extras``); returns the path written (NumPy appends ``.npz`` when missing).
     :class:`NpzSource` loads the whole file into memory."""
@@ -190,7 +206,7 @@ def save_npz(
     if class_names is not None:
         arrays["class_names"] = np.asarray([str(n) for n in class_names])
     if boxes is not None:
-        arrays["boxes"] = np.asarray(boxes, np.float32)
+        arrays["boxes"] = check_boxes(boxes, len(arrays["images"])).astype(np.float32)
     if masks is not None:
         arrays["masks"] = np.asarray(masks, bool)
     if ids is not None:
@@ -205,7 +221,7 @@ def save_npz(
 
 class NpzSource(ArraySource):
     """A ``.npz`` file with ``images`` ``(N, H, W[, C])`` and optional ``labels``, ``class_names``,
-    ``boxes`` ``(N, 4)`` as ``(y0, x0, y1, x1)``, ``masks`` ``(N, H, W)`` and ``ids`` (see
+    ``boxes`` ``(N, 4)`` as ``[x0, y0, x1, y1]``, ``masks`` ``(N, H, W)`` and ``ids`` (see
     :func:`save_npz`). Other arrays in the file are kept in ``extras`` (name → array)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -473,7 +489,8 @@ class TfdsSource:
     else the first one (no label feature: labels are -1). Ids are ``"tfds:NAME:SPLIT:INDEX"``.
 
     Ground truth: ``box_key`` names a ``BBoxFeature`` (TFDS's normalized ``(ymin, xmin, ymax, xmax)``,
-    scaled to pixels of the image); default "bbox" or else the first top-level ``BBoxFeature``
+    turned into a pixel box ``[x0, y0, x1, y1]`` of the image); default "bbox" or else the first top-level
+    ``BBoxFeature``
     (``""`` for none). A nested key such as ``"objects/bbox"`` (several boxes per image) gives the box
     enclosing them all. ``mask_key`` names an image-like feature whose nonzero pixels form the mask
     (none by default; it must have the image's height and width).
@@ -559,14 +576,15 @@ def _tfds_mask(value: Any) -> np.ndarray:
 
 
 def _tfds_box(value: Any, size: tuple[int, int]) -> Box | None:
-    """TFDS normalized ``(ymin, xmin, ymax, xmax)`` box(es) → one pixel box (the enclosing one)."""
+    """TFDS normalized ``(ymin, xmin, ymax, xmax)`` box(es) → one pixel box ``(x0, y0, x1, y1)`` (the
+    enclosing one)."""
     boxes = np.asarray(value, np.float64).reshape(-1, 4)
     if len(boxes) == 0:
         return None
     height, width = size
-    y0, x0 = boxes[:, 0].min() * height, boxes[:, 1].min() * width
-    y1, x1 = boxes[:, 2].max() * height, boxes[:, 3].max() * width
-    return (float(y0), float(x0), float(y1), float(x1))
+    x0, y0 = boxes[:, 1].min() * width, boxes[:, 0].min() * height
+    x1, y1 = boxes[:, 3].max() * width, boxes[:, 2].max() * height
+    return (float(x0), float(y0), float(x1), float(y1))
 
 
 SOURCE_KINDS: tuple[str, ...] = ("folder", "ham10000", "tfds", "npz")

@@ -6,12 +6,9 @@ output globally pooled (a plain function, not a module), then the Dense ``fc``. 
 the number of 2x2 max-pools (the first convs get them), for a finer last feature map: with
 ``features=(16, 32, 64, 128)`` and ``downsamplings=2`` a 64x64 input gives a 16x16 map instead of 8x8.
 ``kernel_sizes`` sets each conv's (odd) kernel size, e.g. 1x1 convs that add depth and channels without
-growing the receptive field (BagNet-style local evidence, Brendel & Bethge, ICLR 2019); ``norm="group"``
-puts a GroupNorm (Wu & He, ECCV 2018; no batch statistics) between each conv but the last and its ReLU,
-so the last conv still feeds the global pooling directly (the CAM identity holds at it);
-``feature_activation`` changes what the pooling averages (:data:`FEATURE_ACTIVATIONS`), for localization
-experiments; ``reference_class=True`` pins the last class's logit at 0 (a background class as the
-reference category of a multinomial logit, see :class:`SmallCNN`).
+growing the receptive field (BagNet-style local evidence, Brendel & Bethge, ICLR 2019);
+``reference_class=True`` pins the last class's logit at 0 (a background class as the reference category
+of a multinomial logit, see :class:`SmallCNN`).
 """
 
 from __future__ import annotations
@@ -27,33 +24,6 @@ from flaxcam.models.resnet import check_pooling, global_pool
 
 Dtype = Any
 
-#: Normalization layers ``SmallCNN`` can put after its convs (``None``: none, the default).
-NORMS: tuple[str | None, ...] = (None, "group")
-
-#: Functions applied after the last conv's ReLU by ``feature_activation`` (a module named ``features``,
-#: the output that the global pooling averages and that CAM targets). ``log1p``: diminishing returns, a
-#: location's evidence grows only logarithmically, so a GAP model gains more by spreading its evidence
-#: over the whole object than by piling it onto the most discriminative part; ``tanh``: the same
-#: pressure, bounded at 1.
-SQUASHES: dict[str, Any] = {"log1p": jnp.log1p, "tanh": jnp.tanh}
-
-#: Valid ``feature_activation`` values: ``"relu"`` (default), ``"none"`` (the last conv without its ReLU:
-#: its output, negative values included, feeds the pooling, so CAM keeps the evidence against the
-#: class), then the :data:`SQUASHES`.
-FEATURE_ACTIVATIONS: tuple[str, ...] = ("relu", "none", *SQUASHES)
-
-
-class FeatureActivation(nn.Module):
-    """One of :data:`SQUASHES` applied to the ReLU output of the last conv (a module, so that CAM can
-    target its output: the features that the global pooling averages)."""
-
-    kind: str = "log1p"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply ``SQUASHES[kind]`` to non-negative features ``x``."""
-        return SQUASHES[self.kind](x)
-
 
 class SmallCNN(nn.Module):
     """``conv1`` .. ``convK`` (3x3 + ReLU, 2x2 max-pool between), global pooling, Dense ``fc``.
@@ -66,11 +36,6 @@ class SmallCNN(nn.Module):
             before every conv but the first.
         dtype: computation dtype (parameters stay float32).
         kernel_sizes: odd kernel size of each conv (same length as ``features``); ``None`` (default): all 3.
-        norm: ``None`` (default) or ``"group"``: GroupNorm ``norm1`` .. ``norm{K-1}`` after every conv but
-            the last (``min(8, channels)`` groups).
-        feature_activation: what the global pooling averages, one of :data:`FEATURE_ACTIVATIONS`:
-            ``"relu"`` (default) the last conv's ReLU output; ``"none"`` its raw output; ``"log1p"`` /
-            ``"tanh"`` that function of the ReLU output, as a module ``features`` (the CAM layer).
         reference_class: if True, the last class (e.g. a digit-free ``background`` class) is the
             reference category of the multinomial logit: its logit is fixed at 0. ``fc`` keeps its
             ``(C, num_classes)`` kernel, but the last column and bias start at 0 and get no gradient, so
@@ -88,8 +53,6 @@ class SmallCNN(nn.Module):
     dtype: Dtype = jnp.float32
     downsamplings: int | None = None
     kernel_sizes: Sequence[int] | None = None
-    norm: str | None = None
-    feature_activation: str = "relu"
     reference_class: bool = False
 
     def __post_init__(self) -> None:
@@ -108,12 +71,6 @@ class SmallCNN(nn.Module):
                 )
             if any(int(k) < 1 or int(k) % 2 == 0 for k in self.kernel_sizes):
                 raise ValueError(f"kernel_sizes must be odd and >= 1 (same padding), got {list(self.kernel_sizes)}")
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}: valid options are {', '.join(repr(n) for n in NORMS)}")
-        if self.feature_activation not in FEATURE_ACTIVATIONS:
-            raise ValueError(
-                f"unknown feature_activation {self.feature_activation!r}: valid options are {', '.join(FEATURE_ACTIVATIONS)}"
-            )
         if self.reference_class and self.num_classes < 2:
             raise ValueError(
                 f"reference_class needs at least 2 classes (the last one is the reference), got num_classes={self.num_classes}"
@@ -134,12 +91,7 @@ class SmallCNN(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             pad = size // 2
             x = nn.Conv(features, (size, size), padding=((pad, pad), (pad, pad)), dtype=self.dtype, name=f"conv{i}")(x)
-            if self.norm == "group" and i < len(self.features):
-                x = nn.GroupNorm(num_groups=_groups(features), dtype=self.dtype, name=f"norm{i}")(x)
-            if i < len(self.features) or self.feature_activation != "none":
-                x = nn.relu(x)
-        if self.feature_activation in SQUASHES:
-            x = FeatureActivation(self.feature_activation, name="features")(x)
+            x = nn.relu(x)
         x = global_pool(x, self.pooling)
         kernel_init = nn.initializers.lecun_normal()  # nn.Dense's default (its bias starts at 0 too)
         if self.reference_class:
@@ -158,11 +110,6 @@ def _without_last_column(init: Any) -> Any:
     return zero_last
 
 
-def _groups(channels: int) -> int:
-    """GroupNorm groups for ``channels``: the largest divisor of ``channels`` that is at most 8."""
-    return max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)
-
-
 def small_cnn(
     num_classes: int = 10,
     features: Sequence[int] = (16, 32, 64),
@@ -170,13 +117,11 @@ def small_cnn(
     dtype: Dtype = jnp.float32,
     downsamplings: int | None = None,
     kernel_sizes: Sequence[int] | None = None,
-    norm: str | None = None,
-    feature_activation: str = "relu",
     reference_class: bool = False,
 ) -> SmallCNN:
     """A small CNN: ``conv1``..``convK`` with ``features`` channels, global pooling, Dense ``fc``
-    (``downsamplings`` 2x2 max-pools, default ``K - 1``; ``kernel_sizes`` default all 3; ``norm``
-    ``None`` or ``"group"``; ``feature_activation`` and ``reference_class`` see :class:`SmallCNN`)."""
+    (``downsamplings`` 2x2 max-pools, default ``K - 1``; ``kernel_sizes`` default all 3;
+    ``reference_class`` see :class:`SmallCNN`)."""
     return SmallCNN(
         features=tuple(int(f) for f in features),
         num_classes=num_classes,
@@ -184,7 +129,5 @@ def small_cnn(
         dtype=dtype,
         downsamplings=downsamplings,
         kernel_sizes=None if kernel_sizes is None else tuple(int(k) for k in kernel_sizes),
-        norm=norm,
-        feature_activation=feature_activation,
         reference_class=bool(reference_class),
     )
