@@ -300,3 +300,124 @@ def test_global_mesh_explain_over_two_processes_equals_one_process(tmp_path):
     np.testing.assert_array_equal(got["targets"], np.asarray(expected.targets))
     for name in ("maps", "low_res", "probabilities"):
         np.testing.assert_allclose(got[name], np.asarray(getattr(expected, name)), rtol=0, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+TRAIN_TIMEOUT = 90  # seconds a training subprocess may run (a tiny CNN, 6 steps)
+
+
+def train_args(folder: Path, out: Path, *extra: str) -> list[str]:
+    """6 steps of a tiny CNN on the 16 images of ``folder`` (3 unreadable: weight 0), global batches of 8,
+    with flips and shifts, a checkpoint every 2 steps."""
+    return [
+        "train",
+        f"folder:{folder}",
+        "--out",
+        str(out),
+        "--model",
+        "small_cnn",
+        "--model-kwargs",
+        '{"features": [4, 8]}',
+        "--size",
+        "16,16",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "0.01",
+        "--flip",
+        "--shift",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "3",
+        *extra,
+    ]
+
+
+def trained_leaves(out: Path) -> list[np.ndarray]:
+    _model, variables, meta = models.load_bundle(out / "model.msgpack")
+    assert meta["steps"] == 6
+    return [np.asarray(leaf) for leaf in jax_leaves(variables)]
+
+
+def jax_leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def train_in_processes(count: int, args: list[str], devices: int = 2) -> list[str]:
+    results = finish(start(count, args, devices=devices), timeout=TRAIN_TIMEOUT)
+    assert all(code == 0 for code, _ in results), [output[-3000:] for _, output in results]
+    return [output for _, output in results]
+
+
+@pytest.fixture(scope="module")
+def trained_two(folder, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run (2 CPU devices each: a 4-device global mesh)."""
+    out = tmp_path_factory.mktemp("train2") / "run"
+    outputs = train_in_processes(2, train_args(folder, out))
+    assert "trained 6 steps" in outputs[0], outputs[0][-2000:]
+    return out
+
+
+@pytest.mark.timeout(TRAIN_TIMEOUT + 60)
+def test_two_process_training_equals_one_process(folder, trained_two, tmp_path):
+    """Each process reads half of every global batch; XLA averages the gradients over the 4 devices of
+    both processes. The parameters equal those of one process on the same global batches."""
+    from typer.testing import CliRunner
+
+    from flaxcam.cli import app
+
+    single = tmp_path / "single"
+    result = CliRunner().invoke(app, train_args(folder, single))
+    assert result.exit_code == 0, result.output
+    for got, expected in zip(trained_leaves(trained_two), trained_leaves(single), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (trained_two / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
+    assert len(__import__("json").loads((trained_two / "errors.json").read_text())) == 3  # both shards' errors
+
+
+@pytest.mark.timeout(2 * TRAIN_TIMEOUT + 60)
+def test_resumed_two_process_training_equals_uninterrupted(folder, trained_two, tmp_path):
+    """Stopped mid-epoch after step 3 (a checkpoint written by process 0 alone), then the same two
+    commands again: every process restores step 3 and the run ends with the uninterrupted parameters."""
+    out = tmp_path / "run"
+    outputs = train_in_processes(2, train_args(folder, out, "--stop-after-step", "3"))
+    assert "stopped after step 3" in outputs[0], outputs[0][-2000:]
+    assert not (out / "model.msgpack").exists()
+    outputs = train_in_processes(2, train_args(folder, out))
+    assert "resuming from the checkpoint of step 3" in outputs[0], outputs[0][-2000:]
+    for got, expected in zip(trained_leaves(out), trained_leaves(trained_two), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.timeout(TRAIN_TIMEOUT + 30)
+def test_training_processes_with_different_settings_all_refuse(folder, tmp_path):
+    out, port = tmp_path / "run", free_port()
+    processes = [
+        subprocess.Popen(
+            cli(
+                *train_args(folder, out, "--learning-rate", rate),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            env=environment(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i, rate in enumerate(["0.01", "0.02"])
+    ]
+    for code, output in finish(processes, timeout=TRAIN_TIMEOUT):
+        assert code == 2, output[-2000:]
+        assert "process(es) 1 of this run have other settings than process 0" in output, output[-2000:]
+    assert not (out / "checkpoints").exists()
