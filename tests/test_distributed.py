@@ -160,18 +160,31 @@ def test_two_processes_audit_equals_one(folder, bundle, single, tmp_path):
     assert sorted(p.name for p in out.glob(".lock-p*")) == [".lock-p00000", ".lock-p00001"]
 
 
-def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path):
-    args = audit_args(
-        folder,
-        bundle,
-        tmp_path / "audit",
+@pytest.mark.slow  # three processes on two cores: 71 s on the loaded 2-core machine (load average 11)
+def test_three_processes_audit_equals_one(folder, bundle, single, tmp_path):
+    """3 processes, shards of 6, 5 and 5 of the 16 images (unreadable ones among them): row for row the
+    single-process audit."""
+    out = tmp_path / "audit"
+    results = finish(start(3, audit_args(folder, bundle, out)))
+    assert all(code == 0 for code, _ in results), [output[-2000:] for _, output in results]
+    assert_same_audit(out, single)
+    assert set(store.read_rows(out)["process"].to_pylist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("command", ["audit", "train"])
+def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path, command):
+    first = (
+        audit_args(folder, bundle, tmp_path / "audit") if command == "audit" else train_args(folder, tmp_path / "run")
+    )
+    args = [
+        *first,
         "--coordinator",
         f"127.0.0.1:{free_port()}",
         "--num-processes",
         "2",
         "--process-id",
         "2",
-    )
+    ]
     result = subprocess.run(cli(*args), env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2
     assert "--process-id must be in 0..1 (--num-processes 2), got 2" in result.stderr
