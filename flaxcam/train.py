@@ -527,7 +527,7 @@ class DataParallel:
         if self.mesh is None:
             return 0, batch_size
         slices = self.data.addressable_devices_indices_map((batch_size,)).values()
-        starts = sorted((part[0].start or 0, part[0].stop or batch_size) for part in slices)
+        starts = sorted((part[0].start or 0, part[0].stop or batch_size) for part in slices if part is not None)
         if any(a[1] != b[0] for a, b in itertools.pairwise(starts)):
             raise ValueError("this process's devices do not hold one contiguous slice of the batch")
         return starts[0][0], starts[-1][1]
@@ -593,7 +593,7 @@ def _save(manager, state: TrainState, placement: DataParallel | None = None) -> 
     import orbax.checkpoint as ocp
 
     parallel = placement is not None and placement.parallel
-    if parallel and not placement.writer:
+    if placement is not None and parallel and not placement.writer:
         return
     step = int(state.step)
     if step in manager.all_steps():
@@ -892,6 +892,7 @@ def _evaluate_with(
     step: Callable, variables: Any, feed: Feed, batch_size: int = 256, placement: DataParallel | None = None
 ) -> dict[str, float]:
     order = np.arange(len(feed))
+    batches: Iterator[tuple[Any, ...]]
     if placement is not None and placement.parallel:
         devices = len(jax.devices())
         batch_size = -(-batch_size // devices) * devices  # a multiple of the device count

@@ -5,6 +5,7 @@ Every subprocess has a timeout, so a hanging peer fails the test instead of bloc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -322,7 +323,7 @@ TRAIN_TIMEOUT = 90  # seconds a training subprocess may run (a tiny CNN, 6 steps
 
 def train_args(folder: Path, out: Path, *extra: str) -> list[str]:
     """6 steps of a tiny CNN on the 16 images of ``folder`` (3 unreadable: weight 0), global batches of 8,
-    with flips and shifts, a checkpoint every 2 steps."""
+    with flips and shifts, a checkpoint every 2 steps, evaluated on the same folder after each epoch."""
     return [
         "train",
         f"folder:{folder}",
@@ -347,6 +348,8 @@ def train_args(folder: Path, out: Path, *extra: str) -> list[str]:
         "2",
         "--seed",
         "3",
+        "--val",
+        f"folder:{folder}",
         *extra,
     ]
 
@@ -354,13 +357,9 @@ def train_args(folder: Path, out: Path, *extra: str) -> list[str]:
 def trained_leaves(out: Path) -> list[np.ndarray]:
     _model, variables, meta = models.load_bundle(out / "model.msgpack")
     assert meta["steps"] == 6
-    return [np.asarray(leaf) for leaf in jax_leaves(variables)]
-
-
-def jax_leaves(tree) -> list:
     import jax
 
-    return jax.tree.leaves(tree)
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(variables)]
 
 
 def train_in_processes(count: int, args: list[str], devices: int = 2) -> list[str]:
@@ -392,7 +391,12 @@ def test_two_process_training_equals_one_process(folder, trained_two, tmp_path):
     for got, expected in zip(trained_leaves(trained_two), trained_leaves(single), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in (trained_two / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
-    assert len(__import__("json").loads((trained_two / "errors.json").read_text())) == 3  # both shards' errors
+    assert len(json.loads((trained_two / "errors.json").read_text())) == 3  # both shards' errors
+    history, expected = (json.loads((out / "history.json").read_text()) for out in (trained_two, single))
+    assert [h["eval_count"] for h in history] == [13] * 3  # the 3 unreadable images excluded
+    for got_entry, expected_entry in zip(history, expected, strict=True):
+        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+            assert abs(got_entry[key] - expected_entry[key]) < 1e-4, (key, got_entry, expected_entry)
 
 
 @pytest.mark.timeout(2 * TRAIN_TIMEOUT + 60)
