@@ -99,8 +99,8 @@ def run_count(args: argparse.Namespace, count: int, scratch: Path) -> dict:
     out = scratch / f"n{count}"
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    processes = []
-    for process, cores in enumerate(sets):
+    processes: list[subprocess.Popen] = []
+    for index, cores in enumerate(sets):
         spec = {
             "out": str(out),
             "images": args.images,
@@ -109,20 +109,20 @@ def run_count(args: argparse.Namespace, count: int, scratch: Path) -> dict:
             "model": args.model,
             "port": port,
             "count": count,
-            "process": process,
+            "process": index,
             "cores": cores,
         }
         command = [sys.executable, "-m", "benchmarks.processes", "--worker", json.dumps(spec)]
         processes.append(subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     results = []
-    for process in processes:
+    for child in processes:
         try:
-            stdout, stderr = process.communicate(timeout=args.timeout)
+            stdout, stderr = child.communicate(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             for other in processes:
                 other.kill()
             raise RuntimeError(f"{count} processes: a process ran past {args.timeout} s") from None
-        if process.returncode != 0:
+        if child.returncode != 0:
             raise RuntimeError(f"{count} processes: a process failed:\n{stderr[-3000:]}")
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     slowest = max(r["seconds"] for r in results)
