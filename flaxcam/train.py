@@ -793,13 +793,12 @@ def train(
             rows = slice(placement.start, placement.stop)  # this process's rows of each global batch
             local = placement.local_order(order, config.batch_size)
             for inputs, labels, weights in feed.batches(local, placement.stop - placement.start):
-                flips, offsets = augmentation_draws(
-                    config.seed, step, config.batch_size, flip=config.flip, shift=config.shift
-                )
+                drawn = config.batch_size if placement.parallel else len(labels)  # the global batch's draws
+                flips, offsets = augmentation_draws(config.seed, step, drawn, flip=config.flip, shift=config.shift)
                 keep = hide_draws(
                     config.seed,
                     step,
-                    config.batch_size,
+                    drawn,
                     image_size=config.input_size,
                     patch=config.hide_patch,
                     probability=config.hide_probability,
