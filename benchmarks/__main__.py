@@ -5,6 +5,7 @@
     python -m benchmarks scaling [--model resnet18] [--batches 1 2 4 ...] [--sizes 224x224 450x600] [--devices 1 2 4]
     python -m benchmarks cpu-gap [--model resnet50] [--batch 16]
     python -m benchmarks nnx     [--models efficientnet_lite0 resnet18] [--batch 16]
+    python -m benchmarks processes [--processes 1 2] [--images 2048]   # the audit over 1, 2, ... processes
 
 ``peers``: flaxcam's forward pass and every registered method, and — when the ``parity`` extra is
 installed — torch's forward pass, pytorch-grad-cam, torchcam and captum (Grad-CAM, GradCAM++, HiResCAM,
@@ -12,8 +13,10 @@ LayerCAM where the library has them) on the same architecture and the same weigh
 ResNets with seeded random weights saved once and loaded by both sides; EfficientNet-Lite0 with its
 ImageNet weights), the same images, batch and thread count. ``scaling``: flaxcam's forward pass and
 Grad-CAM over batch sizes, image sizes and the number of (emulated) devices, with the peak memory of
-each configuration. ``cpu-gap``: XLA CPU flags, bfloat16, preprocessing inside the jitted step and
-torch thread settings, each in its own process, against the default configuration. ``nnx``: the same
+each configuration. ``processes``: the audit's images/s with 1, 2, ... processes on the same total cores
+(:mod:`benchmarks.processes`), the multi-process overhead as a ratio. ``cpu-gap``: XLA CPU flags,
+bfloat16, preprocessing inside the jitted step and torch thread settings, each in its own process,
+against the default configuration. ``nnx``: the same
 models as linen modules and as their NNX twins holding the same weights (forward, CAM, Grad-CAM; ratio
 NNX / linen), and the pure explainer step ``jax.jit(flaxcam.explainer(...))`` (``<method>-step``) against
 the jitted forward pass at batch 1 and at ``--batch`` (``explain``'s host work left out).
@@ -37,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import processes
 from flaxcam.bench import report, runner
 from flaxcam.bench.command import PEER_METHODS, registry_methods
 
@@ -412,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     scaling = sub.add_parser("scaling", help="batch size, image size and device count curves with peak memory")
     gap = sub.add_parser("cpu-gap", help="XLA CPU options, bfloat16, fused preprocessing and torch threads")
     nnx = sub.add_parser("nnx", help="NNX twins against linen on the same weights, and the jitted explainer step")
+    processes_parser = sub.add_parser(
+        "processes", help="the audit over 1, 2, ... processes on the same total cores (multi-process overhead)"
+    )
+    processes.add_arguments(processes_parser)
     for p in (parser, everything, peers, scaling, gap, nnx):
         _add_common(p)
     for p in (parser, everything, peers):
@@ -455,6 +463,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = _resolve(build_parser().parse_args(argv))
     command = args.command or "all"
     command_line = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
+    if command == "processes":
+        return processes.run(args, command_line)
     machine = runner.machine_info()
     started = time.time()
     written: list[Path] = []

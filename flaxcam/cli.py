@@ -517,6 +517,23 @@ def _preprocessing_of(meta: dict[str, Any]):
     )
 
 
+#: The multi-process options of `audit` and `train` (named after `jax.distributed.initialize`'s arguments;
+#: see :func:`flaxcam.distributed.initialize`), defined once.
+CoordinatorOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--coordinator",
+        help="Multi-process run: HOST:PORT of process 0 (or 'auto': detect a TPU pod / SLURM / Open MPI; untested). Run the same command once per process.",
+    ),
+]
+NumProcessesOption = Annotated[
+    Optional[int], typer.Option("--num-processes", help="Multi-process run: number of processes.")
+]
+ProcessIdOption = Annotated[
+    Optional[int], typer.Option("--process-id", help="Multi-process run: this process's id, 0..N-1.")
+]
+
+
 @app.command("audit")
 def audit_command(
     source: Annotated[
@@ -540,14 +557,9 @@ def audit_command(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Audit at most this many remaining images now.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="grain reader processes (0: a thread).")] = 0,
     box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
-    coordinator: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Multi-process run: HOST:PORT of process 0 (or 'auto': detect a TPU pod / SLURM / Open MPI; untested). Run the same command once per process."
-        ),
-    ] = None,
-    num_processes: Annotated[Optional[int], typer.Option(help="Multi-process run: number of processes.")] = None,
-    process_id: Annotated[Optional[int], typer.Option(help="Multi-process run: this process's id, 0..N-1.")] = None,
+    coordinator: CoordinatorOption = None,
+    num_processes: NumProcessesOption = None,
+    process_id: ProcessIdOption = None,
 ) -> None:
     """Audit every image of SOURCE: predictions, boxes, attention statistics and maps, in Parquet."""
     from flaxcam import audit, distributed
@@ -740,11 +752,27 @@ def train_command(
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation, data order and augmentation.")] = None,
     restart: Annotated[bool, typer.Option(help="Start over instead of resuming from OUT's latest checkpoint.")] = False,
     workers: Annotated[int, typer.Option(help="grain worker processes for reading images (0: in this process).")] = 0,
+    stop_after_step: Annotated[
+        Optional[int],
+        typer.Option(
+            "--stop-after-step",
+            min=1,
+            help="Stop (after a checkpoint) once this step is reached; rerun without it to continue.",
+        ),
+    ] = None,
+    coordinator: CoordinatorOption = None,
+    num_processes: NumProcessesOption = None,
+    process_id: ProcessIdOption = None,
 ) -> None:
     """Train a GAP/GMP-head classifier on SOURCE; rerun the same command to resume after an interruption.
 
-    The final bundle OUT/model.msgpack loads straight into `flaxcam explain --weights`."""
+    The final bundle OUT/model.msgpack loads straight into `flaxcam explain --weights`. Several processes
+    (--coordinator/--num-processes/--process-id, the same command once per process): data-parallel over
+    every process's devices, the same parameters as one process with the same --batch-size (global)."""
+    from flaxcam import distributed
     from flaxcam.train import TrainConfig, train
+
+    distributed.initialize(coordinator, num_processes, process_id)  # before any JAX computation
 
     try:
         values: dict[str, Any] = json.loads(config.read_text()) if config is not None else {}
@@ -768,11 +796,23 @@ def train_command(
     values.update({k: v for k, v in overrides.items() if v is not None})
     run_config = TrainConfig.from_dict(values)
     try:
-        result = train(run_config, source, out=out, eval_data=val, resume=not restart, worker_count=workers, log=_say)
+        result = train(
+            run_config,
+            source,
+            out=out,
+            eval_data=val,
+            resume=not restart,
+            worker_count=workers,
+            stop_after_step=stop_after_step,
+            log=_say,
+        )
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items())
+    if not result.complete:
+        typer.echo(f"stopped after step {result.steps}: checkpoint in {out / 'checkpoints'}; rerun to continue")
+        return
     typer.echo(f"trained {result.steps} steps ({summary}) -> {result.bundle}")
 
 

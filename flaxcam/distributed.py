@@ -13,11 +13,14 @@ Cloud TPU pods, SLURM (``srun``) and Open MPI, where all three arguments are rea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 import sys
 import time
+from typing import Any
 
-__all__ = ["DistributedSetupError", "initialize", "parse_address"]
+__all__ = ["DistributedSetupError", "allgather_json", "barrier", "differing_processes", "initialize", "parse_address"]
 
 DEFAULT_TIMEOUT_S = 60
 """Seconds to wait for every process to reach the coordinator before giving up."""
@@ -156,3 +159,53 @@ def _call(*, timeout: int, **arguments) -> bool:
             "0..N-1 started once?)"
         ) from None
     return True
+
+
+# ------------------------------------------------------------------------------------ after initialize()
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the run has reached the barrier ``name`` (nothing with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def differing_processes(settings: Any) -> list[int]:
+    """The ids of the processes whose ``settings`` (anything JSON can write, keys sorted) differ from
+    process 0's; every process gets the same list (an all-gather of an 8-byte SHA-256 prefix). Empty
+    with one process."""
+    import jax
+
+    count = jax.process_count()
+    if count < 2:
+        return []
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.uint32)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(count, -1)
+    return [i for i in range(count) if not np.array_equal(digests[i], digests[0])]
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's ``value`` (JSON-ready), in process order, in every process: ``[value]`` with one
+    process. Two all-gathers: the encoded lengths, then the bytes padded to the longest."""
+    import jax
+
+    count = jax.process_count()
+    if count < 2:
+        return [value]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(count)
+    padded = np.zeros(max(1, int(lengths.max())), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(count, -1)
+    return [json.loads(bytes(gathered[i, : lengths[i]]).decode()) for i in range(count)]

@@ -16,11 +16,23 @@ dropped, so every step has one shape), and the augmentation of step ``s`` is dra
 ``numpy.random.default_rng([seed, s, 7])`` (:func:`augmentation_draws`). Both are functions of the step alone, so a run restored from the
 checkpoint of step ``s`` continues with exactly the batches and augmentations the uninterrupted run
 would have used (tested: the final parameters are equal).
+
+Several processes (``jax.distributed.initialize`` before, e.g. ``flaxcam train ... --coordinator HOST:PORT
+--num-processes N --process-id I``): data-parallel training over a global mesh of every process's
+devices. Each global batch of ``batch_size`` examples is the one a single process would use; each
+process reads only its own slice of it (:class:`DataParallel`) and feeds it to its devices
+(``jax.make_array_from_process_local_data``). The step is one ``jit`` with shardings: parameters and
+optimizer state replicated, the batch split over the mesh's ``data`` axis, so XLA averages the
+gradients over every device of every process (no host-side all-reduce). Process 0 alone writes
+``config.json``, the checkpoints, ``history.json``, ``errors.json`` and the bundle; every process reads the
+checkpoint to resume. Tested with 2 processes on one machine: the same parameters as one process with
+the same global batch (float tolerance), and a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +50,7 @@ Array = jax.Array
 
 __all__ = [
     "ArrayFeed",
+    "DataParallel",
     "SourceFeed",
     "TrainConfig",
     "TrainResult",
@@ -406,7 +419,10 @@ def evaluate(model: nn.Module, variables: Any, feed: Feed, *, batch_size: int = 
 
 
 def _eval_fn(model: nn.Module) -> Callable:
-    @jax.jit
+    return jax.jit(_eval_function(model))
+
+
+def _eval_function(model: nn.Module) -> Callable:
     def step(variables, inputs, labels, weights):
         logits = eval_step(model, variables, inputs)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
@@ -416,29 +432,141 @@ def _eval_fn(model: nn.Module) -> Callable:
     return step
 
 
+# --------------------------------------------------------------------------------------------- processes
+
+
+class DataParallel:
+    """Where a run's arrays live: the default device of a single process, or, with several processes
+    (``jax.process_count() > 1``), a global mesh over every device of every process with one axis,
+    ``data``.
+
+    With several processes each global batch of ``batch_size`` rows is split over the mesh's devices;
+    this process reads only the rows its own devices hold (:meth:`local_order`, a contiguous slice
+    ``[start, stop)`` of every batch) and :meth:`global_batch` assembles the global arrays from them.
+    The training state is replicated. ``batch_size`` must be a multiple of the number of devices.
+    """
+
+    AXIS = "data"
+
+    def __init__(self, batch_size: int) -> None:
+        self.process, self.process_count = jax.process_index(), jax.process_count()
+        self.batch_size = int(batch_size)
+        self.start, self.stop = 0, self.batch_size
+        self.mesh = None
+        if self.process_count == 1:
+            return
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = jax.devices()
+        if self.batch_size % len(devices):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of the {len(devices)} devices of the "
+                f"{self.process_count} processes (each device takes an equal part of every batch)"
+            )
+        self.mesh = Mesh(np.asarray(devices), (self.AXIS,))
+        self.data = NamedSharding(self.mesh, PartitionSpec(self.AXIS))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.start, self.stop = self.rows(self.batch_size)
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the run spans several processes (a global mesh)."""
+        return self.mesh is not None
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (process 0)."""
+        return self.process == 0
+
+    def rows(self, batch_size: int) -> tuple[int, int]:
+        """``[start, stop)``: the rows of a global batch of ``batch_size`` this process's devices hold."""
+        if self.mesh is None:
+            return 0, batch_size
+        slices = self.data.addressable_devices_indices_map((batch_size,)).values()
+        starts = sorted((part[0].start or 0, part[0].stop or batch_size) for part in slices if part is not None)
+        if any(a[1] != b[0] for a, b in itertools.pairwise(starts)):
+            raise ValueError("this process's devices do not hold one contiguous slice of the batch")
+        return starts[0][0], starts[-1][1]
+
+    def local_order(self, order: np.ndarray, batch_size: int) -> np.ndarray:
+        """This process's examples of ``order`` (full global batches of ``batch_size``), batch by batch."""
+        if self.mesh is None:
+            return order
+        start, stop = self.rows(batch_size)
+        return np.asarray(order).reshape(-1, batch_size)[:, start:stop].reshape(-1)
+
+    def global_batch(self, *arrays: Any) -> tuple[Any, ...]:
+        """Global arrays split over ``data`` from this process's slices (as they are with one process)."""
+        if self.mesh is None:
+            return arrays
+        return tuple(jax.make_array_from_process_local_data(self.data, np.asarray(a)) for a in arrays)
+
+    def replicate(self, tree: Any) -> Any:
+        """Host values (the same in every process) as arrays replicated over the mesh."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(np.shape(x), self.replicated, lambda index: np.asarray(x)[index]),
+            tree,
+        )
+
+    def check_same(self, settings: Mapping[str, Any]) -> None:
+        """Refuse in every process (``ValueError``) unless all run with the same ``settings``."""
+        from flaxcam import distributed
+
+        differing = distributed.differing_processes(dict(settings))
+        if differing:
+            raise ValueError(
+                f"process(es) {', '.join(map(str, differing))} of this run have other settings than process 0 "
+                f"({', '.join(sorted(settings))}): start every process with the same command"
+            )
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_manager(directory: Path, keep: int):
+def _checkpoint_manager(directory: Path, keep: int, placement: DataParallel | None = None):
+    """The run's orbax checkpoint manager. With several processes, process 0's writes (orbax commits a
+    checkpoint by renaming its temporary folder) and every other process's only reads; each acts
+    alone (``active_processes``), so saving needs no other process. The folder must exist then."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    if placement is None or not placement.parallel:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        return ocp.CheckpointManager(directory.absolute(), options=options)
+    alone = ocp.options.MultiprocessingOptions(primary_host=placement.process, active_processes={placement.process})
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if placement.writer else None,
+        create=False,
+        read_only=not placement.writer,
+        enable_async_checkpointing=False,
+        multiprocessing_options=alone,
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def _save(manager, state: TrainState) -> None:
+def _save(manager, state: TrainState, placement: DataParallel | None = None) -> None:
     import orbax.checkpoint as ocp
 
+    parallel = placement is not None and placement.parallel
+    if placement is not None and parallel and not placement.writer:
+        return
     step = int(state.step)
     if step in manager.all_steps():
         return
-    manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=True)
+    # several processes: the replicated state copied to the host (each process holds all of it)
+    saved = jax.device_get(state._asdict()) if parallel else state._asdict()
+    manager.save(step, args=ocp.args.StandardSave(saved), force=True)
     manager.wait_until_finished()
 
 
-def _restore(manager, state: TrainState) -> TrainState:
+def _restore(manager, state: TrainState, placement: DataParallel | None = None) -> TrainState:
     import orbax.checkpoint as ocp
 
+    if placement is not None and placement.parallel:
+        target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state._asdict())  # restored as NumPy
+        host = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
+        return TrainState(**placement.replicate(jax.device_get(host)))
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._asdict())
     restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
     return TrainState(**restored)
@@ -458,34 +586,47 @@ class TrainResult:
     steps: int
     resumed_from: int | None
     errors: list[tuple[int, str, str]]
+    complete: bool = True
+    """False when the run stopped early (``stop_after_step``): no bundle was written."""
 
 
 _COMPILED: dict[tuple, tuple] = {}
 
 
-def _run_functions(config: TrainConfig, num_classes: int, total_steps: int) -> tuple:
+def _run_functions(
+    config: TrainConfig, num_classes: int, total_steps: int, placement: DataParallel | None = None
+) -> tuple:
     """``(model, model_kwargs, optimizer, init, step, evaluate)`` for a run, the jitted functions reused
-    by later runs with the same definition (a resumed run in the same process does not recompile)."""
-    key = (json.dumps(config.to_dict(), sort_keys=True), num_classes, total_steps)
+    by later runs with the same definition (a resumed run in the same process does not recompile).
+    Several processes (``placement.parallel``): jitted with shardings over the global mesh (state
+    replicated, batches split), so the gradients are averaged over every device by XLA."""
+    mesh = placement.mesh if placement is not None else None
+    key = (json.dumps(config.to_dict(), sort_keys=True), num_classes, total_steps, mesh)
     if key not in _COMPILED:
         model, model_kwargs = config.build_model(num_classes)
         optimizer = make_optimizer(config, total_steps)
-        init = jax.jit(lambda rng: create_train_state(model, optimizer, (1, *config.input_size, 3), rng))
+
+        def initial(rng):
+            return create_train_state(model, optimizer, (1, *config.input_size, 3), rng)
+
+        if placement is not None and placement.parallel:
+            rep, data = placement.replicated, placement.data
+            init = jax.jit(initial, out_shardings=rep)
+            step = jax.jit(
+                _step_function(model, optimizer, config), in_shardings=(rep,) + (data,) * 5, out_shardings=(rep, rep)
+            )
+            evaluate_fn = jax.jit(_eval_function(model), in_shardings=(rep, data, data, data), out_shardings=rep)
+        else:
+            init = jax.jit(initial)
+            step = jax.jit(_step_function(model, optimizer, config))
+            evaluate_fn = jax.jit(_eval_function(model))
         if len(_COMPILED) >= 8:
             _COMPILED.pop(next(iter(_COMPILED)))
-        _COMPILED[key] = (
-            model,
-            model_kwargs,
-            optimizer,
-            init,
-            _compiled_step(model, optimizer, config),
-            _eval_fn(model),
-        )
+        _COMPILED[key] = (model, model_kwargs, optimizer, init, step, evaluate_fn)
     return _COMPILED[key]
 
 
-def _compiled_step(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig) -> Callable:
-    @jax.jit
+def _step_function(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig) -> Callable:
     def step(state, inputs, labels, weights, flips, offsets):
         inputs = augment(inputs, flips, offsets, config.shift)
         return train_step(model, optimizer, state, inputs, labels, weights)
@@ -493,7 +634,10 @@ def _compiled_step(model: nn.Module, optimizer: optax.GradientTransformation, co
     return step
 
 
-def _check_resume_config(out: Path, config: TrainConfig, resume: bool) -> None:
+def _check_resume_config(out: Path, config: TrainConfig, resume: bool, write: bool = True) -> None:
+    """Refuse to resume a run of another config in ``out``; then (``write``) save this config there.
+    With several processes every process checks (the same files, so the same outcome) and process 0
+    writes."""
     path = out / "config.json"
     if path.exists() and resume:
         # Keys added to TrainConfig after a run was saved take their defaults (an old run stays resumable).
@@ -505,8 +649,11 @@ def _check_resume_config(out: Path, config: TrainConfig, resume: bool) -> None:
                 f"{out} holds a run with a different config (differs in {changed}); resume it with the same "
                 f"config, pass resume=False (--restart) to start over, or choose another output folder"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.to_dict(), indent=2))
+    if write:
+        from flaxcam.files import atomic_write_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(config.to_dict(), indent=2))
 
 
 def train(
@@ -538,28 +685,50 @@ def train(
     On ``KeyboardInterrupt`` the current state is checkpointed before the exception propagates, so
     rerunning the same call resumes where it stopped.
     """
+    from flaxcam import distributed
+    from flaxcam.files import atomic_write_text
+
     out = Path(out)
-    _check_resume_config(out, config, resume)
+    placement = DataParallel(config.batch_size)  # several processes: checks the batch against the devices
     feed = _feed(train_data, config, worker_count)
     eval_feed = _feed(eval_data, config, worker_count)
+    if placement.parallel:
+        placement.check_same(
+            {
+                "config": config.to_dict(),
+                "out": str(out),
+                "training data": [_describe(train_data), len(feed), list(feed.class_names)],
+                "evaluation data": None if eval_feed is None else [_describe(eval_data), len(eval_feed)],
+                "resume": resume,
+                "stop_after_step": stop_after_step,
+            }
+        )
+        if not placement.writer:
+            progress, log = False, _silent
+    _check_resume_config(out, config, resume, write=placement.writer)
     steps_per_epoch = len(feed) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"need at least batch_size={config.batch_size} training examples, got {len(feed)}")
     total_steps = config.epochs * steps_per_epoch
     model, model_kwargs, _optimizer, init_fn, step_fn, evaluate_fn = _run_functions(
-        config, len(feed.class_names), total_steps
+        config, len(feed.class_names), total_steps, placement
     )
     state = init_fn(jax.random.key(config.seed, impl="rbg"))
 
-    manager = _checkpoint_manager(out / "checkpoints", config.keep_checkpoints)
+    if placement.writer:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    distributed.barrier("flaxcam-train-prepared")
+    manager = _checkpoint_manager(out / "checkpoints", config.keep_checkpoints, placement)
     history_path = out / "history.json"
     history: list[dict[str, Any]] = []
     resumed_from = None
     if not resume:
-        for old in manager.all_steps():
-            manager.delete(old)
+        if placement.writer:
+            for old in manager.all_steps():
+                manager.delete(old)
+        distributed.barrier("flaxcam-train-restart")
     elif manager.latest_step() is not None:
-        state = _restore(manager, state)
+        state = _restore(manager, state, placement)
         resumed_from = int(state.step)
         if history_path.exists():
             history = [h for h in json.loads(history_path.read_text()) if h["step"] <= resumed_from]
@@ -576,18 +745,20 @@ def train(
             ]
             losses = []
             started = time.perf_counter()
-            for inputs, labels, weights in feed.batches(order, config.batch_size):
-                flips, offsets = augmentation_draws(
-                    config.seed, step, len(labels), flip=config.flip, shift=config.shift
-                )
-                state, loss = step_fn(state, inputs, labels, weights, flips, offsets)
+            rows = slice(placement.start, placement.stop)  # this process's rows of each global batch
+            local = placement.local_order(order, config.batch_size)
+            for inputs, labels, weights in feed.batches(local, placement.stop - placement.start):
+                drawn = config.batch_size if placement.parallel else len(labels)  # the global batch's draws
+                flips, offsets = augmentation_draws(config.seed, step, drawn, flip=config.flip, shift=config.shift)
+                batch = placement.global_batch(inputs, labels, weights, flips[rows], offsets[rows])
+                state, loss = step_fn(state, *batch)
                 losses.append(loss)
                 step += 1  # a host-side counter: no device sync per step
                 bar.update(1)
                 if step % 20 == 0:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    _save(manager, state)
+                    _save(manager, state, placement)
                 if stop_after_step is not None and step >= stop_after_step and step % steps_per_epoch:
                     interrupted = True  # mid-epoch; at an epoch's end, finish its evaluation first
                     break
@@ -600,11 +771,12 @@ def train(
                 "seconds": round(time.perf_counter() - started, 2),
             }
             if eval_feed is not None:
-                scores = _evaluate_with(evaluate_fn, variables_of(state), eval_feed)
+                scores = _evaluate_with(evaluate_fn, variables_of(state), eval_feed, placement=placement)
                 entry.update({f"eval_{k}": v for k, v in scores.items()})
             history.append(entry)
-            _save(manager, state)
-            history_path.write_text(json.dumps(history, indent=2))
+            _save(manager, state, placement)
+            if placement.writer:
+                atomic_write_text(history_path, json.dumps(history, indent=2))
             bar.set_postfix(
                 epoch=epoch + 1,
                 loss=f"{entry['train_loss']:.3f}",
@@ -614,20 +786,22 @@ def train(
                 interrupted = True
                 break
     except KeyboardInterrupt:
-        _save(manager, state)
+        _save(manager, state, placement)
         log(f"interrupted: checkpoint of step {int(state.step)} saved in {out / 'checkpoints'}; rerun to resume")
         raise
     finally:
         bar.close()
     if interrupted:
-        _save(manager, state)
-    errors = sorted(getattr(feed, "errors", {}).values())
-    if errors:
-        (out / "errors.json").write_text(json.dumps([list(e) for e in errors], indent=2))
+        _save(manager, state, placement)
+    # every process's unreadable images (each read only its own slices)
+    found = [list(e) for e in getattr(feed, "errors", {}).values()]
+    errors = sorted({tuple(e) for part in distributed.allgather_json(found) for e in part})
+    if errors and placement.writer:
+        atomic_write_text(out / "errors.json", json.dumps([list(e) for e in errors], indent=2))
         log(f"{len(errors)} training image(s) could not be used; listed in {out / 'errors.json'}")
     variables = jax.device_get(variables_of(state))
     bundle = out / "model.msgpack"
-    if not interrupted:
+    if not interrupted and placement.writer:
         from flaxcam.models import save_bundle
 
         meta = {
@@ -641,12 +815,48 @@ def train(
         }
         save_bundle(bundle, model_name=config.model, model_kwargs=model_kwargs, variables=variables, meta=meta)
     manager.close()
-    return TrainResult(model, variables, bundle, history, int(state.step), resumed_from, errors)
+    distributed.barrier("flaxcam-train-end")  # every process returns once process 0 has written
+    return TrainResult(model, variables, bundle, history, int(state.step), resumed_from, errors, not interrupted)
 
 
-def _evaluate_with(step: Callable, variables: Any, feed: Feed, batch_size: int = 256) -> dict[str, float]:
+def _without_padding(batch: tuple[np.ndarray, np.ndarray, np.ndarray], rows: np.ndarray) -> tuple:
+    """A batch whose padding rows (order ``-1``) get weight 0."""
+    inputs, labels, weights = batch
+    return inputs, labels, np.where(rows >= 0, weights, 0.0).astype(np.float32)
+
+
+def _silent(_message: str) -> None:
+    """The log of processes other than 0 (process 0 speaks for the run)."""
+
+
+def _describe(data: Any) -> str:
+    """What identifies training data across processes: a spec as given, else its type."""
+    return str(data) if isinstance(data, (str, Path)) else type(data).__name__
+
+
+def _evaluate_with(
+    step: Callable, variables: Any, feed: Feed, batch_size: int = 256, placement: DataParallel | None = None
+) -> dict[str, float]:
+    order = np.arange(len(feed))
+    batches: Iterator[tuple[Any, ...]]
+    if placement is not None and placement.parallel:
+        devices = len(jax.devices())
+        batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
+        padded = -(-len(order) // batch_size) * batch_size
+        order = np.concatenate([order, np.full(padded - len(order), -1)])  # -1: padding, weight 0
+        start, stop = placement.rows(batch_size)
+        batches = (
+            placement.global_batch(*_without_padding(batch, rows))
+            for batch, rows in zip(
+                feed.batches(np.maximum(placement.local_order(order, batch_size), 0), stop - start),
+                placement.local_order(order, batch_size).reshape(-1, stop - start),
+                strict=True,
+            )
+        )
+    else:
+        batches = feed.batches(order, batch_size)
     correct = total_loss = count = 0.0
-    for inputs, labels, weights in feed.batches(np.arange(len(feed)), batch_size):
+    for inputs, labels, weights in batches:
         c, loss, n = jax.device_get(step(variables, inputs, labels, weights))
         correct, total_loss, count = correct + c, total_loss + loss, count + n
     return {"accuracy": float(correct / max(count, 1)), "loss": float(total_loss / max(count, 1)), "count": int(count)}

@@ -176,3 +176,14 @@ def test_peers_on_split_cpu_devices_shard_the_forward_pass_too(tmp_path):
     assert [r["method"] for r in ok] == ["forward", "gradcam"]
     assert all(r["devices"] == 2 and "device_count=2" in r["env"]["XLA_FLAGS"] for r in ok)
     assert "split into 2 XLA device(s)" in (tmp_path / "peers_cpu.md").read_text()
+
+
+def test_processes_mode_splits_the_cores_into_disjoint_sets():
+    """``python -m benchmarks processes`` (the run itself takes minutes: measured, never run here)."""
+    from benchmarks import processes
+
+    assert processes.core_sets([0, 1], 2) == [[0], [1]] and processes.core_sets([0, 1, 2], 2) == [[0], [1, 2]]
+    with pytest.raises(ValueError, match="at least 3 cores"):
+        processes.core_sets([0, 1], 3)
+    args = bench.build_parser().parse_args(["processes", "--processes", "1", "2", "--images", "8"])
+    assert args.command == "processes" and args.processes == [1, 2] and args.images == 8

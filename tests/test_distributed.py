@@ -5,6 +5,7 @@ Every subprocess has a timeout, so a hanging peer fails the test instead of bloc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -160,18 +161,31 @@ def test_two_processes_audit_equals_one(folder, bundle, single, tmp_path):
     assert sorted(p.name for p in out.glob(".lock-p*")) == [".lock-p00000", ".lock-p00001"]
 
 
-def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path):
-    args = audit_args(
-        folder,
-        bundle,
-        tmp_path / "audit",
+@pytest.mark.slow  # three processes on two cores: 71 s on the loaded 2-core machine (load average 11)
+def test_three_processes_audit_equals_one(folder, bundle, single, tmp_path):
+    """3 processes, shards of 6, 5 and 5 of the 16 images (unreadable ones among them): row for row the
+    single-process audit."""
+    out = tmp_path / "audit"
+    results = finish(start(3, audit_args(folder, bundle, out)))
+    assert all(code == 0 for code, _ in results), [output[-2000:] for _, output in results]
+    assert_same_audit(out, single)
+    assert set(store.read_rows(out)["process"].to_pylist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("command", ["audit", "train"])
+def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path, command):
+    first = (
+        audit_args(folder, bundle, tmp_path / "audit") if command == "audit" else train_args(folder, tmp_path / "run")
+    )
+    args = [
+        *first,
         "--coordinator",
         f"127.0.0.1:{free_port()}",
         "--num-processes",
         "2",
         "--process-id",
         "2",
-    )
+    ]
     result = subprocess.run(cli(*args), env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2
     assert "--process-id must be in 0..1 (--num-processes 2), got 2" in result.stderr
@@ -300,3 +314,127 @@ def test_global_mesh_explain_over_two_processes_equals_one_process(tmp_path):
     np.testing.assert_array_equal(got["targets"], np.asarray(expected.targets))
     for name in ("maps", "low_res", "probabilities"):
         np.testing.assert_allclose(got[name], np.asarray(getattr(expected, name)), rtol=0, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+TRAIN_TIMEOUT = 90  # seconds a training subprocess may run (a tiny CNN, 6 steps)
+
+
+def train_args(folder: Path, out: Path, *extra: str) -> list[str]:
+    """6 steps of a tiny CNN on the 16 images of ``folder`` (3 unreadable: weight 0), global batches of 8,
+    with flips and shifts, a checkpoint every 2 steps, evaluated on the same folder after each epoch."""
+    return [
+        "train",
+        f"folder:{folder}",
+        "--out",
+        str(out),
+        "--model",
+        "small_cnn",
+        "--model-kwargs",
+        '{"features": [4, 8]}',
+        "--size",
+        "16,16",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "0.01",
+        "--flip",
+        "--shift",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "3",
+        "--val",
+        f"folder:{folder}",
+        *extra,
+    ]
+
+
+def trained_leaves(out: Path) -> list[np.ndarray]:
+    _model, variables, meta = models.load_bundle(out / "model.msgpack")
+    assert meta["steps"] == 6
+    import jax
+
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(variables)]
+
+
+def train_in_processes(count: int, args: list[str], devices: int = 2) -> list[str]:
+    results = finish(start(count, args, devices=devices), timeout=TRAIN_TIMEOUT)
+    assert all(code == 0 for code, _ in results), [output[-3000:] for _, output in results]
+    return [output for _, output in results]
+
+
+@pytest.fixture(scope="module")
+def trained_two(folder, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run (2 CPU devices each: a 4-device global mesh)."""
+    out = tmp_path_factory.mktemp("train2") / "run"
+    outputs = train_in_processes(2, train_args(folder, out))
+    assert "trained 6 steps" in outputs[0], outputs[0][-2000:]
+    return out
+
+
+@pytest.mark.timeout(TRAIN_TIMEOUT + 60)
+def test_two_process_training_equals_one_process(folder, trained_two, tmp_path):
+    """Each process reads half of every global batch; XLA averages the gradients over the 4 devices of
+    both processes. The parameters equal those of one process on the same global batches."""
+    from typer.testing import CliRunner
+
+    from flaxcam.cli import app
+
+    single = tmp_path / "single"
+    result = CliRunner().invoke(app, train_args(folder, single))
+    assert result.exit_code == 0, result.output
+    for got, expected in zip(trained_leaves(trained_two), trained_leaves(single), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (trained_two / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
+    assert len(json.loads((trained_two / "errors.json").read_text())) == 3  # both shards' errors
+    history, expected = (json.loads((out / "history.json").read_text()) for out in (trained_two, single))
+    assert [h["eval_count"] for h in history] == [13] * 3  # the 3 unreadable images excluded
+    for got_entry, expected_entry in zip(history, expected, strict=True):
+        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+            assert abs(got_entry[key] - expected_entry[key]) < 1e-4, (key, got_entry, expected_entry)
+
+
+@pytest.mark.timeout(2 * TRAIN_TIMEOUT + 60)
+def test_resumed_two_process_training_equals_uninterrupted(folder, trained_two, tmp_path):
+    """Stopped mid-epoch after step 3 (a checkpoint written by process 0 alone), then the same two
+    commands again: every process restores step 3 and the run ends with the uninterrupted parameters."""
+    out = tmp_path / "run"
+    outputs = train_in_processes(2, train_args(folder, out, "--stop-after-step", "3"))
+    assert "stopped after step 3" in outputs[0], outputs[0][-2000:]
+    assert not (out / "model.msgpack").exists()
+    outputs = train_in_processes(2, train_args(folder, out))
+    assert "resuming from the checkpoint of step 3" in outputs[0], outputs[0][-2000:]
+    for got, expected in zip(trained_leaves(out), trained_leaves(trained_two), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.timeout(TRAIN_TIMEOUT + 30)
+def test_training_processes_with_different_settings_all_refuse(folder, tmp_path):
+    out, port = tmp_path / "run", free_port()
+    processes = [
+        subprocess.Popen(
+            cli(
+                *train_args(folder, out, "--learning-rate", rate),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            env=environment(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i, rate in enumerate(["0.01", "0.02"])
+    ]
+    for code, output in finish(processes, timeout=TRAIN_TIMEOUT):
+        assert code == 2, output[-2000:]
+        assert "process(es) 1 of this run have other settings than process 0" in output, output[-2000:]
+    assert not (out / "checkpoints").exists()

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import flaxcam
-from flaxcam import localize
+from flaxcam import distributed, localize
 from flaxcam._optional import require
 from flaxcam.audit import stats as stats_lib
 from flaxcam.audit import store
@@ -418,10 +418,7 @@ def _clear(out_dir: Path) -> None:
 
 
 def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    distributed.barrier(name)
 
 
 def _check_same_settings(settings: Mapping[str, Any], process_count: int) -> None:
@@ -430,14 +427,10 @@ def _check_same_settings(settings: Mapping[str, Any], process_count: int) -> Non
     SHA-256 of :func:`settings_of` across processes, so no process writes rows of another audit."""
     if process_count < 2:
         return
-    from jax.experimental import multihost_utils
-
-    digest = np.frombuffer(hashlib.sha256(store.canonical_json(settings).encode()).digest()[:8], np.uint32)
-    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(process_count, -1)
-    differing = [str(i) for i in range(process_count) if not np.array_equal(digests[i], digests[0])]
+    differing = distributed.differing_processes(settings)
     if differing:
         raise AuditSettingsError(
-            f"process(es) {', '.join(differing)} of this run have other settings than process 0 (weights, method, "
+            f"process(es) {', '.join(map(str, differing))} of this run have other settings than process 0 (weights, method, "
             "layer, source, preprocessing, top-k, target or box settings): start every process with the same command"
         )
 
