@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluation_metrics_cpu.md")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
     import torch
 
-    from torch_ref import define_torchvision_schemas
+    from flaxcam.bench.torch_ref import define_torchvision_schemas
 
     define_torchvision_schemas()
     import torchvision

@@ -10,14 +10,9 @@ reference has no compilation. Prints seconds per call and images/s for each, and
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "parity"))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 
 def _timed(call, repeats: int) -> float:
@@ -40,18 +35,18 @@ def main() -> None:
     height, width = (int(v) for v in args.size.split("x"))
 
     import jax
-    from test_cam_parity import _randomize_batchnorm
 
     import flaxcam
+    from flaxcam.bench.torch_ref import import_torchvision, randomize_batchnorm
     from flaxcam.dff import deep_feature_factorization
     from flaxcam.models import load_torchvision_resnet
-    from torch_ref import require_torch
 
-    torch, torchvision = require_torch()
+    torch, torchvision = import_torchvision()
+    torch.set_num_threads(2)
     torch.manual_seed(0)
     reference = torchvision.models.resnet18()
     with torch.no_grad():
-        _randomize_batchnorm(torch, reference, torch.Generator().manual_seed(100))
+        randomize_batchnorm(torch, reference, torch.Generator().manual_seed(100))
     reference.eval()
     model, variables = load_torchvision_resnet(reference.state_dict())
     images = torch.randn((args.batch, 3, height, width), generator=torch.Generator().manual_seed(1))

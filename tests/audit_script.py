@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 import jax
 
 mode, out, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

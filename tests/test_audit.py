@@ -16,14 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import audit_helpers
 import flaxcam
 from flaxcam import audit, localize
 from flaxcam.audit import stats as stats_lib
 from flaxcam.audit import store
 from flaxcam.audit.query import query
+from tests import audit_helpers
 
 SCRIPT = Path(__file__).parent / "audit_script.py"
 E2E_COUNT = 2048

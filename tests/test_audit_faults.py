@@ -25,13 +25,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import audit_helpers
 from flaxcam import audit, models
 from flaxcam.audit import store
 from flaxcam.cli import app
 from flaxcam.imageio import Preprocessing
+from tests import audit_helpers
 
 pytestmark = pytest.mark.timeout(60)
 #: Tests that start fresh Python processes (JAX import and compilation each: about 10 s on an idle

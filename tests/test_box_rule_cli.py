@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import audit_helpers
 import flaxcam
 from flaxcam import audit, localize, models
 from flaxcam.audit import store
 from flaxcam.cli import app
 from flaxcam.imageio import Preprocessing, read_image
+from tests import audit_helpers
 
 SIZE = (32, 32)
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

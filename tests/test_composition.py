@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,20 +12,20 @@ import numpy as np
 import pytest
 
 import flaxcam
+from tests.helpers import subprocess_env
 
 MESH_SCRIPT = textwrap.dedent(
     """
-    import os, sys
+    import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={devices}"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import flaxcam
     from flaxcam import pipeline
-    sys.path.insert(0, {tests_dir!r})
-    from test_explain import UserNet, _setup
+    from tests.helpers import UserNet, user_net_setup
     assert len(jax.devices()) == {devices}, jax.devices()
     model = UserNet()
-    variables, images = _setup(model, (8, 12, 14, 3))
+    variables, images = user_net_setup(model, (8, 12, 14, 3))
     mesh = Mesh(np.asarray(jax.devices()).reshape({shape}), ("data", "model"))
 
     def fsdp(leaf):  # shard every kernel's output axis over "model" (when it divides), replicate the rest
@@ -55,8 +54,8 @@ MESH_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize(("devices", "shape"), [(4, (2, 2)), (8, (4, 2))])
 def test_two_dimensional_mesh_with_sharded_kernels_equals_one_device(tmp_path, devices, shape):
     script = tmp_path / "mesh.py"
-    script.write_text(MESH_SCRIPT.format(devices=devices, shape=shape, tests_dir=os.path.dirname(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    script.write_text(MESH_SCRIPT.format(devices=devices, shape=shape))
+    env = subprocess_env()
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh-ok" in result.stdout

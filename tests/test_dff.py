@@ -3,8 +3,7 @@ coordinate-descent loop, the objective's descent, bad input and the concept figu
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +14,8 @@ import flaxcam
 from flaxcam.dff import deep_feature_factorization
 from flaxcam.methods.dff import nmf, nmf_initialization, nmf_objective, nmf_update
 from flaxcam.viz import factorization_figure, factorization_overlay
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import itertools
-
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 
 def _numpy_coordinate_descent(X, W, Ht):

@@ -19,8 +19,6 @@ import pytest
 from PIL import Image
 
 from flaxcam import distributed, models
-
-sys.path.insert(0, str(Path(__file__).parent))
 from flaxcam.audit import store
 
 SIZE = (32, 32)
@@ -248,8 +246,8 @@ def start_script(out: Path, count: int, pause: float) -> list[subprocess.Popen]:
 @pytest.mark.slow
 @pytest.mark.timeout(3 * TIMEOUT + 30)  # two runs of two processes, each bounded by TIMEOUT
 def test_kill_minus_9_of_one_process_then_rerun_completes_exactly_once(tmp_path):
-    import audit_helpers
     from flaxcam import audit
+    from tests import audit_helpers
 
     reference = tmp_path / "single"
     model, variables = audit_helpers.make_model()
@@ -289,9 +287,9 @@ def test_kill_minus_9_of_one_process_then_rerun_completes_exactly_once(tmp_path)
 def test_global_mesh_explain_over_two_processes_equals_one_process(tmp_path):
     """2 processes x 2 CPU devices: a 4-device global mesh, each process feeding its half of the batch
     (jax.make_array_from_process_local_data); the gathered result equals one process's explain."""
-    import audit_helpers
     import distributed_script
     import flaxcam
+    from tests import audit_helpers
 
     out, port = tmp_path / "maps.npz", str(free_port())
     processes = [

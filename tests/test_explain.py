@@ -5,7 +5,6 @@ The models here are written in this file (not flaxcam's): the probe must work on
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,38 +19,8 @@ import flaxcam
 from flaxcam import pipeline, plan, step
 from flaxcam.probe import LayerError, forward_at_layer, probe
 from flaxcam.targets import TargetSpec, class_scores, select_classes
-
-
-class Block(nn.Module):
-    features: int
-    strides: int = 1
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.relu(nn.Conv(self.features, (3, 3), strides=self.strides, name="conv")(x))
-
-
-class UserNet(nn.Module):
-    """A user's CNN: named blocks (ReLU inside), global average pooling, Dense head."""
-
-    num_classes: int = 6
-    pooling: str = "avg"
-
-    def setup(self):
-        self.stem = Block(8)
-        self.mid = Block(12, strides=2)
-        self.top = Block(16)
-        self.head = nn.Dense(self.num_classes)
-
-    def features(self, x):
-        return self.top(self.mid(self.stem(x)))
-
-    def classify(self, features):
-        pooled = features.mean((1, 2)) if self.pooling == "avg" else features.max((1, 2))
-        return self.head(pooled)
-
-    def __call__(self, x):
-        return self.classify(self.features(x))
+from tests.helpers import Block, UserNet, subprocess_env
+from tests.helpers import user_net_setup as _setup
 
 
 class PreActNet(nn.Module):
@@ -62,14 +31,6 @@ class PreActNet(nn.Module):
         x = nn.relu(nn.Conv(8, (3, 3))(x))
         x = nn.Conv(10, (3, 3), strides=2)(x)
         return nn.Dense(4)(nn.relu(x).mean((1, 2)))
-
-
-def _setup(model, shape=(5, 18, 22, 3), seed=0):
-    images = jax.random.normal(jax.random.key(seed + 1), shape)
-    variables = model.init(jax.random.key(seed), images)
-    # Random, non-degenerate biases so that ReLUs are neither all on nor all off.
-    variables = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape), variables)
-    return variables, images
 
 
 def _numpy_gradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
@@ -358,12 +319,10 @@ SHARDING_SCRIPT = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
     import flaxcam
-    import sys
-    sys.path.insert(0, {tests_dir!r})
-    from test_explain import UserNet, _setup
+    from tests.helpers import UserNet, user_net_setup
     assert len(jax.devices()) == 4, jax.devices()
     model = UserNet()
-    variables, images = _setup(model, (7, 18, 22, 3))
+    variables, images = user_net_setup(model, (7, 18, 22, 3))
     for method in ("gradcam", "cam"):
         sharded = flaxcam.explain(model, variables, images, method=method, top_k=2)
         assert len(sharded.maps.sharding.device_set) == 4, sharded.maps.sharding
@@ -378,8 +337,8 @@ SHARDING_SCRIPT = textwrap.dedent(
 
 def test_sharded_over_four_devices_equals_one_device(tmp_path):
     script = tmp_path / "sharded.py"
-    script.write_text(SHARDING_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    script.write_text(SHARDING_SCRIPT.format())
+    env = subprocess_env()
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded-ok" in result.stdout

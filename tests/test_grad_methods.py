@@ -7,9 +7,6 @@ tests/parity/test_grad_methods_parity.py.)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,9 +25,8 @@ from flaxcam.probe import (
     probe_hessian,
 )
 from flaxcam.targets import TargetSpec, target_scores
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 
 class SmoothNet(nn.Module):

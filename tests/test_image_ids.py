@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
 import flaxcam
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 
 @pytest.mark.parametrize("method", ["sscam", "smoothgradcam++", "randomcam"])

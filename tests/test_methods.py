@@ -5,9 +5,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -15,9 +12,8 @@ import pytest
 import flaxcam
 from flaxcam.methods import first_component_projection
 from flaxcam.methods.score import align_corners_matrix
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@ user's module is never modified, and the explainer step composes with jit / vmap
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +11,8 @@ from flax import nnx
 
 import flaxcam
 from flaxcam import step as step_module
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 
 class Block(nnx.Module):

@@ -7,9 +7,6 @@ identities, reproducibility from the PRNG key, and option errors.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -17,9 +14,8 @@ import pytest
 import flaxcam
 from flaxcam.methods import standard_normal_at
 from flaxcam.methods.score import align_corners_matrix, half_pixel_matrix
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 KEY = jax.random.key(3)
 

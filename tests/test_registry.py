@@ -4,8 +4,6 @@ read from its signature."""
 from __future__ import annotations
 
 import inspect
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +12,8 @@ import pytest
 import flaxcam
 from flaxcam.methods import registry
 from flaxcam.methods.registry import INPUTS, METHODS, register
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 
 @pytest.fixture

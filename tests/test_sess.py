@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flaxcam
 from flaxcam.methods.sess import gaussian_blur, patch_geometry, window_starts
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_explain import UserNet, _setup
+from tests.helpers import UserNet
+from tests.helpers import user_net_setup as _setup
 
 
 def test_windows_cover_the_axis_and_the_last_one_is_shifted_back_inside():

@@ -4,8 +4,6 @@ NumPy derivation, the figure, and clear errors for 2-D-only methods and mismatch
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +15,7 @@ import flaxcam
 from flaxcam import ops
 from flaxcam.probe import forward_at_layer, forward_at_layers
 from flaxcam.viz import volume_figure
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "parity"))
-from test_volume_parity import VOLUME, Small3DCNN
+from tests.parity.test_volume_parity import VOLUME, Small3DCNN
 
 
 @pytest.fixture(scope="module")

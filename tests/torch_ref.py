@@ -10,9 +10,20 @@ import os
 
 import pytest
 
-from flaxcam.bench.torch_ref import define_torchvision_schemas, import_torchvision, torchvision_resnet
+from flaxcam.bench.torch_ref import (
+    define_torchvision_schemas,
+    import_torchvision,
+    randomize_batchnorm,
+    torchvision_resnet,
+)
 
-__all__ = ["define_torchvision_schemas", "import_torchvision", "require_torch", "torchvision_resnet"]
+__all__ = [
+    "define_torchvision_schemas",
+    "import_torchvision",
+    "randomize_batchnorm",
+    "require_torch",
+    "torchvision_resnet",
+]
 
 
 def require_torch():

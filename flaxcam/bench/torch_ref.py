@@ -35,6 +35,18 @@ def define_torchvision_schemas() -> None:
             _LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 
+def randomize_batchnorm(torch: Any, model: Any, generator: Any) -> None:
+    """Give every ``BatchNorm2d`` of ``model`` seeded random statistics and affine parameters (a fresh
+    torchvision model has mean 0, variance 1, scale 1, shift 0, which would hide BatchNorm mistakes)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            shape = module.running_mean.shape
+            module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(shape, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
+
+
 def import_torchvision() -> tuple[Any, Any]:
     """``(torch, torchvision)``, torchvision made importable first; ImportError without the extra."""
     import torch

@@ -18,17 +18,13 @@ Conventions matched:
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import flaxcam
 from flaxcam.models import load_torchvision_resnet
-from torch_ref import require_torch
+from tests.torch_ref import randomize_batchnorm, require_torch
 
 pytestmark = pytest.mark.parity
 
@@ -36,14 +32,7 @@ IMAGE_SIZE = (96, 128)  # non-square
 TARGETS = [3, 141, 592, 999]  # a different class per image
 
 
-def _randomize_batchnorm(torch, model, generator) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            shape = module.running_mean.shape
-            module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
-            module.weight.data.copy_(0.5 + torch.rand(shape, generator=generator))
-            module.bias.data.copy_(0.1 * torch.randn(shape, generator=generator))
+_randomize_batchnorm = randomize_batchnorm  # the name the other parity modules import
 
 
 #: Seeds whose pair runs in float64 on both sides (see :func:`_make_pair`).

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import importlib
 import os
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import flaxcam
 from flaxcam.imageio import Preprocessing
 from flaxcam.models import pretrained
 from flaxcam.models.torch_checkpoint import load_torch_state_dict
-from torch_ref import require_torch
+from tests.torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 

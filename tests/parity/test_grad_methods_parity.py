@@ -17,16 +17,11 @@ maps (where both libraries define them) ≤ 1e-4, upsampled maps ≤ 1e-3.
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_cam_parity import FLOAT64_SEEDS, IMAGE_SIZE, TARGETS, _make_pair, _record_raw_maps
-
 import flaxcam
+from tests.parity.test_cam_parity import FLOAT64_SEEDS, IMAGE_SIZE, TARGETS, _make_pair, _record_raw_maps
 
 pytestmark = pytest.mark.parity
 

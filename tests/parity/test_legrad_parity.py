@@ -18,17 +18,13 @@ Conventions matched:
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import flaxcam
 from flaxcam.models import convert_torchvision_vit
-from torch_ref import require_torch
+from tests.torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 

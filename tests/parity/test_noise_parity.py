@@ -19,18 +19,14 @@ same as flaxcam's ``Explanation.low_res`` (eps 1e-7): compared ≤ 1e-4.
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import flaxcam
 from flaxcam.methods import standard_normal_at
 from flaxcam.models import load_torchvision_resnet
-from parity.test_cam_parity import IMAGE_SIZE, TARGETS, _make_pair
+from tests.parity.test_cam_parity import IMAGE_SIZE, TARGETS, _make_pair
 
 pytestmark = pytest.mark.parity
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from flaxcam.models import load_torchvision_resnet
-from torch_ref import require_torch
+from tests.torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 

@@ -4,8 +4,6 @@ volume with ``scipy.ndimage.zoom``). Low-resolution maps ≤ 1e-4, upsampled ≤
 
 from __future__ import annotations
 
-import pathlib
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -13,12 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_cam_parity import _record_raw_maps
-
 import flaxcam
-from torch_ref import require_torch
+from tests.parity.test_cam_parity import _record_raw_maps
+from tests.torch_ref import require_torch
 
 pytestmark = pytest.mark.parity
 
