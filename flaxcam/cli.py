@@ -454,20 +454,27 @@ _WEIGHTS_HELP = (
 )
 _CLASS_NAMES_HELP = "Text file of class names, one per line, in the model's output order (default: the weights' own)."
 
+# The options several commands share, defined once (each command gives its own default).
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option(help="Default: efficientnet_lite0 with ImageNet weights. Another registry name runs random weights."),
+]
+WeightsOption = Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)]
+ClassNamesOption = Annotated[Optional[Path], typer.Option("--class-names", help=_CLASS_NAMES_HELP)]
+MethodOption = Annotated[str, typer.Option(help=_METHOD_HELP, callback=_check_method)]
+LayerOption = Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per jitted call.")]
+BoxRuleOption = Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)]
+
 
 @app.command("explain")
 def explain_command(
     images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
-    model: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Default: efficientnet_lite0 with ImageNet weights. Another registry name runs random weights."
-        ),
-    ] = None,
-    weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
-    class_names: Annotated[Optional[Path], typer.Option("--class-names", help=_CLASS_NAMES_HELP)] = None,
-    method: Annotated[str, typer.Option(help=_METHOD_HELP, callback=_check_method)] = "gradcam",
-    layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    class_names: ClassNamesOption = None,
+    method: MethodOption = "gradcam",
+    layer: LayerOption = None,
     top_k: Annotated[
         Optional[int], typer.Option("--top-k", min=1, help="Classes listed per image; maps for each (default 3).")
     ] = None,
@@ -475,11 +482,11 @@ def explain_command(
     json_path: Annotated[
         Optional[Path], typer.Option("--json", help="Write a JSON summary here (- : standard output).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per jitted call.")] = 16,
+    batch_size: BatchSizeOption = 16,
     threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Box threshold, a fraction of each map's maximum.")
     ] = 0.2,
-    box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
+    box_rule: BoxRuleOption = "paper",
 ) -> None:
     """Explain IMAGES: one figure per image (input + top-3, preprocessed, overlay with box)."""
     records, errors = run_explain(
@@ -543,12 +550,12 @@ def audit_command(
         ),
     ],
     out: Annotated[Path, typer.Option(help="Audit directory (Parquet parts + manifest); rerun to resume.")],
-    model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
-    class_names: Annotated[Optional[Path], typer.Option("--class-names", help=_CLASS_NAMES_HELP)] = None,
-    method: Annotated[str, typer.Option(help=_METHOD_HELP, callback=_check_method)] = "cam",
-    layer: Annotated[Optional[str], typer.Option(help="Target layer (default: the last spatial layer).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per jitted call.")] = 64,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    class_names: ClassNamesOption = None,
+    method: MethodOption = "cam",
+    layer: LayerOption = None,
+    batch_size: BatchSizeOption = 64,
     top_k: Annotated[
         Optional[int], typer.Option("--top-k", min=1, help="Classes recorded per image (default 3).")
     ] = None,
@@ -556,7 +563,7 @@ def audit_command(
     resume: Annotated[bool, typer.Option(help="Resume an existing audit in --out (--no-resume starts over).")] = True,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Audit at most this many remaining images now.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="grain reader processes (0: a thread).")] = 0,
-    box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULE_HELP)] = "paper",
+    box_rule: BoxRuleOption = "paper",
     coordinator: CoordinatorOption = None,
     num_processes: NumProcessesOption = None,
     process_id: ProcessIdOption = None,
@@ -677,8 +684,8 @@ def query_command(
 
 @app.command("layers")
 def layers_command(
-    model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help=_WEIGHTS_HELP)] = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     size: Annotated[
         Optional[str], typer.Option(help="Input size H,W (default: the model's own, else 224,224).")
     ] = None,
@@ -820,10 +827,8 @@ def train_command(
 def evaluate_command(
     source: Annotated[str, typer.Argument(help="folder:PATH | ham10000:PATH | tfds:NAME[:SPLIT] | npz:PATH")],
     out: Annotated[Path, typer.Option(help="Output directory (Parquet scores, leaderboard.html); rerun to resume.")],
-    model: Annotated[Optional[str], typer.Option(help="As for `flaxcam explain`.")] = None,
-    weights: Annotated[
-        Optional[Path], typer.Option(help="A flaxcam bundle (.msgpack) or a torchvision ResNet checkpoint (.pth).")
-    ] = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
     methods: Annotated[str, typer.Option(help=f"all, or a comma-separated list of: {METHOD_NAMES}.")] = "gradcam",
     metrics: Annotated[
         str,
@@ -831,11 +836,9 @@ def evaluate_command(
             help="all, or a comma-separated list of: confidence, deletion_insertion, road, adcc, randomization."
         ),
     ] = "all",
-    layer: Annotated[
-        Optional[str], typer.Option(help="Target layer of the layer-based methods (default: the last spatial layer).")
-    ] = None,
+    layer: LayerOption = None,
     target: Annotated[str, typer.Option(help="Class explained and scored: predicted | label.")] = "predicted",
-    batch_size: Annotated[int, typer.Option(help="Images per jitted call.")] = 8,
+    batch_size: BatchSizeOption = 8,
     steps: Annotated[int, typer.Option(help="Deletion / insertion steps.")] = 20,
     baseline: Annotated[str, typer.Option(help="Deletion / insertion baseline: zeros | mean | blur.")] = "zeros",
     score: Annotated[str, typer.Option(help="Score of the target class: softmax | logit.")] = "softmax",

@@ -14,9 +14,12 @@ environment before JAX is imported, so subprocesses started by the tests inherit
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
+
+import pytest
 
 
 def _configure_compilation_cache() -> None:
@@ -35,3 +38,16 @@ def _configure_compilation_cache() -> None:
 
 
 _configure_compilation_cache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop JAX's in-memory caches of traced and compiled programs and collect
+    garbage. A worker runs hundreds of modules; without this its memory only grows (every module
+    compiles its own models), and two workers near the end of the suite came close to the machine's
+    memory. Programs needed again come back from the compilation cache above."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -146,20 +146,32 @@ def test_rules_are_jittable_with_the_rule_static():
 
 
 def _perturbed_variables(model, seed: int, scale: float = 0.02):
+    """The model's initial variables with every parameter moved by ``scale`` times standard normal noise
+    (one jitted program: eager noise per parameter shape would compile once per shape)."""
     variables = models.init_variables(model, (1, 64, 64, 3))
-    leaves, tree = jax.tree.flatten(variables["params"])
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    )
-    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+    @jax.jit
+    def perturb(params, key):
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(
+            tree, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+        )
+
+    return {"params": perturb(variables["params"], jax.random.key(seed)), "batch_stats": variables["batch_stats"]}
 
 
 def _layer_output(model, variables, images, layer: str) -> jax.Array:
-    _, state = model.apply(
-        variables, images, capture_intermediates=lambda m, _: m.name == layer, mutable=["intermediates"]
-    )
-    return state["intermediates"][layer]["__call__"][0]
+    """The output of submodule ``layer`` (one jitted forward pass)."""
+
+    @jax.jit
+    def run(variables, images):
+        _, state = model.apply(
+            variables, images, capture_intermediates=lambda m, _: m.name == layer, mutable=["intermediates"]
+        )
+        return state["intermediates"][layer]["__call__"][0]
+
+    return run(variables, images)
 
 
 def _small_efficientnet():
