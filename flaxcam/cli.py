@@ -270,29 +270,17 @@ def _load_model(model_name: str | None, weights: Path | None, class_names: Path 
     :func:`resolve_class_names`)."""
     from flaxcam import models
 
-    imagenet_default = False
-    if weights is not None:
-        where = f"--weights {weights}"
-        if not Path(weights).is_file():
-            raise UserError(f"{where}: not a file")
-        if Path(weights).suffix in (".pth", ".pt", ".safetensors"):  # a torchvision ResNet, read without torch
-            model, variables = models.load_torchvision_resnet(weights)
-            meta: dict[str, Any] = {"input_size": [224, 224]}
-            imagenet_default = True
-        else:
-            model, variables, bundle_meta = models.load_bundle(weights)
-            meta = dict(bundle_meta or {})
-            models.check_variables(model, variables, (1, *meta.get("input_size", (224, 224)), 3), where)
-    elif model_name is None or model_name == "efficientnet_lite0":
-        model, variables, pretrained_meta = models.pretrained_efficientnet_lite0()
-        meta, where = dict(pretrained_meta), "the pretrained EfficientNet-Lite0"
-    else:
-        if model_name not in models.MODELS:
-            raise typer.BadParameter(f"unknown model {model_name!r}; models: {', '.join(sorted(models.MODELS))}")
-        model = models.create_model(model_name)
+    try:
+        model, variables, meta = models.load_model(model_name, weights)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    except ValueError as error:
+        if weights is None:  # an unknown --model
+            raise typer.BadParameter(str(error)) from None
+        raise
+    if meta["random_weights"]:
         _say(f"warning: {model_name} with RANDOM weights (no --weights given): the maps are not meaningful")
-        variables = models.init_variables(model, (1, 224, 224, 3))
-        meta, where = {"input_size": [224, 224]}, f"model {model_name}"
+    where, imagenet_default = meta["source"], meta["imagenet_order"]
     size = tuple(int(v) for v in meta.get("input_size", (224, 224)))
     count = num_outputs(model, variables, size)
     meta["class_names"] = resolve_class_names(meta.get("class_names"), count, class_names, where, imagenet_default)

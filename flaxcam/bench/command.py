@@ -82,8 +82,10 @@ def peer_reason(name: str | None, weights: str | None, factory: str | None) -> s
     missing = runner.missing_peers()
     if factory is not None:
         return "no PyTorch peer for a user model (peers: torchvision ResNets and efficientnet_lite0)"
-    if weights is not None and Path(weights).suffix not in models.TORCH_SUFFIXES:
-        return "no PyTorch peer for a flaxcam bundle (peers: torchvision ResNet checkpoints and efficientnet_lite0)"
+    if weights is not None and Path(weights).suffix not in (".pth", ".pt"):  # what the torch worker loads
+        return (
+            "no PyTorch peer for these weights (peers: torchvision .pth/.pt ResNet checkpoints and efficientnet_lite0)"
+        )
     if weights is None and name not in (None, "efficientnet_lite0") and name not in runner.PEER_MODELS:
         return f"no PyTorch peer for {name} (peers: {', '.join(runner.PEER_MODELS)})"
     if missing:

@@ -24,9 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-#: Suffixes of a torchvision checkpoint (everything else given as weights is read as a flaxcam bundle).
-TORCH_SUFFIXES = (".pth", ".pt")
-DEFAULT_SIZE = (224, 224)
+from flaxcam.models.loading import DEFAULT_SIZE
 
 
 @dataclasses.dataclass
@@ -83,17 +81,6 @@ def import_factory(target: str) -> Callable[[], Any]:
         raise ValueError(f"module {module_name!r} has no function {function_name!r}") from None
 
 
-def _with_dtype(model: Any, dtype: Any) -> tuple[Any, str]:
-    """The linen ``model`` computing in ``dtype`` when it has a ``dtype`` field, else unchanged."""
-    import jax.numpy as jnp
-
-    if jnp.dtype(dtype) == jnp.float32:
-        return model, "module"
-    if "dtype" in getattr(model, "__dataclass_fields__", {}):
-        return model.clone(dtype=dtype), "module"
-    return model, "inputs"
-
-
 def _is_nnx(model: Any) -> bool:
     from flax import nnx
 
@@ -147,7 +134,7 @@ def load(spec: Mapping[str, Any]) -> LoadedModel:
             )
         model, variables = result[0], result[1]
         meta = dict(result[2]) if len(result) == 3 else {}
-        model, applied = _with_dtype(model, dtype)
+        model, applied = models.with_dtype(model, dtype)
         return LoadedModel(
             model,
             variables,
@@ -157,31 +144,15 @@ def load(spec: Mapping[str, Any]) -> LoadedModel:
             int(meta.get("channels", 3)),
             applied,
         )
-    weights = spec.get("weights")
-    if weights and Path(weights).suffix in TORCH_SUFFIXES:
-        model, variables = models.load_torchvision_resnet(weights, dtype=dtype)
-        return LoadedModel(model, variables, "linen", layer or "layer4", size or DEFAULT_SIZE, 3, "module")
-    if weights:
-        model, variables, meta = models.load_bundle(weights)
-        model, applied = _with_dtype(model, dtype)
-        meta = dict(meta or {})
-        return LoadedModel(
-            model,
-            variables,
-            "linen",
-            layer or meta.get("target_layer"),
-            size or tuple(meta.get("input_size", DEFAULT_SIZE)),
-            3,
-            applied,
-        )
-    name = spec.get("model") or "efficientnet_lite0"
-    if name == "efficientnet_lite0":
-        _, variables, meta = models.pretrained_efficientnet_lite0()
-        model = models.efficientnet_lite0(num_classes=1000, dtype=dtype)
-        return LoadedModel(
-            model, variables, "linen", layer or meta["target_layer"], size or tuple(meta["input_size"]), 3, "module"
-        )
-    model = models.create_model(name, dtype=dtype)
-    size = size or DEFAULT_SIZE
-    variables = models.init_variables(model, (1, *size, 3), seed=spec.get("seed", 0))
-    return LoadedModel(model, variables, "linen", layer, size, 3, "module")
+    model, variables, meta = models.load_model(
+        spec.get("model"), spec.get("weights"), dtype=dtype, input_size=size, seed=spec.get("seed", 0)
+    )
+    return LoadedModel(
+        model,
+        variables,
+        "linen",
+        layer or meta.get("target_layer"),
+        size or tuple(meta["input_size"]),
+        3,
+        meta["dtype_applied"],
+    )

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flaxcam.models.convert import load_torchvision_resnet
 from flaxcam.models.efficientnet import EfficientNetLite, efficientnet_lite0, load_efficientnet_lite0
 from flaxcam.models.io import check_variables, load_bundle, save_bundle
+from flaxcam.models.loading import load_model, with_dtype
 from flaxcam.models.resnet import (
     POOLINGS,
     BasicBlock,
@@ -86,6 +87,7 @@ __all__ = [
     "init_variables",
     "load_bundle",
     "load_efficientnet_lite0",
+    "load_model",
     "load_torch_state_dict",
     "load_torchvision_resnet",
     "pretrained_efficientnet_lite0",
@@ -97,6 +99,7 @@ __all__ = [
     "tiny_vit",
     "token_grid",
     "vgg16",
+    "with_dtype",
 ]
 
 #: Model constructors by name; each accepts a ``num_classes`` keyword argument, and the classifiers
