@@ -396,7 +396,7 @@ def test_cam_head_check_runs_once_per_architecture(user_net):
     assert len(plan._HEAD_FEATURES) == checks
 
 
-def test_cam_head_check_is_one_compiled_forward_pass():
+def test_cam_head_check_is_one_compiled_forward_pass() -> None:
     """Outside a trace the head check compiles the forward pass once; it must not evaluate flax's
     parameter-shape checks op by op (one compilation per parameter: half a minute for EfficientNet-Lite0
     on a CPU). Inside a trace (an explainer under the user's jit, weights closed over) it still works."""
@@ -405,7 +405,7 @@ def test_cam_head_check_is_one_compiled_forward_pass():
     variables = jax.jit(model.init)(jax.random.key(0), images)  # no eager initializers compiled here
     compiles: list[str] = []
 
-    def listener(event: str, duration: float, **kwargs) -> None:
+    def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
