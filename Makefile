@@ -1,4 +1,4 @@
-# Quick start:  make demo   (explain photos with the pretrained default model)   |   make test   (the test suite)
+# Quick start:  make demo   (explain photos with the pretrained default model, figures + a method grid)   |   make test   (the test suite)
 # Every target creates or reuses .venv and installs only the extras it needs (one stamp per extra set,
 # redone when pyproject.toml changes): demo -> .[demo], lint -> .[dev], docs -> .[docs],
 # test/bench -> everything the tests import.

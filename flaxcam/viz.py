@@ -1,4 +1,5 @@
-"""The seed figure: input with top-3 predictions, preprocessed input, CAM overlay with its box.
+"""The seed figure (input with top-3 predictions, preprocessed input, CAM overlay with its box) and the
+method-comparison grid (:func:`method_maps`, :func:`method_grid`).
 
 The layout follows the skin-lesion CAM material the project reproduces:
 
@@ -15,9 +16,10 @@ global backend switch, so it is safe in servers, notebooks and threads.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -25,7 +27,19 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.patches import Rectangle
 
-__all__ = ["BOX_COLOR", "OTHER_COLOR", "TRUE_COLOR", "save_figure", "seed_figure"]
+__all__ = [
+    "BOX_COLOR",
+    "GRID_METHODS",
+    "METHOD_TITLES",
+    "OTHER_COLOR",
+    "TRUE_COLOR",
+    "MethodMaps",
+    "check_methods",
+    "method_grid",
+    "method_maps",
+    "save_figure",
+    "seed_figure",
+]
 
 #: Bar colour of the true class (or of the top-1 class when no true label is given).
 TRUE_COLOR = "#2ca02c"
@@ -317,3 +331,207 @@ def volume_figure(volume, cam, slices: int = 4, axis: int = 0, title: str | None
     if title:
         figure.suptitle(title)
     return figure
+
+
+#: The methods of the comparison grid by default: the main families (CAM, gradient-weighted, score-based,
+#: gradient-free), each cheap enough to run on a CPU in seconds. ``faster_scorecam`` stands for Score-CAM,
+#: whose full form costs one forward pass per channel (1280 for EfficientNet-Lite0's ``head``).
+GRID_METHODS = ("cam", "gradcam", "gradcam++", "layercam", "faster_scorecam", "eigencam", "fem")
+
+#: Column titles of the grid (names as the papers write them); other methods show their registry name.
+METHOD_TITLES = {
+    "cam": "CAM",
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+    "scorecam": "Score-CAM",
+    "faster_scorecam": "Faster Score-CAM",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGrad-CAM",
+    "fem": "FEM",
+    "ablationcam": "Ablation-CAM",
+    "shapleycam": "ShapleyCAM",
+    "fullgrad": "FullGrad",
+    "randomcam": "Random",
+}
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The method names as a list; an unknown one raises a ValueError naming the valid ones (sorted)."""
+    from flaxcam.methods import METHODS
+
+    names = [methods] if isinstance(methods, str) else list(methods)
+    if not names:
+        raise ValueError("no methods given")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(
+            f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"valid methods: {', '.join(sorted(METHODS))}"
+        )
+    return names
+
+
+class MethodMaps(NamedTuple):
+    """What :func:`method_maps` returns, one entry per method (in the order asked)."""
+
+    #: ``(B, H, W)`` maps in [0, 1] at the input's resolution, for each image's target (its top class).
+    maps: dict[str, np.ndarray]
+    #: seconds per image of a second, already compiled call over the whole batch (None: not timed).
+    seconds_per_image: dict[str, float | None]
+    #: seconds of the first call (compilation included), for the whole batch.
+    first_call_seconds: dict[str, float]
+    #: ``(B,)`` the class explained in each image (by the first method's call).
+    targets: np.ndarray
+    #: ``(B,)`` the model's probability of that class.
+    probabilities: np.ndarray
+
+
+def method_maps(
+    model: Any,
+    *args: Any,
+    methods: Sequence[str] = GRID_METHODS,
+    timed: bool = True,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    **explain_kwargs: Any,
+) -> MethodMaps:
+    """The maps of several methods for one batch: one :func:`flaxcam.explain` call per method, each over
+    the whole batch.
+
+    ``method_maps(linen_model, variables, images, ...)`` or ``method_maps(nnx_model, images, ...)``, as
+    :func:`flaxcam.explain`. Every name is checked against :data:`flaxcam.METHODS` before anything runs
+    (a ValueError names the valid ones). ``timed``: call each method a second time, once compiled, and
+    report its seconds per image. ``method_options``: options per method, e.g.
+    ``{"faster_scorecam": {"top_channels": 32}}``. Other keyword arguments (``layer``, ``targets``, ...)
+    go to every :func:`flaxcam.explain` call; the map of each image's first target is kept.
+    """
+    import jax
+
+    import flaxcam
+
+    names = check_methods(methods)
+    options = dict(method_options or {})
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise ValueError(f"method_options for methods not asked for: {stray}; methods: {names}")
+    maps: dict[str, np.ndarray] = {}
+    seconds: dict[str, float | None] = {}
+    first: dict[str, float] = {}
+    for name in names:
+
+        def run(name: str = name) -> Any:
+            out = flaxcam.explain(model, *args, method=name, method_options=options.get(name), **explain_kwargs)
+            return jax.block_until_ready(out)
+
+        start = time.perf_counter()
+        out = run()
+        first[name] = time.perf_counter() - start
+        seconds[name] = None
+        if timed:
+            start = time.perf_counter()
+            out = run()
+            seconds[name] = (time.perf_counter() - start) / out.maps.shape[0]
+        maps[name] = np.asarray(out.maps[:, 0])
+        if name == names[0]:
+            targets = np.asarray(out.targets[:, 0])
+            probabilities = np.take_along_axis(np.asarray(out.probabilities), targets[:, None], axis=1)[:, 0]
+    return MethodMaps(maps, seconds, first, targets, probabilities)
+
+
+def method_grid(
+    images: Sequence[Any],
+    maps: Mapping[str, Any],
+    *,
+    row_labels: Sequence[str] | None = None,
+    seconds_per_image: Mapping[str, float | None] | None = None,
+    titles: Mapping[str, str] | None = None,
+    alpha: float = 0.5,
+    panel_height: float = 1.5,
+    title: str | None = None,
+) -> Figure:
+    """A method-comparison grid: one row per image (the image first), one column per method, each map in
+    the jet colormap over the image.
+
+    Args:
+        images: ``B`` display images, ``(H, W, 3)`` uint8 or floats in [0, 1], each of any size (e.g. the
+            original photos: a map is resized to its image, so a photo squashed to the model's input
+            size shows at its true aspect).
+        maps: method name → ``(B, h, w)`` maps (e.g. :attr:`MethodMaps.maps`), min-max normalized per map
+            when outside [0, 1]. Names must be in :data:`flaxcam.METHODS` (a ValueError names the valid
+            ones); a column's title is :data:`METHOD_TITLES` of its name.
+        row_labels: ``B`` labels written under the images (e.g. the predicted class).
+        seconds_per_image: method name → seconds per image, written under the column's title in ms.
+        titles: method name → column title, instead of :data:`METHOD_TITLES` (e.g. to name an option).
+        alpha: weight of the heat map in the overlay.
+        panel_height: height of a row in inches (the width follows the first image's aspect).
+        title: a title above the grid.
+    """
+    from PIL import Image as PILImage
+
+    from flaxcam import colormap
+    from flaxcam.ops import NORMALIZE_EPS
+
+    names = check_methods(list(maps))
+    shown = [_as_display_image(image, f"images[{b}]") for b, image in enumerate(images)]
+    rows = len(shown)
+    if rows == 0:
+        raise ValueError("no images given")
+    stacks = {name: np.asarray(maps[name], np.float32) for name in names}
+    for name, stack in stacks.items():
+        if stack.ndim != 3 or stack.shape[0] != rows:
+            raise ValueError(f"maps[{name!r}] must have shape ({rows}, h, w) for {rows} images, got {stack.shape}")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} images")
+    for option in ("seconds_per_image", "titles"):
+        given = {"seconds_per_image": seconds_per_image, "titles": titles}[option] or {}
+        stray = sorted(set(given) - set(names))
+        if stray:
+            raise ValueError(f"{option} names methods that are not in maps: {stray}; maps has {names}")
+
+    height, width = shown[0].shape[:2]
+    panel_width = panel_height * width / height
+    columns = 1 + len(names)
+    header = 0.55 if seconds_per_image else 0.35
+    fig = Figure(
+        figsize=(
+            panel_width * columns + (0.3 if row_labels is not None else 0.1),
+            panel_height * rows + header + (0.3 if title else 0.0),
+        ),
+        layout="constrained",
+    )
+    cast(ConstrainedLayoutEngine, fig.get_layout_engine()).set(w_pad=0.01, h_pad=0.01, wspace=0.01, hspace=0.01)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    lut = colormap.jet_lut()
+    for row, image in enumerate(shown):
+        base = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        base = np.repeat(base[..., None], 3, axis=-1) if base.ndim == 2 else base[..., :3]
+        overlays = []
+        for name in names:  # NumPy and Pillow: no small XLA programs compiled per image size
+            heat = np.nan_to_num(stacks[name][row])
+            if heat.min() < 0.0 or heat.max() > 1.0:
+                heat = (heat - heat.min()) / (NORMALIZE_EPS + (heat - heat.min()).max())
+            if heat.shape != base.shape[:2]:
+                resized = PILImage.fromarray(heat.astype(np.float32)).resize(
+                    base.shape[1::-1], PILImage.Resampling.BILINEAR
+                )
+                heat = np.asarray(resized)
+            colours = lut[np.clip(np.round(heat * 255), 0, 255).astype(np.int32)]
+            overlays.append(np.clip((1 - alpha) * base + alpha * colours, 0.0, 1.0))
+        _show(axes[row, 0], image)
+        if row_labels is not None:
+            axes[row, 0].set_ylabel(str(row_labels[row]), fontsize=8)
+        for column in range(1, columns):
+            _show(axes[row, column], overlays[column - 1])
+    axes[0, 0].set_title("input", fontsize=9)
+    for column, name in enumerate(names, start=1):
+        heading = (titles or {}).get(name, METHOD_TITLES.get(name, name))
+        value = None if seconds_per_image is None else seconds_per_image.get(name)
+        if value is not None:
+            heading += f"\n{value * 1e3:.0f} ms/image" if value >= 1e-3 else f"\n{value * 1e3:.2f} ms/image"
+        axes[0, column].set_title(heading, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

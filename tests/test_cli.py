@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -145,6 +146,19 @@ def test_photo_demo_runs(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {row["image"] for row in summary["photos"]} >= {"chelsea", "coffee"}
     assert len(list((tmp_path / "figures").glob("*.png"))) == 2 * len(summary["photos"])
+    grid = summary["method_grid"]
+    assert Path(grid["figure"]) == tmp_path / "method_grid.png"
+    with Image.open(tmp_path / "method_grid.png") as image:  # 4 photo rows, a column per method
+        assert image.width > 2 * image.height
+    assert set(grid["ms_per_image"]) == set(demo.DEMO_GRID_METHODS) and grid["photos"] == list(demo.GRID_PHOTOS)
+
+
+def test_demo_refuses_an_unknown_grid_method(capsys):
+    from flaxcam import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--grid-methods", "gradcam,nope"])
+    assert "--grid-methods: unknown method 'nope'; valid methods: " in capsys.readouterr().err
 
 
 @pytest.mark.slow

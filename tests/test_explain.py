@@ -353,3 +353,33 @@ def test_cam_head_check_runs_once_per_architecture(user_net):
     flaxcam.explain(model, shifted, images, method="cam")
     flaxcam.explain(model, dict(variables), images, method="cam")
     assert len(plan._HEAD_FEATURES) == checks
+
+
+def test_cam_head_check_is_one_compiled_forward_pass() -> None:
+    """Outside a trace the head check compiles the forward pass once; it must not evaluate flax's
+    parameter-shape checks op by op (one compilation per parameter: half a minute for EfficientNet-Lite0
+    on a CPU). Inside a trace (an explainer under the user's jit, weights closed over) it still works."""
+    model = UserNet(num_classes=5)
+    images = jax.random.normal(jax.random.key(1), (2, 17, 19, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), images)  # no eager initializers compiled here
+    compiles: list[str] = []
+
+    def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+        assert plan._head_features(model, variables, "top", "head", spec) == "identity"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    parameters = len(jax.tree_util.tree_leaves(variables))
+    assert len(compiles) <= 2 < parameters, compiles  # the forward pass (and the random test images)
+
+    small = UserNet(num_classes=4)
+    closed = jax.jit(small.init)(jax.random.key(2), images)
+    fn = flaxcam.explainer(small, method="cam", layer="top")
+    traced = jax.jit(lambda x: fn(closed, x).maps)(images)  # planned while tracing, weights concrete
+    eager = flaxcam.explain(small, closed, images, method="cam").maps
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(eager), atol=1e-5)

@@ -244,3 +244,67 @@ def test_viz_leaves_pyplot_and_backend_alone():
 
 def test_colormap_module_exports():
     assert set(colormap.__all__) >= {"apply_colormap", "jet_lut", "overlay"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# method grid
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_method_grid_layout_titles_and_labels():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (30, 45, 3), dtype=np.uint8), rng.uniform(0, 1, (60, 90, 3)).astype(np.float32)]
+    maps = {
+        "cam": rng.uniform(0, 1, (2, 7, 7)),
+        "gradcam": rng.uniform(-3, 5, (2, 7, 7)),  # outside [0, 1]: min-max normalized
+        "fem": rng.uniform(0, 1, (2, 14, 14)),
+    }
+    fig = viz.method_grid(
+        images,
+        maps,
+        row_labels=["cat (0.80)", "cup (0.86)"],
+        seconds_per_image={"cam": 0.0123, "gradcam": None, "fem": 0.00042},
+        titles={"fem": "FEM (k=2)"},
+    )
+    axes = fig.get_axes()
+    assert len(axes) == 2 * (1 + 3)  # rows x (input + one column per method)
+    assert [ax.get_title() for ax in axes[:4]] == ["input", "CAM\n12 ms/image", "Grad-CAM", "FEM (k=2)\n0.42 ms/image"]
+    assert axes[0].get_ylabel() == "cat (0.80)" and axes[4].get_ylabel() == "cup (0.86)"
+    # every cell shows its row's image size; the overlays are RGB in [0, 1]
+    for ax in axes[4:]:
+        shown = np.asarray(ax.get_images()[0].get_array())
+        assert shown.shape[:2] == (60, 90)
+    overlay = np.asarray(axes[5].get_images()[0].get_array())
+    assert overlay.shape == (60, 90, 3) and overlay.min() >= 0.0 and overlay.max() <= 1.0
+    width, height = fig.get_size_inches()
+    assert width > 2.5 * height  # four 3:2 panels per row, two rows
+    fig.canvas.draw()  # the layout engine accepts it
+
+
+def test_method_grid_and_method_maps_name_the_valid_methods():
+    maps = {"gradcam": np.zeros((1, 4, 4)), "nope": np.zeros((1, 4, 4))}
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; valid methods: .*\bcam\b.*\bgradcam\b"):
+        viz.method_grid([np.zeros((8, 8, 3))], maps)
+    with pytest.raises(ValueError, match=r"unknown methods 'x', 'y'; valid methods: "):
+        viz.method_maps(None, None, np.zeros((1, 8, 8, 3), np.float32), methods=["x", "gradcam", "y"])
+    with pytest.raises(ValueError, match=r"must have shape \(2, h, w\) for 2 images"):
+        viz.method_grid([np.zeros((8, 8, 3))] * 2, {"cam": np.zeros((1, 4, 4))})
+    with pytest.raises(ValueError, match=r"seconds_per_image names methods that are not in maps: \['fem'\]"):
+        viz.method_grid([np.zeros((8, 8, 3))], {"cam": np.zeros((1, 4, 4))}, seconds_per_image={"fem": 1.0})
+
+
+def test_method_maps_equal_explain_one_call_per_method():
+    import flaxcam
+    from flaxcam.models.small import small_cnn
+
+    model = small_cnn(4, (4, 8))
+    images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+    variables = model.init(jax.random.key(1), images)
+    result = viz.method_maps(model, variables, images, methods=("cam", "gradcam"), timed=False)
+    assert list(result.maps) == ["cam", "gradcam"] and result.seconds_per_image == {"cam": None, "gradcam": None}
+    for name, maps in result.maps.items():
+        assert maps.shape == (3, 16, 16)
+        np.testing.assert_allclose(maps, np.asarray(flaxcam.explain(model, variables, images, method=name).maps[:, 0]))
+    probabilities = np.asarray(jax.nn.softmax(model.apply(variables, images)))
+    np.testing.assert_array_equal(result.targets, probabilities.argmax(1))
+    np.testing.assert_allclose(result.probabilities, probabilities.max(1), rtol=1e-5)

@@ -136,7 +136,7 @@ def check_variables(
 
     Raises:
         ValueError: listing the missing, unexpected and mis-shaped variables (at most 5 of each), e.g.
-        for a bundle whose ``model_kwargs`` say 16 channels where its weights have 8.
+            for a bundle whose ``model_kwargs`` say 16 channels where its weights have 8.
     """
     from flax import traverse_util
 
