@@ -20,8 +20,8 @@ if mode == "distributed":
     port, num_processes, process_id = sys.argv[4:7]
     jax.distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id), initialization_timeout=60)
 
-import audit_helpers
 from flaxcam import audit
+from tests import audit_helpers
 
 source = audit_helpers.make_source(count)
 model, variables = audit_helpers.make_model()

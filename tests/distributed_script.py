@@ -36,8 +36,8 @@ def main() -> None:
         )
         if n > 1:
             distributed.initialize(f"127.0.0.1:{port}", n, i, timeout=60, heartbeat_timeout=10)
-        import audit_helpers
         from flaxcam import audit
+        from tests import audit_helpers
 
         started = Path(f"{out}.started-p{i}")
 
@@ -67,8 +67,8 @@ def main() -> None:
         from jax.experimental import multihost_utils
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-        import audit_helpers
         import flaxcam
+        from tests import audit_helpers
 
         images = explain_images()
         mesh = Mesh(np.asarray(jax.devices()), ("batch",))  # every process's devices: a global mesh

@@ -430,7 +430,7 @@ def test_report_is_self_contained(report_path):
 
 @pytest.mark.slow
 def test_report_in_headless_chromium(report_path, tmp_path):
-    import browser
+    from tests import browser
 
     binary, reason = browser.ensure_chromium()
     if binary is None:

@@ -30,6 +30,7 @@ from flaxcam.audit import store
 from flaxcam.cli import app
 from flaxcam.imageio import Preprocessing
 from tests import audit_helpers
+from tests.helpers import subprocess_env
 
 pytestmark = pytest.mark.timeout(60)
 #: Tests that start fresh Python processes (JAX import and compilation each: about 10 s on an idle
@@ -37,8 +38,7 @@ pytestmark = pytest.mark.timeout(60)
 SUBPROCESS_TIMEOUT = 120
 
 SCRIPT = Path(__file__).parent / "audit_script.py"
-ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+ENV = subprocess_env()
 LOCK = ".lock-p00000"
 KW = {"preprocessing": audit_helpers.PREPROCESSING, "progress": False}
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -20,6 +20,7 @@ from PIL import Image
 
 from flaxcam import distributed, models
 from flaxcam.audit import store
+from tests.helpers import subprocess_env
 
 SIZE = (32, 32)
 TIMEOUT = 120  # seconds any subprocess may run
@@ -30,12 +31,7 @@ pytestmark = pytest.mark.timeout(2 * TIMEOUT + 30)
 
 
 def environment(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
 
 
 def free_port() -> int:
@@ -287,9 +283,8 @@ def test_kill_minus_9_of_one_process_then_rerun_completes_exactly_once(tmp_path)
 def test_global_mesh_explain_over_two_processes_equals_one_process(tmp_path):
     """2 processes x 2 CPU devices: a 4-device global mesh, each process feeding its half of the batch
     (jax.make_array_from_process_local_data); the gathered result equals one process's explain."""
-    import distributed_script
     import flaxcam
-    from tests import audit_helpers
+    from tests import audit_helpers, distributed_script
 
     out, port = tmp_path / "maps.npz", str(free_port())
     processes = [

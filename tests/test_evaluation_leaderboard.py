@@ -171,7 +171,7 @@ def test_cli_evaluate(folder, model_and_variables, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "5 images (1 unreadable)" in result.stdout and (out / "leaderboard.html").is_file()
-    import browser
+    from tests import browser
 
     binary, _reason = browser.ensure_chromium()
     if binary is not None:  # the page opens with no console error and no network request, like the audit report

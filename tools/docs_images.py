@@ -99,10 +99,11 @@ def _flaxcam(*args: str) -> None:
 
 
 def audit(out: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import browser  # tests/browser.py: headless Chromium over the DevTools protocol, no extra packages
+    if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's tests package
+        sys.path.insert(0, str(ROOT))
     from flaxcam import demo, models
     from flaxcam.data.sources import save_npz
+    from tests import browser  # headless Chromium over the DevTools protocol, no extra packages
 
     binary, reason = browser.ensure_chromium()
     if binary is None:
