@@ -12,6 +12,7 @@
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -25,7 +26,7 @@ from tests import audit_helpers
 
 source = audit_helpers.make_source(count)
 model, variables = audit_helpers.make_model()
-common = {"preprocessing": audit_helpers.PREPROCESSING, "batch_size": 64, "progress": False}
+common: dict[str, Any] = {"preprocessing": audit_helpers.PREPROCESSING, "batch_size": 64, "progress": False}
 if mode == "run":
     audit.run(source, model, variables, out, rows_per_part=64, on_batch=lambda done: time.sleep(0.05), **common)
 elif mode == "hold":
