@@ -161,9 +161,7 @@ def explain(
                 "an NNX model carries its own state: call explain(model, images, ...) without a variables "
                 "argument (or flaxcam.explainer(model, ...)(state, images) to pass another state)"
             )
-        from flax import nnx
-
-        images, variables = variables, nnx.state(model)
+        images, variables = variables, None  # the state the explainer splits from the model (below)
     elif images is None:
         raise TypeError("explain(model, variables, images, ...) for a linen model (explain(model, images) is for NNX)")
     images = _as_images(images)
@@ -184,6 +182,8 @@ def explain(
         chunk_size=chunk_size,
         aug_smooth=aug_smooth and _aug_smooth_allowed(targets),
     )
+    if variables is None:
+        variables = fn.example_variables
     batch = images.shape[0]
     planned = fn.plan(variables, images)
     spec, target_data = resolve_targets(targets, top_k, batch, planned.output_shape, score)

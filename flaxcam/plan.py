@@ -445,8 +445,12 @@ def explainer(
             "explainer(targets=) takes None, 'classes', a Binary / Segmentation / Embedding target or a "
             f"callable; got {targets!r} (pass the classes themselves to each call)"
         )
-    adapter = as_model(model, tuple(sorted((apply_kwargs or {}).items())))
-    example = nnx.state(model) if isinstance(adapter, NNXModel) and is_nnx(model) else None
+    call_kwargs = tuple(sorted((apply_kwargs or {}).items()))
+    if is_nnx(model):  # one traversal of the module graph gives the static definition and the state
+        graphdef, example = nnx.split(model)
+        adapter: Any = NNXModel(graphdef, call_kwargs)
+    else:
+        adapter, example = as_model(model, call_kwargs), None
     return Explainer(
         adapter,
         chosen,

@@ -76,9 +76,13 @@ def test_list_layers_uses_attribute_paths(twins):
     )
 
 
+# Every method that explains a CNN layer; the attention methods (LeGrad) read a vision transformer's
+# attention probabilities, which these CNN twins do not have (their invariants run on a ViT in
+# test_methods_invariants.py).
 METHOD_LAYERS = [
     (name, layer)
     for name, method in flaxcam.METHODS.items()
+    if not method.attention_layers
     for layer in ((None,) if method.bias_layers else ("top",) if method.needs_head else ("mid", "top"))
 ]
 
