@@ -1,0 +1,43 @@
+"""Training GAP- or GMP-head classifiers with optax (:mod:`flaxcam.train.trainer`)."""
+
+from flaxcam.train.trainer import (
+    ArrayFeed,
+    DataParallel,
+    SourceFeed,
+    TrainConfig,
+    TrainResult,
+    TrainState,
+    accuracy,
+    augment,
+    augmentation_draws,
+    create_train_state,
+    epoch_order,
+    evaluate,
+    fit,
+    make_optimizer,
+    softmax_loss,
+    train,
+    train_step,
+    variables_of,
+)
+
+__all__ = [
+    "ArrayFeed",
+    "DataParallel",
+    "SourceFeed",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "accuracy",
+    "augment",
+    "augmentation_draws",
+    "create_train_state",
+    "epoch_order",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "softmax_loss",
+    "train",
+    "train_step",
+    "variables_of",
+]
