@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flaxcam import localize
-from flaxcam.audit import runner
+from flaxcam.audit import rows
 from flaxcam.audit import stats as stats_lib
 from flaxcam.data import ArraySource, iterate_batches, save_npz
 from flaxcam.imageio import Preprocessing
@@ -81,7 +81,7 @@ def test_a_non_square_box_keeps_its_meaning_from_the_source_to_the_audit_columns
             box_resolution=None,
         )
     )
-    columns = runner._host_columns(runner._BatchMeta.of(batch), summary, 0)
+    columns = rows._host_columns(rows._BatchMeta.of(batch), summary, 0)
     assert columns is not None
     rule_box = [int(columns[f"box_{k}"][0]) for k in ("x0", "y0", "x1", "y1")]
     np.testing.assert_array_equal(rule_box, np.asarray(localize.boxes(maps[0])))

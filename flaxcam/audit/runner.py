@@ -6,60 +6,47 @@ grain) into a small queue → the main thread dispatches the jitted explain step
 :func:`flaxcam.audit.stats.summarize` for batch ``i`` (asynchronously, sharded over the local devices),
 then fetches batch ``i - 1``'s results → a writer thread turns them into rows and writes a part file
 every ``rows_per_part`` rows. Host memory is bounded by the queue depths and one part.
+
+Where each part lives: :func:`run` here (checks, the manifest, the lock, the shard to do);
+:mod:`flaxcam.audit.manifest` (what a rerun must match to resume, the counts recorded);
+:mod:`flaxcam.audit.stream` (the read-ahead thread and the dispatch/fetch loop);
+:mod:`flaxcam.audit.writer` (the writer thread and its part files); :mod:`flaxcam.audit.rows` (a
+batch's results as rows, an Arrow table).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import queue
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
 import flaxcam
 from flaxcam import distributed, localize
-from flaxcam._optional import require
 from flaxcam.audit import stats as stats_lib
 from flaxcam.audit import store
-from flaxcam.audit.errors import AuditError, AuditLockedError, AuditSettingsError
+from flaxcam.audit.errors import AuditLockedError
 from flaxcam.audit.lock import FolderLock
+from flaxcam.audit.manifest import (
+    _check_manifest,
+    _check_parts,
+    _check_same_settings,
+    _clear,
+    _counts,
+    model_fingerprint,
+    settings_of,
+)
+from flaxcam.audit.stream import _stream
 from flaxcam.imageio import Preprocessing
 from flaxcam.localize import DEFAULT_THRESHOLD
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-else:
-    pa = require("pyarrow", extra="audit")
-
 TARGET_MODES = ("predicted", "label")
-
-#: Fields of the manifest that must match for a rerun to resume an existing audit.
-_RESUME_FIELDS = (
-    "schema_version",
-    "model_fingerprint",
-    "method",
-    "layer",
-    "source_spec",
-    "source_length",
-    "preprocessing",
-    "top_k",
-    "target",
-    "border",
-    "corner",
-    "threshold",
-    "box_resolution",
-    "class_names",
-    "box_rule",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,245 +79,6 @@ def shard_indices(total: int, shard_index: int, shard_count: int) -> np.ndarray:
     return np.asarray(split(np.arange(total, dtype=np.int64), shard_index, shard_count), np.int64)
 
 
-def model_fingerprint(variables: Any) -> str:
-    """SHA-256 over the variables' paths, shapes, dtypes and values (identifies the weights audited)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        array = np.asarray(jax.device_get(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}|{array.shape}|{array.dtype}|".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-class _Prefetcher:
-    """Runs an iterator in a daemon thread, ``depth`` items ahead; re-raises its errors in the consumer."""
-
-    _END = object()
-
-    def __init__(self, iterator: Iterator[Any], depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True, name="flaxcam-audit-read")
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _fill(self, iterator: Iterator[Any]) -> None:
-        try:
-            for item in iterator:
-                if not self._put(item):
-                    return
-        except BaseException as error:  # handed to the consumer
-            self._put(("__error__", error))
-            return
-        self._put(self._END)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
-                raise item[1]
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-
-
-class _PartWriter:
-    """Background thread that turns fetched batch results into rows and writes part files atomically.
-
-    A failure in the thread (a full disk: :class:`AuditWriteError`) is kept and raised in the main
-    thread by the next :meth:`put` or by :meth:`close`; later batches are dropped, never waited on.
-    Every part carries ``metadata`` (the run's settings) in its Parquet key-value metadata."""
-
-    def __init__(self, out_dir: Path, process: int, rows_per_part: int, metadata: Mapping[str, str], depth: int = 4):
-        self.out_dir = out_dir
-        self.process = process
-        self.rows_per_part = rows_per_part
-        self.metadata = dict(metadata)
-        self.sequence = store.next_sequence(out_dir, process)
-        self.parts_written: list[str] = []
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._columns: list[dict[str, Any]] = []
-        self._errors: list[tuple[int, str, str]] = []
-        self._pending_rows = 0
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="flaxcam-audit-write")
-        self._thread.start()
-
-    def put(self, batch: _BatchMeta, summary: Mapping[str, np.ndarray], errors: list[tuple[int, str, str]]) -> None:
-        """Queue a fetched batch; its rows are built (boxes included) in the writer thread."""
-        self._raise_if_failed()
-        self._queue.put((batch, summary, errors))
-
-    def close(self, *, raise_error: bool = True) -> None:
-        """Write what is pending, stop the thread and (``raise_error``) raise its failure, if any."""
-        self._queue.put(None)
-        self._thread.join()
-        if raise_error:
-            self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is None:
-            return
-        if isinstance(self._error, AuditError):
-            raise self._error
-        raise RuntimeError(f"writing audit parts to {self.out_dir} failed: {self._error}") from self._error
-
-    def _loop(self) -> None:
-        # One loop, one end marker: after a failure, items are dropped until the marker from close().
-        while True:
-            item = self._queue.get()
-            if self._error is None:
-                try:
-                    self._flush() if item is None else self._add(*item)
-                except BaseException as error:  # raised in the main thread by put() / close()
-                    self._error = error
-            if item is None:
-                return
-
-    def _add(self, batch: _BatchMeta, summary: Mapping[str, np.ndarray], errors: list[tuple[int, str, str]]) -> None:
-        columns = _host_columns(batch, summary, self.process)
-        if columns is not None and len(columns["index"]):
-            self._columns.append(columns)
-            self._pending_rows += len(columns["index"])
-        self._errors.extend(errors)
-        if self._pending_rows >= self.rows_per_part or len(self._errors) >= self.rows_per_part:
-            self._flush()
-
-    def _next_path(self, kind: str) -> Path:
-        path = self.out_dir / store.part_name(kind, self.process, self.sequence)
-        self.sequence += 1
-        return path
-
-    def _flush(self) -> None:
-        # Errors first: an index is in exactly one file, so either order keeps "exactly once"; a kill
-        # between the two writes only re-does the rows.
-        if self._errors:
-            path = self._next_path("errors")
-            store.write_part(path, store.errors_table(self._errors, self.process), self.metadata)
-            self.parts_written.append(path.name)
-            self._errors = []
-        if self._columns:
-            path = self._next_path("part")
-            shape = list(self._columns[0]["low_res"].shape[1:])
-            metadata = {**self.metadata, store.LOW_RES_SHAPE_KEY: store.canonical_json(shape)}
-            store.write_part(path, _rows_to_table(self._columns), metadata)
-            self.parts_written.append(path.name)
-            self._columns = []
-            self._pending_rows = 0
-
-
-def _list_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    count, width = values.shape
-    offsets = pa.array(np.arange(0, (count + 1) * width, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), value_type))
-
-
-def _rows_to_table(chunks: list[dict[str, Any]]) -> pa.Table:
-    columns = {
-        name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0] if name not in ("id", "low_res")
-    }
-    ids = [value for chunk in chunks for value in chunk["id"]]
-    low_res = np.concatenate([chunk["low_res"] for chunk in chunks])
-    arrays: dict[str, pa.Array] = {}
-    for field in store.SCHEMA:
-        name = field.name
-        if name == "id":
-            arrays[name] = pa.array(ids, pa.string())
-        elif name == "low_res":
-            flat = low_res.reshape(len(low_res), -1)
-            arrays[name] = pa.array([row.tobytes() for row in flat], pa.binary())
-        elif name in ("topk_classes", "topk_probs"):
-            arrays[name] = _list_array(columns[name], field.type.value_type)
-        elif name == "correct":
-            labels = columns["label"]
-            arrays[name] = pa.array(columns["pred"] == labels, pa.bool_(), mask=labels < 0)
-        else:
-            arrays[name] = pa.array(columns[name], field.type)
-    return pa.table(arrays, schema=store.SCHEMA)
-
-
-@dataclasses.dataclass(frozen=True)
-class _BatchMeta:
-    """What the writer needs of a batch (not its images)."""
-
-    indices: np.ndarray
-    ids: list[str]
-    labels: np.ndarray
-    valid: np.ndarray
-    boxes: np.ndarray
-    input_size: tuple[int, int]
-
-    @classmethod
-    def of(cls, batch: Any) -> _BatchMeta:
-        return cls(
-            np.asarray(batch.indices),
-            list(batch.ids),
-            np.asarray(batch.labels),
-            np.asarray(batch.valid, bool),
-            np.asarray(batch.boxes, np.float32),
-            tuple(np.shape(batch.images)[1:3]),
-        )
-
-
-def _host_columns(batch: _BatchMeta, summary: Mapping[str, np.ndarray], process: int) -> dict[str, Any] | None:
-    """The rows of one batch (valid images only) as NumPy columns; boxes from the foreground masks."""
-    valid = batch.valid & (batch.indices >= 0)
-    if not valid.any():
-        return None
-    keep = np.flatnonzero(valid)
-    gt = batch.boxes[keep]
-    mask = summary["box_mask"][keep]
-    box = stats_lib.scale_boxes(stats_lib.largest_component_boxes(mask), mask.shape[1:], batch.input_size)
-    corners = np.stack([summary[f"corner_{c}_share"][keep] for c in stats_lib.CORNERS])
-    columns: dict[str, Any] = {
-        "index": np.asarray(batch.indices, np.int64)[keep],
-        "id": [batch.ids[i] for i in keep],
-        "label": np.asarray(batch.labels, np.int32)[keep],
-        "box_x0": box[:, 0],
-        "box_y0": box[:, 1],
-        "box_x1": box[:, 2],
-        "box_y1": box[:, 3],
-        "box_iou": stats_lib.box_iou_xyxy(box, gt),
-        "gt_x0": gt[:, 0],
-        "gt_y0": gt[:, 1],
-        "gt_x1": gt[:, 2],
-        "gt_y1": gt[:, 3],
-        "corner_max_share": np.max(corners, axis=0),
-        "process": np.full(len(keep), process, np.int32),
-    }
-    for name in (
-        "pred",
-        "prob",
-        "target",
-        "target_prob",
-        "topk_classes",
-        "topk_probs",
-        "low_res",
-        "border_share",
-        "gt_share",
-        "entropy",
-        "peak_y",
-        "peak_x",
-        "com_y",
-        "com_x",
-    ):
-        columns[name] = summary[name][keep]
-    for corner in stats_lib.CORNERS:
-        columns[f"corner_{corner}_share"] = summary[f"corner_{corner}_share"][keep]
-    return columns
-
-
 def _open(source: Any, out_dir: Path) -> tuple[Any, str | None]:
     """The source (from a spec or as given), never reading ``out_dir`` as data (a ``folder:`` source
     containing the output folder)."""
@@ -344,95 +92,8 @@ def _open(source: Any, out_dir: Path) -> tuple[Any, str | None]:
     return source, getattr(source, "spec", None)
 
 
-def settings_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that must match for a run to add rows to an existing audit: :data:`_RESUME_FIELDS`
-    of the manifest, as they read back from JSON. Stored in every part's metadata
-    (:data:`store.SETTINGS_KEY`) and checked against each part on resume."""
-    return json.loads(store.canonical_json({name: manifest.get(name) for name in _RESUME_FIELDS}))
-
-
-def _shorten(value: Any, width: int = 60) -> str:
-    text = repr(value)
-    if len(text) <= width:
-        return text
-    return repr(value[: width - 3] + "…") if isinstance(value, str) else text[: width - 1] + "…"
-
-
-def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-    """``"name: stored -> current; ..."`` for every resume field that differs (a fingerprint by its
-    first 12 hex digits)."""
-    names = [name for name in _RESUME_FIELDS if stored.get(name) != current.get(name)]
-    width = {"model_fingerprint": 15}
-    return "; ".join(
-        f"{name}: {_shorten(stored.get(name), width.get(name, 60))} -> {_shorten(current.get(name), width.get(name, 60))}"
-        for name in names
-    )
-
-
-_START_OVER = "use another --out folder, or resume=False (--no-resume) to discard it and start over"
-
-
-def _check_parts(out_dir: Path, settings: Mapping[str, Any]) -> list[int] | None:
-    """Refuse (:class:`AuditSettingsError`) if any part or errors part in ``out_dir`` was written with
-    other settings than ``settings`` (or with none recorded); returns the parts' ``low_res_shape``."""
-    expected = store.canonical_json(settings)
-    paths = [*store.part_files(out_dir, "part"), *store.part_files(out_dir, "errors")]
-    foreign: dict[str, list[str]] = {}
-    low_res_shape = None
-    for path in paths:
-        metadata = store.part_metadata(path)
-        recorded = metadata.get(store.SETTINGS_KEY)
-        if recorded != expected:
-            foreign.setdefault(recorded or "", []).append(path.name)
-        elif low_res_shape is None and store.LOW_RES_SHAPE_KEY in metadata:
-            low_res_shape = json.loads(metadata[store.LOW_RES_SHAPE_KEY])
-    if foreign:
-        count = sum(len(names) for names in foreign.values())
-        recorded, names = next(iter(foreign.items()))
-        why = (
-            f"other settings ({_differences(json.loads(recorded), settings)})"
-            if recorded
-            else "no recorded settings (an older flaxcam)"
-        )
-        raise AuditSettingsError(
-            f"{out_dir}: {count} of {len(paths)} parts were written with {why}, e.g. {names[0]}; {_START_OVER}"
-        )
-    return low_res_shape
-
-
-def _check_manifest(previous: Mapping[str, Any], settings: Mapping[str, Any], out_dir: Path, has_parts: bool) -> None:
-    """Refuse if the manifest's settings differ from this run's (the parts were checked already)."""
-    differing = _differences(settings_of(previous), settings)
-    if differing:
-        hint = (
-            f"its parts match this run: delete {out_dir / store.MANIFEST} to rebuild it from them"
-            if has_parts
-            else _START_OVER
-        )
-        raise AuditSettingsError(f"{out_dir} holds an audit with different settings ({differing}); {hint}")
-
-
-def _clear(out_dir: Path) -> None:
-    for path in [*store.part_files(out_dir, "part"), *store.part_files(out_dir, "errors"), out_dir / store.MANIFEST]:
-        path.unlink(missing_ok=True)
-
-
 def _barrier(name: str) -> None:
     distributed.barrier(name)
-
-
-def _check_same_settings(settings: Mapping[str, Any], process_count: int) -> None:
-    """With several processes, refuse in every one of them (:class:`AuditSettingsError`) unless all
-    run with the same settings (weights, method, layer, source, preprocessing, ...): compares a
-    SHA-256 of :func:`settings_of` across processes, so no process writes rows of another audit."""
-    if process_count < 2:
-        return
-    differing = distributed.differing_processes(settings)
-    if differing:
-        raise AuditSettingsError(
-            f"process(es) {', '.join(map(str, differing))} of this run have other settings than process 0 (weights, method, "
-            "layer, source, preprocessing, top-k, target or box settings): start every process with the same command"
-        )
 
 
 def _lock(out_dir: Path, process: int, process_count: int) -> FolderLock:
@@ -663,22 +324,6 @@ def run(
         lock.release()
 
 
-def _counts(out_dir: Path, total: int) -> dict[str, Any]:
-    rows = sum(_row_count(p) for p in store.part_files(out_dir, "part"))
-    errors = sum(_row_count(p) for p in store.part_files(out_dir, "errors"))
-    return {
-        "counts": {"total": total, "rows": rows, "errors": errors},
-        "parts": [p.name for p in store.part_files(out_dir, "part")],
-        "error_parts": [p.name for p in store.part_files(out_dir, "errors")],
-    }
-
-
-def _row_count(path: Path) -> int:
-    pq = require("pyarrow.parquet", extra="audit")
-
-    return pq.ParquetFile(path).metadata.num_rows
-
-
 def _finish(
     out_dir: Path, manifest: dict[str, Any], total: int, processed: int, start: float, process: int
 ) -> AuditResult:
@@ -698,130 +343,3 @@ def _finish(
         seconds=time.perf_counter() - start,
         complete=complete,
     )
-
-
-def _stream(
-    source,
-    model,
-    variables,
-    out_dir,
-    preprocessing,
-    remaining,
-    manifest,
-    devices,
-    explain_kwargs,
-    *,
-    batch_size,
-    k,
-    threshold,
-    border,
-    corner,
-    process,
-    rows_per_part,
-    worker_count,
-    read_threads,
-    prefetch,
-    progress,
-    on_batch,
-) -> int:
-    from tqdm.auto import tqdm
-
-    from flaxcam.data import iterate_batches
-
-    batches = _Prefetcher(
-        iter(
-            iterate_batches(
-                source,
-                preprocessing,
-                batch_size,
-                indices=remaining,
-                worker_count=worker_count,
-                read_threads=read_threads,
-                prefetch=max(1, read_threads),
-            )
-        ),
-        prefetch,
-    )
-    writer = _PartWriter(
-        out_dir, process, rows_per_part, {store.SETTINGS_KEY: store.canonical_json(settings_of(manifest))}
-    )
-    threshold = float(threshold)
-    low_res_shape: list[int] | None = None
-    processed = 0
-
-    def dispatch(batch):
-        targets = np.maximum(np.asarray(batch.labels), 0) if manifest["target"] == "label" else None
-        explanation = flaxcam.explain(
-            model,
-            variables,
-            batch.images,
-            method=manifest["method"],
-            layer=manifest["layer"],
-            targets=targets,
-            devices=devices,
-            image_ids=np.maximum(np.asarray(batch.indices), 0),
-            **explain_kwargs,
-        )  # noise keyed by source index: one image, one map, whatever batch or resume
-        masks = getattr(batch, "masks", None)
-        summary = stats_lib.summarize(
-            explanation.maps[:, 0],
-            explanation.low_res[:, 0],
-            explanation.probabilities,
-            explanation.targets[:, 0],
-            np.asarray(batch.boxes, np.float32),
-            None if masks is None else np.asarray(masks, bool),
-            threshold,
-            top_k=k,
-            border=float(border),
-            corner=float(corner),
-            with_masks=masks is not None,
-            box_resolution=manifest["box_resolution"],
-            box_rule=manifest.get("box_rule", "paper"),
-        )
-        for leaf in jax.tree_util.tree_leaves(summary):
-            leaf.copy_to_host_async()
-        return summary
-
-    def collect(batch, summary) -> int:
-        nonlocal low_res_shape
-        host = jax.device_get(summary)
-        if low_res_shape is None:
-            low_res_shape = list(host["low_res"].shape[1:])
-            if process == 0 and manifest.get("low_res_shape") != low_res_shape:
-                manifest["low_res_shape"] = low_res_shape
-                store.write_json(
-                    out_dir / store.MANIFEST, {**store.read_manifest(out_dir), "low_res_shape": low_res_shape}
-                )
-        writer.put(_BatchMeta.of(batch), host, list(batch.errors))
-        return int(np.sum(np.asarray(batch.indices) >= 0))
-
-    pending = None
-    try:
-        with tqdm(
-            total=len(remaining), desc=f"audit ({manifest['method']})", unit="img", disable=not progress, smoothing=0.1
-        ) as bar:
-
-            def finish(previous) -> None:
-                # collect the batch dispatched one step earlier (the device runs ahead of the host)
-                nonlocal processed
-                count = collect(*previous)
-                processed += count
-                bar.update(count)
-                if on_batch is not None:
-                    on_batch(processed)
-
-            for batch in batches:
-                summary = dispatch(batch)
-                if pending is not None:
-                    finish(pending)
-                pending = (batch, summary)
-            if pending is not None:
-                finish(pending)
-    except BaseException:
-        # Keep the rows already fetched (the writer flushes them) but let this error through.
-        batches.close()
-        writer.close(raise_error=False)
-        raise
-    batches.close()
-    writer.close()  # raises the writer's failure (e.g. the last part did not fit on the disk)
-    return processed

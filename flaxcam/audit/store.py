@@ -99,7 +99,7 @@ ERRORS_SCHEMA = pa.schema(
 
 
 #: Parquet key-value metadata of every part: the settings of the run that wrote it (canonical JSON of
-#: :func:`flaxcam.audit.runner.settings_of`, compared on resume) and the shape of its ``low_res`` maps.
+#: :func:`flaxcam.audit.manifest.settings_of`, compared on resume) and the shape of its ``low_res`` maps.
 SETTINGS_KEY = "flaxcam.settings"
 LOW_RES_SHAPE_KEY = "flaxcam.low_res_shape"
 

@@ -211,7 +211,8 @@ def evaluate(
     ``"label"``. Rerunning resumes (``resume=False`` starts over); ``limit`` processes at most that many
     remaining images now.
     """
-    from flaxcam.audit.runner import _open, model_fingerprint
+    from flaxcam.audit.manifest import model_fingerprint
+    from flaxcam.audit.runner import _open
     from flaxcam.data import iterate_batches
     from flaxcam.models import init_variables
 
