@@ -95,6 +95,7 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--real-photos", type=int, default=0, help="add the first N pasted-object images")
     parser.add_argument("--methods", default="default", help="default, extended or a comma-separated list")
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch (the unit of resuming)")
+    parser.add_argument("--limit", type=int, help="score at most this many more images now (0: summarize)")
     parser.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the scores in --out")
     args = parser.parse_args(argv)
     args.out = args.out or common.ROOT / "results" / ("faithfulness_real" if args.real_photos else "faithfulness")
@@ -133,11 +134,13 @@ def run(argv: list[str] | None = None) -> dict:
         options=options,
         method_options=None,
         resume=not args.restart,
+        limit=args.limit,
         class_names=meta.get("class_names"),
         progress=True,
     )
     results = {
         "images": names,
+        "images_scored": board.images,
         "methods": methods,
         "options": options,
         "batch_size": args.batch_size,
