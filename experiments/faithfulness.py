@@ -224,8 +224,8 @@ def summary(out_dir: Path) -> str:
     lines.append("| method | " + " | ".join(f"{s} (s/image)" for s in steps) + " |")
     lines.append("|---" * (len(steps) + 1) + "|")
     for m in methods:
-        cells = [float(np.median([r[f"seconds_{s}"] for r in scores if r["method"] == m])) for s in steps]
-        lines.append(f"| {m} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        seconds = [float(np.median([r[f"seconds_{s}"] for r in scores if r["method"] == m])) for s in steps]
+        lines.append(f"| {m} | " + " | ".join(f"{c:.2f}" for c in seconds) + " |")
     lines += ["", "Ranking agreement of the real methods (Spearman of the method means, +1 = same order):", ""]
     real = [m for m in methods if m != "randomcam"]
     lower = {c: low for c, _, low in COLUMNS}
