@@ -12,7 +12,16 @@ the elementwise / Eigen-Grad / KPCA variants. Metric settings (reduced): softmax
 insertion steps with the zero baseline, ROAD at 20, 40, 60, 80 (pytorch-grad-cam's ARCC percentiles)
 with noise 0.01, ADCC, and the randomization check with the classifier re-initialized.
 
-    python -m experiments.faithfulness [--smoke] [--out DIR]
+Extended run (``--real-photos N --methods extended``): the same six photos plus the first ``N`` pasted-object
+images of :mod:`experiments.real_photo_boxes` (``configs/real_photo_boxes.json``, seed 0: kinds round-robin,
+so ``N = 10`` gives two each of cat, cup, rocket, motorcycle, building on random textures; generated
+offline from the scikit-image photos), with every method whose cost does not scale with the channel count
+(:data:`EXTENDED_METHODS`). Left out for time: Score-CAM, SS-CAM, IS-CAM and Ablation-CAM (1,280 forward
+passes per image at ``head``, ×35 for SS-CAM / IS-CAM, paid again by ADCC and the randomization check),
+Grad-CAM++ exact (h·w·C third-order passes) and SESS (multi-scale patch grid).
+
+    python -m experiments.faithfulness [--smoke] [--out DIR] [--real-photos N [--no-photos]]
+        [--methods default|extended|m1,m2] [--batch-size B] [--limit N] [--summary-only]
 """
 
 from __future__ import annotations
@@ -43,18 +52,71 @@ METHODS = [
     "faster_scorecam",
     "randomcam",
 ]
+EXTENDED_METHODS = [
+    *METHODS[:7],
+    "gradcam_elementwise",
+    "eigengradcam",
+    "kpcacam",
+    "segeigencam",
+    "fem",
+    "dff",
+    "shapleycam",
+    "finercam",
+    "refinecam",
+    "smoothgradcam++",
+    "fullgrad",
+    "guided_backprop",
+    "faster_scorecam",
+    "randomcam",
+]
 SMOKE_METHODS = ["gradcam", "randomcam"]
+
+
+def pasted_objects(count: int) -> tuple[list[np.ndarray], list[str]]:
+    """The first ``count`` pasted-object images of ``configs/real_photo_boxes.json`` and their ids
+    (``pasted-0003-motorcycle``)."""
+    import json
+
+    from experiments import real_photo_boxes
+
+    config = json.loads((common.ROOT / "configs" / "real_photo_boxes.json").read_text())
+    config["count"] = count  # the generator is sequential in its seed: the first images do not depend on count
+    bench = real_photo_boxes.make_benchmark(config)
+    ids = [f"pasted-{i:04d}-{real_photo_boxes.KINDS_ORDER[k]}" for i, k in enumerate(bench.kinds)]
+    return list(bench.images), ids
 
 
 def run(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="2 photos, 2 methods, few steps (CI size)")
-    parser.add_argument("--out", type=Path, default=common.ROOT / "results" / "faithfulness")
+    parser.add_argument(
+        "--out", type=Path, help="default results/faithfulness, results/faithfulness_real with --real-photos"
+    )
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    parser.add_argument("--real-photos", type=int, default=0, help="add the first N pasted-object images")
+    parser.add_argument("--no-photos", action="store_true", help="leave out the six bundled photos")
+    parser.add_argument("--methods", default="default", help="default, extended or a comma-separated list")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per batch (the unit of resuming)")
+    parser.add_argument("--limit", type=int, help="score at most this many more images now (0: summarize)")
+    parser.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the scores in --out")
     args = parser.parse_args(argv)
+    args.out = args.out or common.ROOT / "results" / ("faithfulness_real" if args.real_photos else "faithfulness")
+    if args.summary_only:
+        text = summary(args.out)
+        (args.out / "summary.md").write_text(text)
+        print(text)
+        return {}
     photos = sample_photos()
-    names = list(photos)[:2] if args.smoke else list(photos)
-    source = ArraySource([photos[n] for n in names], ids=names)
+    names = [] if args.no_photos else list(photos)[:2] if args.smoke else list(photos)
+    images = [photos[n] for n in names]
+    if args.real_photos:
+        pasted, pasted_ids = pasted_objects(args.real_photos)
+        images, names = images + pasted, names + pasted_ids
+    source = ArraySource(images, ids=names)
+    if args.smoke:
+        methods = SMOKE_METHODS
+    else:
+        methods = {"default": METHODS, "extended": EXTENDED_METHODS}.get(args.methods) or args.methods.split(",")
     model, variables, meta = pretrained_efficientnet_lite0()
     size = tuple(meta.get("input_size", (224, 224)))
     preprocessing = Preprocessing(
@@ -68,41 +130,113 @@ def run(argv: list[str] | None = None) -> dict:
         variables,
         args.out,
         preprocessing=preprocessing,
-        methods=SMOKE_METHODS if args.smoke else METHODS,
+        methods=methods,
         metrics="all",
-        batch_size=2,
+        batch_size=args.batch_size,
         options=options,
         method_options=None,
         resume=not args.restart,
+        limit=args.limit,
         class_names=meta.get("class_names"),
         progress=True,
     )
     results = {
         "images": names,
-        "methods": SMOKE_METHODS if args.smoke else METHODS,
+        "images_scored": board.images,
+        "methods": methods,
         "options": options,
+        "batch_size": args.batch_size,
         "leaderboard": board.table.to_pylist(),
         "timing": board.timing.to_pylist(),
         "seconds": round(time.perf_counter() - started, 1),
         "provenance": common.provenance("python -m experiments.faithfulness " + " ".join(argv or sys.argv[1:])),
     }
     common.write_json(args.out / "faithfulness.json", results)
-    _print_table(board.table.to_pylist())
+    text = summary(args.out)
+    (args.out / "summary.md").write_text(text)
+    print(text)
     return results
 
 
-def _print_table(rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(r["column"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    value = {(r["method"], r["column"]): r["mean"] for r in rows}
-    print("| method | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for method in methods:
-        print(
-            f"| {method} | "
-            + " | ".join(f"{value[(method, c)]:.3f}" if np.isfinite(value[(method, c)]) else "nan" for c in columns)
-            + " |"
-        )
+# (column, header, lower is better)
+COLUMNS = [
+    ("deletion_auc", "deletion AUC ↓", True),
+    ("insertion_auc", "insertion AUC ↑", False),
+    ("road_morf", "ROAD MoRF ↓", True),
+    ("road_lerf", "ROAD LeRF ↑", False),
+    ("road_combined", "ROAD combined ↑", False),
+    ("average_drop", "Average Drop ↓", True),
+    ("increase_in_confidence", "Increase in Conf. ↑", False),
+    ("adcc", "ADCC ↑", False),
+    ("coherency", "coherency ↑", False),
+    ("complexity", "complexity ↓", True),
+    ("randomization_rank_correlation", "rank corr. after randomizing the classifier ↓", True),
+]
+# pairs of columns that should rank methods the same way if both measure faithfulness
+AGREEMENT = [("road_morf", "road_lerf"), ("deletion_auc", "insertion_auc"), ("road_combined", "insertion_auc")]
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def summary(out_dir: Path) -> str:
+    """Markdown: per-method means of every metric over all images and over each image group (the bundled
+    photos, the pasted objects), 95% bootstrap intervals of insertion AUC and ROAD combined, seconds per
+    image, and how well pairs of metrics agree on the ranking of the real methods (Spearman over the
+    methods' means, signs aligned so that +1 means the same order; ``randomcam`` left out)."""
+    import pyarrow.parquet as pq
+
+    from flaxcam.evaluation.leaderboard import bootstrap_interval
+
+    scores = pq.read_table(out_dir / "scores.parquet").to_pylist()
+    methods = list(dict.fromkeys(r["method"] for r in scores))
+    groups = {"all images": lambda i: True}
+    pasted = {str(r["id"]).startswith("pasted-") for r in scores}
+    if pasted == {True, False}:  # both kinds of image: their means separately too
+        groups["bundled photos"] = lambda i: not str(i).startswith("pasted-")
+        groups["pasted objects"] = lambda i: str(i).startswith("pasted-")
+    lines: list[str] = []
+    means: dict[str, dict[str, dict[str, float]]] = {}
+    for group, keep in groups.items():
+        rows = [r for r in scores if keep(r["id"])]
+        count = len({r["id"] for r in rows})
+        means[group] = {
+            m: {c: float(np.nanmean([r[c] for r in rows if r["method"] == m])) for c, _, _ in COLUMNS} for m in methods
+        }
+        lines += [f"**{group}** ({count} images), means:", ""]
+        lines.append("| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |")
+        lines.append("|---" * (len(COLUMNS) + 1) + "|")
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(f"{means[group][m][c]:.3f}" for c, _, _ in COLUMNS) + " |")
+        lines.append("")
+    lines.append("95% bootstrap intervals over all images (1,000 resamples):")
+    lines.append("")
+    for column in ("insertion_auc", "road_combined"):
+        cells = []
+        for m in methods:
+            mean, low, high = bootstrap_interval(np.asarray([r[column] for r in scores if r["method"] == m]))
+            cells.append(f"{m} {mean:.3f} [{low:.2f}, {high:.2f}]")
+        lines += [f"* {column}: " + ", ".join(cells), ""]
+    steps = ["explain", "confidence", "deletion_insertion", "road", "adcc", "randomization"]
+    lines.append("| method | " + " | ".join(f"{s} (s/image)" for s in steps) + " |")
+    lines.append("|---" * (len(steps) + 1) + "|")
+    for m in methods:
+        seconds = [float(np.median([r[f"seconds_{s}"] for r in scores if r["method"] == m])) for s in steps]
+        lines.append(f"| {m} | " + " | ".join(f"{c:.2f}" for c in seconds) + " |")
+    lines += ["", "Ranking agreement of the real methods (Spearman of the method means, +1 = same order):", ""]
+    real = [m for m in methods if m != "randomcam"]
+    lower = {c: low for c, _, low in COLUMNS}
+    for group in groups:
+        cells = []
+        for a, b in AGREEMENT:
+            va = np.asarray([means[group][m][a] * (-1 if lower[a] else 1) for m in real])
+            vb = np.asarray([means[group][m][b] * (-1 if lower[b] else 1) for m in real])
+            cells.append(f"{a} vs {b} {_spearman(va, vb):+.2f}")
+        lines += [f"* {group}: " + ", ".join(cells), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

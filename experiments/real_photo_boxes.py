@@ -360,7 +360,11 @@ def main(argv: list[str] | None = None) -> None:
         "sources": {},
     }
     panels_source: dict[str, Any] = {}
-    for source in [s for s in MAP_SOURCES if s.name in args.sources]:
+    by_name = {s.name: s for s in MAP_SOURCES}
+    unknown = [name for name in args.sources if name not in by_name]
+    if unknown:
+        parser.error(f"unknown map sources {unknown}; valid: {', '.join(by_name)}")
+    for source in [by_name[name] for name in args.sources]:  # in the order given
         began = time.perf_counter()
         inputs = model_inputs(bench.images, source.input_size, meta)
         explained = explain_source(model, variables, inputs, source, config["batch"])

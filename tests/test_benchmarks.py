@@ -136,8 +136,13 @@ def test_default_methods_are_the_registry_without_the_costly_ones():
     defaults = bench.registry_methods()
     assert {"cam", "gradcam", "gradcam++", "hirescam", "layercam"} <= set(defaults)
     assert not any(flaxcam.METHODS[m].batched for m in defaults)
-    expected = [m for m in flaxcam.METHODS if not flaxcam.METHODS[m].batched and m not in EXPENSIVE_METHODS]
+    expected = [
+        name
+        for name, method in flaxcam.METHODS.items()
+        if not method.batched and not method.attention_layers and name not in EXPENSIVE_METHODS
+    ]
     assert defaults == expected
+    assert "legrad" in flaxcam.METHODS and "legrad" not in defaults  # a ViT method: no CNN layer to time
 
 
 def test_allocator_settings_reach_every_worker_env_unless_default():

@@ -100,3 +100,15 @@ def test_audit_box_rule_is_recorded_used_and_part_of_the_resume_settings(tmp_pat
         audit.run(source, model, variables, tmp_path / "otsu", box_rule="paper", **kwargs)
     with pytest.raises(ValueError, match="valid rules"):
         audit.run(source, model, variables, tmp_path / "bad", box_rule="tight", **kwargs)
+
+
+def test_explain_atrous_on_a_model_without_the_option_says_which_have_it(tmp_path, bundle):
+    path, _, _ = bundle
+    file = tmp_path / "img.png"
+    Image.fromarray(np.zeros((*SIZE, 3), np.uint8)).save(file)
+    result = CliRunner().invoke(
+        app, ["explain", str(file), "--weights", str(path), "--atrous", "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code != 0
+    message = result.output + str(result.exception)
+    assert "atrous" in message and "efficientnet_lite0" in message

@@ -105,8 +105,21 @@ def test_auto_rule_follows_the_native_resolution():
         np.testing.assert_array_equal(
             localize.boxes(maps, rule="auto", map_shape=native), localize.boxes(maps, rule=expected, map_shape=native)
         )
-    assert localize.auto_rule((7, 7)) != "paper"  # the paper's rule overshoots on coarse maps
-    assert localize.auto_rule((16, 16)) == "paper"  # and stays for maps at least as fine as the paper's
+
+
+@pytest.mark.parametrize(
+    ("native", "expected"),
+    [
+        ((7, 7), "energy"),  # EfficientNet-Lite0 at 224: the paper's rule overshoots on coarse maps
+        ((7, 14), "energy"),  # the shorter side decides
+        ((14, 14), "energy"),  # its atrous maps (and 448 inputs): energy won the development split there too
+        ((15, 15), "paper"),
+        ((16, 16), "paper"),  # the digits canvases: the paper's rule (0.951) stays for maps finer than 14x14
+        ((28, 28), "paper"),
+    ],
+)
+def test_auto_rule_is_pinned_by_map_resolution(native, expected):
+    assert localize.auto_rule(native) == expected
 
 
 @pytest.mark.parametrize("rule", localize.BOX_RULES)
