@@ -43,9 +43,9 @@ _configure_compilation_cache()
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """After each test module, drop JAX's in-memory caches of traced and compiled programs and collect
-    garbage. A worker runs hundreds of modules; without this its memory only grows (every module
-    compiles its own models), and two workers near the end of the suite came close to the machine's
-    memory. Programs needed again come back from the compilation cache above."""
+    garbage, so that what a worker holds is bounded by one module, not by the hundreds it runs (a CI run
+    once lost a worker mid-suite; its cause was not found). Programs needed again come back from the
+    compilation cache above."""
     yield
     import jax
 
