@@ -44,13 +44,16 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from flaxcam.cli import main; main()", *args]
 
 
-def start(count: int, args: list[str], port: int | None = None, devices: int = 1) -> list[subprocess.Popen]:
-    """``count`` processes of ``flaxcam ARGS`` joined through a coordinator on ``port``."""
+def start(
+    count: int, args: list[str], port: int | None = None, devices: int = 1, own: list[list[str]] | None = None
+) -> list[subprocess.Popen]:
+    """``count`` processes of ``flaxcam ARGS`` joined through a coordinator on ``port``; process ``i``
+    also gets ``own[i]`` (e.g. a setting that differs between processes)."""
     port = port or free_port()
     extra = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(i)]
     return [
         subprocess.Popen(
-            cli(*args, *(extra(i) if count > 1 else [])),
+            cli(*args, *(own[i] if own else []), *(extra(i) if count > 1 else [])),
             env=environment(devices),
             text=True,
             stdout=subprocess.PIPE,
@@ -186,25 +189,8 @@ def test_process_id_out_of_range_is_refused_at_once(folder, bundle, tmp_path, co
 
 
 def test_processes_with_different_settings_all_refuse(folder, bundle, tmp_path):
-    out, port = tmp_path / "audit", free_port()
-    processes = [
-        subprocess.Popen(
-            cli(
-                *audit_args(folder, bundle, out, "--method", method),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ),
-            env=environment(),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i, method in enumerate(["cam", "gradcam"])
-    ]
+    out = tmp_path / "audit"
+    processes = start(2, audit_args(folder, bundle, out), own=[["--method", "cam"], ["--method", "gradcam"]])
     for code, output in finish(processes):
         assert code == 2, output
         assert "process(es) 1 of this run have other settings than process 0" in output, output
@@ -408,25 +394,8 @@ def test_resumed_two_process_training_equals_uninterrupted(folder, trained_two, 
 
 @pytest.mark.timeout(TRAIN_TIMEOUT + 30)
 def test_training_processes_with_different_settings_all_refuse(folder, tmp_path):
-    out, port = tmp_path / "run", free_port()
-    processes = [
-        subprocess.Popen(
-            cli(
-                *train_args(folder, out, "--learning-rate", rate),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ),
-            env=environment(),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i, rate in enumerate(["0.01", "0.02"])
-    ]
+    out = tmp_path / "run"
+    processes = start(2, train_args(folder, out), own=[["--learning-rate", "0.01"], ["--learning-rate", "0.02"]])
     for code, output in finish(processes, timeout=TRAIN_TIMEOUT):
         assert code == 2, output[-2000:]
         assert "process(es) 1 of this run have other settings than process 0" in output, output[-2000:]

@@ -47,6 +47,7 @@ from flaxcam.evaluation.common import (
     target_scores,
 )
 from flaxcam.ops import chunked_map
+from flaxcam.step import per_image_keys
 
 #: pytorch-grad-cam's percentiles for the averaged and combined ROAD scores.
 DEFAULT_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -113,17 +114,6 @@ def removal_mask(cam: Array, percentile: Array, order: str) -> Array:
     return values >= jnp.percentile(values, percentile)
 
 
-def noise_keys(key: Array, count: int, batch: int, image_ids: Array | None = None) -> Array:
-    """``(count, B)`` keys of the imputation noise: ``fold_in(fold_in(key, image_ids[b]), job)`` for the
-    ``count`` (order, percentile) jobs of image ``b`` (``image_ids`` default: positions ``0 .. B-1``), so an
-    image's noise depends on its id only, not on the batch it came in or its place there (the
-    convention of :func:`flaxcam.step.per_image_keys`)."""
-    ids = jnp.arange(batch, dtype=jnp.uint32) if image_ids is None else jnp.asarray(image_ids).astype(jnp.uint32)
-    jobs = jnp.arange(count, dtype=jnp.uint32)
-    per_image = jax.vmap(lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, i), j))(jobs))(ids)
-    return jnp.swapaxes(per_image, 0, 1)
-
-
 @functools.partial(jax.jit, static_argnames=("apply_fn", "score", "orders", "chunk_size", "maxiter"))
 def road_impl(
     apply_fn: ApplyFn,
@@ -145,7 +135,9 @@ def road_impl(
     batch = images.shape[0]
     count = len(orders) * percentiles.shape[0]
     original = target_scores(apply_fn, variables, images, targets, score)
-    keys = noise_keys(key, count, batch, image_ids)
+    # (count, B): job j of image b draws from fold_in(fold_in(key, j), image_ids[b]), the explainer's
+    # per-image convention, so an image's noise follows its id, not its place in the batch
+    keys = jnp.stack([per_image_keys(key, job, image_ids, batch) for job in range(count)])
 
     def score_rows(index: Array) -> Array:
         job, image_index = index // batch, index % batch
@@ -194,7 +186,7 @@ def road(
     program for all orders, percentiles and images, ``chunk_size`` imputed images per forward pass.
     ``key`` draws the imputation noise (default ``jax.random.key(0)``; ``noise=0`` for none), per image
     from ``image_ids`` ``(B,)`` (e.g. dataset indices; default: positions in the batch), so an image gets
-    the same noise in any batch (:func:`noise_keys`).
+    the same noise in any batch (:func:`flaxcam.step.per_image_keys`).
     """
     check_score(score)
     check_positive("chunk_size", chunk_size)
