@@ -180,3 +180,18 @@ def test_callable_targets_equal_class_targets(twins):
     np.testing.assert_allclose(np.asarray(two.scores), np.asarray(expected.logits)[:, [1, 4]], rtol=1e-6)
     with pytest.raises(ValueError, match=r"must return \(B,\) or \(B, T\) scores"):
         flaxcam.explain(linen, variables, images, targets=lambda out: out.sum())
+
+
+def test_explain_walks_the_nnx_module_graph_once_per_call(twins, monkeypatch):
+    """explain(nnx_model, images) flattens the module graph once (graph definition and state together);
+    it used to flatten it three times per call (state, graph definition, state again): about 95 ms of
+    host time per call on EfficientNet-Lite0."""
+    from flax.nnx import graphlib
+
+    _, _, model, images = twins
+    flaxcam.explain(model, images, method="cam")  # compiled once
+    calls = []
+    original = graphlib.flatten
+    monkeypatch.setattr(graphlib, "flatten", lambda *a, **k: calls.append(1) or original(*a, **k))
+    flaxcam.explain(model, images, method="cam")
+    assert len(calls) == 1
