@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,26 @@ def check_nnx_eval_mode(model: Any) -> None:
                 f"the NNX model is in training mode ({', '.join(training[:5])}); call model.eval() "
                 "(or nnx.view / set_attributes(deterministic=True, use_running_average=True)) before explaining"
             )
+
+
+_NNX_ADAPTERS: weakref.WeakKeyDictionary[nnx.Module, NNXModel] = weakref.WeakKeyDictionary()
+
+
+def split_nnx(model: nnx.Module, call_kwargs: tuple = ()) -> tuple[NNXModel, Any]:
+    """The adapter and the state of an NNX model, from one traversal of its graph (``nnx.split``).
+
+    The eval-mode check walks the graph again, so it runs once per graph definition: the last adapter
+    of each model is kept (weakly) and reused while a new split gives an equal graph definition (eval
+    mode is static, so it is part of the definition). A changed model (``model.train()``, a replaced
+    submodule) gives another definition and is checked again."""
+    graphdef, state = nnx.split(model)
+    cached = _NNX_ADAPTERS.get(model)
+    if cached is not None and cached.call_kwargs == call_kwargs and cached.graphdef == graphdef:
+        return cached, state
+    check_nnx_eval_mode(model)
+    adapter = NNXModel(graphdef, call_kwargs)
+    _NNX_ADAPTERS[model] = adapter
+    return adapter, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,7 +439,6 @@ def explainer(
         raise ValueError(f"score must be one of {', '.join(map(repr, CLASS_SCORES))}, got {score!r}")
     if targets is not None and top_k is not None:
         raise ValueError("pass either targets= or top_k=, not both")
-    check_nnx_eval_mode(model)
     requested = [layer] if layer is None or isinstance(layer, str) else list(layer)
     if not requested:
         raise ValueError("layer= must name at least one layer")
@@ -446,9 +466,8 @@ def explainer(
             f"callable; got {targets!r} (pass the classes themselves to each call)"
         )
     call_kwargs = tuple(sorted((apply_kwargs or {}).items()))
-    if is_nnx(model):  # one traversal of the module graph gives the static definition and the state
-        graphdef, example = nnx.split(model)
-        adapter: Any = NNXModel(graphdef, call_kwargs)
+    if is_nnx(model):
+        adapter, example = split_nnx(model, call_kwargs)
     else:
         adapter, example = as_model(model, call_kwargs), None
     return Explainer(
