@@ -33,6 +33,7 @@ named with ``--methods``, and so is ``gradcam++exact`` (h·w·C third-order pass
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -111,6 +112,7 @@ def run_peers(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
                     "methods": methods,
                     "dtype": args.dtype,
                     "weights": str(weights) if weights else None,
+                    "method_options": args.method_options,
                 },
                 flax_env,
                 args.threads,
@@ -128,6 +130,7 @@ def run_peers(args: argparse.Namespace, weights_dir: Path) -> list[dict]:
                         "threads": args.threads,
                         "weights": str(weights) if weights else None,
                         "dtype": "float32",
+                        "method_options": args.method_options,
                     },
                     _env(args),
                     args.threads,
@@ -352,6 +355,13 @@ def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default 16 (--gpu: 256)")
     parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--no-peers", action="store_true", help="flaxcam only, even when the peers are installed")
+    parser.add_argument(
+        "--method-options",
+        type=json.loads,
+        default=None,
+        help="method options as JSON, each to the methods that have it, e.g. '{\"num_scales\": 3}' for SESS "
+        "(the peers get the same values)",
+    )
     parser.add_argument(
         "--cpu-devices",
         type=int,

@@ -210,15 +210,19 @@ def _input_scorer(
 
 
 def _base_explainer(config: StepConfig, variables: Any, chosen: Array, target_data: dict | None) -> Callable:
-    """``explain_at(new_images, image_index) -> (n, T, H', W')``: the maps of the meta-method's ``base``
-    method (option) for new inputs (e.g. patches) with the targets of images ``image_index``."""
+    """``explain_at(new_images, image_index) -> (maps (n, T, H', W'), softmax scores (n, T))``: the maps
+    of the meta-method's ``base`` method (option) for new inputs (e.g. patches) with the targets of
+    images ``image_index``, and those targets' scores (class targets by their softmax probability, as
+    ``softmax_score``) from the same forward pass."""
     spec, data = _fixed_targets(config, chosen, target_data)
+    softmax_spec = TargetSpec("classes", spec.count, "softmax") if spec.kind == "classes" else spec
     base_name = {**config.method.options, **dict(config.method_options)}["base"]
 
-    def explain_at(new_images: Array, image_index: Array) -> Array:
+    def explain_at(new_images: Array, image_index: Array) -> tuple[Array, Array]:
         base = dataclasses.replace(config, method=get_method(base_name), method_options=(), target_spec=spec)
         selected = {name: value[image_index] for name, value in data.items()}
-        return _run(base, variables, new_images, lambda out: target_scores(spec, out, selected), None, selected)["maps"]
+        out = _run(base, variables, new_images, lambda output: target_scores(spec, output, selected), None, selected)
+        return out["maps"], target_scores(softmax_spec, out["logits"], selected)[0]
 
     return explain_at
 

@@ -227,7 +227,15 @@ def test_peers_on_the_same_torchvision_weights(tmp_path):
 
     if runner.missing_peers():  # found without importing: torchvision needs define_torchvision_schemas first
         pytest.skip(f"parity extra not installed: {runner.missing_peers()}")
-    records = command.run(model="resnet18", methods="gradcam", batches="1", size="32,32", rounds=1, peers=True)
+    records = command.run(
+        model="resnet18",
+        methods="gradcam,sess,dff",
+        batches="1",
+        size="64,64",
+        rounds=1,
+        peers=True,
+        method_options={"num_scales": 2},
+    )
     ok = {(r["library"], r["method"]) for r in records if r["status"] == "ok"}
     assert {
         ("flaxcam", "gradcam"),
@@ -235,9 +243,14 @@ def test_peers_on_the_same_torchvision_weights(tmp_path):
         ("pytorch-grad-cam", "gradcam"),
         ("torchcam", "gradcam"),
         ("captum", "gradcam"),
+        ("flaxcam", "sess"),
+        ("pytorch-grad-cam", "sess"),  # SESS with the same options, around the same base method
+        ("flaxcam", "dff"),
+        ("pytorch-grad-cam", "dff"),  # DeepFeatureFactorization image by image, as flaxcam's dff
     } <= ok
-    speedup = next(r for r in records if r.get("library") == "pytorch-grad-cam")["flaxcam_speedup"]
-    assert speedup > 0
+    for method in ("gradcam", "sess", "dff"):
+        peer = next(r for r in records if r.get("library") == "pytorch-grad-cam" and r["method"] == method)
+        assert peer["flaxcam_speedup"] > 0
 
 
 @pytest.mark.parity

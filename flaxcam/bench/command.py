@@ -20,7 +20,7 @@ from typing import Any
 from flaxcam.bench import models, report, runner
 
 #: The PyTorch peers' methods (pytorch-grad-cam, torchcam, captum have some of them each).
-PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
+PEER_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "sess", "dff")
 #: Per-image methods left out of the default run for their cost: ``gradcam++exact`` runs h·w·C
 #: third-order forward-mode passes of the network after the layer (about 100,000 at ResNet-50's layer4).
 EXPENSIVE_METHODS = ("gradcam++exact",)
@@ -239,6 +239,7 @@ def run(
                         "size": list(image_size or models.DEFAULT_SIZE),
                         "methods": [m for m in method_names if m in PEER_METHODS],
                         "threads": threads or len(os.sched_getaffinity(0)),
+                        "method_options": dict(method_options or {}),
                     },
                     {},
                     threads,

@@ -41,6 +41,9 @@ PYTORCH_GRAD_CAM = {
     "hirescam": "HiResCAM",
     "layercam": "LayerCAM",
 }
+#: pytorch-grad-cam's SESS keyword arguments that flaxcam's ``sess`` options share (same names, same
+#: defaults); ``base`` names the base method (a key of :data:`PYTORCH_GRAD_CAM`).
+SESS_OPTIONS = ("num_scales", "scale_step_ratio", "window_size", "step_size", "pre_filter_ratio", "theta", "pool")
 TORCHCAM = {"gradcam": "GradCAM", "gradcam++": "GradCAMpp", "layercam": "LayerCAM"}
 CAPTUM = {"gradcam": "LayerGradCam"}
 
@@ -398,6 +401,11 @@ def torch_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[st
                 candidates[candidate_key("pytorch-grad-cam", method, batch)] = lambda cam=cam, images=images: cam(
                     images, None
                 )
+            if "pytorch-grad-cam" in libraries and method in ("sess", "dff"):
+                run = _pytorch_grad_cam_meta(
+                    torch, model, target_layer, method, images, spec.get("method_options") or {}
+                )
+                candidates[candidate_key("pytorch-grad-cam", method, batch)] = run
             if "torchcam" in libraries and method in TORCHCAM:
                 from torchcam import methods as torchcam_methods
 
@@ -428,6 +436,36 @@ def torch_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[st
         "layer": layer_name,
     }
     return candidates, errors, info
+
+
+def _pytorch_grad_cam_meta(torch, model, target_layer, method: str, images, options: dict[str, Any]) -> Callable:
+    """pytorch-grad-cam's counterpart of flaxcam's ``sess`` (``SESS`` around the same base method, each
+    image's top class) or ``dff`` (``DeepFeatureFactorization`` of each image on its own, as its
+    ``run_dff_on_image`` does: flaxcam's ``dff`` factorizes every image independently), with the
+    options both have."""
+    import pytorch_grad_cam
+
+    if method == "sess":
+        base = getattr(pytorch_grad_cam, PYTORCH_GRAD_CAM[options.get("base", "gradcam")])
+        shared = {key: value for key, value in options.items() if key in SESS_OPTIONS}
+        if "smooth_sigma" in options and options["smooth_sigma"] not in (0, 5.0):
+            raise ValueError("pytorch-grad-cam's SESS blurs with sigma 5 or not at all (smooth_sigma 5.0 or 0)")
+        cam = pytorch_grad_cam.SESS(
+            model=model,
+            target_layers=[target_layer],
+            base_method=base,
+            smooth=options.get("smooth_sigma", 5.0) > 0,
+            **shared,
+        )
+        return lambda: cam(images, None)
+    factorization = pytorch_grad_cam.DeepFeatureFactorization(model, target_layer)
+    components = options.get("n_components", 4)  # flaxcam's default
+
+    def run_dff():
+        with torch.no_grad():
+            return [factorization(images[i : i + 1], n_components=components) for i in range(images.shape[0])]
+
+    return run_dff
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from typing import Any
 #: ``bias_gradients`` and ``biases`` (tuples over every biased conv / BatchNorm of the model).
 #: Meta-methods (batched): ``softmax_score(images, image_index)`` (``score`` with class targets scored by
 #: their softmax probability) and ``explain_at(images, image_index)`` (the normalized ``(n, T, H', W')``
-#: maps of the method named by the ``base`` option for new inputs, e.g. patches).
+#: maps of the method named by the ``base`` option for new inputs, e.g. patches, with the targets'
+#: ``softmax_score`` from the same forward pass).
 #: Attention methods (per image and target): ``attention_gradients``, a tuple over the blocks named by
 #: ``layer=`` of the gradients ``(heads, N, N)`` of each block's own class score with respect to its
 #: attention probabilities.

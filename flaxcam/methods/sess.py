@@ -131,6 +131,13 @@ def sess(
     pass; memory of one chunk plus the ``(B, T, H, W)`` accumulators). Returns contributions
     ``(B, T, H, W, 1)`` at the input resolution.
 
+    With ``theta = 0`` and no pre-filter (the defaults) one pass per patch suffices: the weights are
+    :math:`s_p / \max_q s_q`, a positive scale, so :math:`[\tilde M_p > 0] = [s_p > 0][D_p M_p > 0]` and
+    the sums (or the max) are accumulated with :math:`s_p` and divided by :math:`\max_q s_q` at the end
+    (when every :math:`s_p` is 0 the weights are 1, accumulated alongside). The scores then come from
+    the base method's own forward pass. Otherwise the scores of all patches are computed first (one
+    forward pass per patch) and the maps in a second pass.
+
     Reference: Tursun, Denman, Sridharan, Goan, Fookes. "SESS: Saliency Enhancing with Scaling and
     Sliding", ECCV 2022 (arXiv:2207.01769); pytorch-grad-cam's ``SESS``.
     """
@@ -159,6 +166,11 @@ def sess(
         )
         return crops, image_index, patch
 
+    if theta == 0.0 and pre_filter_ratio == 0.0:
+        fused = _fused_single_pass(cut, explain_at, paste_rows, paste_cols, batch, patches, pool, chunk_size)
+        fused = fused.astype(images.dtype)
+        return (gaussian_blur(fused, 11, smooth_sigma) if smooth_sigma > 0 else fused)[..., None]
+
     scores = chunked_map(lambda index: softmax_score(*cut(index)[:2]), batch * patches, chunk_size)
     scores = jnp.maximum(scores.reshape(batch, patches, -1), 0)  # (B, P, T)
     kept = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) >= int(patches * pre_filter_ratio)
@@ -167,7 +179,7 @@ def sess(
 
     def patch_maps(index: Array) -> Array:
         crops, image_index, patch = cut(index)
-        maps = explain_at(crops, image_index) * weights[image_index, patch][..., None, None]  # (n, T, w, w)
+        maps = explain_at(crops, image_index)[0] * weights[image_index, patch][..., None, None]  # (n, T, w, w)
         return jnp.einsum("nHi,ntij,nWj->ntHW", paste_rows[patch], maps, paste_cols[patch], precision=highest)
 
     targets = scores.shape[-1]
@@ -188,3 +200,64 @@ def sess(
     if smooth_sigma > 0:
         fused = gaussian_blur(fused, 11, smooth_sigma)
     return fused[..., None]
+
+
+def _fused_single_pass(
+    cut: Callable[[Array], tuple[Array, Array, Array]],
+    explain_at: Callable[[Array, Array], tuple[Array, Array]],
+    paste_rows: Array,
+    paste_cols: Array,
+    batch: int,
+    patches: int,
+    pool: str,
+    chunk_size: int,
+) -> Array:
+    r"""SESS's fused map ``(B, T, H, W)`` for ``theta = 0`` without a pre-filter, one base-method pass per
+    patch: each pasted map :math:`P_p = D_p M_p` is accumulated twice, weighted by its clipped score
+    :math:`s_p` (divided by :math:`\max_q s_q` at the end) and unweighted (the weights when every
+    score is 0), with the counts of the pixels it covers (``pool="mean"``) or as running maxima."""
+    highest = jax.lax.Precision.HIGHEST
+
+    def patch_maps(index: Array) -> tuple[Array, Array]:
+        crops, image_index, patch = cut(index)
+        maps, scores = explain_at(crops, image_index)  # (n, T, w, w), (n, T)
+        pasted = jnp.einsum("nHi,ntij,nWj->ntHW", paste_rows[patch], maps, paste_cols[patch], precision=highest)
+        return pasted, jnp.maximum(scores, 0)
+
+    height, width = paste_rows.shape[1], paste_cols.shape[1]
+
+    def combine(carry: tuple[Array, ...], index: Array, valid: Array, values: tuple[Array, Array]) -> tuple[Array, ...]:
+        pasted, scores = values
+        image_index = index // patches
+        scores = jnp.where(valid[:, None], scores, 0)
+        weighted = pasted * scores[..., None, None]
+        best = carry[0].at[image_index].max(scores)
+        if pool == "max":
+            valid_maps = valid[:, None, None, None]
+            return (
+                best,
+                carry[1].at[image_index].max(jnp.where(valid_maps, weighted, 0)),
+                carry[2].at[image_index].max(jnp.where(valid_maps, pasted, 0)),
+            )
+        covered = (pasted > 0) & valid[:, None, None, None]
+        scored = covered & (scores > 0)[..., None, None]
+        return (
+            best,
+            carry[1].at[image_index].add(jnp.where(scored, weighted, 0)),
+            carry[2].at[image_index].add(scored.astype(pasted.dtype)),
+            carry[3].at[image_index].add(jnp.where(covered, pasted, 0)),
+            carry[4].at[image_index].add(covered.astype(pasted.dtype)),
+        )
+
+    shapes = jax.eval_shape(patch_maps, jnp.zeros((1,), jnp.int32))
+    targets, dtype = shapes[1].shape[1], shapes[0].dtype
+    zeros = jnp.zeros((batch, targets, height, width), dtype)
+    initial = (jnp.zeros((batch, targets), dtype),) + (zeros,) * (2 if pool == "max" else 4)
+    best, *sums = chunked_map(patch_maps, batch * patches, chunk_size, fold=(initial, combine))
+    scored = (best > 0)[..., None, None]
+    safe_best = jnp.where(scored, best[..., None, None], 1)
+    if pool == "max":
+        return jnp.where(scored, sums[0] / safe_best, sums[1])
+    total = jnp.where(scored, sums[0] / safe_best, sums[2])
+    counts = jnp.where(scored, sums[1], sums[3])
+    return jnp.where(counts > 0, total / jnp.where(counts > 0, counts, 1), 0.0)
