@@ -98,7 +98,7 @@ def gaussian_blur(maps: Array, size: int = 11, sigma: float = 5.0) -> Array:
 @register("sess", batched=True)
 def sess(
     images: Array,
-    explain_at: Callable[[Array, Array], Array],
+    explain_at: Callable[[Array, Array], tuple[Array, Array]],
     softmax_score: Callable[[Array, Array], Array],
     base: str = "gradcam",
     num_scales: int = 12,
