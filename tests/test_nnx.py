@@ -36,6 +36,18 @@ class NNXUserNet(nnx.Module):
         return self.head(self.top(self.mid(self.stem(x))).mean((1, 2)))
 
 
+class WithNorm(nnx.Module):
+    """A conv, a BatchNorm (training mode until ``eval()``) and a head: for the eval-mode checks."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(4, rngs=rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.norm(self.conv(x))).mean((1, 2)))
+
+
 def _twin(variables) -> NNXUserNet:
     """An NNX UserNet holding the linen model's weights."""
     model = NNXUserNet(nnx.Rngs(0))
@@ -149,16 +161,7 @@ def test_errors(twins):
     with pytest.raises(flaxcam.LayerError, match="'conv' is called 2 times"):
         flaxcam.explain(Twice(nnx.Rngs(0)), images, layer="conv")
 
-    class Training(nnx.Module):
-        def __init__(self, rngs):
-            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
-            self.norm = nnx.BatchNorm(4, rngs=rngs)
-            self.head = nnx.Linear(4, 2, rngs=rngs)
-
-        def __call__(self, x):
-            return self.head(nnx.relu(self.norm(self.conv(x))).mean((1, 2)))
-
-    training = Training(nnx.Rngs(0))
+    training = WithNorm(nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"training mode \(norm \(BatchNorm\)\).*model.eval\(\)"):
         flaxcam.explain(training, images)
     training.eval()
@@ -207,15 +210,6 @@ def test_explain_checks_an_unchanged_nnx_model_once_and_a_changed_one_again(monk
     linen = UserNet()
     variables, images = _setup(linen, (2, 12, 14, 3))
     model = _twin(variables)
-
-    class WithNorm(nnx.Module):
-        def __init__(self, rngs):
-            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
-            self.norm = nnx.BatchNorm(4, rngs=rngs)
-            self.head = nnx.Linear(4, 2, rngs=rngs)
-
-        def __call__(self, x):
-            return self.head(nnx.relu(self.norm(self.conv(x))).mean((1, 2)))
 
     checks = []
     original = plan_module.check_nnx_eval_mode
