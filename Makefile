@@ -14,7 +14,7 @@ EXTRAS_docs := docs
 EXTRAS_all := all
 LINT_PATHS := flaxcam benchmarks experiments tests tools
 
-.PHONY: demo demo-digits test test-slow test-all test-fast bench install lint lint-fix docs docs-serve clean
+.PHONY: demo demo-digits test test-fast bench install lint lint-fix docs docs-serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,15 +34,8 @@ demo-digits: $(VENV)/.installed-demo
 	$(PY) -m flaxcam.demo --digits --out demo_out/digits
 
 # FLAXCAM_REQUIRE_PARITY=1 turns a missing parity extra into a test error instead of a skip.
-# make test: every case not marked slow (parity included); make test-slow: the few slow ones (full-size
-# models, many forward passes, several processes); make test-all: both. CI runs both.
 test: $(VENV)/.installed-test
-	FLAXCAM_REQUIRE_PARITY=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 -m "not slow" tests
-
-test-slow: $(VENV)/.installed-test
-	FLAXCAM_REQUIRE_PARITY=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 -m slow tests
-
-test-all: test test-slow
+	FLAXCAM_REQUIRE_PARITY=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
 
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow and not parity" tests
