@@ -112,3 +112,34 @@ def test_explain_atrous_on_a_model_without_the_option_says_which_have_it(tmp_pat
     assert result.exit_code != 0
     message = result.output + str(result.exception)
     assert "atrous" in message and "efficientnet_lite0" in message
+
+
+def test_explain_size_upscales_the_input_and_refines_the_map(tmp_path, bundle):
+    """--size H,W explains at another input size (test-time upscaling): twice the input, twice the map,
+    and the box stays in the original image's pixels; a bad size is refused."""
+    path, _, _ = bundle
+    file = tmp_path / "img.png"
+    image = np.zeros((*SIZE, 3), np.uint8)
+    image[8:20, 10:24] = 255  # a bright block, so the map has one blob
+    Image.fromarray(image).save(file)
+    records = {}
+    for label, extra in (("default", []), ("upscaled", ["--size", f"{2 * SIZE[0]},{2 * SIZE[1]}"])):
+        summary = tmp_path / f"{label}.json"
+        result = CliRunner().invoke(
+            app,
+            [
+                "explain",
+                str(file),
+                *("--weights", str(path), "--method", "cam", "--out", str(tmp_path / label)),
+                *("--json", str(summary), *extra),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        records[label] = json.loads(summary.read_text())["images"][0]
+    assert records["default"]["input_size"] == list(SIZE)
+    assert records["upscaled"]["input_size"] == [2 * SIZE[0], 2 * SIZE[1]]
+    assert records["upscaled"]["map_size"] == [2 * v for v in records["default"]["map_size"]]
+    x0, y0, x1, y1 = records["upscaled"]["box"]
+    assert 0 <= x0 < x1 <= SIZE[1] and 0 <= y0 < y1 <= SIZE[0]  # in the original image's pixels
+    result = CliRunner().invoke(app, ["explain", str(file), "--weights", str(path), "--size", "0,5"])
+    assert result.exit_code == 2 and "--size" in result.output
