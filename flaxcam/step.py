@@ -193,14 +193,19 @@ def _fixed_targets(config: StepConfig, chosen: Array, target_data: dict | None) 
     return spec, {**(target_data or {}), "classes": chosen}
 
 
+def _scored_by(spec: TargetSpec, score: ScoreName) -> TargetSpec:
+    """``spec`` with its class targets scored by ``score`` (``"softmax"``, ...); other kinds unchanged."""
+    return TargetSpec("classes", spec.count, score) if spec.kind == "classes" else spec
+
+
 def _input_scorer(
     config: StepConfig, variables: Any, chosen: Array, target_data: dict | None, score: ScoreName | None = None
 ) -> Callable:
     """``score(new_images, image_index) -> (n, T)``: the targets of images ``image_index`` evaluated on
     new inputs (e.g. masked copies); class targets scored by ``score`` (``"softmax"``, ...) if given."""
     spec, data = _fixed_targets(config, chosen, target_data)
-    if score is not None and spec.kind == "classes":
-        spec = TargetSpec("classes", spec.count, score)
+    if score is not None:
+        spec = _scored_by(spec, score)
 
     def score_inputs(new_images: Array, image_index: Array) -> Array:
         output = config.output_fn(config.model.apply(variables, new_images))
@@ -215,7 +220,7 @@ def _base_explainer(config: StepConfig, variables: Any, chosen: Array, target_da
     images ``image_index``, and those targets' scores (class targets by their softmax probability, as
     ``softmax_score``) from the same forward pass."""
     spec, data = _fixed_targets(config, chosen, target_data)
-    softmax_spec = TargetSpec("classes", spec.count, "softmax") if spec.kind == "classes" else spec
+    softmax_spec = _scored_by(spec, "softmax")
     base_name = {**config.method.options, **dict(config.method_options)}["base"]
 
     def explain_at(new_images: Array, image_index: Array) -> tuple[Array, Array]:

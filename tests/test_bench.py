@@ -290,3 +290,17 @@ def test_nnx_twin_of_a_reference_model_has_the_linen_logits():
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="NNX twin: resnet18, resnet34, resnet50, efficientnet_lite0"):
         models.load({"model": "small_cnn", "api": "nnx"})
+
+
+@pytest.mark.parity
+def test_peer_sess_refuses_a_blur_pytorch_grad_cam_cannot_do():
+    """pytorch-grad-cam's SESS blurs with sigma 5 or not at all: another smooth_sigma is refused with the
+    reason (the worker records it for that candidate and times the others)."""
+    from flaxcam.bench import runner, worker
+    from flaxcam.bench.torch_ref import define_torchvision_schemas
+
+    if runner.missing_peers():
+        pytest.skip(f"parity extra not installed: {runner.missing_peers()}")
+    define_torchvision_schemas()
+    with pytest.raises(ValueError, match="sigma 5 or not at all"):
+        worker._pytorch_grad_cam_meta(None, None, None, "sess", None, {"smooth_sigma": 2.0})

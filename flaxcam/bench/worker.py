@@ -402,10 +402,13 @@ def torch_candidates(spec: dict[str, Any]) -> tuple[dict[str, Callable], dict[st
                     images, None
                 )
             if "pytorch-grad-cam" in libraries and method in ("sess", "dff"):
-                run = _pytorch_grad_cam_meta(
-                    torch, model, target_layer, method, images, spec.get("method_options") or {}
-                )
-                candidates[candidate_key("pytorch-grad-cam", method, batch)] = run
+                key = candidate_key("pytorch-grad-cam", method, batch)
+                try:  # options the reference cannot take: recorded for this candidate, the others go on
+                    candidates[key] = _pytorch_grad_cam_meta(
+                        torch, model, target_layer, method, images, spec.get("method_options") or {}
+                    )
+                except ValueError as error:
+                    errors[key] = str(error)
             if "torchcam" in libraries and method in TORCHCAM:
                 from torchcam import methods as torchcam_methods
 

@@ -166,11 +166,49 @@ def sess(
         )
         return crops, image_index, patch
 
-    if theta == 0.0 and pre_filter_ratio == 0.0:
-        fused = _fused_single_pass(cut, explain_at, paste_rows, paste_cols, batch, patches, pool, chunk_size)
-        fused = fused.astype(images.dtype)
-        return (gaussian_blur(fused, 11, smooth_sigma) if smooth_sigma > 0 else fused)[..., None]
+    def paste(maps: Array, patch: Array) -> Array:
+        """Patch maps ``(n, T, w, w)`` pasted into their scale's canvas, resized to ``(n, T, H, W)``."""
+        return jnp.einsum("nHi,ntij,nWj->ntHW", paste_rows[patch], maps, paste_cols[patch], precision=highest)
 
+    shape = (batch, height, width)
+    if theta == 0.0 and pre_filter_ratio == 0.0:
+        fused = _fused_single_pass(cut, explain_at, paste, shape, patches, pool, chunk_size).astype(images.dtype)
+    else:
+        fused = _fused_two_passes(
+            cut,
+            explain_at,
+            softmax_score,
+            paste,
+            shape,
+            images.dtype,
+            patches,
+            pool,
+            theta,
+            pre_filter_ratio,
+            chunk_size,
+        )
+    if smooth_sigma > 0:
+        fused = gaussian_blur(fused, 11, smooth_sigma)
+    return fused[..., None]
+
+
+def _fused_two_passes(
+    cut: Callable[[Array], tuple[Array, Array, Array]],
+    explain_at: Callable[[Array, Array], tuple[Array, Array]],
+    softmax_score: Callable[[Array, Array], Array],
+    paste: Callable[[Array, Array], Array],
+    shape: tuple[int, int, int],
+    dtype: jnp.dtype,
+    patches: int,
+    pool: str,
+    theta: float,
+    pre_filter_ratio: float,
+    chunk_size: int,
+) -> Array:
+    """SESS's fused map ``(B, T, H, W)`` in general: the scores of every patch first (one forward pass
+    each, for the pre-filter's ranks and the best score), then the weighted, pasted base maps above
+    ``theta`` averaged per pixel (``pool="mean"``) or their maximum."""
+    batch, height, width = shape
     scores = chunked_map(lambda index: softmax_score(*cut(index)[:2]), batch * patches, chunk_size)
     scores = jnp.maximum(scores.reshape(batch, patches, -1), 0)  # (B, P, T)
     kept = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) >= int(patches * pre_filter_ratio)
@@ -180,10 +218,9 @@ def sess(
     def patch_maps(index: Array) -> Array:
         crops, image_index, patch = cut(index)
         maps = explain_at(crops, image_index)[0] * weights[image_index, patch][..., None, None]  # (n, T, w, w)
-        return jnp.einsum("nHi,ntij,nWj->ntHW", paste_rows[patch], maps, paste_cols[patch], precision=highest)
+        return paste(maps, patch)
 
-    targets = scores.shape[-1]
-    zeros = jnp.zeros((batch, targets, height, width), images.dtype)
+    zeros = jnp.zeros((batch, scores.shape[-1], height, width), dtype)
 
     def combine(carry: tuple[Array, Array], index: Array, valid: Array, pasted: Array) -> tuple[Array, Array]:
         total, counts = carry
@@ -196,18 +233,14 @@ def sess(
         )
 
     total, counts = chunked_map(patch_maps, batch * patches, chunk_size, fold=((zeros, zeros), combine))
-    fused = total if pool == "max" else jnp.where(counts > 0, total / jnp.where(counts > 0, counts, 1), 0.0)
-    if smooth_sigma > 0:
-        fused = gaussian_blur(fused, 11, smooth_sigma)
-    return fused[..., None]
+    return total if pool == "max" else jnp.where(counts > 0, total / jnp.where(counts > 0, counts, 1), 0.0)
 
 
 def _fused_single_pass(
     cut: Callable[[Array], tuple[Array, Array, Array]],
     explain_at: Callable[[Array, Array], tuple[Array, Array]],
-    paste_rows: Array,
-    paste_cols: Array,
-    batch: int,
+    paste: Callable[[Array, Array], Array],
+    shape: tuple[int, int, int],
     patches: int,
     pool: str,
     chunk_size: int,
@@ -216,15 +249,12 @@ def _fused_single_pass(
     patch: each pasted map :math:`P_p = D_p M_p` is accumulated twice, weighted by its clipped score
     :math:`s_p` (divided by :math:`\max_q s_q` at the end) and unweighted (the weights when every
     score is 0), with the counts of the pixels it covers (``pool="mean"``) or as running maxima."""
-    highest = jax.lax.Precision.HIGHEST
+    batch, height, width = shape
 
     def patch_maps(index: Array) -> tuple[Array, Array]:
         crops, image_index, patch = cut(index)
         maps, scores = explain_at(crops, image_index)  # (n, T, w, w), (n, T)
-        pasted = jnp.einsum("nHi,ntij,nWj->ntHW", paste_rows[patch], maps, paste_cols[patch], precision=highest)
-        return pasted, jnp.maximum(scores, 0)
-
-    height, width = paste_rows.shape[1], paste_cols.shape[1]
+        return paste(maps, patch), jnp.maximum(scores, 0)
 
     def combine(carry: tuple[Array, ...], index: Array, valid: Array, values: tuple[Array, Array]) -> tuple[Array, ...]:
         pasted, scores = values
