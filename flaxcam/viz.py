@@ -29,6 +29,7 @@ from matplotlib.patches import Rectangle
 
 __all__ = [
     "BOX_COLOR",
+    "BOX_COLORS",
     "GRID_METHODS",
     "METHOD_TITLES",
     "OTHER_COLOR",
@@ -47,6 +48,8 @@ TRUE_COLOR = "#2ca02c"
 OTHER_COLOR = "#d62728"
 #: Outline colour of the localization box.
 BOX_COLOR = "white"
+#: Outline colours when several boxes are drawn (one per box rule, in order), the first :data:`BOX_COLOR`.
+BOX_COLORS = (BOX_COLOR, "#00e5ff", "#ff4fd8", "#ffd400")
 
 _TOP_K = 3
 
@@ -97,7 +100,7 @@ def _show(ax, img: np.ndarray) -> None:
         spine.set_visible(False)
 
 
-def _draw_box(ax, box) -> Rectangle | None:
+def _draw_box(ax, box, color: str = BOX_COLOR, label: str = "box") -> Rectangle | None:
     box = np.asarray(box).reshape(-1)
     if box.shape != (4,):
         raise ValueError(f"box must be [x0, y0, x1, y1], got shape {box.shape}")
@@ -105,14 +108,27 @@ def _draw_box(ax, box) -> Rectangle | None:
     if x1 <= x0 or y1 <= y0:  # empty box (nothing salient): nothing to draw
         return None
     # Pixel (x, y) covers [x - 0.5, x + 0.5] in imshow's data coordinates; the end is exclusive.
-    rect = Rectangle(
-        (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOR, linewidth=2.0, label="box"
-    )
+    rect = Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=2.0, label=label)
     from matplotlib import patheffects
 
     rect.set_path_effects([patheffects.withStroke(linewidth=3.5, foreground="black", alpha=0.6)])
     ax.add_patch(rect)
     return rect
+
+
+def _draw_boxes(ax, box) -> None:
+    """One box, or a mapping ``{label: box}`` drawn in :data:`BOX_COLORS` order with a legend."""
+    if not isinstance(box, Mapping):
+        _draw_box(ax, box)
+        return
+    if len(box) > len(BOX_COLORS):
+        raise ValueError(f"at most {len(BOX_COLORS)} labelled boxes can be drawn, got {len(box)}")
+    drawn = [_draw_box(ax, b, color, str(label)) for (label, b), color in zip(box.items(), BOX_COLORS)]
+    handles = [rect for rect in drawn if rect is not None]
+    if handles:
+        legend = ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.75, facecolor="#303030")
+        for text in legend.get_texts():
+            text.set_color("white")
 
 
 def _overlay_from_map(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
@@ -161,7 +177,9 @@ def seed_figure(
             overlaid with the jet colormap. Omitted → no panel (c).
         box: ``[x0, y0, x1, y1]`` in the overlay's pixel coordinates with an exclusive end (the convention of
             :func:`flaxcam.localize.boxes`), drawn as a rectangle outline on the overlay (on the input image
-            when there is no overlay). An empty box (``x1 <= x0`` or ``y1 <= y0``) is not drawn.
+            when there is no overlay). An empty box (``x1 <= x0`` or ``y1 <= y0``) is not drawn. A mapping
+            ``{label: box}`` (e.g. one box per box rule, ``{"paper": ..., "auto": ...}``) draws each in its
+            own colour (:data:`BOX_COLORS`) with a legend.
         title: the method's name for panel (c), e.g. ``"Grad-CAM"`` → ``"(c) Grad-CAM overlay"``
             (default ``"(c) CAM overlay"``).
 
@@ -211,7 +229,7 @@ def seed_figure(
     ax_img.set_title("(a) input")
     ax_img.set_xlabel(caption, fontsize=11)
     if over is None and box is not None:
-        _draw_box(ax_img, box)
+        _draw_boxes(ax_img, box)
 
     ax_bar = fig.add_subplot(grid[1, 0])
     ypos = np.arange(len(top))[::-1]
@@ -234,7 +252,7 @@ def seed_figure(
         _show(ax, panel_img)
         ax.set_title(panel_title)
         if panel_box is not None:
-            _draw_box(ax, panel_box)
+            _draw_boxes(ax, panel_box)
     return fig
 
 

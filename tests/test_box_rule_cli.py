@@ -67,6 +67,41 @@ def test_explain_box_rule_reaches_the_boxes(tmp_path, bundle):
         assert [r["box"] for r in json.loads(summary.read_text())["images"]] == np.asarray(expected).tolist()
 
 
+def test_explain_several_box_rules_records_and_draws_each(tmp_path, bundle):
+    """--box-rule paper,otsu: each rule's box equals localize.boxes under that rule, 'box' is the first's,
+    and the figure differs from the one-rule figure (the second box is drawn); an unknown rule in the
+    list is named."""
+    path, model, variables = bundle
+    rng = np.random.default_rng(2)
+    file = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(file)
+    _, inputs = Preprocessing(SIZE, MEAN, STD)([read_image(file)])
+    explanation = flaxcam.explain(model, variables, inputs, method="cam", top_k=1)
+    records = {}
+    for label, rules in (("one", "paper"), ("two", "paper, otsu,paper")):
+        summary = tmp_path / f"{label}.json"
+        args = ["explain", str(file), "--weights", str(path), "--method", "cam", "--top-k", "1"]
+        result = CliRunner().invoke(
+            app, [*args, "--box-rule", rules, "--out", str(tmp_path / label), "--json", str(summary)]
+        )
+        assert result.exit_code == 0, result.output
+        records[label] = json.loads(summary.read_text())["images"][0]
+    two = records["two"]
+    assert list(two["boxes"]) == ["paper", "otsu"]
+    for rule in ("paper", "otsu"):
+        expected = localize.boxes(explanation.maps[:, 0], rule=rule, map_shape=explanation.low_res.shape[-2:])
+        assert two["boxes"][rule] == np.asarray(expected)[0].tolist()
+    assert two["box"] == two["boxes"]["paper"] == records["one"]["box"]
+    assert two["boxes"]["otsu"] != two["boxes"]["paper"]  # this image's otsu box differs, so it is visible
+    with Image.open(records["one"]["figure"]) as one, Image.open(two["figure"]) as drawn:
+        assert not np.array_equal(np.asarray(one), np.asarray(drawn))
+
+    result = CliRunner().invoke(
+        app, ["explain", str(file), "--weights", str(path), "--box-rule", "paper,tight", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code != 0 and "unknown box rule 'tight'" in result.output + str(result.exception)
+
+
 def test_explain_unknown_box_rule_lists_the_rules(tmp_path, bundle):
     path, _, _ = bundle
     file = tmp_path / "img.png"

@@ -167,6 +167,22 @@ def test_seed_figure_layout_colours_and_box():
     np.testing.assert_allclose(np.asarray(img_c.get_array()), np.asarray(over), atol=1e-6)
 
 
+def test_seed_figure_draws_labelled_boxes_in_their_own_colours_with_a_legend():
+    image, pre, cam, probs = _inputs()
+    boxes = {"paper": [300, 100, 480, 280], "auto": [320, 120, 400, 200], "empty": [5, 5, 5, 9]}
+    fig = viz.seed_figure(image, probs, NAMES, preprocessed=pre, overlay=cam, box=boxes)
+    ax_c = _axes_titled(fig, "(c)")
+    rects = [p for p in ax_c.patches if isinstance(p, Rectangle) and not p.get_fill()]
+    assert [(r.get_label(), r.get_xy(), r.get_width()) for r in rects] == [
+        ("paper", (299.5, 99.5), 180),
+        ("auto", (319.5, 119.5), 80),
+    ]  # the empty box is not drawn
+    assert [r.get_edgecolor() for r in rects] == [to_rgba(c) for c in viz.BOX_COLORS[:2]]
+    assert [t.get_text() for t in ax_c.get_legend().get_texts()] == ["paper", "auto"]
+    with pytest.raises(ValueError, match="at most"):
+        viz.seed_figure(image, probs, NAMES, overlay=cam, box={str(i): [0, 0, 4, 4] for i in range(5)})
+
+
 def test_seed_figure_non_square_keeps_aspect(tmp_path):
     image, pre, cam, probs = _inputs(450, 600)
     fig = viz.seed_figure(
