@@ -191,6 +191,7 @@ def _reference_guided_gradients(reference, images, classes=TARGETS) -> np.ndarra
     return np.stack([guided(images[i : i + 1].clone(), target_category=c) for i, c in enumerate(classes)])
 
 
+@pytest.mark.optimized
 def test_guided_backprop_and_guided_gradcam_equal_pytorch_grad_cam(resnet18_pair):
     """flaxcam's model is not edited: its ReLUs (function calls) are rewritten in the traced program."""
     import copy
@@ -290,6 +291,7 @@ def test_deep_feature_factorization_equals_pytorch_grad_cam(resnet18_pair, layer
         np.testing.assert_allclose(np.asarray(ours.scores), result[2][list(order)], atol=1e-3 * np.abs(result[2]).max())
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize(
     ("layer", "options"),
     [
