@@ -20,7 +20,12 @@ offline from the scikit-image photos), with every method whose cost does not sca
 passes per image at ``head``, ×35 for SS-CAM / IS-CAM, paid again by ADCC and the randomization check),
 Grad-CAM++ exact (h·w·C third-order passes) and SESS (multi-scale patch grid).
 
-    python -m experiments.faithfulness [--smoke] [--out DIR] [--real-photos N [--no-photos]]
+Digits-canvas run (``--digits N``): the GAP-head CNN of ``configs/digits_localization.json`` (the model
+whose CAM boxes :mod:`experiments.real_photo_boxes` scores on the digits canvases; trained here in
+``OUT/model``, reused on a rerun) over the first ``N`` test canvases (seed 1, 64×64, 16×16 maps at the
+last layer), with every method but the exponential and the inapplicable ones (:data:`DIGITS_METHODS`).
+
+    python -m experiments.faithfulness [--smoke] [--out DIR] [--real-photos N [--no-photos] | --digits N]
         [--methods default|extended|m1,m2] [--batch-size B] [--limit N] [--summary-only]
 """
 
@@ -70,6 +75,38 @@ EXTENDED_METHODS = [
     "randomcam",
 ]
 SMOKE_METHODS = ["gradcam", "randomcam"]
+#: The digits run: every registered method except LeGrad (vision transformers only), SESS (a multi-scale
+#: patch grid around another method) and Grad-CAM++ exact (h·w·C third-order passes: 32,768 per image here).
+DIGITS_LEFT_OUT = ("legrad", "sess", "gradcam++exact")
+
+
+def digits_methods() -> list[str]:
+    """:data:`flaxcam.METHODS` less :data:`DIGITS_LEFT_OUT`, in registry order."""
+    from flaxcam import METHODS
+
+    return [m for m in METHODS if m not in DIGITS_LEFT_OUT]
+
+
+def digits_setup(count: int, out: Path, smoke: bool):
+    """``(source, model, variables, preprocessing, class_names)`` of the digits run: the model of
+    ``configs/digits_localization.json`` (its smoke size with ``smoke``) trained on its canvases in
+    ``out/model`` (a finished run there is reused), and the first ``count`` test canvases (seed 1)."""
+    config = common.load_config(common.ROOT / "configs" / "digits_localization.json", smoke)
+    train_data = common.digits(config["data"], config["train_count"], seed=0)
+    train_data = common.with_background_class(train_data, config["data"], config["background_count"], seed=0)
+    train = common.train_config(config["train"], input_size=config["data"]["size"])
+    result = common.train_on(train, train_data, out / "model", progress=False)
+    test = common.digits(config["data"], count, seed=1)
+    source = ArraySource(
+        test.images,
+        labels=test.labels,
+        class_names=train_data.class_names,
+        boxes=test.boxes,
+        ids=[f"canvas-{i:04d}" for i in range(count)],
+    )
+    size = (int(train.input_size[0]), int(train.input_size[1]))
+    preprocessing = Preprocessing(size, tuple(train.mean), tuple(train.std))
+    return source, result.model, result.variables, preprocessing, list(train_data.class_names)
 
 
 def pasted_objects(count: int) -> tuple[list[np.ndarray], list[str]]:
@@ -95,33 +132,46 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming")
     parser.add_argument("--real-photos", type=int, default=0, help="add the first N pasted-object images")
     parser.add_argument("--no-photos", action="store_true", help="leave out the six bundled photos")
+    parser.add_argument(
+        "--digits", type=int, default=0, help="the digits-canvas model over its first N test canvases instead"
+    )
     parser.add_argument("--methods", default="default", help="default, extended or a comma-separated list")
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch (the unit of resuming)")
     parser.add_argument("--limit", type=int, help="score at most this many more images now (0: summarize)")
     parser.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the scores in --out")
     args = parser.parse_args(argv)
-    args.out = args.out or common.ROOT / "results" / ("faithfulness_real" if args.real_photos else "faithfulness")
+    if args.digits and args.real_photos:
+        parser.error("--digits replaces the photos: give --digits or --real-photos, not both")
+    folder = "faithfulness_digits" if args.digits else "faithfulness_real" if args.real_photos else "faithfulness"
+    args.out = args.out or common.ROOT / "results" / folder
     if args.summary_only:
         text = summary(args.out)
         (args.out / "summary.md").write_text(text)
         print(text)
         return {}
-    photos = sample_photos()
-    names = [] if args.no_photos else list(photos)[:2] if args.smoke else list(photos)
-    images = [photos[n] for n in names]
-    if args.real_photos:
-        pasted, pasted_ids = pasted_objects(args.real_photos)
-        images, names = images + pasted, names + pasted_ids
-    source = ArraySource(images, ids=names)
     if args.smoke:
         methods = SMOKE_METHODS
+    elif args.digits and args.methods == "default":
+        methods = digits_methods()
     else:
         methods = {"default": METHODS, "extended": EXTENDED_METHODS}.get(args.methods) or args.methods.split(",")
-    model, variables, meta = pretrained_efficientnet_lite0()
-    size = tuple(meta.get("input_size", (224, 224)))
-    preprocessing = Preprocessing(
-        (int(size[0]), int(size[1])), tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
-    )
+    if args.digits:
+        source, model, variables, preprocessing, class_names = digits_setup(args.digits, args.out, args.smoke)
+        names = list(source.ids)
+    else:
+        photos = sample_photos()
+        names = [] if args.no_photos else list(photos)[:2] if args.smoke else list(photos)
+        images = [photos[n] for n in names]
+        if args.real_photos:
+            pasted, pasted_ids = pasted_objects(args.real_photos)
+            images, names = images + pasted, names + pasted_ids
+        source = ArraySource(images, ids=names)
+        model, variables, meta = pretrained_efficientnet_lite0()
+        size = tuple(meta.get("input_size", (224, 224)))
+        preprocessing = Preprocessing(
+            (int(size[0]), int(size[1])), tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
+        )
+        class_names = meta.get("class_names")
     options = {"steps": 5, "percentiles": [30, 70]} if args.smoke else {"steps": 10, "percentiles": [20, 40, 60, 80]}
     started = time.perf_counter()
     board = evaluation.evaluate(
@@ -137,7 +187,7 @@ def run(argv: list[str] | None = None) -> dict:
         method_options=None,
         resume=not args.restart,
         limit=args.limit,
-        class_names=meta.get("class_names"),
+        class_names=class_names,
         progress=True,
     )
     results = {

@@ -11,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.optimized
 def test_faithfulness_smoke(tmp_path):
     from experiments import faithfulness
 
@@ -24,6 +25,27 @@ def test_faithfulness_smoke(tmp_path):
         assert 0 <= rows[(method, "insertion_auc")]["mean"] <= 1
     assert (tmp_path / "leaderboard.html").is_file() and (tmp_path / "curves.png").is_file()
     assert "Ranking agreement" in (tmp_path / "summary.md").read_text()
+
+
+def test_faithfulness_digits_smoke(tmp_path):
+    """--digits: the digits-canvas model (trained at its smoke size, then reused) scored on test canvases."""
+    from experiments import faithfulness
+
+    args = ["--smoke", "--digits", "4", "--batch-size", "4", "--out", str(tmp_path)]
+    results = faithfulness.run(args)
+    assert results["images"] == [f"canvas-{i:04d}" for i in range(4)] and results["images_scored"] == 4
+    rows = {(r["method"], r["column"]): r for r in results["leaderboard"]}
+    assert np.isfinite(rows[("gradcam", "road_combined")]["mean"])
+
+    def checkpoints():  # the training state: rewritten by any further training step
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "model" / "checkpoints").rglob("*") if p.is_file()}
+
+    trained, weights = checkpoints(), (tmp_path / "model" / "model.msgpack").read_bytes()
+    faithfulness.run([*args, "--restart"])  # a finished model is reused, not trained again
+    assert trained and checkpoints() == trained
+    assert (tmp_path / "model" / "model.msgpack").read_bytes() == weights
+    methods = faithfulness.digits_methods()
+    assert "scorecam" in methods and not set(faithfulness.DIGITS_LEFT_OUT) & set(methods)
 
 
 def test_pasted_objects_are_the_real_photo_benchmark_prefix():
