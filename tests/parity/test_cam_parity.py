@@ -230,8 +230,8 @@ def test_eigen_methods_equal_pytorch_grad_cam_up_to_sign(resnet18_pair, layer, c
     assert (ref_low.reshape(4, -1).std(axis=1) > 0.05).sum() >= 3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed, layer", [(0, "layer2"), (1, "layer1")])
+@pytest.mark.optimized
+@pytest.mark.parametrize("seed, layer", [pytest.param(0, "layer2", marks=pytest.mark.slow), (1, "layer1")])
 def test_scorecam_equals_pytorch_grad_cam(seed, layer):
     """C masked forward passes per image (128 at layer2, 64 at layer1; 512 / 256 forward passes per
     library for 4 images), chunked on device (chunk 48: a ragged last chunk at layer2, one padded chunk
@@ -311,8 +311,8 @@ def test_aug_smooth_equals_pytorch_grad_cam(resnet18_pair, layer):
     np.testing.assert_allclose(np.asarray(ours.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed, layer", [(0, "layer2"), (1, "layer1")])
+@pytest.mark.optimized
+@pytest.mark.parametrize("seed, layer", [pytest.param(0, "layer2", marks=pytest.mark.slow), (1, "layer1")])
 def test_ablationcam_equals_pytorch_grad_cam(seed, layer):
     """C ablated forward passes per image (128 at layer2, 64 at layer1), chunked on device (chunk 48:
     ragged and padded chunks); the two cases use different seeds, two images each, every pass in

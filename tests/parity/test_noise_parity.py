@@ -156,7 +156,7 @@ def test_smoothgradcam_plusplus_equals_torchcam_in_float64_at_layer3():
     assert np.abs(low - ref).max() <= 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.optimized
 def test_sscam_equals_torchcam_with_the_same_noise():
     torch, reference, model, variables, images = _make_pair(0)
     from torchcam.methods import SSCAM
@@ -181,7 +181,7 @@ def test_sscam_equals_torchcam_with_the_same_noise():
     assert np.abs(np.asarray(ours.low_res)[:, 0] - ref).max() <= 1e-4
 
 
-@pytest.mark.slow
+@pytest.mark.optimized
 def test_iscam_equals_torchcam():
     torch, reference, model, variables, images = _make_pair(1)
     from torchcam.methods import ISCAM
