@@ -105,7 +105,8 @@ def digits_setup(count: int, out: Path, smoke: bool):
         ids=[f"canvas-{i:04d}" for i in range(count)],
     )
     size = (int(train.input_size[0]), int(train.input_size[1]))
-    preprocessing = Preprocessing(size, tuple(train.mean), tuple(train.std))
+    (m0, m1, m2), (s0, s1, s2) = train.mean, train.std
+    preprocessing = Preprocessing(size, (m0, m1, m2), (s0, s1, s2))
     return source, result.model, result.variables, preprocessing, list(train_data.class_names)
 
 
