@@ -378,6 +378,7 @@ def test_two_process_training_equals_one_process(folder, trained_two, tmp_path):
             assert abs(got_entry[key] - expected_entry[key]) < 1e-4, (key, got_entry, expected_entry)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * TRAIN_TIMEOUT + 60)
 def test_resumed_two_process_training_equals_uninterrupted(folder, trained_two, tmp_path):
     """Stopped mid-epoch after step 3 (a checkpoint written by process 0 alone), then the same two

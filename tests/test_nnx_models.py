@@ -23,7 +23,11 @@ def _variables(model, images):
 
 @pytest.mark.parametrize(
     ("linen", "twin"),
-    [(models.resnet18, resnet18_nnx), (models.resnet34, resnet34_nnx), (models.resnet50, resnet50_nnx)],
+    [
+        (models.resnet18, resnet18_nnx),
+        (models.resnet34, resnet34_nnx),
+        pytest.param(models.resnet50, resnet50_nnx, marks=pytest.mark.slow),  # full-size ResNet-50
+    ],
 )
 def test_resnet_twins_give_the_linen_logits(linen, twin):
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))

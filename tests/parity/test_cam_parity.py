@@ -285,6 +285,7 @@ def test_multi_layer_fusion_equals_pytorch_grad_cam(resnet18_pair, method):
     assert np.abs(np.asarray(alone.maps) - np.asarray(ours.maps)).max() > 0.05
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
 def test_aug_smooth_equals_pytorch_grad_cam(resnet18_pair, layer):
     from pytorch_grad_cam import GradCAM

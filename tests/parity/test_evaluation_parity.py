@@ -179,6 +179,7 @@ def test_torchcam_classification_metric(pair):
     assert drop.max() > 0.01  # a real drop was compared, not zeros
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("steps, score", [(20, "softmax"), (6, "logit")])
 def test_torchcam_deletion_insertion(pair, steps, score):
     from torchcam.metrics import DeletionInsertionMetric
@@ -198,6 +199,7 @@ def test_torchcam_deletion_insertion(pair, steps, score):
         np.testing.assert_allclose(float(curves.insertion_auc[b]), summary["insertion_auc"], atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.optimized
 def test_arcc_with_gradcam(pair, zero_noise):
     """pytorch-grad-cam's ARCC with its GradCAM as the base method; flaxcam's with its Grad-CAM. Both sides
     get the same maps (flaxcam's Grad-CAM maps); the re-explained maps of the masked images come from

@@ -32,6 +32,7 @@ def resnet18_pair(request):
     return torch, reference, model, variables, images, images.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.optimized
 def test_fullgrad_equals_pytorch_grad_cam(resnet18_pair):
     from pytorch_grad_cam import FullGrad
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
