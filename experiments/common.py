@@ -97,6 +97,13 @@ def with_background_class(data: DigitCanvases, spec: Mapping[str, Any], count: i
     )
 
 
+def training_canvases(config: Mapping[str, Any]) -> DigitCanvases:
+    """A config's training set: ``train_count`` digit canvases (seed 0) drawn as its ``data`` section says,
+    plus ``background_count`` (default 0) digit-free ones as a ``background`` class (:func:`with_background_class`)."""
+    data = digits(config["data"], config["train_count"], seed=0)
+    return with_background_class(data, config["data"], config.get("background_count", 0), seed=0)
+
+
 def train_config(spec: Mapping[str, Any], **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` from a config's ``train`` section, with overrides (e.g. ``pooling``)."""
     return TrainConfig.from_dict({**spec, **overrides})

@@ -34,8 +34,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     out = common.output_folder(args)
     started = time.perf_counter()
     name = config.get("name", "digits_gap_gmp")
-    train_data = common.digits(config["data"], config["train_count"], seed=0)
-    train_data = common.with_background_class(train_data, config["data"], config.get("background_count", 0), seed=0)
+    train_data = common.training_canvases(config)
     test_data = common.digits(config["data"], config["test_count"], seed=1)
     results: dict = {"config": config, "baselines": _baselines(test_data), "runs": {}}
     figure_rows = []

@@ -23,7 +23,7 @@ Grad-CAM++ exact (h·w·C third-order passes) and SESS (multi-scale patch grid).
 Digits-canvas run (``--digits N``): the GAP-head CNN of ``configs/digits_localization.json`` (the model
 whose CAM boxes :mod:`experiments.real_photo_boxes` scores on the digits canvases; trained here in
 ``OUT/model``, reused on a rerun) over the first ``N`` test canvases (seed 1, 64×64, 16×16 maps at the
-last layer), with every method but the exponential and the inapplicable ones (:data:`DIGITS_METHODS`).
+last layer), with every method but the costliest and the inapplicable ones (:func:`digits_methods`).
 
     python -m experiments.faithfulness [--smoke] [--out DIR] [--real-photos N [--no-photos] | --digits N]
         [--methods default|extended|m1,m2] [--batch-size B] [--limit N] [--summary-only]
@@ -92,9 +92,8 @@ def digits_setup(count: int, out: Path, smoke: bool):
     ``configs/digits_localization.json`` (its smoke size with ``smoke``) trained on its canvases in
     ``out/model`` (a finished run there is reused), and the first ``count`` test canvases (seed 1)."""
     config = common.load_config(common.ROOT / "configs" / "digits_localization.json", smoke)
-    train_data = common.digits(config["data"], config["train_count"], seed=0)
-    train_data = common.with_background_class(train_data, config["data"], config["background_count"], seed=0)
-    train = common.train_config(config["train"], input_size=config["data"]["size"])
+    train_data = common.training_canvases(config)
+    train = common.train_config(config["train"])
     result = common.train_on(train, train_data, out / "model", progress=False)
     test = common.digits(config["data"], count, seed=1)
     source = ArraySource(

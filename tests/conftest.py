@@ -61,12 +61,13 @@ def _full_optimizations_when_marked(request, monkeypatch):
         return
     import jax
 
+    previous = jax.config.read("jax_disable_most_optimizations")
     monkeypatch.setenv(_OPTIMIZATIONS, "0")
     jax.config.update("jax_disable_most_optimizations", False)
     try:
         yield
     finally:
-        jax.config.update("jax_disable_most_optimizations", True)
+        jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(autouse=True, scope="module")
