@@ -5,6 +5,13 @@
 Both libraries get the same images, targets and 2 threads (torch.set_num_threads; XLA CPU on the
 process). flaxcam is timed after one warm-up call (compilation excluded, reported separately); the
 reference has no compilation. Prints seconds per call and images/s for each, and the ratio.
+
+SESS's bound: the same run splits pytorch-grad-cam's SESS call into its torch work (the patch scores'
+forward passes and the base Grad-CAM's forward + backward passes, timed around ``get_scores`` and
+``base_cam.forward``) and the rest (patch cutting, pasting, fusion, blur), and times flaxcam's floor:
+its jitted Grad-CAM step over all the patches, 32 per call like pytorch-grad-cam's ``batch_size``
+(the last call padded to 32; no cutting, pasting or fusion). The ratio flaxcam could reach
+if its SESS cost no more than that floor is pytorch-grad-cam's time over the floor.
 """
 
 from __future__ import annotations
@@ -58,10 +65,25 @@ def main() -> None:
 
     rows = []
     sess_options = {"num_scales": args.scales}
+    torch_seconds = {"get_scores": 0.0, "base_cam": 0.0}
+
+    def timed_part(name, fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                torch_seconds[name] += time.perf_counter() - start
+
+        return wrapper
+
     with SESS(model=reference, target_layers=[reference.layer4], base_method=GradCAM, **sess_options) as cam:
+        cam.get_scores = timed_part("get_scores", cam.get_scores)
+        cam.base_cam.forward = timed_part("base_cam", cam.base_cam.forward)
         reference_sess = _timed(
             lambda: cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in targets]), 1
         )
+    floor_seconds, patch_count = _flaxcam_floor(model, variables, nhwc, targets, sess_options, args.repeats)
 
     def ours_sess():
         jax.block_until_ready(
@@ -103,6 +125,54 @@ def main() -> None:
             f"| {name} | {ref_s:.2f} | {ours_s:.2f} | {args.batch / ref_s:.2f} → {args.batch / ours_s:.2f} | "
             f"{ref_s / ours_s:.1f}× | {first:.1f} s |"
         )
+    torch_work = torch_seconds["get_scores"] + torch_seconds["base_cam"]
+    print()
+    print(f"SESS in detail ({patch_count} patches of {min(height, width)}x{min(height, width)} per image):")
+    print(
+        f"- pytorch-grad-cam {reference_sess:.2f} s: torch work {torch_work:.2f} s (patch scores "
+        f"{torch_seconds['get_scores']:.2f} s, base Grad-CAM {torch_seconds['base_cam']:.2f} s), the rest "
+        f"{reference_sess - torch_work:.2f} s"
+    )
+    print(
+        f"- flaxcam's floor (its jitted Grad-CAM step over the {args.batch * patch_count} patches, 32 per call): {floor_seconds:.2f} s; "
+        f"flaxcam's SESS {rows[0][2]:.2f} s = {rows[0][2] / floor_seconds:.2f}× its floor"
+    )
+    print(
+        f"- ratio at flaxcam's floor: {reference_sess / floor_seconds:.1f}× (measured: {reference_sess / rows[0][2]:.1f}×); "
+        f"the base Grad-CAM alone: torch {torch_seconds['base_cam']:.2f} s vs flaxcam's floor {floor_seconds:.2f} s"
+    )
+
+
+def _flaxcam_floor(model, variables, nhwc, targets, sess_options, repeats, chunk=32):
+    """Seconds of flaxcam's jitted Grad-CAM step (layer4) over every SESS patch of the batch, ``chunk``
+    patches per call like pytorch-grad-cam's ``batch_size`` (the patches cut with SESS's own bilinear
+    matrices beforehand, outside the timing), and the number of patches per image."""
+    import jax
+    import jax.numpy as jnp
+
+    import flaxcam
+    from flaxcam.methods.sess import patch_geometry
+
+    _, height, width, channels = nhwc.shape
+    window = min(height, width)
+    scale_step = round(window * 2.0 / 7.0)
+    scales = tuple(window + scale_step * i for i in range(sess_options["num_scales"]))
+    cut_rows, cut_cols, _, _ = patch_geometry(height, width, window, window, scales)
+    crops = np.einsum("pih,bhwc,pjw->bpijc", cut_rows, nhwc, cut_cols).reshape(-1, window, window, channels)
+    crop_targets = np.repeat(np.asarray(targets), cut_rows.shape[0])
+    padded = -(-len(crops) // chunk) * chunk  # whole chunks: one compiled shape
+    crops = jnp.asarray(np.concatenate([crops, crops[: padded - len(crops)]]), jnp.float32)
+    crop_targets = jnp.asarray(np.concatenate([crop_targets, crop_targets[: padded - len(crop_targets)]]))
+    step = jax.jit(flaxcam.explainer(model, method="gradcam", layer="layer4", targets="classes"))
+
+    def floor():
+        maps = [
+            step(variables, crops[i : i + chunk], crop_targets[i : i + chunk]).maps for i in range(0, padded, chunk)
+        ]
+        jax.block_until_ready(maps)
+
+    floor()
+    return _timed(floor, repeats), cut_rows.shape[0]
 
 
 if __name__ == "__main__":
