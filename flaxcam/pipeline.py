@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcam.capture import is_nnx
 from flaxcam.errors import check_explain_arguments, check_image_ids
-from flaxcam.plan import explainer
+from flaxcam.plan import explainer, invalidate_nnx_split, split_nnx
 from flaxcam.probe import OutputFn
 from flaxcam.step import Explanation, explain_step
 from flaxcam.targets import resolve_targets
@@ -155,58 +155,79 @@ def explain(
     The batch is padded to :func:`bucket_size` so ragged batch sizes reuse one compiled program, and
     sharded over ``devices`` along the batch axis.
     """
+    arguments = dict(locals())  # to explain again when an NNX model changed under the fast path (below)
+    still_current = None
     if is_nnx(model):
         if images is not None:
             raise TypeError(
                 "an NNX model carries its own state: call explain(model, images, ...) without a variables "
                 "argument (or flaxcam.explainer(model, ...)(state, images) to pass another state)"
             )
-        images, variables = variables, None  # the state the explainer splits from the model (below)
+        images = _as_images(variables)
+        check_explain_arguments(images, layer, devices)
+        # the state from the model's last split; whether the model still has that structure and those
+        # arrays is checked once the computation is dispatched (split_nnx)
+        planned_model, variables, still_current = split_nnx(
+            model, tuple(sorted((apply_kwargs or {}).items())), deferred=True
+        )
     elif images is None:
         raise TypeError("explain(model, variables, images, ...) for a linen model (explain(model, images) is for NNX)")
-    images = _as_images(images)
-    check_explain_arguments(images, layer, devices)
-    fn = explainer(
-        model,
-        method=method,
-        layer=layer,
-        targets=targets if callable(targets) else None,
-        top_k=top_k,
-        score=score,
-        head=head,
-        apply_kwargs=apply_kwargs,
-        output_fn=output_fn,
-        reshape=reshape,
-        method_options=method_options,
-        eigen_smooth=eigen_smooth,
-        chunk_size=chunk_size,
-        aug_smooth=aug_smooth and _aug_smooth_allowed(targets),
-    )
-    if variables is None:
-        variables = fn.example_variables
-    batch = images.shape[0]
-    planned = fn.plan(variables, images)
-    spec, target_data = resolve_targets(targets, top_k, batch, planned.output_shape, score)
-    config = fn.step_config(planned, spec)
+    else:
+        images = _as_images(images)
+        check_explain_arguments(images, layer, devices)
+        planned_model = model
+    try:
+        fn = explainer(
+            planned_model,
+            method=method,
+            layer=layer,
+            targets=targets if callable(targets) else None,
+            top_k=top_k,
+            score=score,
+            head=head,
+            apply_kwargs=apply_kwargs,
+            output_fn=output_fn,
+            reshape=reshape,
+            method_options=method_options,
+            eigen_smooth=eigen_smooth,
+            chunk_size=chunk_size,
+            aug_smooth=aug_smooth and _aug_smooth_allowed(targets),
+        )
+        batch = images.shape[0]
+        planned = fn.plan(variables, images)
+        spec, target_data = resolve_targets(targets, top_k, batch, planned.output_shape, score)
+        config = fn.step_config(planned, spec)
 
-    mesh, batch_axis = _mesh(mesh, batch_axis, devices)
-    padded = bucket_size(batch, mesh.shape[batch_axis])
-    batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
-    images_on_device = jax.device_put(_pad_batch(images, padded), batch_sharding)
-    data_on_device = (
-        None
-        if target_data is None
-        else {name: jax.device_put(_pad_batch(value, padded), batch_sharding) for name, value in target_data.items()}
-    )
-    ids = None
-    if image_ids is not None:
-        ids = jax.device_put(_pad_batch(check_image_ids(image_ids, batch), padded), batch_sharding)
-    step_key = None
-    if "key" in config.method.inputs:
-        step_key = jax.random.key(0) if key is None else key
-        if not jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (jax.random.PRNGKey)
-            step_key = jax.random.wrap_key_data(step_key)
-    out = _jitted_step(config, _placed_variables(variables, mesh), images_on_device, data_on_device, step_key, ids)
+        mesh, batch_axis = _mesh(mesh, batch_axis, devices)
+        padded = bucket_size(batch, mesh.shape[batch_axis])
+        batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
+        images_on_device = jax.device_put(_pad_batch(images, padded), batch_sharding)
+        data_on_device = (
+            None
+            if target_data is None
+            else {
+                name: jax.device_put(_pad_batch(value, padded), batch_sharding) for name, value in target_data.items()
+            }
+        )
+        ids = None
+        if image_ids is not None:
+            ids = jax.device_put(_pad_batch(check_image_ids(image_ids, batch), padded), batch_sharding)
+        step_key = None
+        if "key" in config.method.inputs:
+            step_key = jax.random.key(0) if key is None else key
+            if not jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (jax.random.PRNGKey)
+                step_key = jax.random.wrap_key_data(step_key)
+        out = _jitted_step(config, _placed_variables(variables, mesh), images_on_device, data_on_device, step_key, ids)
+    except Exception:
+        # planned with an NNX model's last split, which the model may no longer match (a new layer name,
+        # another structure): the error is only meaningful for the model as it is now
+        if still_current is not None and not still_current():
+            invalidate_nnx_split(model)
+            return explain(**arguments)
+        raise
+    if still_current is not None and not still_current():
+        invalidate_nnx_split(model)
+        return explain(**arguments)
     if padded != batch:
         out = jax.tree_util.tree_map(lambda value: value[:batch], out)
     return out

@@ -213,6 +213,41 @@ def test_explain_walks_the_nnx_module_graph_once_and_then_only_when_the_model_ch
     assert len(calls) == 2
 
 
+class OptionalExtra(NNXUserNet):
+    """NNXUserNet that runs an ``extra`` block after ``top`` once one is set."""
+
+    def __call__(self, x):
+        features = self.top(self.mid(self.stem(x)))
+        if hasattr(self, "extra"):
+            features = self.extra(features)
+        return self.head(features.mean((1, 2)))
+
+
+def test_the_fast_path_explains_the_model_as_it_is_now():
+    """explain reads an NNX model's state from its last split and checks the model once the work is
+    dispatched: a submodule replaced by one of the same structure (other arrays) and a new submodule
+    named as the layer (unknown to the kept split) each give the maps of the model as it is now, never
+    the kept split's or its layer list's."""
+    linen = UserNet()
+    variables, images = _setup(linen, (2, 12, 14, 3))
+    model = OptionalExtra(nnx.Rngs(0))
+    flaxcam.explain(model, images, method="gradcam", layer="mid")  # kept split
+    model.top = Block(12, 16, 1, nnx.Rngs(11))  # same structure, other weights
+    replaced = flaxcam.explain(model, images, method="gradcam", layer="top")
+    fresh = flaxcam.explain(_copy_of(model), images, method="gradcam", layer="top")
+    np.testing.assert_allclose(np.asarray(replaced.maps), np.asarray(fresh.maps), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(replaced.logits), np.asarray(model(images)), rtol=1e-5, atol=1e-6)
+    # a layer name only the changed model has: explained, not refused with the kept split's layer list
+    model.extra = Block(16, 16, 1, nnx.Rngs(12))
+    extra = flaxcam.explain(model, images, method="gradcam", layer="extra")
+    np.testing.assert_allclose(np.asarray(extra.logits), np.asarray(model(images)), rtol=1e-5, atol=1e-6)
+
+
+def _copy_of(model: nnx.Module) -> nnx.Module:
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree_util.tree_map(jnp.array, state))
+
+
 class SharedConv(nnx.Module):
     """One conv module reached by two attributes (graph sharing, invisible to the pytree structure),
     called once."""
