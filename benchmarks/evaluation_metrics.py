@@ -1,8 +1,10 @@
 """Throughput of the faithfulness metrics: flaxcam.evaluation against pytorch-grad-cam 1.5.7 and torchcam
-0.5 on the same ResNet-18 weights (torchvision, random), images and maps, and each metric's cost in
-forward passes of the same library's model.
+0.5 on the same weights (torchvision's ResNet-18 or ResNet-50 with random weights, or the pretrained
+EfficientNet-Lite0 and its efficientnet-lite-pytorch reference), images and maps, and each metric's cost
+in forward passes of the same library's model.
 
-    python -m benchmarks.evaluation_metrics [--batch 2] [--size 224] [--repeats 3] [--out benchmarks/results/evaluation_metrics_cpu.md]
+    python -m benchmarks.evaluation_metrics [--model resnet18|resnet50|efficientnet_lite0] [--batch 2]
+        [--size 224] [--repeats 3] [--out benchmarks/results/evaluation_metrics[_MODEL]_cpu.md]
 
 Metrics timed (one call each for the whole batch; median of ``--repeats`` after one warm-up call, so
 flaxcam's compilation is excluded; torch uses 2 threads):
@@ -49,8 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluation_metrics_cpu.md")
+    parser.add_argument("--model", choices=("resnet18", "resnet50", "efficientnet_lite0"), default="resnet18")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/evaluation_metrics[_MODEL]_cpu.md")
     args = parser.parse_args(argv)
+    suffix = "" if args.model == "resnet18" else f"_{args.model}"
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"evaluation_metrics{suffix}_cpu.md"
     import torch
 
     from flaxcam.bench.torch_ref import define_torchvision_schemas
@@ -68,8 +73,15 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    reference = torchvision.models.resnet18().eval()
-    model, variables = load_torchvision_resnet(reference.state_dict())
+    if args.model == "efficientnet_lite0":
+        from flaxcam.bench.torch_ref import efficientnet_lite0_reference
+        from flaxcam.models import pretrained_efficientnet_lite0
+
+        reference = efficientnet_lite0_reference()
+        model, variables, _ = pretrained_efficientnet_lite0()
+    else:
+        reference = getattr(torchvision.models, args.model)().eval()
+        model, variables = load_torchvision_resnet(reference.state_dict())
     apply_fn = cast(Callable[[Any, jax.Array], jax.Array], model.apply)  # the metrics' ApplyFn: logits
     rng = np.random.default_rng(0)
     batch, size = args.batch, args.size
@@ -142,9 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     forward_ours, forward_theirs = rows[0][2], rows[0][3]
     lines = [
-        f"# Faithfulness metrics: flaxcam vs pytorch-grad-cam / torchcam (ResNet-18, batch {batch}, {size}×{size})",
+        f"# Faithfulness metrics: flaxcam vs pytorch-grad-cam / torchcam ({args.model}, batch {batch}, {size}×{size})",
         "",
-        f"`python -m benchmarks.evaluation_metrics --batch {batch} --size {size} --repeats {args.repeats}`; "
+        f"`python -m benchmarks.evaluation_metrics --model {args.model} --batch {batch} --size {size} "
+        f"--repeats {args.repeats}`; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end (a shared, loaded machine: ratios are indicative); jax {jax.__version__}, "
         f"torch {torch.__version__} (2 threads). Median of {args.repeats} calls after a warm-up.",

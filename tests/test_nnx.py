@@ -228,8 +228,7 @@ def test_the_fast_path_explains_the_model_as_it_is_now():
     dispatched: a submodule replaced by one of the same structure (other arrays) and a new submodule
     named as the layer (unknown to the kept split) each give the maps of the model as it is now, never
     the kept split's or its layer list's."""
-    linen = UserNet()
-    variables, images = _setup(linen, (2, 12, 14, 3))
+    _, images = _setup(UserNet(), (2, 12, 14, 3))
     model = OptionalExtra(nnx.Rngs(0))
     flaxcam.explain(model, images, method="gradcam", layer="mid")  # kept split
     model.top = Block(12, 16, 1, nnx.Rngs(11))  # same structure, other weights
