@@ -151,13 +151,13 @@ def _flaxcam_floor(model, variables, nhwc, targets, sess_options, repeats, chunk
     import jax.numpy as jnp
 
     import flaxcam
-    from flaxcam.methods.sess import patch_geometry
+    from flaxcam.methods.sess import patch_geometry, sess_scales
 
     _, height, width, channels = nhwc.shape
     window = min(height, width)
-    scale_step = round(window * 2.0 / 7.0)
-    scales = tuple(window + scale_step * i for i in range(sess_options["num_scales"]))
-    cut_rows, cut_cols, _, _ = patch_geometry(height, width, window, window, scales)
+    cut_rows, cut_cols, _, _ = patch_geometry(
+        height, width, window, window, sess_scales(window, sess_options["num_scales"])
+    )
     crops = np.einsum("pih,bhwc,pjw->bpijc", cut_rows, nhwc, cut_cols).reshape(-1, window, window, channels)
     crop_targets = np.repeat(np.asarray(targets), cut_rows.shape[0])
     padded = -(-len(crops) // chunk) * chunk  # whole chunks: one compiled shape

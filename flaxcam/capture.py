@@ -322,8 +322,9 @@ class NNXModel:
     call_kwargs: tuple = ()
     #: the state's tree definition, when known (:func:`flaxcam.plan.split_nnx`): the step then also takes
     #: the state's leaves as a plain list (``explain`` passes them so: a list flattens in C++, an
-    #: ``nnx.State`` of variables in Python, about 0.2 ms per flatten on EfficientNet-Lite0). Left out of
-    #: equality: it follows from the graph definition.
+    #: ``nnx.State`` of variables in Python, 0.2 ms per flatten on EfficientNet-Lite0 in
+    #: ``python -m benchmarks.probes.nnx_overhead``). Left out of equality: it follows from the graph
+    #: definition.
     state_treedef: Any = dataclasses.field(default=None, compare=False)
 
     def __hash__(self) -> int:

@@ -221,16 +221,23 @@ def explain(
     except Exception:
         # planned with an NNX model's last split, which the model may no longer match (a new layer name,
         # another structure): the error is only meaningful for the model as it is now
-        if still_current is not None and not still_current():
-            invalidate_nnx_split(model)
+        if _changed(model, still_current):
             return explain(**arguments)
         raise
-    if still_current is not None and not still_current():
-        invalidate_nnx_split(model)
+    if _changed(model, still_current):
         return explain(**arguments)
     if padded != batch:
         out = jax.tree_util.tree_map(lambda value: value[:batch], out)
     return out
+
+
+def _changed(model: Any, still_current: Callable[[], bool] | None) -> bool:
+    """Whether an NNX model explained from its kept split has changed since (then the split is marked
+    stale and the caller explains again); ``False`` for the other paths (no check to make)."""
+    if still_current is None or still_current():
+        return False
+    invalidate_nnx_split(model)
+    return True
 
 
 def _aug_smooth_allowed(targets: Any) -> bool:

@@ -112,8 +112,8 @@ def split_nnx(
     when the adapter knows the state's tree definition (``NNXModel.state_treedef``) — and, with
     ``deferred``, a check still to make (else ``None``).
 
-    ``nnx.split`` walks the module graph in Python (7 ms for EfficientNet-Lite0, a third of a batch-1
-    explanation), so the last split of each model is kept (weakly) and reused while the model's pytree
+    ``nnx.split`` walks the module graph in Python (5 ms for EfficientNet-Lite0 against a 12 ms batch-1
+    Grad-CAM; ``python -m benchmarks.probes.nnx_overhead``), so the last split of each model is kept (weakly) and reused while the model's pytree
     structure is unchanged: ``jax.tree.flatten(model)`` (0.7 ms) gives the model's arrays and a tree
     definition that compares node types, attribute names, static attributes (eval / training mode among
     them) and variable metadata. With an equal definition and no array in two places (a shared variable
@@ -123,7 +123,7 @@ def split_nnx(
     eval-mode check. A model whose tree and state do not match one to one is split on every call.
 
     ``deferred`` (``explain``'s fast path): the state is read from the variables of the last split
-    (0.05 ms) and the returned check — the flatten above, and the arrays read being the model's arrays
+    (0.02 ms) and the returned check — the flatten above, and the arrays read being the model's arrays
     now — runs after the computation is dispatched, overlapping it; when it fails the caller marks
     the split stale (:func:`invalidate_nnx_split`) and explains again."""
     cached = _NNX_SPLITS.get(model)

@@ -12,6 +12,7 @@ PROBES = {
     "pointwise_conv": ["--batch", "1", "--rounds", "1"],
     "page_faults": ["--model", "resnet18", "--batch", "1", "--calls", "1"],
     "score_memory": ["--chunks", "8", "--model", "small_cnn", "--size", "32"],
+    "nnx_overhead": ["--model", "resnet18", "--size", "32", "--calls", "2"],
 }
 
 

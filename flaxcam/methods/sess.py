@@ -46,6 +46,12 @@ def window_starts(length: int, step: int, window: int) -> list[int]:
     return starts
 
 
+def sess_scales(window: int, num_scales: int = 12, scale_step_ratio: float = 2.0 / 7.0) -> tuple[int, ...]:
+    """The shorter sides SESS resizes the image to: ``window + i * round(window * scale_step_ratio)``."""
+    step = round(window * scale_step_ratio)
+    return tuple(window + step * i for i in range(num_scales))
+
+
 def scaled_size(height: int, width: int, shorter: int) -> tuple[int, int]:
     """The image size with its shorter side resized to ``shorter`` (torchvision's ``resize(img, s)``)."""
     if width <= height:
@@ -151,8 +157,7 @@ def sess(
     batch, height, width, _ = images.shape
     window = window_size or min(height, width)
     step = step_size or window
-    scale_step = round(window * scale_step_ratio)
-    scales = tuple(window + scale_step * i for i in range(num_scales))
+    scales = sess_scales(window, num_scales, scale_step_ratio)
     cut_rows, cut_cols, paste_rows, paste_cols = (
         jnp.asarray(m, images.dtype) for m in patch_geometry(height, width, window, step, scales)
     )
